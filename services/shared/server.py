@@ -1,0 +1,85 @@
+"""The frame every service runs in: grpc.aio server, health, reflection, signals, shutdown.
+
+A service's `server.py` builds its state, registers servicers through `ServiceRunner.add`,
+starts, flips health to SERVING once its model (or dependency) is ready, and awaits
+`wait_for_shutdown()`, which returns on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import ModuleType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.shared.channels import channel_options
+from services.shared.rpc import add_servicer
+from services.shared.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ServiceRunner:
+    """Owns one grpc.aio server and its health state."""
+
+    def __init__(self, name: str, settings: ServiceSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.server = grpc.aio.server(options=channel_options(settings.max_message_bytes))
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names: list[str] = []
+        self._shutdown = asyncio.Event()
+        self.port = 0
+
+    def add(self, pb2: ModuleType, service_name: str, servicer: object) -> None:
+        self._service_names.append(add_servicer(self.server, pb2, service_name, servicer))
+
+    async def start(self) -> int:
+        """Bind, start, and report NOT_SERVING until `set_serving(True)`. Returns the bound port."""
+        names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(self.settings.address)
+        if self.port == 0:
+            raise RuntimeError(f"{self.name}: could not bind {self.settings.address}")
+        await self.set_serving(False)
+        await self.server.start()
+        self._install_signal_handlers()
+        log.info("%s listening on %s:%d", self.name, self.settings.host, self.port)
+        return self.port
+
+    async def set_serving(self, is_serving: bool) -> None:
+        status = SERVING if is_serving else NOT_SERVING
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown)
+
+    def request_shutdown(self) -> None:
+        if not self._shutdown.is_set():
+            log.info("%s: shutdown requested", self.name)
+        self._shutdown.set()
+
+    @property
+    def is_shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
+    async def wait_for_shutdown(self) -> None:
+        await self._shutdown.wait()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        log.info("%s stopped", self.name)
