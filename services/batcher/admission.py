@@ -1,0 +1,119 @@
+"""From a validated client request to its result: count, predict, admit, await.
+
+Also owns the idempotency index: a retry carrying the same (tenant, client_request_id) joins the
+first call's future instead of running again; finished results are kept in a bounded LRU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from services.batcher.config import BatcherSettings
+from services.batcher.domain import GenerationInput, PendingRequest, RequestResult
+from services.batcher.predictor_client import PredictionCoalescer
+from services.batcher.scheduler import Clock, Scheduler, new_id
+from services.shared.errors import InvalidArgument
+from services.shared.tokenizer import TokenCounter, join_prompt
+
+log = logging.getLogger(__name__)
+
+
+def validate_generation(generation: GenerationInput, settings: BatcherSettings) -> None:
+    """Raise InvalidArgument naming the first bad field of a client request."""
+    from services.shared.validation import check_range, check_text
+
+    check_text("prompt.instruction", generation.instruction, max_bytes=settings.max_instruction_bytes, may_be_empty=True)
+    check_text("prompt.user_input", generation.user_input, max_bytes=settings.max_user_input_bytes)
+    if not generation.user_input.strip():
+        raise InvalidArgument("prompt.user_input", "must not be blank")
+    check_range("prompt.max_new_tokens", generation.max_new_tokens, low=1, high=settings.max_new_tokens_limit)
+    check_text(
+        "prompt.client_request_id",
+        generation.client_request_id,
+        max_bytes=settings.max_client_request_id_bytes,
+        may_be_empty=True,
+    )
+    check_text("prompt.tenant_id", generation.tenant_id, max_bytes=settings.max_tenant_id_bytes, may_be_empty=True)
+
+
+class Admission:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        coalescer: PredictionCoalescer,
+        counter: TokenCounter,
+        settings: BatcherSettings,
+        clock: Clock,
+    ) -> None:
+        self._scheduler = scheduler
+        self._coalescer = coalescer
+        self._counter = counter
+        self._settings = settings
+        self._clock = clock
+        self._in_flight: dict[tuple[str, str], asyncio.Future[RequestResult]] = {}
+        self._finished: OrderedDict[tuple[str, str], RequestResult] = OrderedDict()
+
+    def existing(self, generation: GenerationInput) -> asyncio.Future[RequestResult] | RequestResult | None:
+        """The first call's future or result for a retried idempotency key, else None."""
+        if not generation.client_request_id:
+            return None
+        key = (generation.tenant_id, generation.client_request_id)
+        return self._in_flight.get(key) or self._finished.get(key)
+
+    async def submit(self, generation: GenerationInput, *, wants_events: bool) -> PendingRequest:
+        """Validate against token limits, predict, and queue. Returns the pending request."""
+        validate_generation(generation, self._settings)
+        self._scheduler.check_capacity()  # fail fast, before spending a prediction
+        prompt = join_prompt(generation.instruction, generation.user_input)
+        input_tokens = self._counter.count(prompt)
+        if input_tokens > self._settings.max_input_tokens:
+            raise InvalidArgument(
+                "prompt.user_input",
+                f"prompt is {input_tokens} tokens, the limit is {self._settings.max_input_tokens}",
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RequestResult] = loop.create_future()
+        if generation.client_request_id:
+            self._remember(generation, future)  # before any await, so a concurrent retry finds it
+        try:
+            prediction = await self._coalescer.predict(
+                generation.instruction, generation.user_input, input_tokens, generation.max_new_tokens
+            )
+            request = PendingRequest(
+                request_id=new_id(),
+                generation=generation,
+                prediction=prediction,
+                prompt=prompt,
+                arrival_s=self._clock.monotonic_s(),
+                queued_at=self._clock.wall(),
+                future=future,
+                events=asyncio.Queue() if wants_events else None,
+            )
+            self._scheduler.admit(request)
+        except BaseException as error:
+            if not future.done():
+                future.set_exception(error if isinstance(error, Exception) else asyncio.CancelledError())
+                future.exception()  # retrieved here; duplicates awaiting it still see the error
+            raise
+        return request
+
+    def cancel(self, request: PendingRequest) -> None:
+        """The caller left: drop the request if it has not started."""
+        if self._scheduler.cancel(request.request_id):
+            log.info("request %s cancelled by its caller before it started", request.request_id)
+
+    def _remember(self, generation: GenerationInput, future: asyncio.Future[RequestResult]) -> None:
+        key = (generation.tenant_id, generation.client_request_id)
+        self._in_flight[key] = future
+
+        def on_done(done: asyncio.Future[RequestResult]) -> None:
+            self._in_flight.pop(key, None)
+            if done.cancelled() or done.exception() is not None:
+                return  # a failed request may be retried for real
+            self._finished[key] = done.result()
+            while len(self._finished) > self._settings.idempotency_cache_size:
+                self._finished.popitem(last=False)
+
+        future.add_done_callback(on_done)

@@ -1,0 +1,58 @@
+"""Batcher settings (env prefix MAGNUS_BATCHER_)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.batcher.policy.config import POLICY_NAMES
+from services.shared.settings import ServiceSettings
+
+
+class BatcherSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MAGNUS_BATCHER_", extra="ignore", validate_by_name=True)
+
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port for clients and workers.")
+    predictor_target: str = Field("127.0.0.1:50052", description="host:port of the predictor.")
+    estimator_target: str = Field("127.0.0.1:50053", description="host:port of the estimator.")
+    policy: str = Field("magnus", description=f"Batching policy: one of {', '.join(POLICY_NAMES)}.")
+    phi_token_reads: float = Field(
+        200_000.0,
+        gt=0,
+        description="WMA threshold Phi, KV-token reads. A request joins a batch only if the batch's "
+        "WMA after insertion stays below it. Provisional default; see docs for how to tune it.",
+    )
+    fixed_batch_size: int = Field(8, ge=1, description="Batch size of the fixed-size policies vs and glp.")
+    max_batch_size: int = Field(256, ge=1, description="Ceiling on batch size for adaptive policies, requests.")
+    max_pending_requests: int = Field(
+        10_000, ge=1, description="Requests admitted but not answered; beyond it Generate gets RESOURCE_EXHAUSTED."
+    )
+    max_instruction_bytes: int = Field(4096, ge=0, description="Largest instruction, UTF-8 bytes.")
+    max_user_input_bytes: int = Field(65_536, ge=1, description="Largest user input, UTF-8 bytes.")
+    max_input_tokens: int = Field(8192, ge=1, description="Largest prompt (instruction + input), tokens.")
+    max_new_tokens_limit: int = Field(4096, ge=1, description="Largest max_new_tokens a client may ask for.")
+    max_client_request_id_bytes: int = Field(128, ge=1, description="Largest idempotency key, bytes.")
+    max_tenant_id_bytes: int = Field(64, ge=1, description="Largest tenant id, bytes.")
+    lease_s: float = Field(30.0, gt=0, description="A leased batch not renewed within this is requeued, s.")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="How often workers heartbeat, s.")
+    worker_timeout_s: float = Field(90.0, gt=0, description="A worker silent this long is forgotten, s.")
+    max_batch_failures: int = Field(3, ge=1, description="Non-OOM failures of a batch before its requests fail.")
+    pull_wait_s: float = Field(10.0, gt=0, description="Longest PullBatch long-poll, s.")
+    predictor_deadline_s: float = Field(1.0, gt=0, description="Deadline of a PredictLengths call, s.")
+    predictor_window_s: float = Field(
+        0.002, ge=0, description="How long admissions wait to share one PredictLengths call, s."
+    )
+    predictor_max_batch: int = Field(256, ge=1, description="Most queries in one PredictLengths call.")
+    estimator_deadline_s: float = Field(0.5, gt=0, description="Deadline of an EstimateBatchTime call, s.")
+    estimate_idle_s: float = Field(0.5, gt=0, description="Estimate refresh period when nothing changes, s.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long queued work may keep running before it gets UNAVAILABLE, s."
+    )
+    idempotency_cache_size: int = Field(10_000, ge=0, description="Finished results kept for client retries.")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(POLICY_NAMES)}")
+        return value

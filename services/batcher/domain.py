@@ -1,0 +1,113 @@
+"""The batcher's domain objects: requests in flight, their results, workers, leases."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from services.batcher.policy.batch import QueuedBatch
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """A validated client request."""
+
+    instruction: str
+    user_input: str
+    max_new_tokens: int
+    client_request_id: str
+    tenant_id: str
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the predictor (or the fallback) said about one request."""
+
+    input_tokens: int
+    predicted_tokens: int
+    model_version: int
+    is_fallback: bool
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    request_id: str
+    text: str
+    generated_tokens: int
+    predicted_tokens: int
+    input_tokens: int
+    batch_id: str
+    batch_size: int
+    queued_at: datetime
+    started_at: datetime
+    finished_at: datetime
+    is_prediction_fallback: bool
+
+
+class Phase:
+    """Lifecycle events pushed to streaming callers."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+
+
+@dataclass
+class PendingRequest:
+    """A request from admission until its result is delivered. Owned by the Scheduler."""
+
+    request_id: str
+    generation: GenerationInput
+    prediction: Prediction
+    prompt: str
+    arrival_s: float  # monotonic clock
+    queued_at: datetime  # wall clock, for responses and the log
+    future: asyncio.Future[RequestResult]
+    events: asyncio.Queue[str] | None = None  # only for GenerateStream callers
+    started_at: datetime | None = None
+
+    @property
+    def gen_tokens_for_policy(self) -> int:
+        """G(p) the policy plans with: a request never generates more than max_new_tokens."""
+        return max(1, min(self.prediction.predicted_tokens, self.generation.max_new_tokens))
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    kv_bytes_per_token: int
+    free_kv_bytes: int
+    max_batch_size: int  # 0 = no limit of its own
+    model_name: str
+    device: str
+    last_seen_s: float
+
+
+@dataclass
+class Lease:
+    """A batch handed to a worker; it must be renewed by Heartbeat before deadline_s."""
+
+    batch: QueuedBatch
+    worker_id: str
+    deadline_s: float
+    started_s: float
+    started_at: datetime
+    estimated_s: float
+    items: list[PendingRequest] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ItemOutput:
+    request_id: str
+    text: str
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What a worker reported for a finished batch."""
+
+    outputs: list[ItemOutput]
+    run_s: float
+    valid_tokens: int
+    total_tokens: int

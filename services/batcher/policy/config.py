@@ -1,0 +1,67 @@
+"""The ablation's policies, selectable by name (paper: VS -> GLP -> ABP -> Magnus; plus oracle)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class InsertMode(enum.Enum):
+    FCFS = "fcfs"  # append to the newest open batch until it is full
+    WMA = "wma"  # the open batch with the smallest WMA after insertion
+
+
+class ChooseMode(enum.Enum):
+    FCFS = "fcfs"  # the batch holding the oldest request
+    HRRN = "hrrn"  # highest response ratio (wait + estimate) / estimate
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """How requests are grouped and batches ordered.
+
+    phi_token_reads: WMA threshold Phi; None = no threshold (GLP fills fixed-size batches).
+    max_batch_size: fixed batch size for VS/GLP, an optional ceiling otherwise; None = no limit.
+    use_memory_cap: enforce MEM(B) = |B| (L+G) Delta <= Theta by predicted lengths.
+    uses_predictions: False for VS, which batches without knowing lengths.
+    uses_true_lengths: the oracle's upper bound; only a simulator can supply true lengths.
+    """
+
+    name: str
+    insert_mode: InsertMode
+    choose_mode: ChooseMode
+    phi_token_reads: float | None
+    max_batch_size: int | None
+    use_memory_cap: bool
+    uses_predictions: bool = True
+    uses_true_lengths: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.phi_token_reads is not None and self.phi_token_reads <= 0:
+            raise ValueError(f"phi_token_reads must be > 0, got {self.phi_token_reads}")
+        if self.insert_mode is InsertMode.FCFS and self.max_batch_size is None:
+            raise ValueError(f"{self.name}: FCFS insertion needs a fixed max_batch_size")
+
+
+POLICY_NAMES = ("vs", "glp", "abp", "magnus", "oracle")
+
+
+def make_policy(
+    name: str, *, phi_token_reads: float, fixed_batch_size: int, max_batch_size: int | None
+) -> PolicyConfig:
+    """The policy called `name` with the given knobs. Raises ValueError for an unknown name."""
+    if name == "vs":
+        return PolicyConfig(name, InsertMode.FCFS, ChooseMode.FCFS, None, fixed_batch_size, False, False)
+    if name == "glp":
+        return PolicyConfig(name, InsertMode.WMA, ChooseMode.FCFS, None, fixed_batch_size, False)
+    if name == "abp":
+        return PolicyConfig(name, InsertMode.WMA, ChooseMode.FCFS, phi_token_reads, max_batch_size, True)
+    if name == "magnus":
+        return PolicyConfig(name, InsertMode.WMA, ChooseMode.HRRN, phi_token_reads, max_batch_size, True)
+    if name == "oracle":
+        return PolicyConfig(
+            name, InsertMode.WMA, ChooseMode.HRRN, phi_token_reads, max_batch_size, True, True, True
+        )
+    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")

@@ -1,0 +1,362 @@
+"""The batcher's queue: the single owner of queued batches, leases, workers and pending requests.
+
+Every method is synchronous and never awaits, so on the event loop each call is atomic: request
+handlers and worker RPCs call in, the Scheduler mutates its state and resolves futures. Decisions
+come from the pure policy package; this class only keeps the books and reads the injected clocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.batcher.domain import (
+    BatchReport,
+    Lease,
+    PendingRequest,
+    Phase,
+    RequestResult,
+    WorkerInfo,
+)
+from services.batcher.log_rows import LogSink, batch_row, request_row
+from services.batcher.policy.assembler import MemoryBudget, choose_batch_for
+from services.batcher.policy.batch import Member, QueuedBatch
+from services.batcher.policy.config import PolicyConfig
+from services.batcher.policy.hrrn import batch_estimate_s, choose_next
+from services.batcher.policy.split import split_batch
+from services.shared.errors import Internal, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_pending_requests: int = 10_000
+    lease_s: float = 30.0
+    worker_timeout_s: float = 90.0
+    max_batch_failures: int = 3
+    retry_after_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Clock:
+    monotonic_s: Callable[[], float]
+    wall: Callable[[], datetime]
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Scheduler:
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        limits: SchedulerLimits,
+        clock: Clock,
+        log_sink: LogSink,
+        make_id: Callable[[], str] = new_id,
+    ) -> None:
+        self.policy = policy
+        self.limits = limits
+        self.clock = clock
+        self.log_sink = log_sink
+        self.make_id = make_id
+        self.open_batches: OrderedDict[str, QueuedBatch] = OrderedDict()  # creation order
+        self.leases: dict[str, Lease] = {}
+        self.pending: dict[str, PendingRequest] = {}
+        self.batch_of: dict[str, str] = {}  # request id -> queued batch id
+        self.workers: dict[str, WorkerInfo] = {}
+        self.waiting_pulls: OrderedDict[asyncio.Future[Lease], str] = OrderedDict()  # -> worker id
+        self.is_draining = False
+        self._is_dispatch_scheduled = False
+        self.on_change: Callable[[], None] = lambda: None  # e.g. wake the estimate refresher
+
+    # ---- admission -------------------------------------------------------------------------
+    def check_capacity(self) -> None:
+        """Raise if a new request cannot be admitted now (draining, or the queue is full)."""
+        if self.is_draining:
+            raise Unavailable("batcher is shutting down; retry on another replica")
+        if len(self.pending) >= self.limits.max_pending_requests:
+            raise ResourceExhausted(
+                f"queue full: {len(self.pending)} requests pending (limit {self.limits.max_pending_requests})",
+                retry_after_s=self.limits.retry_after_s,
+            )
+
+    def memory_budget(self) -> MemoryBudget:
+        """Delta and Theta across live workers: a batch must fit whichever worker pulls it."""
+        if not self.workers:
+            return MemoryBudget()
+        return MemoryBudget(
+            kv_bytes_per_token=max(w.kv_bytes_per_token for w in self.workers.values()),
+            free_kv_bytes=min(w.free_kv_bytes for w in self.workers.values()),
+        )
+
+    def admit(self, request: PendingRequest) -> None:
+        """Insert a predicted request into a queued batch (or a new one). Raises if it cannot."""
+        self.check_capacity()
+        budget = self.memory_budget()
+        member = Member(request.request_id, request.prediction.input_tokens, request.gen_tokens_for_policy, request.arrival_s)
+        if not budget.fits(1, member.input_tokens, member.gen_tokens):
+            raise ResourceExhausted(
+                f"request needs {(member.input_tokens + member.gen_tokens) * (budget.kv_bytes_per_token or 0)} "
+                f"bytes of KV memory; workers have {budget.free_kv_bytes}"
+            )
+        batch = choose_batch_for(member, self.open_batches.values(), self.policy, budget)
+        if batch is None:
+            batch = QueuedBatch(batch_id=self.make_id())
+            self.open_batches[batch.batch_id] = batch
+        batch.add(member)
+        self.pending[request.request_id] = request
+        self.batch_of[request.request_id] = batch.batch_id
+        if request.events is not None:
+            request.events.put_nowait(Phase.QUEUED)
+        self._schedule_dispatch()
+        self.on_change()
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request whose caller went away, if its batch has not started. True if dropped."""
+        batch_id = self.batch_of.pop(request_id, None)
+        request = self.pending.get(request_id)
+        if batch_id is None or request is None:
+            return False
+        batch = self.open_batches[batch_id]
+        batch.remove(request_id)
+        if not batch.members:
+            del self.open_batches[batch_id]
+        del self.pending[request_id]
+        self.log_sink.add_request(request_row(request, status="cancelled", error="caller cancelled"))
+        self.on_change()
+        return True
+
+    # ---- workers ---------------------------------------------------------------------------
+    def register(self, worker: WorkerInfo) -> None:
+        is_new = worker.worker_id not in self.workers
+        worker.last_seen_s = self.clock.monotonic_s()
+        self.workers[worker.worker_id] = worker
+        if is_new:
+            log.info(
+                "worker %s registered: %s, Delta=%d B/token, Theta=%d B",
+                worker.worker_id, worker.device, worker.kv_bytes_per_token, worker.free_kv_bytes,
+            )
+
+    def pull(self, worker_id: str) -> Lease | asyncio.Future[Lease]:
+        """A lease now if a batch is queued, else a future resolved when one is."""
+        self._touch(worker_id)
+        lease = self._lease_next(worker_id)
+        if lease is not None:
+            return lease
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self.waiting_pulls[future] = worker_id
+        return future
+
+    def cancel_pull(self, future: asyncio.Future[Lease]) -> None:
+        """Forget a long-poll that timed out or whose caller left (its lease, if any, will expire)."""
+        self.waiting_pulls.pop(future, None)
+
+    def heartbeat(self, worker_id: str, batch_id: str) -> tuple[bool, bool]:
+        """Renew; returns (is_lease_valid, is_registered)."""
+        is_registered = worker_id in self.workers
+        self._touch(worker_id)
+        if not batch_id:
+            return True, is_registered
+        lease = self.leases.get(batch_id)
+        if lease is None or lease.worker_id != worker_id:
+            return False, is_registered
+        lease.deadline_s = self.clock.monotonic_s() + self.limits.lease_s
+        return True, is_registered
+
+    def complete(self, worker_id: str, batch_id: str, report: BatchReport) -> bool:
+        """Deliver a batch's results. False if the batch is not leased to this worker."""
+        lease = self._take_lease(worker_id, batch_id)
+        if lease is None:
+            return False
+        finished_at = self.clock.wall()
+        outputs = {o.request_id: o for o in report.outputs}
+        for request in lease.items:
+            output = outputs.get(request.request_id)
+            if output is None:
+                self._fail_request(request, Internal(f"worker {worker_id} returned no output for the request"))
+                continue
+            result = RequestResult(
+                request_id=request.request_id,
+                text=output.text,
+                generated_tokens=output.generated_tokens,
+                predicted_tokens=request.prediction.predicted_tokens,
+                input_tokens=request.prediction.input_tokens,
+                batch_id=batch_id,
+                batch_size=lease.batch.size,
+                queued_at=request.queued_at,
+                started_at=lease.started_at,
+                finished_at=finished_at,
+                is_prediction_fallback=request.prediction.is_fallback,
+            )
+            self.pending.pop(request.request_id, None)
+            self.log_sink.add_request(request_row(request, status="completed", result=result))
+            if not request.future.done():
+                request.future.set_result(result)
+        actual_gen_max = max((o.generated_tokens for o in report.outputs), default=0)
+        self.log_sink.add_batch(
+            batch_row(lease, outcome="ok", finished_at=finished_at, report=report, actual_gen_tokens_max=actual_gen_max)
+        )
+        return True
+
+    def fail(self, worker_id: str, batch_id: str, *, is_out_of_memory: bool, message: str) -> bool:
+        """A leased batch failed: split it (OOM) or requeue it (bounded retries)."""
+        lease = self._take_lease(worker_id, batch_id)
+        if lease is None:
+            return False
+        outcome = "oom" if is_out_of_memory else "failed"
+        self.log_sink.add_batch(batch_row(lease, outcome=outcome, finished_at=self.clock.wall()))
+        log.warning("batch %s (%d requests) failed on %s: %s: %s", batch_id, lease.batch.size, worker_id, outcome, message)
+        if is_out_of_memory:
+            if lease.batch.size < 2:
+                for request in lease.items:
+                    self._fail_request(request, ResourceExhausted(f"request does not fit in worker memory: {message}"))
+                return True
+            for half in split_batch(lease.batch, (self.make_id(), self.make_id())):
+                self._requeue(half)
+        else:
+            self._retry_or_fail(lease, Internal(f"worker failed the batch {self.limits.max_batch_failures} times: {message}"))
+        self._schedule_dispatch()
+        return True
+
+    def expire(self) -> None:
+        """Requeue batches whose lease ran out and forget workers that went silent."""
+        now_s = self.clock.monotonic_s()
+        for batch_id, lease in list(self.leases.items()):
+            if lease.deadline_s < now_s:
+                log.warning("lease of batch %s on %s expired; requeueing", batch_id, lease.worker_id)
+                self.leases.pop(batch_id)
+                self.log_sink.add_batch(batch_row(lease, outcome="lost", finished_at=self.clock.wall()))
+                self._retry_or_fail(lease, Unavailable("batch lost by workers too many times"))
+        waiting_workers = set(self.waiting_pulls.values())
+        for worker_id, worker in list(self.workers.items()):
+            if worker_id not in waiting_workers and now_s - worker.last_seen_s > self.limits.worker_timeout_s:
+                log.warning("worker %s silent for %.0f s; forgetting it", worker_id, now_s - worker.last_seen_s)
+                del self.workers[worker_id]
+        self._schedule_dispatch()
+
+    # ---- estimates -------------------------------------------------------------------------
+    def stale_estimates(self) -> list[tuple[str, int, tuple[int, int, int]]]:
+        """(batch id, revision, (size, L, G)) of queued batches whose estimate is out of date."""
+        return [
+            (b.batch_id, b.revision, (b.size, b.input_tokens_max, b.gen_tokens_max))
+            for b in self.open_batches.values()
+            if not b.is_estimate_fresh and b.members
+        ]
+
+    def set_estimate(self, batch_id: str, revision: int, estimated_s: float, version: int) -> None:
+        batch = self.open_batches.get(batch_id)
+        if batch is not None and batch.revision == revision:
+            batch.estimated_s, batch.estimate_revision, batch.estimator_version = estimated_s, revision, version
+
+    # ---- shutdown --------------------------------------------------------------------------
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.pending)
+
+    def begin_drain(self) -> None:
+        self.is_draining = True
+
+    def fail_all(self, error: Exception) -> None:
+        """Answer every pending request with `error` (end of a drain that ran out of time)."""
+        for request in list(self.pending.values()):
+            self._fail_request(request, error)
+        self.open_batches.clear()
+        self.batch_of.clear()
+
+    # ---- internals -------------------------------------------------------------------------
+    def _touch(self, worker_id: str) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.last_seen_s = self.clock.monotonic_s()
+
+    def _schedule_dispatch(self) -> None:
+        """Dispatch on the next loop turn, so requests admitted together are batched together."""
+        if not self._is_dispatch_scheduled and self.waiting_pulls:
+            self._is_dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._is_dispatch_scheduled = False
+        while self.waiting_pulls and self.open_batches:
+            future, worker_id = self.waiting_pulls.popitem(last=False)
+            if future.done():
+                continue
+            lease = self._lease_next(worker_id)
+            if lease is None:
+                self.waiting_pulls[future] = worker_id
+                self.waiting_pulls.move_to_end(future, last=False)
+                return
+            future.set_result(lease)
+
+    def _lease_next(self, worker_id: str) -> Lease | None:
+        batch = choose_next(self.open_batches.values(), self.policy, self.clock.monotonic_s())
+        if batch is None:
+            return None
+        del self.open_batches[batch.batch_id]
+        batch = self._fit_for_worker(batch, self.workers.get(worker_id))
+        now_s, now_wall = self.clock.monotonic_s(), self.clock.wall()
+        items = [self.pending[m.request_id] for m in batch.members]
+        for request in items:
+            self.batch_of.pop(request.request_id, None)
+            request.started_at = now_wall
+            if request.events is not None:
+                request.events.put_nowait(Phase.STARTED)
+        lease = Lease(batch, worker_id, now_s + self.limits.lease_s, now_s, now_wall, batch_estimate_s(batch), items)
+        self.leases[batch.batch_id] = lease
+        self.on_change()
+        return lease
+
+    def _fit_for_worker(self, batch: QueuedBatch, worker: WorkerInfo | None) -> QueuedBatch:
+        """Split a batch assembled before this worker's limits were known until it fits."""
+        if worker is None:
+            return batch
+        budget = MemoryBudget(worker.kv_bytes_per_token, worker.free_kv_bytes)
+        max_size = worker.max_batch_size or batch.size
+        while batch.size > 1 and (
+            batch.size > max_size or not budget.fits(batch.size, batch.input_tokens_max, batch.gen_tokens_max)
+        ):
+            first, second = split_batch(batch, (self.make_id(), self.make_id()))
+            self._requeue(second)
+            batch = first
+        return batch
+
+    def _take_lease(self, worker_id: str, batch_id: str) -> Lease | None:
+        lease = self.leases.get(batch_id)
+        if lease is None or lease.worker_id != worker_id:
+            return None
+        return self.leases.pop(batch_id)
+
+    def _requeue(self, batch: QueuedBatch) -> None:
+        self.open_batches[batch.batch_id] = batch
+        self.open_batches.move_to_end(batch.batch_id, last=False)  # it is older than new arrivals
+        for member in batch.members:
+            self.batch_of[member.request_id] = batch.batch_id
+
+    def _retry_or_fail(self, lease: Lease, error: Exception) -> None:
+        batch = lease.batch
+        batch.num_failures += 1
+        if batch.num_failures >= self.limits.max_batch_failures:
+            for request in lease.items:
+                self._fail_request(request, error)
+            return
+        retry = QueuedBatch(batch_id=self.make_id(), is_sealed=True, parent_batch_id=batch.batch_id)
+        for member in batch.members:
+            retry.add(member)
+        retry.num_failures = batch.num_failures
+        self._requeue(retry)
+        self._schedule_dispatch()
+
+    def _fail_request(self, request: PendingRequest, error: Exception) -> None:
+        self.pending.pop(request.request_id, None)
+        self.batch_of.pop(request.request_id, None)
+        self.log_sink.add_request(request_row(request, status="failed", error=str(error)))
+        if not request.future.done():
+            request.future.set_exception(error)

@@ -1,0 +1,218 @@
+"""gRPC servicers of the batcher: proto <-> domain, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from magnus.v1 import generation_pb2, worker_queue_pb2
+from services.batcher.admission import Admission
+from services.batcher.domain import (
+    BatchReport,
+    GenerationInput,
+    ItemOutput,
+    Lease,
+    Phase,
+    RequestResult,
+    WorkerInfo,
+)
+from services.batcher.scheduler import Scheduler
+from services.shared.errors import InvalidArgument, Unavailable
+from services.shared.validation import check_range, check_text
+
+
+def _generation_input(prompt: generation_pb2.Prompt) -> GenerationInput:
+    return GenerationInput(
+        instruction=prompt.instruction,
+        user_input=prompt.user_input,
+        max_new_tokens=prompt.max_new_tokens,
+        client_request_id=prompt.client_request_id,
+        tenant_id=prompt.tenant_id,
+    )
+
+
+def _timestamp(value) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def result_to_proto(result: RequestResult) -> generation_pb2.GenerateResponse:
+    return generation_pb2.GenerateResponse(
+        request_id=result.request_id,
+        text=result.text,
+        generated_tokens=result.generated_tokens,
+        predicted_tokens=result.predicted_tokens,
+        input_tokens=result.input_tokens,
+        batch_id=result.batch_id,
+        batch_size=result.batch_size,
+        is_prediction_fallback=result.is_prediction_fallback,
+        timings=generation_pb2.RequestTimings(
+            queued_at=_timestamp(result.queued_at),
+            started_at=_timestamp(result.started_at),
+            finished_at=_timestamp(result.finished_at),
+            queue_wait_s=(result.started_at - result.queued_at).total_seconds(),
+            run_s=(result.finished_at - result.started_at).total_seconds(),
+        ),
+    )
+
+
+class GenerationServicer:
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    async def Generate(self, request: generation_pb2.GenerateRequest, context) -> generation_pb2.GenerateResponse:
+        if not request.HasField("prompt"):
+            raise InvalidArgument("prompt", "is required")
+        generation = _generation_input(request.prompt)
+        existing = self._admission.existing(generation)
+        if existing is not None:
+            result = existing if isinstance(existing, RequestResult) else await asyncio.shield(existing)
+            return result_to_proto(result)
+        pending = await self._admission.submit(generation, wants_events=False)
+        try:
+            return result_to_proto(await asyncio.shield(pending.future))
+        except asyncio.CancelledError:
+            self._admission.cancel(pending)
+            raise
+
+    async def GenerateStream(
+        self, request: generation_pb2.GenerateStreamRequest, context
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        if not request.HasField("prompt"):
+            raise InvalidArgument("prompt", "is required")
+        generation = _generation_input(request.prompt)
+        existing = self._admission.existing(generation)
+        if existing is not None:
+            result = existing if isinstance(existing, RequestResult) else await asyncio.shield(existing)
+            yield _finished_event(result)
+            return
+        pending = await self._admission.submit(generation, wants_events=True)
+        phases = {Phase.QUEUED: generation_pb2.REQUEST_PHASE_QUEUED, Phase.STARTED: generation_pb2.REQUEST_PHASE_STARTED}
+        try:
+            while not pending.future.done():
+                next_event = asyncio.ensure_future(pending.events.get())
+                await asyncio.wait({next_event, pending.future}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_event.done():
+                    next_event.cancel()
+                    break
+                yield generation_pb2.GenerateStreamResponse(
+                    phase=phases[next_event.result()],
+                    request_id=pending.request_id,
+                    predicted_tokens=pending.prediction.predicted_tokens,
+                )
+            yield _finished_event(pending.future.result())
+        except asyncio.CancelledError:
+            self._admission.cancel(pending)
+            raise
+
+
+def _finished_event(result: RequestResult) -> generation_pb2.GenerateStreamResponse:
+    return generation_pb2.GenerateStreamResponse(
+        phase=generation_pb2.REQUEST_PHASE_FINISHED,
+        request_id=result.request_id,
+        predicted_tokens=result.predicted_tokens,
+        result=result_to_proto(result),
+    )
+
+
+def lease_to_proto(lease: Lease) -> worker_queue_pb2.Batch:
+    batch = lease.batch
+    return worker_queue_pb2.Batch(
+        batch_id=batch.batch_id,
+        items=[
+            worker_queue_pb2.BatchItem(
+                request_id=r.request_id,
+                prompt=r.prompt,
+                max_new_tokens=r.generation.max_new_tokens,
+                predicted_tokens=r.prediction.predicted_tokens,
+                input_tokens=r.prediction.input_tokens,
+            )
+            for r in lease.items
+        ],
+        input_tokens_max=batch.input_tokens_max,
+        predicted_gen_tokens_max=batch.gen_tokens_max,
+        estimated_s=lease.estimated_s,
+        lease_s=lease.deadline_s - lease.started_s,
+    )
+
+
+class WorkerQueueServicer:
+    def __init__(self, scheduler: Scheduler, *, lease_s: float, heartbeat_interval_s: float, max_wait_s: float) -> None:
+        self._scheduler = scheduler
+        self._lease_s = lease_s
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._max_wait_s = max_wait_s
+
+    async def RegisterWorker(self, request, context) -> worker_queue_pb2.RegisterWorkerResponse:
+        check_text("worker_id", request.worker_id, max_bytes=128)
+        check_range("kv_bytes_per_token", request.kv_bytes_per_token, low=1, high=2**40)
+        check_range("free_kv_bytes", request.free_kv_bytes, low=1, high=2**60)
+        check_range("max_batch_size", request.max_batch_size, low=0, high=1_000_000)
+        self._scheduler.register(
+            WorkerInfo(
+                worker_id=request.worker_id,
+                kv_bytes_per_token=request.kv_bytes_per_token,
+                free_kv_bytes=request.free_kv_bytes,
+                max_batch_size=request.max_batch_size,
+                model_name=request.model_name,
+                device=request.device,
+                last_seen_s=time.monotonic(),
+            )
+        )
+        return worker_queue_pb2.RegisterWorkerResponse(
+            lease_s=self._lease_s, heartbeat_interval_s=self._heartbeat_interval_s
+        )
+
+    async def PullBatch(self, request, context) -> worker_queue_pb2.PullBatchResponse:
+        check_text("worker_id", request.worker_id, max_bytes=128)
+        check_range("wait_s", request.wait_s, low=0, high=3600)
+        if request.worker_id not in self._scheduler.workers:
+            raise Unavailable(f"worker {request.worker_id!r} is not registered; call RegisterWorker")
+        wait_s = min(request.wait_s or self._max_wait_s, self._max_wait_s)
+        pulled = self._scheduler.pull(request.worker_id)
+        if isinstance(pulled, Lease):
+            return worker_queue_pb2.PullBatchResponse(batch=lease_to_proto(pulled))
+        try:
+            await asyncio.wait({pulled}, timeout=wait_s)
+        finally:
+            if not pulled.done():
+                self._scheduler.cancel_pull(pulled)
+        if not pulled.done():
+            return worker_queue_pb2.PullBatchResponse()
+        return worker_queue_pb2.PullBatchResponse(batch=lease_to_proto(pulled.result()))
+
+    async def CompleteBatch(self, request, context) -> worker_queue_pb2.CompleteBatchResponse:
+        check_text("worker_id", request.worker_id, max_bytes=128)
+        check_text("batch_id", request.batch_id, max_bytes=64)
+        check_range("run_s", request.run_s, low=0, high=1e7)
+        report = BatchReport(
+            outputs=[ItemOutput(r.request_id, r.text, r.generated_tokens) for r in request.results],
+            run_s=request.run_s,
+            valid_tokens=request.valid_tokens,
+            total_tokens=request.total_tokens,
+        )
+        is_accepted = self._scheduler.complete(request.worker_id, request.batch_id, report)
+        return worker_queue_pb2.CompleteBatchResponse(is_accepted=is_accepted)
+
+    async def ReportBatchFailure(self, request, context) -> worker_queue_pb2.ReportBatchFailureResponse:
+        check_text("worker_id", request.worker_id, max_bytes=128)
+        check_text("batch_id", request.batch_id, max_bytes=64)
+        if request.kind == worker_queue_pb2.FAILURE_KIND_UNSPECIFIED:
+            raise InvalidArgument("kind", "must be set")
+        is_accepted = self._scheduler.fail(
+            request.worker_id,
+            request.batch_id,
+            is_out_of_memory=request.kind == worker_queue_pb2.FAILURE_KIND_OUT_OF_MEMORY,
+            message=request.message[:4096],
+        )
+        return worker_queue_pb2.ReportBatchFailureResponse(is_accepted=is_accepted)
+
+    async def Heartbeat(self, request, context) -> worker_queue_pb2.HeartbeatResponse:
+        check_text("worker_id", request.worker_id, max_bytes=128)
+        is_lease_valid, is_registered = self._scheduler.heartbeat(request.worker_id, request.batch_id)
+        return worker_queue_pb2.HeartbeatResponse(is_lease_valid=is_lease_valid, is_registered=is_registered)
