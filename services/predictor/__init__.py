@@ -1,0 +1,1 @@
+"""Generation-length predictor service: predicts how many tokens each prompt will generate."""

@@ -1,0 +1,37 @@
+"""Predictor settings, from the environment (prefix MAGNUS_PREDICTOR_) or keyword arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.shared.model_store import model_store_dir_field
+from services.shared.settings import ServiceSettings
+
+
+class PredictorSettings(ServiceSettings):
+    """Everything the predictor reads at start-up. Env names are MAGNUS_PREDICTOR_<FIELD>."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MAGNUS_PREDICTOR_", extra="ignore", validate_by_name=True
+    )
+
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests).")
+    max_batch: int = Field(
+        1024, ge=1, le=100_000, description="Most queries one PredictLengths call may carry, queries."
+    )
+    max_instruction_bytes: int = Field(
+        4096, ge=1, description="Longest instruction accepted, UTF-8 bytes."
+    )
+    max_user_input_bytes: int = Field(
+        256 * 1024, ge=1, description="Longest user input accepted, UTF-8 bytes."
+    )
+    max_input_tokens: int = Field(
+        1_000_000, ge=1, description="Largest input_tokens a caller may pass, tokens."
+    )
+    model_store_dir: Path = model_store_dir_field()
+    load_retry_s: float = Field(
+        5.0, gt=0, le=3600, description="While no model is loaded, seconds between load attempts."
+    )

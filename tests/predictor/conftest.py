@@ -1,0 +1,78 @@
+"""Fixtures for predictor tests: a migrated temp SQLite log DB, a model store, small models."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from services.predictor.length_model import LengthSample
+from services.predictor.per_app_linear import PerAppLinearModel
+from services.shared.db import migrate
+from services.shared.db.engine import make_engine, make_session_factory
+from services.shared.model_store import ModelStore
+
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path}/log.db"
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest_asyncio.fixture
+async def store(db_url: str, store_dir: Path) -> AsyncIterator[ModelStore]:
+    engine = make_engine(db_url)
+    yield ModelStore(store_dir, make_session_factory(engine))
+    await engine.dispose()
+
+
+def linear_samples(instruction: str, intercept: float, slope: float, n: int = 20) -> list[LengthSample]:
+    """Samples lying exactly on generated = intercept + slope * input_tokens."""
+    return [
+        LengthSample(instruction, f"input {i}", 10 + 5 * i, round(intercept + slope * (10 + 5 * i)))
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def make_model() -> Callable[[float], PerAppLinearModel]:
+    """A fitted per_app_linear model for instruction "A": generated = 5 + slope * input_tokens."""
+
+    def make(slope: float = 2.0) -> PerAppLinearModel:
+        model = PerAppLinearModel(max_tokens=4096)
+        model.fit(linear_samples("A", 5.0, slope))
+        return model
+
+    return make
+
+
+@pytest.fixture
+def save_model(store: ModelStore) -> Callable[..., object]:
+    async def save(model: PerAppLinearModel, *, is_pushed: bool = True):
+        return await store.save(
+            "predictor",
+            model,
+            model_name=model.name,
+            num_train_samples=len(model.samples),
+            metrics={"mae_tokens": 0.0},
+            is_pushed=is_pushed,
+        )
+
+    return save
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_token_counter() -> None:
+    # Loading the vocabulary once up front keeps per-test timings honest.
+    from services.shared.tokenizer import get_token_counter
+
+    get_token_counter()
