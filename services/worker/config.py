@@ -1,0 +1,67 @@
+"""Worker settings: environment variables prefixed MAGNUS_WORKER_ (model: MAGNUS_MODEL)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.shared.settings import ServiceSettings
+
+GIB = 1024**3
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(ServiceSettings):
+    """One worker process: one model on one device, pulling batches from the batcher."""
+
+    model_config = SettingsConfigDict(env_prefix="MAGNUS_WORKER_", extra="ignore", validate_by_name=True)
+
+    port: int = Field(50055, ge=0, le=65535, description="Port of the worker's health server; 0 picks a free one.")
+    batcher_target: str = Field("127.0.0.1:50051", description="host:port of the batcher's WorkerQueueService.")
+    worker_id: str = Field(
+        default_factory=default_worker_id,
+        min_length=1,
+        max_length=128,
+        description="Stable id announced to the batcher (<= 128 bytes); default <hostname>-<pid>.",
+    )
+    model: str = Field(
+        "",
+        validation_alias=AliasChoices("MAGNUS_MODEL", "model"),
+        description="Local HF causal-LM folder (MAGNUS_MODEL); empty = build/serve the tiny random Qwen2.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when torch sees a GPU, else cpu.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights and KV dtype; auto = float32 on CPU, bfloat16 on CUDA."
+    )
+    kv_budget_bytes: int = Field(
+        2 * GIB, gt=0, description="Theta announced on CPU (KV-cache memory the batcher may plan with), bytes."
+    )
+    cuda_reserve_bytes: int = Field(
+        1 * GIB, ge=0, description="On CUDA, free memory after loading kept out of Theta for activations, bytes."
+    )
+    max_batch_size: int = Field(0, ge=0, description="Largest batch accepted, requests; 0 = no limit of its own.")
+    pull_wait_s: float = Field(5.0, gt=0, description="Long-poll time of one PullBatch, seconds.")
+    rpc_timeout_s: float = Field(5.0, gt=0, description="Deadline of every RPC except PullBatch's wait, seconds.")
+    heartbeat_interval_s: float = Field(
+        2.0, gt=0, description="Heartbeat interval used when the batcher does not name one, seconds."
+    )
+    backoff_initial_s: float = Field(0.5, gt=0, description="First retry delay when the batcher is unreachable, seconds.")
+    backoff_max_s: float = Field(10.0, gt=0, description="Cap of the exponential retry delay, seconds.")
+    simulate_oom_above_tokens: int = Field(
+        0, ge=0, description="Test hook: report OOM for batches with size x (L + max new) above this, tokens; 0 = off."
+    )
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> WorkerSettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_initial_s ({self.backoff_initial_s})"
+            )
+        return self

@@ -1,0 +1,282 @@
+"""Static batching on a transformers causal LM: one left-padded greedy `generate` per batch.
+
+Rows that stop early (EOS or their own max_new_tokens) keep their slot until the whole batch
+ends, as in the paper's static batching; that waste is what the batcher's WMA grouping avoids and
+what `total_tokens - valid_tokens` measures.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from services.worker.model_builder import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class BatchOutOfMemory(Exception):
+    """The device ran out of memory on this batch; memory was freed and the engine still serves."""
+
+
+class BatchCancelled(Exception):
+    """The batch was stopped on request (worker shutdown) before it finished."""
+
+
+class BatchRejected(ValueError):
+    """The batch cannot run on this model (e.g. too long for its context); retrying will not help."""
+
+
+@dataclass(frozen=True)
+class EngineItem:
+    request_id: str
+    prompt: str
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class ItemOutput:
+    request_id: str
+    text: str
+    generated_tokens: int  # up to and including EOS, at most the request's max_new_tokens
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    items: list[ItemOutput]
+    valid_tokens: int  # sum of generated_tokens
+    total_tokens: int  # batch size x decode steps run, stopped rows included
+    steps: int  # decode steps of the batch = longest row's generated_tokens
+    run_s: float  # wall time, tokenizing through decoding, seconds
+
+
+@dataclass(frozen=True)
+class IdsOutput:
+    generated_ids: list[list[int]]  # per row, cut at its stop (EOS kept)
+    steps: int
+    run_s: float
+
+
+class _PerRowStop(StoppingCriteria):
+    """Row i is done once it has max_new_tokens[i] new tokens; all rows are done on cancel."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: torch.Tensor, cancel: threading.Event | None):
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.cancel = cancel
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if self.cancel is not None and self.cancel.is_set():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self.max_new_tokens <= input_ids.shape[1] - self.prompt_tokens
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" is float32 on CPU (exact, and CPU half precision is slow) and bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Delta: K and V of every layer for one token, bytes = 2 x layers x kv_heads x head_dim x dtype."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_heads = text.num_attention_heads
+    num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    return 2 * text.num_hidden_layers * num_kv_heads * head_dim * dtype_bytes
+
+
+class StaticBatchEngine:
+    """One model on one device; `run` is blocking and must not be called concurrently."""
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        cpu_kv_budget_bytes: int = 2 * GIB,
+        cuda_reserve_bytes: int = 1 * GIB,
+        simulate_oom_above_tokens: int = 0,
+    ) -> None:
+        """Load the model and tokenizer from `model_dir`.
+
+        cpu_kv_budget_bytes: Theta announced on CPU, bytes. cuda_reserve_bytes: kept free on CUDA
+        for activations and allocator slack, bytes. simulate_oom_above_tokens: test hook, raise
+        BatchOutOfMemory when batch_size x (L + max new tokens) exceeds it; 0 = off.
+        """
+        self.model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.simulate_oom_above_tokens = simulate_oom_above_tokens
+        started_s = time.monotonic()
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
+        self.eos_token_ids = self._eos_token_ids()
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self.max_context_tokens = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        self.kv_bytes_per_token = kv_bytes_per_token(self.model.config, self.dtype)
+        self.free_kv_bytes = self._free_kv_bytes(cpu_kv_budget_bytes, cuda_reserve_bytes)
+        log.info(
+            "loaded %s on %s (%s) in %.1f s: Delta=%d bytes/token, Theta=%d bytes",
+            self.model_dir, self.device_name, str(self.dtype).removeprefix("torch."),
+            time.monotonic() - started_s, self.kv_bytes_per_token, self.free_kv_bytes,
+        )
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return "cpu"
+
+    def _eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError(f"{self.model_dir}: neither generation_config nor tokenizer names an EOS token")
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def _free_kv_bytes(self, cpu_budget_bytes: int, cuda_reserve_bytes: int) -> int:
+        if self.device.type != "cuda":
+            return cpu_budget_bytes
+        free_bytes, _total_bytes = torch.cuda.mem_get_info(self.device)
+        return max(0, free_bytes - cuda_reserve_bytes)
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids per prompt; special-token text counts as plain text (like tiktoken's encode_ordinary)."""
+        encoded = self.tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=True)
+        return encoded["input_ids"]
+
+    def run(self, items: Sequence[EngineItem], cancel: threading.Event | None = None) -> BatchOutput:
+        """Run one static batch: greedy, stop per row at EOS or its max_new_tokens."""
+        if not items:
+            raise BatchRejected("empty batch")
+        started_s = time.monotonic()
+        prompt_ids = self.encode([item.prompt for item in items])
+        ids = self.run_ids(prompt_ids, [item.max_new_tokens for item in items], cancel=cancel)
+        texts = self.tokenizer.batch_decode(ids.generated_ids, skip_special_tokens=True)
+        outputs = [
+            ItemOutput(item.request_id, text, len(row))
+            for item, text, row in zip(items, texts, ids.generated_ids, strict=True)
+        ]
+        return BatchOutput(
+            items=outputs,
+            valid_tokens=sum(len(row) for row in ids.generated_ids),
+            total_tokens=len(items) * ids.steps,
+            steps=ids.steps,
+            run_s=time.monotonic() - started_s,
+        )
+
+    def run_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        *,
+        stop_at_eos: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> IdsOutput:
+        """Generate for pre-tokenized prompts. stop_at_eos=False runs every row to its limit (calibration)."""
+        self._validate(prompt_ids, max_new_tokens)
+        # An empty prompt gets EOS as its only token: a document boundary is what such a model saw
+        # before text starts, and generate needs at least one position per row.
+        rows = [list(row) if len(row) else [self.eos_token_ids[0]] for row in prompt_ids]
+        prompt_tokens = max(len(row) for row in rows)
+        self._maybe_simulate_oom(len(rows), prompt_tokens, max(max_new_tokens))
+        started_s = time.monotonic()
+        try:
+            output = self._generate(rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel)
+        except torch.OutOfMemoryError as error:
+            self._free_memory()
+            raise BatchOutOfMemory(f"out of device memory on {len(rows)} x {prompt_tokens} prompt tokens: {error}") from error
+        except RuntimeError as error:
+            if "can't allocate memory" not in str(error):  # the CPU allocator's OOM message
+                raise
+            self._free_memory()
+            raise BatchOutOfMemory(f"out of host memory on {len(rows)} x {prompt_tokens} prompt tokens") from error
+        if cancel is not None and cancel.is_set():
+            raise BatchCancelled("batch cancelled before it finished")
+        generated = output[:, prompt_tokens:].tolist()
+        stops = set(self.eos_token_ids) if stop_at_eos else set()
+        cut = [_cut_at_stop(row, limit, stops) for row, limit in zip(generated, max_new_tokens, strict=True)]
+        return IdsOutput(generated_ids=cut, steps=len(generated[0]), run_s=time.monotonic() - started_s)
+
+    def _validate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> None:
+        if not prompt_ids:
+            raise BatchRejected("empty batch")
+        if len(prompt_ids) != len(max_new_tokens):
+            raise BatchRejected(f"{len(prompt_ids)} prompts but {len(max_new_tokens)} max_new_tokens")
+        if min(max_new_tokens) < 1:
+            raise BatchRejected(f"max_new_tokens must be >= 1, got {min(max_new_tokens)}")
+        longest = max(len(row) for row in prompt_ids) + max(max_new_tokens)
+        if longest > self.max_context_tokens:
+            raise BatchRejected(
+                f"prompt + max_new_tokens = {longest} tokens exceeds the model's context of {self.max_context_tokens}"
+            )
+
+    def _maybe_simulate_oom(self, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> None:
+        slots_tokens = batch_size * (prompt_tokens + max_new_tokens)
+        if 0 < self.simulate_oom_above_tokens < slots_tokens:
+            raise BatchOutOfMemory(
+                f"simulated OOM: {batch_size} x ({prompt_tokens} + {max_new_tokens}) = {slots_tokens} tokens "
+                f"> {self.simulate_oom_above_tokens}"
+            )
+
+    @torch.inference_mode()
+    def _generate(self, rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel) -> torch.Tensor:
+        input_ids = torch.full((len(rows), prompt_tokens), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), prompt_tokens), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row's last prompt token is aligned
+            input_ids[i, prompt_tokens - len(row):] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, prompt_tokens - len(row):] = 1
+        limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=self.device)
+        config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=int(limits.max()),
+            eos_token_id=self.eos_token_ids if stop_at_eos else None,
+            pad_token_id=self.pad_token_id,
+        )
+        return self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList([_PerRowStop(prompt_tokens, limits, cancel)]),
+        ).cpu()
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _cut_at_stop(row: list[int], limit_tokens: int, stop_ids: set[int]) -> list[int]:
+    """The row's own tokens: at most `limit_tokens`, ending at the first stop token (kept)."""
+    row = row[:limit_tokens]
+    for index, token in enumerate(row):
+        if token in stop_ids:
+            return row[: index + 1]
+    return row
