@@ -1,0 +1,1 @@
+"""Batch-time estimator service: how long a batch of a given shape takes to run."""
