@@ -17,7 +17,7 @@ class BatcherSettings(ServiceSettings):
     estimator_target: str = Field("127.0.0.1:50053", description="host:port of the estimator.")
     policy: str = Field("magnus", description=f"Batching policy: one of {', '.join(POLICY_NAMES)}.")
     phi_token_reads: float = Field(
-        200_000.0,
+        50_000.0,
         gt=0,
         description="WMA threshold Phi, KV-token reads. A request joins a batch only if the batch's "
         "WMA after insertion stays below it. Provisional default; see docs for how to tune it.",

@@ -15,9 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 VAR_DIR = REPO_ROOT / "var"
 
 
-def default_database_url() -> str:
-    """The embedded SQLite log under var/, used when MAGNUS_DATABASE_URL is not set."""
-    return f"sqlite+aiosqlite:///{VAR_DIR / 'magnus.db'}"
+from services.shared.db.engine import default_database_url  # noqa: E402 - one definition of the default
 
 
 class ServiceSettings(BaseSettings):

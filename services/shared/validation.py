@@ -21,7 +21,7 @@ def find_unknown_field(message: Message, path: str = "") -> str | None:
         if field.type != FieldDescriptor.TYPE_MESSAGE:
             continue
         child_path = f"{path}.{field.name}" if path else field.name
-        children = value if field.label == FieldDescriptor.LABEL_REPEATED else [value]
+        children = value if field.is_repeated else [value]
         for child in children:
             found = find_unknown_field(child, child_path)
             if found:

@@ -1,0 +1,60 @@
+# Magnus: two commands do everything: `make run` and `make test` (see README.md).
+SHELL := /bin/bash
+PY := .venv/bin/python
+DATA ?= ../shared/data
+RUN_ARGS ?=
+STAMP := .venv/.installed
+
+.PHONY: run serve test venv proto lint-proto migrate model bootstrap calibrate clean help
+
+help:
+	@echo "make run       set up everything, start all services, send the demo workload, stop"
+	@echo "make serve     the same, but keep the stack running until Ctrl-C"
+	@echo "make test      the test suite (needs PostgreSQL on 127.0.0.1:5432)"
+	@echo "make calibrate time the worker over a grid of batch shapes into the log DB"
+
+$(STAMP): requirements.txt
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	# torch first and pinned: pip takes the CPU wheel, never a multi-GB CUDA build
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -r requirements.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Generated code is not committed: it is built here, from protos/, into magnus/v1 (with .pyi stubs).
+proto: $(STAMP)
+	mkdir -p magnus/v1
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/magnus/v1/*.proto
+	touch magnus/__init__.py magnus/v1/__init__.py
+
+lint-proto: $(STAMP)
+	cd protos && ../.venv/bin/buf lint
+
+migrate: proto
+	$(PY) -m services.shared.db upgrade
+
+model: proto
+	$(PY) -m services.worker.model_builder
+
+calibrate: model migrate
+	$(PY) -m services.worker.calibrate --grid small
+
+# First versions of the models, only where none exists yet.
+bootstrap: model migrate
+	$(PY) -m services.predictor.bootstrap --data $(DATA) --if-missing
+	$(PY) -m services.worker.calibrate --grid small --if-missing
+	$(PY) -m services.estimator.bootstrap --if-missing
+
+run: bootstrap
+	$(PY) -m tools.run_local --data $(DATA) $(RUN_ARGS)
+
+serve: bootstrap
+	$(PY) -m tools.run_local --data $(DATA) --serve $(RUN_ARGS)
+
+test: proto lint-proto
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf var magnus .pytest_cache .hypothesis

@@ -1,0 +1,164 @@
+"""A demo workload against a running batcher, and its summary.
+
+Requests come from the task files (the held-out split of the predictor's bootstrap, so its
+predictions are honest), arrive as a Poisson process, and are capped at their reference output
+length: the default model has random weights and never stops by itself, so the cap stands in for
+where a real model would stop (trace replay). The summary reads the answers and the log DB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from magnus.v1 import generation_pb2, generation_pb2_grpc
+from services.predictor.dataset import find_task_files, is_test_id, read_task_rows
+from services.shared.tokenizer import get_token_counter
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class DemoRequest:
+    task: str
+    instruction: str
+    user_input: str
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class DemoOutcome:
+    request: DemoRequest
+    latency_s: float
+    response: generation_pb2.GenerateResponse | None
+    error: str | None
+
+
+def load_requests(source: Path, num_requests: int, max_new_tokens_cap: int, seed: int) -> list[DemoRequest]:
+    """An even mix over the tasks in a data folder, or the rows of one JSONL file of that format."""
+    counter = get_token_counter()
+    if source.is_file():
+        rows = read_task_rows(source)
+    else:
+        per_task = max(1, num_requests // len(find_task_files(source)))
+        rows = []
+        for path in find_task_files(source).values():
+            held_out = [r for r in read_task_rows(path, max_rows=4000) if is_test_id(r.id, 0.2)]
+            rows.extend(held_out[:per_task])
+    random.Random(seed).shuffle(rows)
+    rows = rows[:num_requests]
+    lengths = counter.count_many([r.output_text for r in rows])
+    return [
+        DemoRequest(r.task, r.instruction, r.input_text, max(1, min(n, max_new_tokens_cap)))
+        for r, n in zip(rows, lengths, strict=True)
+    ]
+
+
+async def _send(stub, request: DemoRequest, delay_s: float, index: int) -> DemoOutcome:
+    await asyncio.sleep(delay_s)
+    started_s = time.monotonic()
+    prompt = generation_pb2.Prompt(
+        instruction=request.instruction,
+        user_input=request.user_input,
+        max_new_tokens=request.max_new_tokens,
+        tenant_id="demo",
+        client_request_id=f"demo-{index}-{started_s}",
+    )
+    try:
+        response = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=600)
+        return DemoOutcome(request, time.monotonic() - started_s, response, None)
+    except grpc.aio.AioRpcError as error:
+        return DemoOutcome(request, time.monotonic() - started_s, None, f"{error.code().name}: {error.details()}")
+
+
+async def run_workload(target: str, requests: list[DemoRequest], rate_per_s: float, seed: int) -> list[DemoOutcome]:
+    rng = random.Random(seed)
+    delays_s, at_s = [], 0.0
+    for _ in requests:
+        delays_s.append(at_s)
+        at_s += rng.expovariate(rate_per_s)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        return await asyncio.gather(*(_send(stub, r, d, i) for i, (r, d) in enumerate(zip(requests, delays_s))))
+
+
+def summarize(outcomes: list[DemoOutcome]) -> dict:
+    answered = [o for o in outcomes if o.response is not None]
+    latencies_s = sorted(o.latency_s for o in answered)
+    per_task: dict[str, list[DemoOutcome]] = defaultdict(list)
+    for o in answered:
+        per_task[o.request.task].append(o)
+
+    def p99(values: list[float]) -> float:
+        return values[min(len(values) - 1, int(round(0.99 * (len(values) - 1))))] if values else float("nan")
+
+    return {
+        "num_requests": len(outcomes),
+        "num_answered": len(answered),
+        "num_failed": len(outcomes) - len(answered),
+        "errors": sorted({o.error for o in outcomes if o.error}),
+        "num_batches": len({o.response.batch_id for o in answered}),
+        "mean_batch_size": statistics.fmean([o.response.batch_size for o in answered]) if answered else 0,
+        "mean_latency_s": statistics.fmean(latencies_s) if latencies_s else float("nan"),
+        "p99_latency_s": p99(latencies_s),
+        "per_task": {
+            task: {
+                "n": len(items),
+                "mean_predicted_tokens": statistics.fmean(o.response.predicted_tokens for o in items),
+                "mean_generated_tokens": statistics.fmean(o.response.generated_tokens for o in items),
+                "mae_tokens": statistics.fmean(
+                    abs(o.response.predicted_tokens - o.response.generated_tokens) for o in items
+                ),
+            }
+            for task, items in sorted(per_task.items())
+        },
+    }
+
+
+def print_summary(summary: dict) -> None:
+    print(
+        f"\nrequests {summary['num_answered']}/{summary['num_requests']} answered, "
+        f"{summary['num_batches']} batches (mean size {summary['mean_batch_size']:.1f}), "
+        f"latency mean {summary['mean_latency_s']:.2f} s, p99 {summary['p99_latency_s']:.2f} s"
+    )
+    for error in summary["errors"]:
+        print(f"  error: {error}")
+    print(f"\n{'task':22s} {'n':>4s} {'predicted':>10s} {'actual':>8s} {'MAE':>7s}  (tokens, means)")
+    for task, row in summary["per_task"].items():
+        print(
+            f"{task:22s} {row['n']:4d} {row['mean_predicted_tokens']:10.1f} "
+            f"{row['mean_generated_tokens']:8.1f} {row['mae_tokens']:7.1f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="127.0.0.1:50051", help="batcher host:port")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="task folder or one JSONL file")
+    parser.add_argument("--num-requests", type=int, default=48)
+    parser.add_argument("--rate", type=float, default=8.0, help="Poisson arrival rate, requests/s")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="cap on each request's length, tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the summary here")
+    args = parser.parse_args()
+    requests = load_requests(args.data, args.num_requests, args.max_new_tokens, args.seed)
+    print(f"sending {len(requests)} requests at {args.rate:g}/s to {args.target} ...")
+    outcomes = asyncio.run(run_workload(args.target, requests, args.rate, args.seed))
+    summary = summarize(outcomes)
+    print_summary(summary)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    raise SystemExit(0 if summary["num_failed"] == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()

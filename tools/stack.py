@@ -1,0 +1,140 @@
+"""Start the five services as real processes on localhost: used by `make run` and the tests.
+
+Every service gets its port and its peers' addresses through the same environment variables a
+deployment would set, logs to its own file, and is stopped with SIGTERM (then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("predictor", "estimator", "trainer", "batcher", "worker")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    """A set of service processes sharing one log DB and one model store."""
+
+    workdir: Path
+    database_url: str
+    model_store_dir: Path | None = None  # default: <workdir>/model-store
+    ports: dict[str, int] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for name in SERVICES:
+            self.ports.setdefault(name, free_port())
+
+    def target(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "MAGNUS_DATABASE_URL": self.database_url,
+                "MAGNUS_MODEL_STORE_DIR": str(self.model_store_dir or self.workdir / "model-store"),
+                "MAGNUS_BATCHER_PREDICTOR_TARGET": self.target("predictor"),
+                "MAGNUS_BATCHER_ESTIMATOR_TARGET": self.target("estimator"),
+                "MAGNUS_WORKER_BATCHER_TARGET": self.target("batcher"),
+                "MAGNUS_TRAINER_PREDICTOR_TARGETS": self.target("predictor"),
+                "MAGNUS_TRAINER_ESTIMATOR_TARGETS": self.target("estimator"),
+            }
+        )
+        for name in SERVICES:
+            env[f"MAGNUS_{name.upper()}_PORT"] = str(self.ports[name])
+        env.update(self.extra_env)
+        return env
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / "logs" / f"{name}.log"
+
+    def start(self, name: str, extra_env: dict[str, str] | None = None) -> None:
+        self.log_path(name).parent.mkdir(parents=True, exist_ok=True)
+        env = self.env()
+        env.update(extra_env or {})
+        with open(self.log_path(name), "ab") as log_file:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C in the terminal reaches the launcher only
+            )
+
+    def start_all(self) -> None:
+        for name in SERVICES:
+            self.start(name)
+
+    def health(self, name: str) -> int | None:
+        """The health status of a service, or None if it does not answer."""
+        try:
+            with grpc.insecure_channel(self.target(name)) as channel:
+                response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                return response.status
+        except grpc.RpcError:
+            return None
+
+    def wait_healthy(self, names: tuple[str, ...] = SERVICES, timeout_s: float = 120.0) -> None:
+        """Block until every named service reports SERVING; raise with its log tail if not."""
+        deadline_s = time.monotonic() + timeout_s
+        waiting = list(names)
+        while waiting and time.monotonic() < deadline_s:
+            for name in list(waiting):
+                process = self.processes.get(name)
+                if process is not None and process.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log_tail(name)}")
+                if self.health(name) == health_pb2.HealthCheckResponse.SERVING:
+                    waiting.remove(name)
+            time.sleep(0.2)
+        if waiting:
+            tails = "\n".join(f"--- {n} ---\n{self.log_tail(n)}" for n in waiting)
+            raise TimeoutError(f"not SERVING after {timeout_s:.0f} s: {', '.join(waiting)}\n{tails}")
+
+    def log_tail(self, name: str, num_lines: int = 30) -> str:
+        path = self.log_path(name)
+        return "\n".join(path.read_text(errors="replace").splitlines()[-num_lines:]) if path.exists() else ""
+
+    def stop(self, name: str, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL. Returns the exit code."""
+        process = self.processes.get(name)
+        if process is None or process.poll() is not None:
+            return process.returncode if process else None
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+    def kill(self, name: str) -> None:
+        process = self.processes.get(name)
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def stop_all(self) -> None:
+        # clients of the queue first, so the batcher drains while workers still pull
+        for name in ("batcher", "trainer", "worker", "predictor", "estimator"):
+            self.stop(name)
