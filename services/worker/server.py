@@ -1,0 +1,94 @@
+"""Worker wiring: health server, model loading, the pull loop, and shutdown.
+
+The worker serves no RPCs of its own (it pulls from the batcher), only gRPC health: SERVING once
+the model is loaded and the batcher has accepted the registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from magnus.v1 import worker_queue_pb2_grpc as pb_grpc
+from services.shared.channels import open_channel
+from services.shared.server import ServiceRunner
+from services.worker.config import WorkerSettings
+from services.worker.engine import StaticBatchEngine
+from services.worker.model_builder import resolve_model_dir
+from services.worker.puller import LoopTiming, WorkerIdentity, WorkerLoop
+
+log = logging.getLogger(__name__)
+
+
+def load_engine(settings: WorkerSettings) -> StaticBatchEngine:
+    """Blocking: build the default model if needed, then load it (seconds to minutes)."""
+    return StaticBatchEngine(
+        resolve_model_dir(settings.model),
+        device=settings.device,
+        dtype=settings.dtype,
+        cpu_kv_budget_bytes=settings.kv_budget_bytes,
+        cuda_reserve_bytes=settings.cuda_reserve_bytes,
+        simulate_oom_above_tokens=settings.simulate_oom_above_tokens,
+    )
+
+
+def identity_of(settings: WorkerSettings, engine: StaticBatchEngine) -> WorkerIdentity:
+    return WorkerIdentity(
+        worker_id=settings.worker_id,
+        kv_bytes_per_token=engine.kv_bytes_per_token,
+        free_kv_bytes=engine.free_kv_bytes,
+        model_name=settings.model or engine.model_dir.name,
+        device=engine.device_name,
+        max_batch_size=settings.max_batch_size,
+    )
+
+
+def timing_of(settings: WorkerSettings) -> LoopTiming:
+    return LoopTiming(
+        pull_wait_s=settings.pull_wait_s,
+        rpc_timeout_s=settings.rpc_timeout_s,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        backoff_initial_s=settings.backoff_initial_s,
+        backoff_max_s=settings.backoff_max_s,
+    )
+
+
+async def serve(
+    settings: WorkerSettings,
+    engine: StaticBatchEngine | None = None,
+    runner: ServiceRunner | None = None,
+) -> None:
+    """Run the worker until SIGTERM/SIGINT; the batch in hand finishes within the shutdown grace.
+
+    `engine` and `runner` are for tests: a preloaded engine, and a runner to request shutdown on.
+    """
+    runner = runner or ServiceRunner("worker", settings)
+    await runner.start()
+    load_task = asyncio.create_task(asyncio.to_thread(load_engine, settings)) if engine is None else None
+    shutdown = asyncio.create_task(runner.wait_for_shutdown())
+    if load_task is not None:
+        await asyncio.wait({load_task, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+        if not load_task.done():  # asked to stop while loading: nothing was pulled, just leave
+            await runner.stop()
+            return
+        engine = load_task.result()
+
+    async def on_registered() -> None:
+        await runner.set_serving(True)
+
+    channel = open_channel(settings.batcher_target, settings.max_message_bytes)
+    loop = WorkerLoop(
+        pb_grpc.WorkerQueueServiceStub(channel),
+        engine,
+        identity_of(settings, engine),
+        timing_of(settings),
+        on_registered=on_registered,
+    )
+    loop_task = loop.start()
+    await asyncio.wait({loop_task, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+    if loop_task.done() and not loop_task.cancelled() and loop_task.exception() is not None:
+        log.error("worker loop crashed", exc_info=loop_task.exception())
+    await runner.set_serving(False)
+    await loop.stop(settings.shutdown_grace_s)
+    await channel.close()
+    await runner.stop()
