@@ -171,3 +171,46 @@ def test_empty_prompt_still_generates(engine):
 def test_requires_known_dtype(tiny_model_dir):
     with pytest.raises(ValueError, match="dtype"):
         StaticBatchEngine(tiny_model_dir, device="cpu", dtype="float8")
+
+
+def test_calibration_times_shapes_and_stores_samples(engine, tmp_path):
+    import asyncio
+
+    from services.shared.db import fetch_batch_time_samples, make_engine, make_session_factory, upgrade
+    from services.worker.calibrate import Shape, calibrate, format_table, grid_shapes, store_samples
+
+    assert len(grid_shapes("small")) == 27
+    shapes = [Shape(1, 16, 4), Shape(2, 32, 8)]
+    samples = calibrate(engine, shapes, repeats=1, show_progress=False)
+    assert [s.shape for s in samples] == shapes
+    assert all(s.duration_s > 0 for s in samples)
+    assert "ms/step" in format_table(samples)
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'log.db'}"
+    upgrade(url)
+
+    async def store_and_read():
+        assert await store_samples(url, samples, engine.device_name) == 2
+        db = make_engine(url)
+        try:
+            async with make_session_factory(db)() as session:
+                return await fetch_batch_time_samples(session, source="calibration")
+        finally:
+            await db.dispose()
+
+    rows = asyncio.run(store_and_read())
+    assert [(r.batch_size, r.input_tokens_max, r.gen_tokens_max, r.device) for r in rows] == [
+        (1, 16, 4, "cpu"),
+        (2, 32, 8, "cpu"),
+    ]
+    assert rows[1].duration_s == samples[1].duration_s
+
+
+def test_synthetic_prompts_have_exact_lengths_and_no_specials(engine):
+    import random
+
+    from services.worker.calibrate import Shape, synthetic_prompt_ids
+
+    prompts = synthetic_prompt_ids(engine, Shape(3, 17, 1), random.Random(1))
+    assert [len(p) for p in prompts] == [17, 17, 17]
+    assert max(max(p) for p in prompts) < engine.eos_token_ids[0]
