@@ -1,0 +1,137 @@
+"""Which logged requests and batches become training and validation samples. Pure functions.
+
+Rules (from the paper): a request joins the predictor's training set when its prediction missed
+by more than `abs` tokens AND more than `rel` of the true length; a batch joins the estimator's
+when its time estimate missed by more than `abs` seconds AND more than `rel` of the true time.
+
+One logged row in `holdout_every` (by its log sequence number) is held back: it is never trained
+on, and rounds compare the candidate with the serving model on the recent held-back rows, so the
+comparison is not made on the candidate's own training data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from services.estimator.knn_model import BatchShape, TimeSample
+from services.predictor.length_model import LengthSample
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class MissRule:
+    """A miss is bad when |predicted - actual| > abs_threshold and > rel_threshold * actual."""
+
+    abs_threshold: float
+    rel_threshold: float
+
+    def is_bad_miss(self, predicted: float, actual: float) -> bool:
+        error = abs(predicted - actual)
+        return error > self.abs_threshold and error > self.rel_threshold * abs(actual)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedRequest:
+    """The request-log columns the trainer reads. Lengths in tokens."""
+
+    seq: int
+    status: str
+    instruction: str
+    input_text: str
+    input_tokens: int
+    predicted_tokens: int | None
+    generated_tokens: int | None
+    is_prediction_fallback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedBatch:
+    """The batch-log columns the trainer reads. Lengths in tokens, times in seconds."""
+
+    seq: int
+    outcome: str
+    size: int
+    input_tokens_max: int
+    actual_gen_tokens_max: int | None
+    estimated_s: float | None
+    actual_s: float | None
+
+
+def is_held_back(seq: int, holdout_every: int) -> bool:
+    """True for the rows kept for validation only; `holdout_every` <= 0 holds back nothing."""
+    return holdout_every > 0 and seq % holdout_every == 0
+
+
+def _length_truth(row: LoggedRequest) -> LengthSample | None:
+    if row.status != "completed" or row.generated_tokens is None:
+        return None
+    return LengthSample(row.instruction, row.input_text, row.input_tokens, row.generated_tokens)
+
+
+def select_length_samples(rows: Sequence[LoggedRequest], rule: MissRule, holdout_every: int) -> list[LengthSample]:
+    """Completed, not held-back requests whose model prediction was a bad miss.
+
+    Requests served with the batcher's fallback guess (predictor down) are skipped: their
+    error says nothing about the model.
+    """
+    selected = []
+    for row in rows:
+        sample = _length_truth(row)
+        if sample is None or row.predicted_tokens is None or row.is_prediction_fallback:
+            continue
+        if is_held_back(row.seq, holdout_every):
+            continue
+        if rule.is_bad_miss(row.predicted_tokens, row.generated_tokens):
+            selected.append(sample)
+    return selected
+
+
+def length_holdout(rows: Sequence[LoggedRequest], holdout_every: int) -> list[LengthSample]:
+    """The held-back completed requests, as validation samples (whatever their miss)."""
+    samples = (_length_truth(row) for row in rows if is_held_back(row.seq, holdout_every))
+    return [sample for sample in samples if sample is not None]
+
+
+def _time_truth(row: LoggedBatch) -> TimeSample | None:
+    if row.outcome != "ok" or row.actual_s is None or row.actual_gen_tokens_max is None:
+        return None
+    return TimeSample(BatchShape(row.size, row.input_tokens_max, row.actual_gen_tokens_max), row.actual_s)
+
+
+def select_time_samples(rows: Sequence[LoggedBatch], rule: MissRule, holdout_every: int) -> list[TimeSample]:
+    """Batches that ran ("ok"), not held back, whose time estimate was a bad miss.
+
+    The sample's shape uses the actual G(B), not the predicted one: it is what the batch ran.
+    """
+    selected = []
+    for row in rows:
+        sample = _time_truth(row)
+        if sample is None or row.estimated_s is None or is_held_back(row.seq, holdout_every):
+            continue
+        if rule.is_bad_miss(row.estimated_s, row.actual_s):
+            selected.append(sample)
+    return selected
+
+
+def time_holdout(rows: Sequence[LoggedBatch], holdout_every: int) -> list[TimeSample]:
+    """The held-back batches that ran, as validation samples."""
+    samples = (_time_truth(row) for row in rows if is_held_back(row.seq, holdout_every))
+    return [sample for sample in samples if sample is not None]
+
+
+def keep_newest(samples: Sequence[T], max_samples: int) -> list[T]:
+    """At most `max_samples`, dropping the oldest (samples are in arrival order)."""
+    return list(samples[-max_samples:]) if len(samples) > max_samples else list(samples)
+
+
+def should_push(candidate_error: float | None, serving_error: float | None, tolerance_rel: float = 0.0) -> bool:
+    """Push unless the candidate is measurably worse than the serving model on the held-back rows.
+
+    With nothing to compare (no serving model, or no held-back rows) the candidate is pushed.
+    """
+    if candidate_error is None or serving_error is None:
+        return True
+    return candidate_error <= serving_error * (1.0 + tolerance_rel) + 1e-9

@@ -1,0 +1,134 @@
+"""What differs between the predictor's and the estimator's training rounds.
+
+A round reads log rows after a watermark, turns them into samples with the pure selection rules,
+refits the model family of the base version on old + new samples, and scores models on the
+held-back rows. `fit` and `evaluate` are CPU-bound and are called on a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.estimator.knn_model import KnnBatchTimeModel, TimeSample, mae_s
+from services.predictor.length_model import LengthSample, make_length_model
+from services.predictor.metrics import length_metrics
+from services.shared.db.queries import fetch_batches, fetch_requests
+from services.trainer.config import TrainerSettings
+from services.trainer.selection import (
+    LoggedBatch,
+    LoggedRequest,
+    MissRule,
+    length_holdout,
+    select_length_samples,
+    select_time_samples,
+    time_holdout,
+)
+
+DEFAULT_LENGTH_MODEL = "per_app_linear"
+DEFAULT_NEIGHBORS = 5
+
+
+class ModelSpec(Protocol):
+    kind: str
+    error_metric: str  # the metrics key compared between candidate and serving model
+
+    async def fetch(self, session: AsyncSession, since_seq: int, limit: int | None) -> list[Any]: ...
+
+    def select(self, rows: Sequence[Any]) -> list[Any]: ...
+
+    def holdout(self, rows: Sequence[Any]) -> list[Any]: ...
+
+    def fit(self, base_model: Any | None, samples: list[Any]) -> Any: ...
+
+    def evaluate(self, model: Any, samples: list[Any]) -> dict[str, float]: ...
+
+
+class PredictorSpec:
+    kind = "predictor"
+    error_metric = "mae_tokens"
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.rule = MissRule(settings.length_miss_abs_tokens, settings.length_miss_rel)
+        self.holdout_every = settings.holdout_every
+
+    async def fetch(self, session: AsyncSession, since_seq: int, limit: int | None) -> list[LoggedRequest]:
+        rows = await fetch_requests(session, since_id=since_seq, limit=limit)
+        return [
+            LoggedRequest(
+                seq=r.seq,
+                status=r.status,
+                instruction=r.instruction,
+                input_text=r.input_text,
+                input_tokens=r.input_tokens,
+                predicted_tokens=r.predicted_tokens,
+                generated_tokens=r.generated_tokens,
+                is_prediction_fallback=bool(r.is_prediction_fallback),
+            )
+            for r in rows
+        ]
+
+    def select(self, rows: Sequence[LoggedRequest]) -> list[LengthSample]:
+        return select_length_samples(rows, self.rule, self.holdout_every)
+
+    def holdout(self, rows: Sequence[LoggedRequest]) -> list[LengthSample]:
+        return length_holdout(rows, self.holdout_every)
+
+    def fit(self, base_model: Any | None, samples: list[LengthSample]) -> Any:
+        model = make_length_model(base_model.name if base_model is not None else DEFAULT_LENGTH_MODEL)
+        model.fit(samples)
+        return model
+
+    def evaluate(self, model: Any, samples: list[LengthSample]) -> dict[str, float]:
+        predicted = model.predict(
+            [s.instruction for s in samples], [s.input_text for s in samples], [s.input_tokens for s in samples]
+        )
+        return length_metrics(predicted, np.array([s.generated_tokens for s in samples]))
+
+
+class EstimatorSpec:
+    kind = "estimator"
+    error_metric = "mae_s"
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.rule = MissRule(settings.time_miss_abs_s, settings.time_miss_rel)
+        self.holdout_every = settings.holdout_every
+
+    async def fetch(self, session: AsyncSession, since_seq: int, limit: int | None) -> list[LoggedBatch]:
+        rows = await fetch_batches(session, since_id=since_seq, limit=limit)
+        return [
+            LoggedBatch(
+                seq=r.seq,
+                outcome=r.outcome,
+                size=r.size,
+                input_tokens_max=r.input_tokens_max,
+                actual_gen_tokens_max=r.actual_gen_tokens_max,
+                estimated_s=r.estimated_s,
+                actual_s=r.actual_s,
+            )
+            for r in rows
+        ]
+
+    def select(self, rows: Sequence[LoggedBatch]) -> list[TimeSample]:
+        return select_time_samples(rows, self.rule, self.holdout_every)
+
+    def holdout(self, rows: Sequence[LoggedBatch]) -> list[TimeSample]:
+        return time_holdout(rows, self.holdout_every)
+
+    def fit(self, base_model: Any | None, samples: list[TimeSample]) -> Any:
+        n_neighbors = getattr(base_model, "n_neighbors", DEFAULT_NEIGHBORS)
+        model = KnnBatchTimeModel(n_neighbors)
+        model.fit(samples)
+        return model
+
+    def evaluate(self, model: Any, samples: list[TimeSample]) -> dict[str, float]:
+        predicted = model.predict([s.shape for s in samples])
+        truth = np.array([s.duration_s for s in samples])
+        return {"mae_s": round(mae_s(predicted, truth), 4), "num_samples": len(samples)}
+
+
+def make_specs(settings: TrainerSettings) -> dict[str, ModelSpec]:
+    return {"predictor": PredictorSpec(settings), "estimator": EstimatorSpec(settings)}

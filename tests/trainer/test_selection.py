@@ -1,0 +1,125 @@
+"""The pure retraining rules: which misses are bad, which rows train, which validate, push or not."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.trainer.selection import (
+    LoggedBatch,
+    LoggedRequest,
+    MissRule,
+    is_held_back,
+    keep_newest,
+    length_holdout,
+    select_length_samples,
+    select_time_samples,
+    should_push,
+    time_holdout,
+)
+
+LENGTH_RULE = MissRule(10, 0.10)
+TIME_RULE = MissRule(2.0, 0.20)
+
+
+def request(seq, predicted, generated, status="completed", fallback=False) -> LoggedRequest:
+    return LoggedRequest(seq, status, "A", f"in {seq}", 50, predicted, generated, fallback)
+
+
+def test_length_miss_needs_both_thresholds() -> None:
+    assert not LENGTH_RULE.is_bad_miss(110, 100)  # 10 tokens is not > 10
+    assert LENGTH_RULE.is_bad_miss(111, 100)
+    assert LENGTH_RULE.is_bad_miss(89, 100)
+    assert not LENGTH_RULE.is_bad_miss(1100, 1000)  # 100 tokens but not > 10 %
+    assert LENGTH_RULE.is_bad_miss(1101, 1000)
+    assert not LENGTH_RULE.is_bad_miss(25, 20)  # 25 % but only 5 tokens
+
+
+def test_time_miss_needs_both_thresholds() -> None:
+    assert not TIME_RULE.is_bad_miss(3.0, 1.5)  # 1.5 s is not > 2 s
+    assert not TIME_RULE.is_bad_miss(23.0, 20.0)  # 3 s but 15 %
+    assert TIME_RULE.is_bad_miss(25.0, 20.0)
+    assert TIME_RULE.is_bad_miss(1.0, 10.0)
+
+
+@given(
+    predicted=st.integers(0, 10_000),
+    actual=st.integers(0, 10_000),
+    abs_threshold=st.floats(0, 100),
+    rel=st.floats(0, 1),
+)
+def test_bad_miss_is_exactly_both_thresholds_and_symmetric_in_sign(predicted, actual, abs_threshold, rel) -> None:
+    rule = MissRule(abs_threshold, rel)
+    error = abs(predicted - actual)
+    assert rule.is_bad_miss(predicted, actual) == (error > abs_threshold and error > rel * actual)
+    assert rule.is_bad_miss(predicted, actual) == rule.is_bad_miss(2 * actual - predicted, actual)
+
+
+def test_selection_takes_only_bad_misses_of_completed_model_predictions() -> None:
+    rows = [
+        request(1, 100, 150),  # bad miss: selected
+        request(2, 100, 105),  # small miss
+        request(3, 100, 150, status="failed"),
+        request(4, 100, 150, fallback=True),  # the batcher's guess, not the model's
+        request(5, 100, 150),  # held back for validation
+        request(6, None, 150),  # never predicted
+        request(7, 100, None),  # no truth
+        request(8, 200, 20),  # bad over-prediction: selected
+    ]
+    selected = select_length_samples(rows, LENGTH_RULE, holdout_every=5)
+    assert [(s.input_text, s.generated_tokens) for s in selected] == [("in 1", 150), ("in 8", 20)]
+    assert [s.input_text for s in length_holdout(rows, holdout_every=5)] == ["in 5"]
+    assert len(select_length_samples(rows, LENGTH_RULE, holdout_every=0)) == 3
+
+
+row_strategy = st.builds(
+    request,
+    seq=st.integers(1, 10_000),
+    predicted=st.one_of(st.none(), st.integers(1, 3000)),
+    generated=st.one_of(st.none(), st.integers(0, 3000)),
+    status=st.sampled_from(["completed", "failed", "cancelled"]),
+    fallback=st.booleans(),
+)
+
+
+@given(rows=st.lists(row_strategy, max_size=40), holdout_every=st.integers(0, 7))
+def test_training_and_validation_rows_never_overlap(rows, holdout_every) -> None:
+    selected = select_length_samples(rows, LENGTH_RULE, holdout_every)
+    expected = [
+        r for r in rows
+        if r.status == "completed" and r.predicted_tokens is not None and r.generated_tokens is not None
+        and not r.is_prediction_fallback and not is_held_back(r.seq, holdout_every)
+        and LENGTH_RULE.is_bad_miss(r.predicted_tokens, r.generated_tokens)
+    ]
+    assert [s.input_text for s in selected] == [r.input_text for r in expected]
+    held = length_holdout(rows, holdout_every)
+    assert all(is_held_back(int(s.input_text.split()[1]), holdout_every) for s in held)
+    assert all(not is_held_back(int(s.input_text.split()[1]), holdout_every) for s in selected)
+
+
+def test_time_selection_uses_ok_batches_and_the_actual_shape() -> None:
+    rows = [
+        LoggedBatch(1, "ok", 4, 100, 80, estimated_s=1.0, actual_s=10.0),  # selected
+        LoggedBatch(2, "ok", 4, 100, 80, estimated_s=9.0, actual_s=10.0),  # small miss
+        LoggedBatch(3, "oom", 4, 100, 80, estimated_s=1.0, actual_s=10.0),
+        LoggedBatch(4, "ok", 4, 100, None, estimated_s=1.0, actual_s=10.0),
+        LoggedBatch(5, "ok", 8, 200, 90, estimated_s=1.0, actual_s=10.0),  # held back
+        LoggedBatch(6, "ok", 2, 50, 40, estimated_s=None, actual_s=10.0),
+    ]
+    selected = select_time_samples(rows, TIME_RULE, holdout_every=5)
+    assert [(s.shape.batch_size, s.shape.gen_tokens_max, s.duration_s) for s in selected] == [(4, 80, 10.0)]
+    assert [s.shape.batch_size for s in time_holdout(rows, holdout_every=5)] == [8]
+
+
+def test_push_only_when_not_worse() -> None:
+    assert should_push(5.0, 5.0)
+    assert should_push(4.0, 5.0)
+    assert not should_push(5.1, 5.0)
+    assert should_push(5.1, 5.0, tolerance_rel=0.05)
+    assert should_push(9.0, None)  # nothing serving
+    assert should_push(None, None)  # nothing to validate on
+
+
+def test_keep_newest_drops_the_oldest() -> None:
+    assert keep_newest([1, 2, 3, 4], 2) == [3, 4]
+    assert keep_newest([1, 2], 5) == [1, 2]
