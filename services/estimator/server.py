@@ -52,6 +52,10 @@ class EstimatorServer:
                 retry_s=self.settings.load_retry_s,
                 on_loaded=self._on_loaded,
                 create_first=self._fit_first,
+                missing_hint=(
+                    " and batch_time_samples has no calibration rows to fit one from;"
+                    " run a worker's calibration (the estimator then fits v1 itself)"
+                ),
             ),
             name="estimator-loader",
         )

@@ -48,7 +48,11 @@ class PredictorServer:
         await asyncio.to_thread(get_token_counter)
         self._loader = asyncio.create_task(
             load_until_ready(
-                self.slot, self.store, retry_s=self.settings.load_retry_s, on_loaded=self._on_loaded
+                self.slot,
+                self.store,
+                retry_s=self.settings.load_retry_s,
+                on_loaded=self._on_loaded,
+                missing_hint="; create one with `python -m services.predictor.bootstrap --data ../shared/data`",
             ),
             name="predictor-loader",
         )

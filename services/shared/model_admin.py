@@ -89,11 +89,12 @@ async def load_until_ready(
     retry_s: float,
     on_loaded: OnLoaded,
     create_first: FirstModelSource | None = None,
+    missing_hint: str = "",
 ) -> LoadedModel:
     """Load the latest pushed version into `slot`, retrying every `retry_s` seconds until it works.
 
     When no version exists, `create_first` (if given) may create one (the estimator fits v1 from
-    calibration samples) and returns True if it did. Returns early if something else (LoadModel)
+    calibration samples) and returns True if it did; `missing_hint` tells the operator what to do. Returns early if something else (LoadModel)
     filled the slot meanwhile. Each distinct failure reason is logged once, without a traceback:
     these are operator problems (run the bootstrap), not bugs.
     """
@@ -106,13 +107,13 @@ async def load_until_ready(
             await on_loaded(loaded)
             return loaded
         except VersionNotFound as error:
-            reason = f"{error}; run `python -m services.{slot.kind}.bootstrap` to create one"
+            reason = f"{error}{missing_hint}"
             if create_first is not None and await _try_create_first(create_first, slot.kind):
                 continue
         except ModelStoreError as error:
             reason = str(error)
         except Exception as error:  # noqa: BLE001 - e.g. the DB is down or not migrated yet
-            reason = f"{type(error).__name__}: {error}"
+            reason = one_line_reason(error)
         if reason != last_reason:
             log.warning(
                 "%s NOT_SERVING: %s (retrying every %.0f s)", slot.kind, reason, retry_s
@@ -121,9 +122,19 @@ async def load_until_ready(
         await asyncio.sleep(retry_s)
 
 
+def one_line_reason(error: Exception) -> str:
+    """`Type: first line` of an error; SQLAlchemy errors carry the driver's error in `orig`."""
+    cause = getattr(error, "orig", None) or error
+    lines = str(cause).strip().splitlines()
+    reason = f"{type(cause).__name__}: {lines[0] if lines else ''}"
+    if "no such table" in reason or "does not exist" in reason:
+        reason += " (is the log DB migrated? `python -m services.shared.db upgrade`)"
+    return reason
+
+
 async def _try_create_first(create_first: FirstModelSource, kind: str) -> bool:
     try:
         return await create_first()
     except Exception as error:  # noqa: BLE001 - logged by the caller's retry loop next time
-        log.warning("%s: could not create a first model: %s: %s", kind, type(error).__name__, error)
+        log.warning("%s: could not create a first model: %s", kind, one_line_reason(error))
         return False

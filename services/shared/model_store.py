@@ -215,8 +215,9 @@ class ModelStore:
         async with self.session_factory() as session:
             row = await session.scalar(query)
         if row is None:
-            what = f"version {version}" if version is not None else ("pushed version" if only_pushed else "version")
-            raise VersionNotFound(f"no {kind} {what} in the log DB")
+            if version is not None:
+                raise VersionNotFound(f"no {kind} version {version} in the log DB")
+            raise VersionNotFound(f"no {'pushed ' if only_pushed else ''}{kind} version in the log DB")
         return VersionInfo.from_row(row)
 
     async def load(self, kind: str, version: int | None = None, *, only_pushed: bool = False) -> LoadedModel:
