@@ -18,7 +18,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from services.worker.engine import BatchOutOfMemory, StaticBatchEngine
+from services.worker.engine import BatchOutOfMemory, StaticBatchEngine, describe_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,21 @@ async def store_samples(database_url: str, samples: list[Sample], device: str) -
     return len(rows)
 
 
+async def count_samples(database_url: str, device: str) -> int:
+    """Calibration samples already stored for `device`."""
+    from sqlalchemy import func, select
+
+    from services.shared.db import BatchTimeSample, make_engine, make_session_factory
+
+    query = select(func.count()).where(BatchTimeSample.source == "calibration", BatchTimeSample.device == device[:64])
+    db_engine = make_engine(database_url)
+    try:
+        async with make_session_factory(db_engine)() as session:
+            return int(await session.scalar(query) or 0)
+    finally:
+        await db_engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> None:
     from services.shared.db import default_database_url, upgrade
     from services.worker.model_builder import resolve_model_dir
@@ -134,9 +149,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="runs per shape; the median is stored")
+    parser.add_argument(
+        "--if-missing", action="store_true", help="do nothing if this device already has calibration samples"
+    )
     parser.add_argument("--no-store", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    database_url = args.database_url or default_database_url()
+    if not args.no_store:
+        upgrade(database_url)
+    if args.if_missing and not args.no_store:
+        device = describe_device(resolve_device(args.device))
+        num_existing = asyncio.run(count_samples(database_url, device))
+        if num_existing:
+            print(f"{num_existing} calibration samples for {device} already stored; nothing to do")
+            return
 
     started_s = time.monotonic()
     engine = StaticBatchEngine(resolve_model_dir(args.model), device=args.device, dtype=args.dtype)
@@ -145,8 +173,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(samples)} shapes on {engine.device_name} in {time.monotonic() - started_s:.1f} s")
     if args.no_store:
         return
-    database_url = args.database_url or default_database_url()
-    upgrade(database_url)
     num_rows = asyncio.run(store_samples(database_url, samples, engine.device_name))
     print(f"stored {num_rows} calibration samples in {database_url}")
 

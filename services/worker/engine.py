@@ -90,6 +90,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def describe_device(device: torch.device) -> str:
+    """"cpu", or the GPU's name (e.g. "NVIDIA H100 80GB HBM3"): what samples and logs are keyed by."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """"auto" is float32 on CPU (exact, and CPU half precision is slow) and bfloat16 on CUDA."""
     if dtype == "auto":
@@ -148,9 +153,7 @@ class StaticBatchEngine:
 
     @property
     def device_name(self) -> str:
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_name(self.device)
-        return "cpu"
+        return describe_device(self.device)
 
     def _eos_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id

@@ -107,35 +107,6 @@ class FakeRunner:
         return BatchOutput(outs, sum(o.generated_tokens for o in outs), len(items) * steps, steps, self.sleep_s)
 
 
-def _find_unknown_field_protobuf7(message, path=""):
-    """services.shared.validation.find_unknown_field without `FieldDescriptor.label` (gone in protobuf 7)."""
-    from google.protobuf import unknown_fields
-    from google.protobuf.descriptor import FieldDescriptor
-
-    for unknown in unknown_fields.UnknownFieldSet(message):
-        return f"{path}#{unknown.field_number}"
-    for field, value in message.ListFields():
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            for child in value if field.is_repeated else [value]:
-                found = _find_unknown_field_protobuf7(child, f"{path}.{field.name}")
-                if found:
-                    return found
-    return None
-
-
-@pytest.fixture(autouse=True)
-def _shared_validation_works_on_protobuf7(monkeypatch):
-    # Workaround, reported: the shared validator reads FieldDescriptor.label, which protobuf 7
-    # removed, so every request with a message-typed field (CompleteBatchRequest) fails there.
-    # Remove this fixture once services/shared/validation.py uses `field.is_repeated`.
-    from google.protobuf.descriptor import FieldDescriptor
-
-    import services.shared.rpc
-
-    if not hasattr(FieldDescriptor, "label"):
-        monkeypatch.setattr(services.shared.rpc, "find_unknown_field", _find_unknown_field_protobuf7)
-
-
 @pytest_asyncio.fixture
 async def fake():
     queue = FakeQueue()
