@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="Time the worker engine over batch shapes; store the samples.")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="small")
-    parser.add_argument("--database-url", default=None, help="log DB URL (default: MAGNUS_DATABASE_URL or var/magnus.db)")
+    parser.add_argument(
+        "--database-url", default=None, help="log DB URL (default: MAGNUS_DATABASE_URL or var/magnus.db)"
+    )
     parser.add_argument("--model", default="", help="HF model folder (default: MAGNUS_MODEL or the tiny Qwen2)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")

@@ -52,7 +52,9 @@ class WorkerSettings(ServiceSettings):
     heartbeat_interval_s: float = Field(
         2.0, gt=0, description="Heartbeat interval used when the batcher does not name one, seconds."
     )
-    backoff_initial_s: float = Field(0.5, gt=0, description="First retry delay when the batcher is unreachable, seconds.")
+    backoff_initial_s: float = Field(
+        0.5, gt=0, description="First retry delay when the batcher is unreachable, seconds."
+    )
     backoff_max_s: float = Field(10.0, gt=0, description="Cap of the exponential retry delay, seconds.")
     simulate_oom_above_tokens: int = Field(
         0, ge=0, description="Test hook: report OOM for batches with size x (L + max new) above this, tokens; 0 = off."

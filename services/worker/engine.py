@@ -141,7 +141,8 @@ class StaticBatchEngine:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
         self.eos_token_ids = self._eos_token_ids()
-        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        pad_token_id = self.tokenizer.pad_token_id
+        self.pad_token_id = pad_token_id if pad_token_id is not None else self.eos_token_ids[0]
         self.max_context_tokens = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.kv_bytes_per_token = kv_bytes_per_token(self.model.config, self.dtype)
         self.free_kv_bytes = self._free_kv_bytes(cpu_kv_budget_bytes, cuda_reserve_bytes)
@@ -214,7 +215,8 @@ class StaticBatchEngine:
             output = self._generate(rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel)
         except torch.OutOfMemoryError as error:
             self._free_memory()
-            raise BatchOutOfMemory(f"out of device memory on {len(rows)} x {prompt_tokens} prompt tokens: {error}") from error
+            shape = f"{len(rows)} x {prompt_tokens} prompt tokens"
+            raise BatchOutOfMemory(f"out of device memory on {shape}: {error}") from error
         except RuntimeError as error:
             if "can't allocate memory" not in str(error):  # the CPU allocator's OOM message
                 raise

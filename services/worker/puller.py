@@ -298,7 +298,9 @@ class WorkerLoop:
                 ):
                     log.warning("%s for batch %s failed for good: %s", rpc_name, batch_id, error.code().name)
                     return
-                log.warning("%s for batch %s failed (%s); retrying in %.1f s", rpc_name, batch_id, error.code().name, delay_s)
+                log.warning(
+                    "%s for batch %s failed (%s); retrying in %.1f s", rpc_name, batch_id, error.code().name, delay_s
+                )
                 await asyncio.sleep(delay_s)
         if not response.is_accepted:
             log.info("%s for batch %s not accepted: the lease had moved on", rpc_name, batch_id)

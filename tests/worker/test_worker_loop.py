@@ -22,7 +22,9 @@ from services.worker.server import serve
 
 pytestmark = pytest.mark.asyncio
 
-FAST = LoopTiming(pull_wait_s=0.2, rpc_timeout_s=2.0, heartbeat_interval_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.2)
+FAST = LoopTiming(
+    pull_wait_s=0.2, rpc_timeout_s=2.0, heartbeat_interval_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.2
+)
 IDENTITY = WorkerIdentity("w1", kv_bytes_per_token=512, free_kv_bytes=1 << 30, model_name="tiny", device="cpu")
 
 
