@@ -22,17 +22,21 @@ LONG_TASKS = ("bugfix", "code_trans_java2cs")
 
 
 def workload(num_per_task: int = 6) -> list[tuple[str, generation_pb2.Prompt]]:
+    """Short tasks' rows with <= 20 output tokens and long tasks' rows with 120..200."""
     counter = get_token_counter()
     prompts = []
     for task in SHORT_TASKS + LONG_TASKS:
-        rows = read_task_rows(DATA_DIR / f"{task}.jsonl", max_rows=200)[-num_per_task:]
-        for row in rows:
+        low, high = (1, 20) if task in SHORT_TASKS else (120, 200)
+        picked = 0
+        for row in read_task_rows(DATA_DIR / f"{task}.jsonl", max_rows=1000)[::-1]:
             length = counter.count(row.output_text)
-            prompts.append(
-                (task, generation_pb2.Prompt(
-                    instruction=row.instruction, user_input=row.input_text, max_new_tokens=max(1, min(length, 160))
-                ))
+            if picked == num_per_task or not low <= length <= high:
+                continue
+            picked += 1
+            prompt = generation_pb2.Prompt(
+                instruction=row.instruction, user_input=row.input_text, max_new_tokens=min(length, 160)
             )
+            prompts.append((task, prompt))
     return prompts
 
 
