@@ -44,12 +44,28 @@ class QwenTiktokenCounter:
         return [len(ids) for ids in self._encoding.encode_ordinary_batch(texts)]
 
 
+def load_tokenizer(model_dir: Path | str):
+    """The tokenizer saved in `model_dir`, loaded as the folder declares it.
+
+    AutoTokenizer maps model_type "qwen2" to Qwen2Tokenizer, which adds an NFC normalizer our
+    tiktoken-equal tokenizer deliberately lacks; a folder that declares the generic backend is
+    therefore loaded with it directly.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_path = Path(model_dir) / "tokenizer_config.json"
+    declared = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 class HfCounter:
     def __init__(self, model_dir: str) -> None:
-        from transformers import AutoTokenizer
-
         self.name = f"hf:{Path(model_dir).name}"
-        self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._tokenizer = load_tokenizer(model_dir)
 
     def count(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])

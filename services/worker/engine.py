@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from services.worker.model_builder import load_tokenizer
+from services.shared.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 

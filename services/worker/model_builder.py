@@ -82,24 +82,6 @@ def build_qwen_tokenizer():
     )
 
 
-def load_tokenizer(model_dir: Path | str):
-    """The tokenizer saved in `model_dir`, loaded as the folder declares it.
-
-    AutoTokenizer maps model_type "qwen2" to Qwen2Tokenizer, which adds an NFC normalizer our
-    tiktoken-equal tokenizer deliberately lacks; a folder that declares the generic backend is
-    therefore loaded with it directly.
-    """
-    import json
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    config_path = Path(model_dir) / "tokenizer_config.json"
-    declared = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
-    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(model_dir)
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
 def is_complete(model_dir: Path) -> bool:
     return all((model_dir / name).is_file() for name in REQUIRED_FILES)
 

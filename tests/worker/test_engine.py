@@ -17,7 +17,8 @@ from services.worker.engine import (
     StaticBatchEngine,
     _cut_at_stop,
 )
-from services.worker.model_builder import build_tiny_qwen2, is_complete, load_tokenizer
+from services.shared.tokenizer import load_tokenizer
+from services.worker.model_builder import build_tiny_qwen2, is_complete
 
 SAMPLES = [
     "Hello, world! I'm sure it's fine.",
