@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
-import pytest_asyncio
 
-from services.shared.db import migrate
-from services.shared.db.engine import make_engine, make_session_factory
 from services.shared.db.models import BatchTimeSample
 from services.shared.model_store import ModelStore
 
@@ -26,25 +22,6 @@ def duration_s() -> Callable[[int, int, int], float]:
 
 
 CALIBRATION_GRID = [(b, l, g) for b in (1, 4, 16) for l in (32, 256, 1024) for g in (16, 128, 512)]
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path}/log.db"
-    migrate.upgrade(url)
-    return url
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest_asyncio.fixture
-async def store(db_url: str, store_dir: Path) -> AsyncIterator[ModelStore]:
-    engine = make_engine(db_url)
-    yield ModelStore(store_dir, make_session_factory(engine))
-    await engine.dispose()
 
 
 @pytest.fixture

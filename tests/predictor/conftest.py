@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
-import pytest_asyncio
 
 from services.predictor.length_model import LengthSample
 from services.predictor.per_app_linear import PerAppLinearModel
-from services.shared.db import migrate
-from services.shared.db.engine import make_engine, make_session_factory
 from services.shared.model_store import ModelStore
 
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path}/log.db"
-    migrate.upgrade(url)
-    return url
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest_asyncio.fixture
-async def store(db_url: str, store_dir: Path) -> AsyncIterator[ModelStore]:
-    engine = make_engine(db_url)
-    yield ModelStore(store_dir, make_session_factory(engine))
-    await engine.dispose()
 
 
 def linear_samples(instruction: str, intercept: float, slope: float, n: int = 20) -> list[LengthSample]:

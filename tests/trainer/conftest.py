@@ -14,29 +14,8 @@ from services.estimator.config import EstimatorSettings
 from services.estimator.server import EstimatorServer
 from services.predictor.config import PredictorSettings
 from services.predictor.server import PredictorServer
-from services.shared.db import migrate
-from services.shared.db.engine import make_engine, make_session_factory
 from services.shared.db.models import BatchRow, RequestRow, utc_now
 from services.shared.model_store import ModelStore
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path}/log.db"
-    migrate.upgrade(url)
-    return url
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest_asyncio.fixture
-async def store(db_url: str, store_dir: Path) -> AsyncIterator[ModelStore]:
-    engine = make_engine(db_url)
-    yield ModelStore(store_dir, make_session_factory(engine))
-    await engine.dispose()
 
 
 @pytest.fixture

@@ -1,0 +1,32 @@
+"""Fixtures shared by the service tests: a migrated temp SQLite log DB and a model store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from services.shared.db import migrate
+from services.shared.db.engine import make_engine, make_session_factory
+from services.shared.model_store import ModelStore
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path}/log.db"
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest_asyncio.fixture
+async def store(db_url: str, store_dir: Path) -> AsyncIterator[ModelStore]:
+    engine = make_engine(db_url)
+    yield ModelStore(store_dir, make_session_factory(engine))
+    await engine.dispose()
