@@ -64,14 +64,20 @@ class GenerationServicer:
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
 
-    async def Generate(self, request: generation_pb2.GenerateRequest, context) -> generation_pb2.GenerateResponse:
+    async def _earlier_call(self, request) -> tuple[GenerationInput, RequestResult | None]:
+        """The request's domain form, and the result of an earlier call with its idempotency key."""
         if not request.HasField("prompt"):
             raise InvalidArgument("prompt", "is required")
         generation = _generation_input(request.prompt)
         existing = self._admission.existing(generation)
-        if existing is not None:
-            result = existing if isinstance(existing, RequestResult) else await asyncio.shield(existing)
-            return result_to_proto(result)
+        if existing is None or isinstance(existing, RequestResult):
+            return generation, existing
+        return generation, await asyncio.shield(existing)  # a retry must not cancel the first call
+
+    async def Generate(self, request: generation_pb2.GenerateRequest, context) -> generation_pb2.GenerateResponse:
+        generation, earlier = await self._earlier_call(request)
+        if earlier is not None:
+            return result_to_proto(earlier)
         pending = await self._admission.submit(generation, wants_events=False)
         try:
             return result_to_proto(await asyncio.shield(pending.future))
@@ -82,13 +88,9 @@ class GenerationServicer:
     async def GenerateStream(
         self, request: generation_pb2.GenerateStreamRequest, context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        if not request.HasField("prompt"):
-            raise InvalidArgument("prompt", "is required")
-        generation = _generation_input(request.prompt)
-        existing = self._admission.existing(generation)
-        if existing is not None:
-            result = existing if isinstance(existing, RequestResult) else await asyncio.shield(existing)
-            yield _finished_event(result)
+        generation, earlier = await self._earlier_call(request)
+        if earlier is not None:
+            yield _finished_event(earlier)
             return
         pending = await self._admission.submit(generation, wants_events=True)
         phases = {Phase.QUEUED: generation_pb2.REQUEST_PHASE_QUEUED, Phase.STARTED: generation_pb2.REQUEST_PHASE_STARTED}
