@@ -24,10 +24,11 @@ from services.batcher.domain import (
     WorkerInfo,
 )
 from services.batcher.log_rows import LogSink, batch_row, request_row
-from services.batcher.policy.assembler import MemoryBudget, choose_batch_for
+from services.batcher.policy.assembler import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch
+from services.batcher.policy.batch_queue import BatchQueue
 from services.batcher.policy.config import PolicyConfig
-from services.batcher.policy.hrrn import batch_estimate_s, choose_next
+from services.batcher.policy.hrrn import batch_estimate_s
 from services.batcher.policy.split import split_batch
 from services.shared.errors import Internal, ResourceExhausted, Unavailable
 
@@ -67,7 +68,7 @@ class Scheduler:
         self.clock = clock
         self.log_sink = log_sink
         self.make_id = make_id
-        self.open_batches: OrderedDict[str, QueuedBatch] = OrderedDict()  # creation order
+        self.open_batches = BatchQueue()  # queue order, indexed for the two decisions
         self.leases: dict[str, Lease] = {}
         self.pending: dict[str, PendingRequest] = {}
         self.batch_of: dict[str, str] = {}  # request id -> queued batch id
@@ -107,11 +108,11 @@ class Scheduler:
                 f"request needs {(member.input_tokens + member.gen_tokens) * (budget.kv_bytes_per_token or 0)} "
                 f"bytes of KV memory; workers have {budget.free_kv_bytes}"
             )
-        batch = choose_batch_for(member, self.open_batches.values(), self.policy, budget)
+        batch = self.open_batches.choose_for(member, self.policy, budget)
         if batch is None:
             batch = QueuedBatch(batch_id=self.make_id())
-            self.open_batches[batch.batch_id] = batch
-        batch.add(member)
+            self.open_batches.append(batch)
+        self.open_batches.add_member(batch, member)
         self.pending[request.request_id] = request
         self.batch_of[request.request_id] = batch.batch_id
         if request.events is not None:
@@ -125,10 +126,7 @@ class Scheduler:
         request = self.pending.get(request_id)
         if batch_id is None or request is None:
             return False
-        batch = self.open_batches[batch_id]
-        batch.remove(request_id)
-        if not batch.members:
-            del self.open_batches[batch_id]
+        self.open_batches.remove_member(batch_id, request_id)
         del self.pending[request_id]
         self.log_sink.add_request(request_row(request, status="cancelled", error="caller cancelled"))
         self.on_change()
@@ -252,9 +250,7 @@ class Scheduler:
         ]
 
     def set_estimate(self, batch_id: str, revision: int, estimated_s: float, version: int) -> None:
-        batch = self.open_batches.get(batch_id)
-        if batch is not None and batch.revision == revision:
-            batch.estimated_s, batch.estimate_revision, batch.estimator_version = estimated_s, revision, version
+        self.open_batches.set_estimate(batch_id, revision, estimated_s, version)
 
     # ---- shutdown --------------------------------------------------------------------------
     @property
@@ -297,10 +293,10 @@ class Scheduler:
             future.set_result(lease)
 
     def _lease_next(self, worker_id: str) -> Lease | None:
-        batch = choose_next(self.open_batches.values(), self.policy, self.clock.monotonic_s())
+        batch = self.open_batches.choose_next(self.policy, self.clock.monotonic_s())
         if batch is None:
             return None
-        del self.open_batches[batch.batch_id]
+        self.open_batches.pop(batch.batch_id)
         batch = self._fit_for_worker(batch, self.workers.get(worker_id))
         now_s, now_wall = self.clock.monotonic_s(), self.clock.wall()
         items = [self.pending[m.request_id] for m in batch.members]
@@ -335,8 +331,7 @@ class Scheduler:
         return self.leases.pop(batch_id)
 
     def _requeue(self, batch: QueuedBatch) -> None:
-        self.open_batches[batch.batch_id] = batch
-        self.open_batches.move_to_end(batch.batch_id, last=False)  # it is older than new arrivals
+        self.open_batches.push_front(batch)  # it is older than new arrivals
         for member in batch.members:
             self.batch_of[member.request_id] = batch.batch_id
 

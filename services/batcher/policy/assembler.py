@@ -6,8 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from services.batcher.policy.batch import Member, QueuedBatch, memory_bytes
-from services.batcher.policy.config import InsertMode, PolicyConfig
-from services.batcher.policy.wma import wma_after_insert
+from services.batcher.policy.columns import BatchColumns, insert_row
+from services.batcher.policy.config import PolicyConfig
 
 
 @dataclass(frozen=True)
@@ -23,21 +23,6 @@ class MemoryBudget:
         return memory_bytes(size, input_tokens_max, gen_tokens_max, self.kv_bytes_per_token) <= self.free_kv_bytes
 
 
-def can_join(batch: QueuedBatch, member: Member, policy: PolicyConfig, budget: MemoryBudget) -> bool:
-    """Whether `member` may be added to `batch` at all (sealed, size and memory checks)."""
-    if batch.is_sealed:
-        return False
-    if policy.max_batch_size is not None and batch.size >= policy.max_batch_size:
-        return False
-    if policy.use_memory_cap:
-        return budget.fits(
-            batch.size + 1,
-            max(batch.input_tokens_max, member.input_tokens),
-            max(batch.gen_tokens_max, member.gen_tokens),
-        )
-    return True
-
-
 def choose_batch_for(
     member: Member,
     open_batches: Iterable[QueuedBatch],
@@ -46,26 +31,12 @@ def choose_batch_for(
 ) -> QueuedBatch | None:
     """The batch `member` should join, or None to open a new batch.
 
-    `open_batches` must be in creation order (FCFS appends to the newest). O(number of batches),
-    each candidate O(1) thanks to the WMA aggregates.
+    `open_batches` must be in queue order (FCFS appends to the last one). For a handful of batches;
+    a long-lived queue should use `queue.BatchQueue.choose_for`, which runs the same kernel
+    (`columns.insert_row`) on columns it keeps up to date.
     """
-    if policy.insert_mode is InsertMode.FCFS:
-        newest = None
-        for newest in open_batches:
-            pass
-        return newest if newest is not None and can_join(newest, member, policy, budget) else None
-
-    best, best_wma = None, float("inf")
-    for batch in open_batches:
-        if not can_join(batch, member, policy, budget):
-            continue
-        wma = wma_after_insert(
-            batch.input_tokens_max, batch.gen_tokens_max, batch.max_member_term, member.input_tokens, member.gen_tokens
-        )
-        if wma < best_wma:
-            best, best_wma = batch, wma
-    if best is None:
-        return None
-    if policy.phi_token_reads is not None and best_wma >= policy.phi_token_reads:
-        return None
-    return best
+    batches = list(open_batches)
+    row = insert_row(
+        BatchColumns.from_batches(batches), member, policy, budget.kv_bytes_per_token, budget.free_kv_bytes
+    )
+    return None if row is None else batches[row]
