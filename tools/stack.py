@@ -36,6 +36,7 @@ class Stack:
     database_url: str
     model_store_dir: Path | None = None  # default: <workdir>/model-store
     ports: dict[str, int] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # Prometheus /metrics per service
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -43,9 +44,13 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for name in SERVICES:
             self.ports.setdefault(name, free_port())
+            self.metrics_ports.setdefault(name, free_port())
 
     def target(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
+
+    def metrics_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -63,6 +68,7 @@ class Stack:
         )
         for name in SERVICES:
             env[f"MAGNUS_{name.upper()}_PORT"] = str(self.ports[name])
+            env[f"MAGNUS_{name.upper()}_METRICS_PORT"] = str(self.metrics_ports[name])
         env.update(self.extra_env)
         return env
 

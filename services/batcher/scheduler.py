@@ -23,6 +23,7 @@ from services.batcher.domain import (
     RequestResult,
     WorkerInfo,
 )
+from services.batcher import metrics
 from services.batcher.log_rows import LogSink, batch_row, request_row
 from services.batcher.policy.assembler import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch
@@ -77,6 +78,7 @@ class Scheduler:
         self.is_draining = False
         self._is_dispatch_scheduled = False
         self.on_change: Callable[[], None] = lambda: None  # e.g. wake the estimate refresher
+        metrics.track_scheduler(self)
 
     # ---- admission -------------------------------------------------------------------------
     def check_capacity(self) -> None:
@@ -176,6 +178,7 @@ class Scheduler:
             return False
         finished_at = self.clock.wall()
         outputs = {o.request_id: o for o in report.outputs}
+        results: list[RequestResult] = []
         for request in lease.items:
             output = outputs.get(request.request_id)
             if output is None:
@@ -194,10 +197,12 @@ class Scheduler:
                 finished_at=finished_at,
                 is_prediction_fallback=request.prediction.is_fallback,
             )
+            results.append(result)
             self.pending.pop(request.request_id, None)
             self.log_sink.add_request(request_row(request, status="completed", result=result))
             if not request.future.done():
                 request.future.set_result(result)
+        metrics.observe_completion(lease, report, results)
         actual_gen_max = max((o.generated_tokens for o in report.outputs), default=0)
         self.log_sink.add_batch(
             batch_row(lease, outcome="ok", finished_at=finished_at, report=report, actual_gen_tokens_max=actual_gen_max)
@@ -210,6 +215,7 @@ class Scheduler:
         if lease is None:
             return False
         outcome = "oom" if is_out_of_memory else "failed"
+        metrics.observe_failure(outcome, is_split=is_out_of_memory and lease.batch.size >= 2)
         self.log_sink.add_batch(batch_row(lease, outcome=outcome, finished_at=self.clock.wall()))
         log.warning("batch %s (%d requests) failed on %s: %s: %s", batch_id, lease.batch.size, worker_id, outcome, message)
         if is_out_of_memory:
@@ -232,6 +238,7 @@ class Scheduler:
                 log.warning("lease of batch %s on %s expired; requeueing", batch_id, lease.worker_id)
                 self.leases.pop(batch_id)
                 self.log_sink.add_batch(batch_row(lease, outcome="lost", finished_at=self.clock.wall()))
+                metrics.observe_failure("lost")
                 self._retry_or_fail(lease, Unavailable("batch lost by workers too many times"))
         waiting_workers = set(self.waiting_pulls.values())
         for worker_id, worker in list(self.workers.items()):
@@ -307,6 +314,7 @@ class Scheduler:
                 request.events.put_nowait(Phase.STARTED)
         lease = Lease(batch, worker_id, now_s + self.limits.lease_s, now_s, now_wall, batch_estimate_s(batch), items)
         self.leases[batch.batch_id] = lease
+        metrics.observe_lease(lease)
         self.on_change()
         return lease
 

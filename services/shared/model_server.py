@@ -14,6 +14,7 @@ from typing import Any
 
 from magnus.v1 import model_admin_pb2
 from services.shared.db.engine import make_engine, make_session_factory
+from services.shared.metrics import set_model_version
 from services.shared.model_admin import ModelAdminServicer, load_until_ready
 from services.shared.model_store import LoadedModel, ModelSlot, ModelStore
 from services.shared.server import ServiceRunner
@@ -40,6 +41,7 @@ class VersionedModelServer:
         self.runner.add(pb2, service_name, servicer)
 
     async def _on_loaded(self, loaded: LoadedModel) -> None:
+        set_model_version(self.slot.kind, loaded.info.version)
         if not self.runner.is_shutting_down:
             await self.runner.set_serving(True)
 

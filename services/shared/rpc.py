@@ -18,6 +18,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 
 from services.shared.errors import RpcError
+from services.shared.metrics import instrument_stream, instrument_unary
 from services.shared.validation import explain_decode_error, find_unknown_field
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,10 @@ def add_servicer(server: grpc.aio.Server, pb2: ModuleType, service_name: str, se
         if method.client_streaming:
             raise ValueError(f"{full}: client streaming is not supported")
         if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_wrap_stream(full, fn), **kwargs)
+            handler = instrument_stream(full, _wrap_stream(full, fn))
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(handler, **kwargs)
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_wrap_unary(full, fn), **kwargs)
+            handler = instrument_unary(full, _wrap_unary(full, fn))
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(handler, **kwargs)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     return service.full_name

@@ -18,12 +18,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services.shared.channels import channel_options
+from services.shared.metrics import MetricsEndpoint, start_metrics_endpoint
 from services.shared.rpc import add_servicer
 from services.shared.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Health service name that is SERVING while the process answers at all (Kubernetes liveness);
+# "" and the API services only turn SERVING once the service is ready (readiness).
+LIVENESS_SERVICE = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -39,6 +43,7 @@ class ServiceRunner:
         self._service_names: list[str] = []
         self._shutdown = asyncio.Event()
         self.port = 0
+        self.metrics: MetricsEndpoint | None = None
 
     def add(self, pb2: ModuleType, service_name: str, servicer: object) -> None:
         self._service_names.append(add_servicer(self.server, pb2, service_name, servicer))
@@ -51,7 +56,10 @@ class ServiceRunner:
         if self.port == 0:
             raise RuntimeError(f"{self.name}: could not bind {self.settings.address}")
         await self.set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, SERVING)
         await self.server.start()
+        if self.settings.metrics_port >= 0:
+            self.metrics = start_metrics_endpoint(self.settings.host, self.settings.metrics_port)
         self._install_signal_handlers()
         log.info("%s listening on %s:%d", self.name, self.settings.host, self.port)
         return self.port
@@ -82,4 +90,7 @@ class ServiceRunner:
         """NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         log.info("%s stopped", self.name)

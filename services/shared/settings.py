@@ -25,6 +25,12 @@ class ServiceSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests).")
+    metrics_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="Port of the Prometheus /metrics HTTP endpoint (same host as gRPC); -1 = off, 0 = any free one.",
+    )
     database_url: str = Field(
         default_factory=default_database_url,
         validation_alias=AliasChoices("MAGNUS_DATABASE_URL", "database_url"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,6 +19,7 @@ import grpc
 
 from magnus.v1 import worker_queue_pb2 as pb
 from magnus.v1 import worker_queue_pb2_grpc as pb_grpc
+from services.worker import metrics
 from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchOutput, EngineItem
 
 log = logging.getLogger(__name__)
@@ -230,11 +232,15 @@ class WorkerLoop:
         cancel = self._cancel_batch = threading.Event()
         lease_lost = asyncio.Event()
         heartbeats = asyncio.create_task(self._heartbeat_while_running(batch.batch_id, lease_lost, cancel))
+        started_s = time.monotonic()
+        metrics.IS_BUSY.set(1)
         try:
             outcome = await self._run_batch(items, cancel)
         finally:
+            metrics.IS_BUSY.set(0)
             heartbeats.cancel()
             self._cancel_batch = None
+        _observe(outcome, time.monotonic() - started_s)
         if lease_lost.is_set():
             log.info("batch %s: lease lost (requeued by the batcher); result dropped", batch.batch_id)
             return
@@ -304,6 +310,15 @@ class WorkerLoop:
                 await asyncio.sleep(delay_s)
         if not response.is_accepted:
             log.info("%s for batch %s not accepted: the lease had moved on", rpc_name, batch_id)
+
+
+def _observe(outcome: BatchOutput | _Failure, busy_s: float) -> None:
+    if isinstance(outcome, _Failure):
+        metrics.observe_batch("oom" if outcome.kind == pb.FAILURE_KIND_OUT_OF_MEMORY else "failed", busy_s)
+        return
+    metrics.observe_batch(
+        "ok", busy_s, run_s=outcome.run_s, valid_tokens=outcome.valid_tokens, total_tokens=outcome.total_tokens
+    )
 
 
 def completion_request(worker_id: str, batch_id: str, output: BatchOutput) -> pb.CompleteBatchRequest:

@@ -1,0 +1,30 @@
+"""The worker's metrics: batches run by outcome, valid and total decode tokens, run and busy time.
+
+Utilisation is `rate(magnus_worker_busy_seconds_total[5m])` (seconds busy per second), which
+stays right across scrapes of any interval, unlike a 0/1 gauge sampled now and then.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RUN_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+BATCHES = Counter("magnus_worker_batches_total", "Batches this worker ran, by outcome (ok, oom, failed).", ["outcome"])
+VALID_TOKENS = Counter("magnus_worker_valid_tokens_total", "Tokens generated for requests (no padding).")
+SLOT_TOKENS = Counter(
+    "magnus_worker_slot_tokens_total", "Decode slots run: batch size x decode steps, padding included."
+)
+RUN_TIME = Histogram("magnus_worker_batch_run_seconds", "Engine time of each batch, seconds.", buckets=RUN_BUCKETS_S)
+BUSY_SECONDS = Counter("magnus_worker_busy_seconds_total", "Seconds spent running batches.")
+IS_BUSY = Gauge("magnus_worker_busy", "1 while this worker runs a batch, else 0.")
+
+
+def observe_batch(outcome: str, busy_s: float, *, run_s: float = 0.0, valid_tokens: int = 0, total_tokens: int = 0) -> None:
+    """One batch ended on this worker: `ok` (with its engine numbers), `oom` or `failed`."""
+    BATCHES.labels(outcome=outcome).inc()
+    BUSY_SECONDS.inc(max(0.0, busy_s))
+    if outcome == "ok":
+        RUN_TIME.observe(run_s)
+        VALID_TOKENS.inc(valid_tokens)
+        SLOT_TOKENS.inc(total_tokens)
