@@ -56,6 +56,9 @@ class WorkerSettings(ServiceSettings):
         0.5, gt=0, description="First retry delay when the batcher is unreachable, seconds."
     )
     backoff_max_s: float = Field(10.0, gt=0, description="Cap of the exponential retry delay, seconds.")
+    slowdown_factor: float = Field(
+        1.0, ge=1.0, description="Test hook: every batch takes this many times its run time (a slower device); 1 = off."
+    )
     simulate_oom_above_tokens: int = Field(
         0, ge=0, description="Test hook: report OOM for batches with size x (L + max new) above this, tokens; 0 = off."
     )

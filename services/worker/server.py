@@ -16,6 +16,7 @@ from services.worker.config import WorkerSettings
 from services.worker.engine import StaticBatchEngine
 from services.worker.model_builder import resolve_model_dir
 from services.worker.puller import LoopTiming, WorkerIdentity, WorkerLoop
+from services.worker.slowdown import slow_down
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ async def serve(
     channel = open_channel(settings.batcher_target, settings.max_message_bytes)
     loop = WorkerLoop(
         pb_grpc.WorkerQueueServiceStub(channel),
-        engine,
+        slow_down(engine, settings.slowdown_factor),
         identity_of(settings, engine),
         timing_of(settings),
         on_registered=on_registered,
