@@ -7,72 +7,27 @@ instead of silently skipping.
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-import asyncpg
 import pytest
 import pytest_asyncio
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from services.shared.db import make_engine, make_session_factory, upgrade
+from tests.databases import connect_postgres_admin, fresh_database_url, terminate_connections
 
-POSTGRES_HOST = os.environ.get("MAGNUS_TEST_POSTGRES_HOST", "127.0.0.1")
-POSTGRES_PORT = int(os.environ.get("MAGNUS_TEST_POSTGRES_PORT", "5432"))
-POSTGRES_USER = os.environ.get("MAGNUS_TEST_POSTGRES_USER", "postgres")
 # Short, so a test that provokes lock failures does not wait long for each one.
 SQLITE_BUSY_TIMEOUT_MS = 100
-
-
-async def _connect_postgres_admin() -> asyncpg.Connection:
-    try:
-        return await asyncpg.connect(
-            host=POSTGRES_HOST, port=POSTGRES_PORT, user=POSTGRES_USER, database="postgres",
-            timeout=5,
-        )
-    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-        pytest.fail(
-            f"PostgreSQL is required for these tests but is unreachable at "
-            f"{POSTGRES_USER}@{POSTGRES_HOST}:{POSTGRES_PORT}: {error!r}. Start it with "
-            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`.",
-            pytrace=False,
-        )
-
-
-async def _terminate_connections(admin: asyncpg.Connection, database: str) -> None:
-    await admin.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE datname = $1 AND pid <> pg_backend_pid()",
-        database,
-    )
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
 async def database_url(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[str]:
     """URL of a fresh, empty database; PostgreSQL ones are dropped afterwards."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'magnus.db'}"
-        return
-    database = f"magnus_test_{uuid.uuid4().hex[:16]}"
-    admin = await _connect_postgres_admin()
-    try:
-        await admin.execute(f'CREATE DATABASE "{database}"')
-    finally:
-        await admin.close()
-    try:
-        yield f"postgresql+asyncpg://{POSTGRES_USER}@{POSTGRES_HOST}:{POSTGRES_PORT}/{database}"
-    finally:
-        admin = await _connect_postgres_admin()
-        try:
-            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
-            await _terminate_connections(admin, database)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{database}"')
-        finally:
-            await admin.close()
+    async with fresh_database_url(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest_asyncio.fixture
@@ -117,10 +72,10 @@ async def _database_outage(url: str) -> AsyncIterator[None]:
             locker.execute("ROLLBACK")
             locker.close()
         return
-    admin = await _connect_postgres_admin()
+    admin = await connect_postgres_admin()
     try:
         await admin.execute(f'ALTER DATABASE "{parsed.database}" ALLOW_CONNECTIONS false')
-        await _terminate_connections(admin, parsed.database)
+        await terminate_connections(admin, parsed.database)
         yield
     finally:
         await admin.execute(f'ALTER DATABASE "{parsed.database}" ALLOW_CONNECTIONS true')
