@@ -44,6 +44,32 @@ async def push_to_all(targets: list[str], kind: str, version: int, timeout_s: fl
     return list(await asyncio.gather(*(push_one(t, kind, version, timeout_s) for t in targets)))
 
 
+async def serving_version(target: str, timeout_s: float) -> int | None:
+    """The version a replica serves now; None if it has none yet or cannot be reached."""
+    async with open_channel(target) as channel:
+        stub = model_admin_pb2_grpc.ModelAdminServiceStub(channel)
+        try:
+            response = await stub.GetModelInfo(model_admin_pb2.GetModelInfoRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return None
+    return response.model.version
+
+
+async def catch_up(targets: list[str], kind: str, version: int, timeout_s: float) -> list[PushOutcome]:
+    """Push `version` to the replicas that serve an older one; one outcome per replica pushed to.
+
+    A replica misses a push when it was unreachable at the time, or when the trainer died between
+    storing a version and pushing it. Replicas with no model yet load the latest pushed version
+    by themselves, and one serving a newer version (loaded by hand) is left alone.
+    """
+    versions = await asyncio.gather(*(serving_version(t, timeout_s) for t in targets))
+    behind = [t for t, v in zip(targets, versions, strict=True) if v is not None and v < version]
+    for target, serving in zip(targets, versions, strict=True):
+        if target in behind:
+            log.warning("%s replica %s serves v%d, latest pushed is v%d: pushing it", kind, target, serving, version)
+    return list(await asyncio.gather(*(push_one(t, kind, version, timeout_s) for t in behind)))
+
+
 def summarize(outcomes: list[PushOutcome]) -> str:
     if not outcomes:
         return "no replicas configured"

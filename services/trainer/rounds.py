@@ -18,7 +18,7 @@ from services.shared.db.models import utc_now
 from services.shared.db.queries import get_state, set_state
 from services.shared.model_store import LoadedModel, ModelStore, ModelStoreError, VersionNotFound
 from services.trainer.config import TrainerSettings
-from services.trainer.push import push_to_all, summarize
+from services.trainer.push import catch_up, push_to_all, summarize
 from services.trainer.selection import keep_newest, should_push
 from services.trainer.specs import ModelSpec, make_specs
 
@@ -83,6 +83,7 @@ class Trainer:
         """Run one round of `kind` now (waiting for a running one of the same kind)."""
         spec = self.specs[kind]
         async with self._locks[kind]:
+            await self._catch_up_replicas(kind)
             try:
                 result = await self._round(spec)
             except ModelStoreError as error:
@@ -97,6 +98,17 @@ class Trainer:
             async with self.store.session_factory() as session, session.begin():
                 await set_state(session, last_round_key(kind), result.to_state())
             return result
+
+    async def _catch_up_replicas(self, kind: str) -> None:
+        """Before each round, bring replicas that missed a push up to the latest pushed version."""
+        targets = self.settings.targets(kind)
+        if not targets:
+            return
+        try:
+            latest = await self.store.find(kind, only_pushed=True)
+        except VersionNotFound:
+            return
+        await catch_up(targets, kind, latest.version, self.settings.push_timeout_s)
 
     async def _round(self, spec: ModelSpec) -> RoundResult:
         kind = spec.kind

@@ -125,3 +125,21 @@ async def test_estimator_round_learns_from_bad_time_misses(
     assert (result.num_samples_added, result.new_version, result.is_pushed) == (24, 2, True)
     info = await model_info(target)
     assert (info.kind, info.version, info.num_train_samples) == ("estimator", 2, 9 + 24)
+
+
+async def test_round_first_catches_up_a_replica_that_missed_a_push(db_url, store_dir, store, start_server) -> None:
+    await save_base_predictor(store)
+    _, target = await start_server("predictor")
+    assert (await model_info(target)).version == 1
+    # v2 stored as pushed, but the trainer died before its LoadModel reached the replica.
+    model = PerAppLinearModel()
+    model.fit([LengthSample("A", f"v2 {i}", 10 + 5 * i, line(10 + 5 * i, 3.0)) for i in range(20)])
+    await store.save("predictor", model, model_name=model.name, num_train_samples=20, is_pushed=True)
+    # v3 is a rejected candidate: "latest pushed" is v2, not v3.
+    await store.save("predictor", model, model_name=model.name, num_train_samples=20, is_pushed=False)
+    trainer = Trainer(trainer_settings(db_url, store_dir, predictor_targets=f"{target},{UNREACHABLE}"), store)
+
+    result = await trainer.run_round("predictor")
+
+    assert result.note == "no new log rows"
+    assert (await model_info(target)).version == 2
