@@ -5,13 +5,15 @@ DATA ?= ../shared/data
 RUN_ARGS ?=
 STAMP := .venv/.installed
 
-.PHONY: run serve test venv proto lint-proto migrate model bootstrap calibrate clean help
+.PHONY: run serve test venv proto lint-proto migrate model bootstrap calibrate simulate bench-decisions clean help
 
 help:
 	@echo "make run       set up everything, start all services, send the demo workload, stop"
 	@echo "make serve     the same, but keep the stack running until Ctrl-C"
 	@echo "make test      the test suite (needs PostgreSQL on 127.0.0.1:5432)"
 	@echo "make calibrate time the worker over a grid of batch shapes into the log DB"
+	@echo "make simulate  the paper's ablation in the simulator (reports/simulation/), then the Phi sweep"
+	@echo "make bench-decisions  batcher decision speed with 10,000 requests queued"
 
 $(STAMP): requirements.txt
 	test -x .venv/bin/python || python3 -m venv .venv
@@ -55,6 +57,16 @@ serve: bootstrap
 
 test: proto lint-proto
 	$(PY) -m pytest -q
+
+# The committed reports in reports/simulation/ come from exactly these commands.
+simulate: $(STAMP)
+	$(PY) -m services.batcher.simulate --data $(DATA) --out reports/simulation/ablation_h200_hf_generate
+	$(PY) -m services.batcher.simulate --data $(DATA) --cost-model h200-graph --rates 5,10,20,30,40,50,60 \
+		--duration-s 300 --out reports/simulation/ablation_h200_graph
+	$(PY) -m services.batcher.simulate.phi_sweep --data $(DATA) --rates 3,6,14
+
+bench-decisions: $(STAMP)
+	$(PY) bench/decision_speed.py
 
 clean:
 	rm -rf var magnus .pytest_cache .hypothesis

@@ -17,10 +17,11 @@ class BatcherSettings(ServiceSettings):
     estimator_target: str = Field("127.0.0.1:50053", description="host:port of the estimator.")
     policy: str = Field("magnus", description=f"Batching policy: one of {', '.join(POLICY_NAMES)}.")
     phi_token_reads: float = Field(
-        50_000.0,
+        10_000.0,
         gt=0,
         description="WMA threshold Phi, KV-token reads. A request joins a batch only if the batch's "
-        "WMA after insertion stays below it. Provisional default; see docs for how to tune it.",
+        "WMA after insertion stays below it. Default from reports/simulation/phi_sweep (paper tasks, "
+        "Qwen tokens); it scales with the workload's L + G, see that report.",
     )
     fixed_batch_size: int = Field(8, ge=1, description="Batch size of the fixed-size policies vs and glp.")
     max_batch_size: int = Field(256, ge=1, description="Ceiling on batch size for adaptive policies, requests.")

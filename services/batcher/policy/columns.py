@@ -75,7 +75,8 @@ def insert_row(
 
     FCFS: the newest batch (largest seq) if it can take one more. WMA: the batch with the smallest
     WMA after insertion among those it may join, if that WMA is below Phi. "May join": not sealed,
-    below max_batch_size, and with the memory cap MEM = |B| (L + G) Delta <= Theta after insertion.
+    below max_batch_size, and with the memory cap MEM = |B| (L + G) Delta <= Theta (times the
+    policy's memory_fill_fraction) after insertion.
     """
     if len(cols.size) == 0:
         return None
@@ -85,7 +86,7 @@ def insert_row(
     if policy.max_batch_size is not None:
         allowed &= cols.size < policy.max_batch_size
     if policy.use_memory_cap and kv_bytes_per_token is not None and free_kv_bytes is not None:
-        allowed &= (cols.size + 1) * (new_input + new_gen) * kv_bytes_per_token <= free_kv_bytes
+        allowed &= (cols.size + 1) * (new_input + new_gen) * kv_bytes_per_token <= free_kv_bytes * policy.memory_fill_fraction
     if policy.insert_mode is InsertMode.FCFS:
         newest = int(np.argmax(cols.seq))
         return newest if allowed[newest] else None

@@ -20,11 +20,13 @@ class ChooseMode(enum.Enum):
 class PolicyConfig:
     """How requests are grouped and batches ordered.
 
-    phi_token_reads: WMA threshold Phi; None = no threshold (GLP fills fixed-size batches).
+    phi_token_reads: WMA threshold Phi; None = no threshold (a request joins any batch it may).
     max_batch_size: fixed batch size for VS/GLP, an optional ceiling otherwise; None = no limit.
     use_memory_cap: enforce MEM(B) = |B| (L+G) Delta <= Theta by predicted lengths.
     uses_predictions: False for VS, which batches without knowing lengths.
     uses_true_lengths: the oracle's upper bound; only a simulator can supply true lengths.
+    memory_fill_fraction: share of Theta a batch may fill by *predicted* lengths; the rest is
+      headroom for under-predictions, each of which would otherwise cost an OOM and a split.
     """
 
     name: str
@@ -35,12 +37,15 @@ class PolicyConfig:
     use_memory_cap: bool
     uses_predictions: bool = True
     uses_true_lengths: bool = False
+    memory_fill_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.phi_token_reads is not None and self.phi_token_reads <= 0:
             raise ValueError(f"phi_token_reads must be > 0, got {self.phi_token_reads}")
+        if not 0.0 < self.memory_fill_fraction <= 1.0:
+            raise ValueError(f"memory_fill_fraction must be in (0, 1], got {self.memory_fill_fraction}")
         if self.insert_mode is InsertMode.FCFS and self.max_batch_size is None:
             raise ValueError(f"{self.name}: FCFS insertion needs a fixed max_batch_size")
 
@@ -49,17 +54,34 @@ POLICY_NAMES = ("vs", "glp", "abp", "magnus", "oracle")
 
 
 def make_policy(
-    name: str, *, phi_token_reads: float, fixed_batch_size: int, max_batch_size: int | None
+    name: str,
+    *,
+    phi_token_reads: float,
+    fixed_batch_size: int,
+    max_batch_size: int | None,
+    memory_fill_fraction: float = 1.0,
 ) -> PolicyConfig:
-    """The policy called `name` with the given knobs. Raises ValueError for an unknown name."""
+    """The policy called `name` with the given knobs. Raises ValueError for an unknown name.
+
+    `memory_fill_fraction` applies to the policies that plan with predictions (abp, magnus);
+    the oracle knows the true lengths and may fill Theta.
+    """
     if name == "vs":
         return PolicyConfig(name, InsertMode.FCFS, ChooseMode.FCFS, None, fixed_batch_size, False, False)
     if name == "glp":
-        return PolicyConfig(name, InsertMode.WMA, ChooseMode.FCFS, None, fixed_batch_size, False)
+        # WMA grouping under Phi; without Phi every request would join some open batch and the
+        # fixed-size batches would fill in arrival order, i.e. glp would be vs.
+        return PolicyConfig(name, InsertMode.WMA, ChooseMode.FCFS, phi_token_reads, fixed_batch_size, False)
     if name == "abp":
-        return PolicyConfig(name, InsertMode.WMA, ChooseMode.FCFS, phi_token_reads, max_batch_size, True)
+        return PolicyConfig(
+            name, InsertMode.WMA, ChooseMode.FCFS, phi_token_reads, max_batch_size, True,
+            memory_fill_fraction=memory_fill_fraction,
+        )
     if name == "magnus":
-        return PolicyConfig(name, InsertMode.WMA, ChooseMode.HRRN, phi_token_reads, max_batch_size, True)
+        return PolicyConfig(
+            name, InsertMode.WMA, ChooseMode.HRRN, phi_token_reads, max_batch_size, True,
+            memory_fill_fraction=memory_fill_fraction,
+        )
     if name == "oracle":
         return PolicyConfig(
             name, InsertMode.WMA, ChooseMode.HRRN, phi_token_reads, max_batch_size, True, True, True
