@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("reports/simulation/ablation"))
     parser.add_argument("--cost-model", default="h200-hf-generate", choices=sorted(PROFILES))
     parser.add_argument("--policies", default=",".join(POLICY_NAMES))
-    parser.add_argument("--rates", default="1,2,4,6,8,10,14", help="request rates, req/s, comma-separated")
+    parser.add_argument("--rates", default="1,2,4,6,8,10,14,20,28", help="request rates, req/s, comma-separated")
     parser.add_argument("--duration-s", type=float, default=1200.0, help="arrival window of each run, s")
     parser.add_argument("--arrivals", default="poisson", choices=["poisson", *TRACES], help="Poisson or a real trace")
     parser.add_argument("--phi", type=float, default=DEFAULT_PHI, help="WMA threshold Phi, token reads")
