@@ -58,6 +58,7 @@ class LoggedBatch:
     actual_gen_tokens_max: int | None
     estimated_s: float | None
     actual_s: float | None
+    is_estimate_fallback: bool = False
 
 
 def is_held_back(seq: int, holdout_every: int) -> bool:
@@ -105,11 +106,15 @@ def select_time_samples(rows: Sequence[LoggedBatch], rule: MissRule, holdout_eve
     """Batches that ran ("ok"), not held back, whose time estimate was a bad miss.
 
     The sample's shape uses the actual G(B), not the predicted one: it is what the batch ran.
+    Batches leased on the batcher's fallback guess (no estimator version) are skipped, like
+    fallback length predictions: their error says nothing about the model.
     """
     selected = []
     for row in rows:
         sample = _time_truth(row)
-        if sample is None or row.estimated_s is None or is_held_back(row.seq, holdout_every):
+        if sample is None or row.estimated_s is None or row.is_estimate_fallback:
+            continue
+        if is_held_back(row.seq, holdout_every):
             continue
         if rule.is_bad_miss(row.estimated_s, row.actual_s):
             selected.append(sample)

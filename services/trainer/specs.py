@@ -108,6 +108,7 @@ class EstimatorSpec:
                 actual_gen_tokens_max=r.actual_gen_tokens_max,
                 estimated_s=r.estimated_s,
                 actual_s=r.actual_s,
+                is_estimate_fallback=r.estimator_version is None,
             )
             for r in rows
         ]

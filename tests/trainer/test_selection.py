@@ -105,6 +105,7 @@ def test_time_selection_uses_ok_batches_and_the_actual_shape() -> None:
         LoggedBatch(4, "ok", 4, 100, None, estimated_s=1.0, actual_s=10.0),
         LoggedBatch(5, "ok", 8, 200, 90, estimated_s=1.0, actual_s=10.0),  # held back
         LoggedBatch(6, "ok", 2, 50, 40, estimated_s=None, actual_s=10.0),
+        LoggedBatch(7, "ok", 4, 100, 80, estimated_s=1.0, actual_s=10.0, is_estimate_fallback=True),
     ]
     selected = select_time_samples(rows, TIME_RULE, holdout_every=5)
     assert [(s.shape.batch_size, s.shape.gen_tokens_max, s.duration_s) for s in selected] == [(4, 80, 10.0)]
