@@ -5,7 +5,7 @@ DATA ?= ../shared/data
 RUN_ARGS ?=
 STAMP := .venv/.installed
 
-.PHONY: run serve test venv proto lint-proto migrate model bootstrap calibrate simulate bench-decisions clean help
+.PHONY: run serve test venv proto lint-proto migrate model bootstrap calibrate simulate bench-decisions clean help node-deps chart-check
 
 help:
 	@echo "make run       set up everything, start all services, send the demo workload, stop"
@@ -55,8 +55,21 @@ run: bootstrap
 serve: bootstrap
 	$(PY) -m tools.run_local --data $(DATA) --serve $(RUN_ARGS)
 
-test: proto lint-proto
+test: proto lint-proto node-deps chart-check
 	$(PY) -m pytest -q
+
+# The Node.js example client (tests/integration/test_node_client.py runs it against the batcher).
+NODE_STAMP := clients/node/node_modules/.package-lock.json
+$(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
+	npm ci --prefix clients/node --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+node-deps: $(NODE_STAMP)
+
+# Render the Helm chart offline (Helm's own Go SDK via helm-python-sdk), lint it, validate every
+# manifest with kubernetes-validate --strict, and lint the Dockerfiles (deploy/check_chart.py).
+chart-check: $(STAMP)
+	$(PY) -m deploy.check_chart
 
 # The committed reports in reports/simulation/ come from exactly these commands.
 simulate: $(STAMP)

@@ -15,5 +15,10 @@ def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str,
 
 
 def open_channel(target: str, max_message_bytes: int = 4 * 1024 * 1024) -> grpc.aio.Channel:
-    """An insecure aio channel to `target` ("host:port")."""
-    return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+    """An insecure aio channel to `target` ("host:port", or "dns:///host:port" for every address).
+
+    round_robin spreads RPCs over all addresses the name resolves to (a Kubernetes headless
+    Service lists every replica); with one address it behaves like the default pick_first.
+    """
+    options = [*channel_options(max_message_bytes), ("grpc.lb_policy_name", "round_robin")]
+    return grpc.aio.insecure_channel(target, options=options)
