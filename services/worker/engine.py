@@ -19,6 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from services.shared.tokenizer import load_tokenizer
+from services.worker.fast_decoder import is_supported
+from services.worker.static_backend import KVCacheFull, StaticCacheBackend
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +128,18 @@ class StaticBatchEngine:
         cpu_kv_budget_bytes: int = 2 * GIB,
         cuda_reserve_bytes: int = 1 * GIB,
         simulate_oom_above_tokens: int = 0,
+        backend: str = "auto",
+        use_cuda_graphs: bool = True,
+        attention: str = "sdpa",
+        loaded: tuple[object, object] | None = None,
     ) -> None:
         """Load the model and tokenizer from `model_dir`.
+
+        loaded: an already built (model, tokenizer) to serve instead, for benchmarks that build a
+        random-weight 7B shape in place; `model_dir` then only names it.
+
+        backend: "hf" (plain `generate`), "static" (preallocated KV pool, decode steps as CUDA
+        graphs on GPUs; Llama-family models only) or "auto" (static on CUDA when supported).
 
         cpu_kv_budget_bytes: Theta announced on CPU, bytes. cuda_reserve_bytes: kept free on CUDA
         for activations and allocator slack, bytes. simulate_oom_above_tokens: test hook, raise
@@ -138,17 +150,29 @@ class StaticBatchEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
         started_s = time.monotonic()
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
+        if loaded is None:
+            self.tokenizer = load_tokenizer(self.model_dir)
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
+        else:
+            self.model, self.tokenizer = loaded
+            self.model.eval()
         self.eos_token_ids = self._eos_token_ids()
         pad_token_id = self.tokenizer.pad_token_id
         self.pad_token_id = pad_token_id if pad_token_id is not None else self.eos_token_ids[0]
         self.max_context_tokens = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.kv_bytes_per_token = kv_bytes_per_token(self.model.config, self.dtype)
         self.free_kv_bytes = self._free_kv_bytes(cpu_kv_budget_bytes, cuda_reserve_bytes)
+        self.static: StaticCacheBackend | None = None
+        if self._wants_static(backend):
+            capacity_tokens = self.free_kv_bytes // self.kv_bytes_per_token
+            self.static = StaticCacheBackend(
+                self.model, capacity_tokens=capacity_tokens, use_cuda_graphs=use_cuda_graphs, attention=attention
+            )
+            self.free_kv_bytes = capacity_tokens * self.kv_bytes_per_token  # exactly what the pool holds
+        self.backend_name = "static" if self.static else "hf"
         log.info(
-            "loaded %s on %s (%s) in %.1f s: Delta=%d bytes/token, Theta=%d bytes",
-            self.model_dir, self.device_name, str(self.dtype).removeprefix("torch."),
+            "loaded %s on %s (%s, %s backend) in %.1f s: Delta=%d bytes/token, Theta=%d bytes",
+            self.model_dir, self.device_name, str(self.dtype).removeprefix("torch."), self.backend_name,
             time.monotonic() - started_s, self.kv_bytes_per_token, self.free_kv_bytes,
         )
 
@@ -163,6 +187,16 @@ class StaticBatchEngine:
         if eos is None:
             raise ValueError(f"{self.model_dir}: neither generation_config nor tokenizer names an EOS token")
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def _wants_static(self, backend: str) -> bool:
+        if backend not in ("auto", "hf", "static"):
+            raise ValueError(f"backend must be auto, hf or static, got {backend!r}")
+        if backend == "hf":
+            return False
+        supported = is_supported(self.model.config)
+        if backend == "static" and not supported:
+            raise ValueError(f"{self.model_dir}: the static backend supports Llama-family models only")
+        return supported and (backend == "static" or self.device.type == "cuda")
 
     def _free_kv_bytes(self, cpu_budget_bytes: int, cuda_reserve_bytes: int) -> int:
         if self.device.type != "cuda":
@@ -213,6 +247,8 @@ class StaticBatchEngine:
         started_s = time.monotonic()
         try:
             output = self._generate(rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel)
+        except KVCacheFull as error:
+            raise BatchOutOfMemory(str(error)) from error
         except torch.OutOfMemoryError as error:
             self._free_memory()
             shape = f"{len(rows)} x {prompt_tokens} prompt tokens"
@@ -257,6 +293,10 @@ class StaticBatchEngine:
         for i, row in enumerate(rows):  # left padding: every row's last prompt token is aligned
             input_ids[i, prompt_tokens - len(row):] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, prompt_tokens - len(row):] = 1
+        if self.static is not None:
+            stops = set(self.eos_token_ids) if stop_at_eos else set()
+            generated = self.static.generate(rows, self.pad_token_id, max_new_tokens, stops, cancel)
+            return torch.cat([input_ids, generated], dim=1)
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=self.device)
         config = GenerationConfig(
             do_sample=False,
@@ -273,6 +313,8 @@ class StaticBatchEngine:
         ).cpu()
 
     def _free_memory(self) -> None:
+        if self.static is not None:
+            self.static.drop_graphs()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,222 @@
+"""A static-KV-cache decoder for Llama-family models, built to replay decode steps as CUDA graphs.
+
+Plain `generate` spends most of a decode step in host overhead (../shared/reference/
+gpu_baseline.md: 7x-22x over the memory-bandwidth limit). Here the KV cache is one preallocated
+pool, every row of a left-padded batch writes its new token at the same cache position, and one
+decode step is a fixed sequence of kernels over fixed addresses: it can be captured once per
+(batch size, attention length bucket) and replayed. On the CPU the same step runs eagerly, which is
+how CI tests it.
+
+Supported: model types whose layers are pre-norm RMSNorm -> attention (q/k/v with optional bias,
+rotary embeddings, grouped-query heads) -> RMSNorm -> SwiGLU MLP (llama, qwen2, mistral without a
+sliding window). Anything else uses the plain `generate` backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+NEG_INF = float("-inf")
+
+
+def is_supported(config) -> bool:
+    """Whether `config` describes a model this decoder runs exactly (else use plain generate)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or getattr(config, "hidden_act", "silu") != "silu":
+        return False
+    if model_type == "qwen2":  # Qwen2 configs carry a window size but only use it when told to
+        return not getattr(config, "use_sliding_window", False)
+    return not getattr(config, "sliding_window", None)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden], q, k, v stacked
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden], gate then up
+    down: torch.Tensor
+
+
+class LlamaFamilyDecoder:
+    """Forward passes over a transformers Llama-family model's weights with an external KV cache.
+
+    The q/k/v and gate/up projections are fused into one matrix each (one GEMM instead of three or
+    two per layer); the model's own parameters are re-pointed at slices of the fused tensors so no
+    weight is stored twice.
+    """
+
+    def __init__(self, model) -> None:
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_layers = config.num_hidden_layers
+        self.eps = config.rms_norm_eps
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        inner = model.model
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.layers = [self._fuse(layer) for layer in inner.layers]
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        positions = torch.arange(config.max_position_embeddings, device=self.device)[None, :]
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        cos, sin = inner.rotary_emb(probe, positions)  # the model's own rope (scaling types included)
+        self.cos_table, self.sin_table = cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    @staticmethod
+    def _fuse(layer) -> LayerWeights:
+        attention, mlp = layer.self_attn, layer.mlp
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+        qkv = torch.cat([p.weight.data for p in projections], dim=0)
+        biases = [p.bias for p in projections]
+        qkv_bias = torch.cat([b.data for b in biases]) if all(b is not None for b in biases) else None
+        _repoint(projections, qkv, qkv_bias)
+        gate_up = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data], dim=0)
+        _repoint([mlp.gate_proj, mlp.up_proj], gate_up, None)
+        return LayerWeights(
+            input_norm=layer.input_layernorm.weight,
+            qkv=qkv,
+            qkv_bias=qkv_bias,
+            out=attention.o_proj.weight,
+            post_norm=layer.post_attention_layernorm.weight,
+            gate_up=gate_up,
+            down=mlp.down_proj.weight,
+        )
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B, H, T, D], k and v [B, Hkv, T, D], rope applied to q and k."""
+        batch, tokens, _ = x.shape
+        fused = F.linear(x, layer.qkv, layer.qkv_bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = fused.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, layer.down)
+
+    def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._norm(hidden_last, self.final_norm), self.lm_head)
+
+    # ---- prefill ---------------------------------------------------------------------------
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        pad_tokens: torch.Tensor,
+        k_views: list[torch.Tensor],
+        v_views: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Run left-padded prompts [B, P]; write their K/V to cache positions [0, P). Returns next ids [B].
+
+        pad_tokens[i] = leading pad positions of row i; rope positions start at 0 after them.
+        """
+        batch, prompt_tokens = tokens.shape
+        index = torch.arange(prompt_tokens, device=tokens.device)
+        positions = (index[None, :] - pad_tokens[:, None]).clamp(min=0)
+        cos, sin = self.cos_table[positions], self.sin_table[positions]
+        is_valid_key = index[None, :] >= pad_tokens[:, None]  # [B, P]
+        is_causal = index[None, :] <= index[:, None]  # [P, P]
+        allowed = is_causal[None, :, :] & is_valid_key[:, None, :]
+        # a padded query row sees nothing; let it see itself so softmax stays finite (its output is unused)
+        allowed |= torch.eye(prompt_tokens, dtype=torch.bool, device=tokens.device)[None]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~allowed, NEG_INF)
+        mask = mask[:, None]  # [B, 1, P, P]
+        hidden = F.embedding(tokens, self.embed)
+        for layer, k_cache, v_cache in zip(self.layers, k_views, v_views, strict=True):
+            q, k, v = self._qkv(layer, self._norm(hidden, layer.input_norm), cos, sin)
+            k_cache[:, :, :prompt_tokens].copy_(k)
+            v_cache[:, :, :prompt_tokens].copy_(v)
+            attended = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
+            )
+            attended = attended.transpose(1, 2).reshape(batch, prompt_tokens, -1)
+            hidden = hidden + F.linear(attended, layer.out)
+            hidden = hidden + self._mlp(layer, self._norm(hidden, layer.post_norm))
+        return self._logits(hidden[:, -1]).argmax(dim=-1)
+
+    # ---- one decode step -------------------------------------------------------------------
+    def decode_step(self, state: DecodeState, attend_tokens: int, attention: str = "sdpa") -> None:
+        """Advance every row by one token, in place on `state` (no host sync: graph-capturable).
+
+        Reads state.tokens at rope positions state.positions, writes K/V at cache position
+        state.write_index, attends over cache positions [0, attend_tokens), writes the greedy next
+        token back into state.tokens and advances positions and write_index.
+        """
+        batch = state.tokens.shape[0]
+        state.mask.index_fill_(-1, state.write_index, 0.0)  # the new position becomes visible
+        mask = state.mask[..., :attend_tokens]
+        cos = self.cos_table.index_select(0, state.positions)[:, None]  # [B, 1, D]
+        sin = self.sin_table.index_select(0, state.positions)[:, None]
+        hidden = F.embedding(state.tokens[:, None], self.embed)  # [B, 1, hidden]
+        for layer, k_cache, v_cache in zip(self.layers, state.k_views, state.v_views, strict=True):
+            q, k, v = self._qkv(layer, self._norm(hidden, layer.input_norm), cos, sin)
+            k_cache.index_copy_(2, state.write_index, k)
+            v_cache.index_copy_(2, state.write_index, v)
+            keys, values = k_cache[:, :, :attend_tokens], v_cache[:, :, :attend_tokens]
+            attended = self._decode_attention(q, keys, values, mask, attention)
+            hidden = hidden + F.linear(attended.reshape(batch, 1, -1), layer.out)
+            hidden = hidden + self._mlp(layer, self._norm(hidden, layer.post_norm))
+        state.tokens.copy_(self._logits(hidden[:, 0]).argmax(dim=-1))
+        state.positions.add_(1)
+        state.write_index.add_(1)
+
+    def _decode_attention(self, q, keys, values, mask, attention: str) -> torch.Tensor:
+        """q [B, H, 1, D] over keys/values [B, Hkv, L, D] with additive mask [B, 1, 1, L] -> [B, H, D]."""
+        if attention == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
+            )
+            return out[:, :, 0]
+        # "bmm": group the query heads of each KV head so K and V are read once per KV head
+        batch, group = q.shape[0], self.num_heads // self.num_kv_heads
+        grouped = q.view(batch, self.num_kv_heads, group, self.head_dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * self.scale + mask.float()
+        weights = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(weights, values).view(batch, self.num_heads, self.head_dim)
+
+
+@dataclass
+class DecodeState:
+    """Device buffers one decode step reads and updates; fixed addresses for graph replay."""
+
+    tokens: torch.Tensor  # [B] long: the last token of every row
+    positions: torch.Tensor  # [B] long: rope position of that token
+    write_index: torch.Tensor  # [1] long: cache position the step writes
+    mask: torch.Tensor  # [B, 1, 1, row_capacity] additive: 0 visible, -inf hidden
+    k_views: list[torch.Tensor]  # per layer [B, Hkv, row_capacity, D]
+    v_views: list[torch.Tensor]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _repoint(modules, fused: torch.Tensor, fused_bias: torch.Tensor | None) -> None:
+    """Make each module's weight (and bias) a view of its rows in `fused`, freeing the original."""
+    start = 0
+    for module in modules:
+        rows = module.weight.shape[0]
+        module.weight = torch.nn.Parameter(fused[start : start + rows], requires_grad=False)
+        if fused_bias is not None:
+            module.bias = torch.nn.Parameter(fused_bias[start : start + rows], requires_grad=False)
+        start += rows

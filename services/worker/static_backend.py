@@ -1,0 +1,188 @@
+"""Generation on a preallocated KV pool with decode steps replayed as CUDA graphs (CPU: eager).
+
+The pool holds `capacity_tokens` tokens of K and V for every layer. A batch of B rows views it as
+[B, kv_heads, capacity_tokens // B, head_dim] per layer, so MEM(B) = B (L + G) Delta fits exactly
+when B (L + G) <= capacity_tokens: Theta = capacity_tokens x Delta is what the worker announces.
+Graphs are captured lazily per (batch size, attention length rounded up to a bucket) and kept in
+an LRU; per batch size the step's input buffers are persistent, so a graph serves every later
+batch of that size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from services.worker.fast_decoder import DecodeState, LlamaFamilyDecoder
+
+log = logging.getLogger(__name__)
+
+STOP_CHECK_EVERY_STEPS = 16  # host syncs to test "all rows stopped": rare enough to be free
+PREFILL_CHUNK_TOKENS = 16_384  # bounds prefill activations: rows are prefilled in chunks
+
+
+class KVCacheFull(Exception):
+    """The batch needs more KV slots than the pool has: the static-cache form of out-of-memory."""
+
+
+class StaticCacheBackend:
+    def __init__(
+        self,
+        model,
+        *,
+        capacity_tokens: int,
+        use_cuda_graphs: bool,
+        attention: str = "sdpa",
+        length_bucket_tokens: int = 128,
+        max_graphs: int = 64,
+    ) -> None:
+        if capacity_tokens < 1:
+            raise ValueError(f"capacity_tokens must be >= 1, got {capacity_tokens}")
+        self.decoder = LlamaFamilyDecoder(model)
+        self.capacity_tokens = capacity_tokens
+        self.use_cuda_graphs = use_cuda_graphs and self.decoder.device.type == "cuda"
+        self.attention = attention
+        self.length_bucket_tokens = length_bucket_tokens
+        self.max_graphs = max_graphs
+        d = self.decoder
+        elements = capacity_tokens * d.num_kv_heads * d.head_dim
+        # zeros, not empty: masked positions get weight 0, and 0 x NaN from stale memory would be NaN
+        self.k_pool = torch.zeros(d.num_layers, elements, dtype=d.dtype, device=d.device)
+        self.v_pool = torch.zeros(d.num_layers, elements, dtype=d.dtype, device=d.device)
+        self._states: dict[int, DecodeState] = {}
+        self._graphs: OrderedDict[tuple[int, int], torch.cuda.CUDAGraph] = OrderedDict()
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
+
+    # ---- buffers ---------------------------------------------------------------------------
+    def row_capacity_tokens(self, batch: int) -> int:
+        return self.capacity_tokens // batch
+
+    def _state_for(self, batch: int) -> DecodeState:
+        state = self._states.get(batch)
+        if state is None:
+            d, row_capacity = self.decoder, self.row_capacity_tokens(batch)
+            used = batch * d.num_kv_heads * row_capacity * d.head_dim
+            shape = (batch, d.num_kv_heads, row_capacity, d.head_dim)
+            state = DecodeState(
+                tokens=torch.zeros(batch, dtype=torch.long, device=d.device),
+                positions=torch.zeros(batch, dtype=torch.long, device=d.device),
+                write_index=torch.zeros(1, dtype=torch.long, device=d.device),
+                mask=torch.full((batch, 1, 1, row_capacity), float("-inf"), dtype=d.dtype, device=d.device),
+                k_views=[self.k_pool[i, :used].view(shape) for i in range(d.num_layers)],
+                v_views=[self.v_pool[i, :used].view(shape) for i in range(d.num_layers)],
+            )
+            self._states[batch] = state
+        return state
+
+    # ---- generation ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        rows: Sequence[Sequence[int]],
+        pad_token_id: int,
+        max_new_tokens: Sequence[int],
+        stop_ids: set[int],
+        cancel: threading.Event | None = None,
+    ) -> torch.Tensor:
+        """Greedy tokens [B, steps] (on the CPU); steps = until every row hit a stop or its limit."""
+        batch, prompt_tokens, limit_steps = len(rows), max(len(r) for r in rows), max(max_new_tokens)
+        needed_tokens = prompt_tokens + limit_steps
+        if needed_tokens > self.row_capacity_tokens(batch):
+            raise KVCacheFull(
+                f"{batch} rows x {needed_tokens} tokens needs {batch * needed_tokens} KV slots; "
+                f"the pool has {self.capacity_tokens}"
+            )
+        device = self.decoder.device
+        tokens = torch.full((batch, prompt_tokens), pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, prompt_tokens - len(row):] = torch.tensor(list(row), dtype=torch.long)
+        tokens = tokens.to(device)
+        pad_tokens = torch.tensor([prompt_tokens - len(r) for r in rows], dtype=torch.long, device=device)
+
+        state = self._state_for(batch)
+        first = self._prefill(tokens, pad_tokens, state)
+        state.tokens.copy_(first)
+        state.positions.copy_(prompt_tokens - pad_tokens)
+        state.write_index.fill_(prompt_tokens)
+        state.mask.fill_(float("-inf"))
+        visible = torch.arange(prompt_tokens, device=device)[None, :] >= pad_tokens[:, None]
+        state.mask[:, 0, 0, :prompt_tokens].masked_fill_(visible, 0.0)
+
+        generated = torch.empty(batch, limit_steps, dtype=torch.long, device=device)
+        generated[:, 0] = first
+        limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
+        stops = torch.tensor(sorted(stop_ids) or [-1], dtype=torch.long, device=device)
+        steps = 1
+        while steps < limit_steps:
+            if steps % STOP_CHECK_EVERY_STEPS == 0 and (
+                _all_stopped(generated[:, :steps], limits, stops) or (cancel is not None and cancel.is_set())
+            ):
+                break
+            self._step(state, batch, prompt_tokens + steps)
+            generated[:, steps] = state.tokens
+            steps += 1
+        return generated[:, :steps].cpu()
+
+    def _prefill(self, tokens: torch.Tensor, pad_tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        batch, prompt_tokens = tokens.shape
+        chunk_rows = max(1, PREFILL_CHUNK_TOKENS // prompt_tokens)
+        firsts = []
+        for start in range(0, batch, chunk_rows):
+            end = min(batch, start + chunk_rows)
+            firsts.append(
+                self.decoder.prefill(
+                    tokens[start:end],
+                    pad_tokens[start:end],
+                    [k[start:end] for k in state.k_views],
+                    [v[start:end] for v in state.v_views],
+                )
+            )
+        return torch.cat(firsts)
+
+    def _step(self, state: DecodeState, batch: int, attend_tokens: int) -> None:
+        bucket = self.length_bucket_tokens
+        attend_tokens = min(-(-attend_tokens // bucket) * bucket, self.row_capacity_tokens(batch))
+        if not self.use_cuda_graphs:
+            self.decoder.decode_step(state, attend_tokens, self.attention)
+            return
+        self._graph_for(state, batch, attend_tokens).replay()
+
+    def _graph_for(self, state: DecodeState, batch: int, attend_tokens: int) -> torch.cuda.CUDAGraph:
+        key = (batch, attend_tokens)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            return graph
+        # warm up once on a side stream (lazy library init must not happen during capture), then
+        # restore the step's inputs, which the warm-up advanced
+        saved = [t.clone() for t in (state.tokens, state.positions, state.write_index)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.decoder.decode_step(state, attend_tokens, self.attention)
+        torch.cuda.current_stream().wait_stream(stream)
+        for target, value in zip((state.tokens, state.positions, state.write_index), saved, strict=True):
+            target.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self.decoder.decode_step(state, attend_tokens, self.attention)
+        self._graphs[key] = graph
+        if len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return graph
+
+    def drop_graphs(self) -> None:
+        """Forget captured graphs (after an out-of-memory error, whose state is unknown)."""
+        self._graphs.clear()
+        self._states.clear()
+
+
+def _all_stopped(generated: torch.Tensor, limits: torch.Tensor, stops: torch.Tensor) -> bool:
+    """Every row either produced a stop token or reached its own limit."""
+    steps = generated.shape[1]
+    hit_stop = torch.isin(generated, stops).any(dim=1)
+    return bool((hit_stop | (limits <= steps)).all())

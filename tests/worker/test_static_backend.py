@@ -1,0 +1,79 @@
+"""The static-KV-cache backend on the CPU (graphs off): same tokens as plain generate, stops, OOM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from services.worker.engine import BatchOutOfMemory, EngineItem, StaticBatchEngine
+from services.worker.static_backend import STOP_CHECK_EVERY_STEPS, StaticCacheBackend
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30]]
+
+
+@pytest.fixture(scope="module")
+def static_engine(tiny_model_dir) -> StaticBatchEngine:
+    # a small pool: 3 rows x 160 tokens of KV (the tiny Qwen2 has Delta = 512 bytes in float32)
+    return StaticBatchEngine(
+        tiny_model_dir, device="cpu", dtype="float32", backend="static", cpu_kv_budget_bytes=3 * 160 * 512
+    )
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "bmm"])
+def test_static_backend_matches_generate_on_mha_llama(attention):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, initializer_range=0.5,
+    )
+    model = LlamaForCausalLM(config).eval()
+    prompt_tokens, new_tokens = 7, 24
+    ids = torch.zeros((3, prompt_tokens), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(PROMPTS):
+        ids[i, prompt_tokens - len(row):], mask[i, prompt_tokens - len(row):] = torch.tensor(row), 1
+    with torch.no_grad():
+        expected = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=0, eos_token_id=None,
+        )[:, prompt_tokens:]
+    backend = StaticCacheBackend(model, capacity_tokens=3 * 64, use_cuda_graphs=False, attention=attention,
+                                 length_bucket_tokens=16)
+    assert torch.equal(backend.generate(PROMPTS, 0, [new_tokens] * 3, set()), expected)
+
+
+def test_static_engine_matches_hf_engine_on_gqa_qwen2(engine, static_engine):
+    limits = [12, 5, 9]
+    expected = engine.run_ids(PROMPTS, limits, stop_at_eos=False)
+    got = static_engine.run_ids(PROMPTS, limits, stop_at_eos=False)
+    assert got.generated_ids == expected.generated_ids
+    assert [len(row) for row in got.generated_ids] == limits
+
+
+def test_theta_is_exactly_the_pool(static_engine):
+    assert static_engine.backend_name == "static"
+    assert static_engine.free_kv_bytes == static_engine.static.capacity_tokens * static_engine.kv_bytes_per_token
+    assert static_engine.static.capacity_tokens == 3 * 160
+
+
+def test_batch_stops_once_every_row_hit_a_stop_token(static_engine):
+    first = static_engine.run_ids(PROMPTS, [1, 1, 1], stop_at_eos=False).generated_ids
+    stops = {row[0] for row in first}
+    generated = static_engine.static.generate(PROMPTS, 0, [100, 100, 100], stops)
+    # every row stopped at its first token; the host notices at the next stop check
+    assert generated.shape[1] == STOP_CHECK_EVERY_STEPS
+
+
+def test_valid_and_total_tokens(static_engine):
+    items = [EngineItem("a", "short", 3), EngineItem("b", "a somewhat longer prompt", 7)]
+    output = static_engine.run(items)
+    assert output.steps == 7 and output.total_tokens == 14
+    assert output.valid_tokens == sum(item.generated_tokens for item in output.items)
+    assert [item.generated_tokens for item in output.items] == [3, 7]
+
+
+def test_batch_larger_than_the_pool_is_out_of_memory_then_engine_serves(static_engine):
+    with pytest.raises(BatchOutOfMemory, match="KV slots"):
+        static_engine.run_ids([[1] * 100] * 3, [100, 100, 100])  # 3 x 200 tokens > 480 slots
+    assert len(static_engine.run_ids([[1, 2, 3]], [4], stop_at_eos=False).generated_ids[0]) == 4
