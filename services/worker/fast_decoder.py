@@ -123,10 +123,13 @@ class LlamaFamilyDecoder:
         pad_tokens: torch.Tensor,
         k_views: list[torch.Tensor],
         v_views: list[torch.Tensor],
+        *,
+        return_logits: bool = False,
     ) -> torch.Tensor:
         """Run left-padded prompts [B, P]; write their K/V to cache positions [0, P). Returns next ids [B].
 
         pad_tokens[i] = leading pad positions of row i; rope positions start at 0 after them.
+        return_logits: return the last position's logits [B, vocab] instead (numerical checks).
         """
         batch, prompt_tokens = tokens.shape
         index = torch.arange(prompt_tokens, device=tokens.device)
@@ -150,7 +153,8 @@ class LlamaFamilyDecoder:
             attended = attended.transpose(1, 2).reshape(batch, prompt_tokens, -1)
             hidden = hidden + F.linear(attended, layer.out)
             hidden = hidden + self._mlp(layer, self._norm(hidden, layer.post_norm))
-        return self._logits(hidden[:, -1]).argmax(dim=-1)
+        logits = self._logits(hidden[:, -1])
+        return logits if return_logits else logits.argmax(dim=-1)
 
     # ---- one decode step -------------------------------------------------------------------
     def decode_step(self, state: DecodeState, attend_tokens: int, attention: str = "sdpa") -> None:
