@@ -59,6 +59,9 @@ class WorkerSettings(ServiceSettings):
     slowdown_factor: float = Field(
         1.0, ge=1.0, description="Test hook: every batch takes this many times its run time (a slower device); 1 = off."
     )
+    slowdown_step_s: float = Field(
+        0.0, ge=0.0, description="Test hook: every batch takes this many seconds longer per decode step; 0 = off."
+    )
     simulate_oom_above_tokens: int = Field(
         0, ge=0, description="Test hook: report OOM for batches with size x (L + max new) above this, tokens; 0 = off."
     )

@@ -80,7 +80,7 @@ async def serve(
     channel = open_channel(settings.batcher_target, settings.max_message_bytes)
     loop = WorkerLoop(
         pb_grpc.WorkerQueueServiceStub(channel),
-        slow_down(engine, settings.slowdown_factor),
+        slow_down(engine, settings.slowdown_factor, settings.slowdown_step_s),
         identity_of(settings, engine),
         timing_of(settings),
         on_registered=on_registered,

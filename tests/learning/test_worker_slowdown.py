@@ -34,6 +34,13 @@ def test_slowed_batch_takes_factor_times_and_reports_it() -> None:
     assert [item.request_id for item in output.items] == ["r1"]
 
 
+def test_step_delay_adds_seconds_per_decode_step() -> None:
+    output = SlowedRunner(FakeEngine(), step_s=0.1).run([EngineItem("r1", "p", 1)])  # FakeEngine: 1 step
+    assert RUN_S + 0.1 <= output.run_s < RUN_S + 0.1 + 1.0
+    engine = FakeEngine()
+    assert slow_down(engine, 1.0, 0.0) is engine and isinstance(slow_down(engine, 1.0, 0.1), SlowedRunner)
+
+
 def test_cancel_ends_the_wait_early() -> None:
     cancel = threading.Event()
     runner = SlowedRunner(FakeEngine(), 200.0)  # a 10 s wait if not cancelled
@@ -44,6 +51,8 @@ def test_cancel_ends_the_wait_early() -> None:
     assert time.monotonic() - started_s < 2.0
 
 
-def test_factor_below_one_is_refused() -> None:
+def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match=">= 1"):
         SlowedRunner(FakeEngine(), 0.5)
+    with pytest.raises(ValueError, match=">= 0 s"):
+        SlowedRunner(FakeEngine(), step_s=-1.0)
