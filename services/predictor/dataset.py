@@ -94,3 +94,29 @@ def to_samples(rows: list[TaskRow], counter: TokenCounter, *, show_progress: boo
             )
             bar.update(len(chunk))
     return samples
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Rows and their samples, train and test, split by id (see `is_test_id`)."""
+
+    train_rows: list[TaskRow]
+    train: list[LengthSample]
+    test_rows: list[TaskRow]
+    test: list[LengthSample]
+
+
+def load_split(
+    data_dir: Path, counter: TokenCounter, *, max_per_task: int | None, test_fraction: float, show_progress: bool = True
+) -> Split:
+    """Read every task file (the first `max_per_task` rows of each), count tokens, split by id."""
+    rows = [r for path in find_task_files(data_dir).values() for r in read_task_rows(path, max_per_task)]
+    samples = to_samples(rows, counter, show_progress=show_progress)
+    is_test = [is_test_id(r.id, test_fraction) for r in rows]
+    pairs = list(zip(rows, samples, is_test, strict=True))
+    return Split(
+        train_rows=[r for r, _, t in pairs if not t],
+        train=[s for _, s, t in pairs if not t],
+        test_rows=[r for r, _, t in pairs if t],
+        test=[s for _, s, t in pairs if t],
+    )

@@ -1,8 +1,8 @@
 """The length-model interface, the training sample type, and the registry of model families.
 
-A model family is chosen by name (`make_length_model("per_app_linear")`), so the paper's
-embedding + random-forest model can be added later beside the simple one without touching the
-server or the trainer. Every model keeps its training samples (`samples`): the trainer retrains
+A model family is chosen by name (`make_length_model("per_app_linear")`): the baselines
+(`per_task_mean`, `per_app_linear`) and the paper's embedding + random-forest model with its
+variants (`embedding_forest.CONFIGS`) sit side by side without the server or the trainer knowing. Every model keeps its training samples (`samples`): the trainer retrains
 on old + new samples, and the artifact is the only place the old ones live.
 """
 
@@ -77,4 +77,4 @@ def make_length_model(name: str, **params: Any) -> LengthModel:
 
 def _load_builtin_models() -> None:
     # Imported here, not at module top, because the model modules import this one to register.
-    from services.predictor import per_app_linear  # noqa: F401
+    from services.predictor import embedding_forest, per_app_linear, per_task_mean  # noqa: F401
