@@ -180,9 +180,13 @@ def continuous_batching_row(model, num_requests, new_tokens, device, rng) -> dic
                 tokens_per_s=tokens_per_s)
 
 
-def static_rows(engine, grid, new_tokens, weight_bytes, delta, bw, device, rng, attention) -> list[dict]:
+def static_rows(engine, grid, new_tokens, weight_bytes, delta, bw, device, rng, variant) -> list[dict]:
+    """variant: "sdpa" or "bmm" decode attention, "+compile" to fuse the layer pieces with torch.compile."""
     backend = engine.static
+    attention, _, option = variant.partition("+")
     backend.attention = attention
+    if option == "compile":
+        backend.decoder.compile_layer_pieces()
     backend.drop_graphs()
     rows = []
     for batch, prompt_tokens in grid:
@@ -196,7 +200,8 @@ def static_rows(engine, grid, new_tokens, weight_bytes, delta, bw, device, rng, 
 
         step_s, prefill_s = decode_step_s(run, new_tokens, device)
         roof_s = roofline_step_s(weight_bytes, delta, batch, prompt_tokens, new_tokens, bw)
-        rows.append(_row(f"static_graph_{attention}", batch, prompt_tokens, new_tokens, step_s, roof_s, prefill_s))
+        name = f"static_graph_{attention}" + ("_compiled" if option == "compile" else "")
+        rows.append(_row(name, batch, prompt_tokens, new_tokens, step_s, roof_s, prefill_s))
         say(_format_row(rows[-1]))
     return rows
 
@@ -240,7 +245,10 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reserve-gib", type=float, default=6.0, help="GPU memory kept out of the KV pool")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: hf,memory,continuous,static,oom")
-    parser.add_argument("--attention", default="sdpa,bmm", help="decode attention variants of the static engine")
+    parser.add_argument("--variants", default="sdpa,bmm,sdpa+compile",
+                        help="static-engine variants in order (compiled ones last: compiling is not undone)")
+    parser.add_argument("--batches", default="1,8,32,64,128")
+    parser.add_argument("--prompts", default="64,512,2048")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -284,11 +292,11 @@ def main() -> int:
         result["numerics"] = numerics_check(engine, device, rng)
         save()
         if "static" not in skip:
-            batches = (1, 8, 32, 64, 128) if not args.tiny else (2, 4)
-            prompts = (64, 512, 2048) if not args.tiny else (16, 32)
-            for attention in args.attention.split(","):
+            batches = [int(b) for b in args.batches.split(",")] if not args.tiny else (2, 4)
+            prompts = [int(p) for p in args.prompts.split(",")] if not args.tiny else (16, 32)
+            for variant in args.variants.split(","):
                 rows += static_rows(engine, [(b, p) for b in batches for p in prompts], new_tokens, weight_bytes,
-                                    delta, bw, device, rng, attention)
+                                    delta, bw, device, rng, variant)
                 save()
         if "oom" not in skip:
             result["oom_recovery"] = run_oom_recovery(engine, say, tiny=args.tiny)

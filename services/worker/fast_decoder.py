@@ -71,7 +71,11 @@ class LlamaFamilyDecoder:
         positions = torch.arange(config.max_position_embeddings, device=self.device)[None, :]
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         cos, sin = inner.rotary_emb(probe, positions)  # the model's own rope (scaling types included)
-        self.cos_table, self.sin_table = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2]: one roll instead of slices and a cat
+        sin_signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        self.cos_table, self.sin_table = cos[0].to(self.dtype), sin_signed.to(self.dtype)
+        self.pre_attention, self.post_attention = self._pre_attention, self._post_attention
 
     @staticmethod
     def _fuse(layer) -> LayerWeights:
@@ -97,17 +101,17 @@ class LlamaFamilyDecoder:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
-    def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q [B, H, T, D], k and v [B, Hkv, T, D], rope applied to q and k."""
+    def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor):
+        """q [B, H, T, D], k and v [B, Hkv, T, D], rope applied to q and k (in one pass over both)."""
         batch, tokens, _ = x.shape
         fused = F.linear(x, layer.qkv, layer.qkv_bias)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = fused.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
-        return _rope(q, cos, sin), _rope(k, cos, sin), v
+        qk_size = (self.num_heads + self.num_kv_heads) * self.head_dim
+        qk = fused[..., :qk_size].view(batch, tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = _rope(qk, cos[:, :, None], sin_signed[:, :, None])
+        q = qk[:, :, : self.num_heads].transpose(1, 2)
+        k = qk[:, :, self.num_heads :].transpose(1, 2)
+        v = fused[..., qk_size:].view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
@@ -171,16 +175,32 @@ class LlamaFamilyDecoder:
         sin = self.sin_table.index_select(0, state.positions)[:, None]
         hidden = F.embedding(state.tokens[:, None], self.embed)  # [B, 1, hidden]
         for layer, k_cache, v_cache in zip(self.layers, state.k_views, state.v_views, strict=True):
-            q, k, v = self._qkv(layer, self._norm(hidden, layer.input_norm), cos, sin)
+            q, k, v = self.pre_attention(hidden, layer.input_norm, layer.qkv, layer.qkv_bias, cos, sin)
             k_cache.index_copy_(2, state.write_index, k)
             v_cache.index_copy_(2, state.write_index, v)
             keys, values = k_cache[:, :, :attend_tokens], v_cache[:, :, :attend_tokens]
-            attended = self._decode_attention(q, keys, values, mask, attention)
-            hidden = hidden + F.linear(attended.reshape(batch, 1, -1), layer.out)
-            hidden = hidden + self._mlp(layer, self._norm(hidden, layer.post_norm))
+            attended = self._decode_attention(q, keys, values, mask, attention).reshape(batch, 1, -1)
+            hidden = self.post_attention(hidden, attended, layer.out, layer.post_norm, layer.gate_up, layer.down)
         state.tokens.copy_(self._logits(hidden[:, 0]).argmax(dim=-1))
         state.positions.add_(1)
         state.write_index.add_(1)
+
+    # The two per-layer pieces around attention take weights as arguments so that one compiled
+    # version (torch.compile fuses their elementwise work) serves all layers.
+    def _pre_attention(self, hidden, norm, qkv, qkv_bias, cos, sin):
+        layer = LayerWeights(norm, qkv, qkv_bias, None, None, None, None)
+        return self._qkv(layer, self._norm(hidden, norm), cos, sin)
+
+    def _post_attention(self, hidden, attended, out, post_norm, gate_up, down):
+        hidden = hidden + F.linear(attended, out)
+        normed = self._norm(hidden, post_norm)
+        gate, up = F.linear(normed, gate_up).chunk(2, dim=-1)
+        return hidden + F.linear(F.silu(gate) * up, down)
+
+    def compile_layer_pieces(self) -> None:
+        """Fuse the per-layer elementwise work with torch.compile (GPU only; compiles on first use)."""
+        self.pre_attention = torch.compile(self._pre_attention, dynamic=True)
+        self.post_attention = torch.compile(self._post_attention, dynamic=True)
 
     def _decode_attention(self, q, keys, values, mask, attention: str) -> torch.Tensor:
         """q [B, H, 1, D] over keys/values [B, Hkv, L, D] with additive mask [B, 1, 1, L] -> [B, H, D]."""
@@ -209,10 +229,9 @@ class DecodeState:
     v_views: list[torch.Tensor]
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """HF's rotate-half rotary embedding; sin_signed = [-sin, sin] over the two halves."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 def _repoint(modules, fused: torch.Tensor, fused_bias: torch.Tensor | None) -> None:

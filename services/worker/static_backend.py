@@ -176,9 +176,13 @@ class StaticCacheBackend:
         return graph
 
     def drop_graphs(self) -> None:
-        """Forget captured graphs (after an out-of-memory error, whose state is unknown)."""
+        """Forget captured graphs and step buffers (after an OOM, whose state is unknown)."""
+        if self.use_cuda_graphs:
+            torch.cuda.synchronize()
         self._graphs.clear()
         self._states.clear()
+        if self.use_cuda_graphs:  # a pool whose graphs were freed must not be captured into again
+            self._graph_pool = torch.cuda.graph_pool_handle()
 
 
 def _all_stopped(generated: torch.Tensor, limits: torch.Tensor, stops: torch.Tensor) -> bool:
