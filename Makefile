@@ -45,7 +45,7 @@ calibrate: model migrate
 
 # First versions of the models, only where none exists yet.
 bootstrap: model migrate
-	$(PY) -m services.predictor.bootstrap --data $(DATA) --if-missing
+	$(PY) -m services.predictor.bootstrap --data $(DATA) --model magnus_static --max-per-task 2500 --if-missing
 	$(PY) -m services.worker.calibrate --grid small --if-missing
 	$(PY) -m services.estimator.bootstrap --if-missing
 

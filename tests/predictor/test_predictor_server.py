@@ -173,3 +173,22 @@ async def test_load_model_errors_keep_the_old_model(start_replica, make_model, s
     info = await replica.admin.GetModelInfo(model_admin_pb2.GetModelInfoRequest())
     assert info.model.version == 1
     assert await replica.health_status() == SERVING
+
+
+async def test_serves_the_static_embedding_forest(start_replica, store, fake_static_cache) -> None:
+    from services.predictor.embedding_forest import SERVED_MODEL
+    from services.predictor.length_model import LengthSample, make_length_model
+
+    model = make_length_model(SERVED_MODEL, num_trees=10)
+    model.fit([LengthSample("A", f"text {i} " * i, 3 * i, 2 * i) for i in range(1, 60)])
+    await store.save("predictor", model, model_name=model.name, num_train_samples=59, is_pushed=True)
+    replica = await start_replica()
+    await replica.wait_for(SERVING)
+    response = await replica.predictor.PredictLengths(
+        predictor_pb2.PredictLengthsRequest(queries=[query("text 30 " * 30, input_tokens=90), query("hi"), query("x", "B")])
+    )
+    assert response.model_version == 1
+    assert 40 <= response.predicted_tokens[0] <= 80
+    assert all(tokens >= 1 for tokens in response.predicted_tokens)
+    info = await replica.admin.GetModelInfo(model_admin_pb2.GetModelInfoRequest())
+    assert info.model.model_name == SERVED_MODEL
