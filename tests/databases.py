@@ -44,12 +44,10 @@ async def terminate_connections(admin: asyncpg.Connection, database: str) -> Non
     )
 
 
-@asynccontextmanager
-async def fresh_database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
-    """URL of a fresh, empty database ("sqlite" | "postgresql"); PostgreSQL ones are dropped after."""
+async def create_database(backend: str, tmp_path: Path) -> str:
+    """URL of a fresh, empty database ("sqlite" | "postgresql"); drop it with `drop_database`."""
     if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'magnus.db'}"
-        return
+        return f"sqlite+aiosqlite:///{tmp_path / 'magnus.db'}"
     if backend != "postgresql":
         raise ValueError(f"backend must be sqlite or postgresql, got {backend!r}")
     database = f"magnus_test_{uuid.uuid4().hex[:16]}"
@@ -58,13 +56,28 @@ async def fresh_database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]
         await admin.execute(f'CREATE DATABASE "{database}"')
     finally:
         await admin.close()
+    return f"postgresql+asyncpg://{POSTGRES_USER}@{POSTGRES_HOST}:{POSTGRES_PORT}/{database}"
+
+
+async def drop_database(url: str) -> None:
+    """Drop a PostgreSQL database made by `create_database` (SQLite files go with tmp_path)."""
+    if not url.startswith("postgresql"):
+        return
+    database = url.rsplit("/", 1)[1]
+    admin = await connect_postgres_admin()
     try:
-        yield f"postgresql+asyncpg://{POSTGRES_USER}@{POSTGRES_HOST}:{POSTGRES_PORT}/{database}"
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await terminate_connections(admin, database)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}"')
     finally:
-        admin = await connect_postgres_admin()
-        try:
-            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
-            await terminate_connections(admin, database)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{database}"')
-        finally:
-            await admin.close()
+        await admin.close()
+
+
+@asynccontextmanager
+async def fresh_database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    """URL of a fresh, empty database ("sqlite" | "postgresql"); PostgreSQL ones are dropped after."""
+    url = await create_database(backend, tmp_path)
+    try:
+        yield url
+    finally:
+        await drop_database(url)
