@@ -37,12 +37,15 @@ class StaticCacheBackend:
         capacity_tokens: int,
         use_cuda_graphs: bool,
         attention: str = "sdpa",
-        length_bucket_tokens: int = 128,
-        max_graphs: int = 64,
+        length_bucket_tokens: int = 32,
+        max_graphs: int = 256,
+        compile_layers: bool = False,
     ) -> None:
         if capacity_tokens < 1:
             raise ValueError(f"capacity_tokens must be >= 1, got {capacity_tokens}")
         self.decoder = LlamaFamilyDecoder(model)
+        if compile_layers and self.decoder.device.type == "cuda":
+            self.decoder.compile_layer_pieces()
         self.capacity_tokens = capacity_tokens
         self.use_cuda_graphs = use_cuda_graphs and self.decoder.device.type == "cuda"
         self.attention = attention
