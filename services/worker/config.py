@@ -65,6 +65,12 @@ class WorkerSettings(ServiceSettings):
     simulate_oom_above_tokens: int = Field(
         0, ge=0, description="Test hook: report OOM for batches with size x (L + max new) above this, tokens; 0 = off."
     )
+    backend: Literal["auto", "hf", "static"] = Field(
+        "auto",
+        description="Generation backend: hf = plain transformers generate; static = preallocated KV pool with "
+        "decode steps replayed as CUDA graphs (Llama-family models); auto = static on CUDA when supported.",
+    )
+    use_cuda_graphs: bool = Field(True, description="Capture and replay decode steps (static backend, CUDA only).")
 
     @model_validator(mode="after")
     def _check_backoff(self) -> WorkerSettings:

@@ -30,6 +30,8 @@ def load_engine(settings: WorkerSettings) -> StaticBatchEngine:
         cpu_kv_budget_bytes=settings.kv_budget_bytes,
         cuda_reserve_bytes=settings.cuda_reserve_bytes,
         simulate_oom_above_tokens=settings.simulate_oom_above_tokens,
+        backend=settings.backend,
+        use_cuda_graphs=settings.use_cuda_graphs,
     )
 
 
