@@ -17,11 +17,12 @@ sums (`text_features.group_sum`), float32 (n, num_groups).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,6 +71,21 @@ def _offline() -> None:
     # Loading must never reach for a hub: everything comes from the local folder.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def sentence_memo_set_aside() -> Iterator[None]:
+    """Within the block the transformer's vector memo starts empty; afterwards it is restored.
+
+    Benchmarks time the uncached path without throwing away vectors a report still needs.
+    """
+    saved = dict(_SENTENCE_MEMO)
+    _SENTENCE_MEMO.clear()
+    try:
+        yield
+    finally:
+        _SENTENCE_MEMO.clear()
+        _SENTENCE_MEMO.update(saved)
 
 
 class SentenceEncoder:

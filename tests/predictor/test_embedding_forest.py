@@ -134,3 +134,15 @@ def test_report_metrics() -> None:
     assert result["mae"] == 1.0 and result["n"] == 3 and result["acc10"] == 1.0
     assert result["rmse"] == pytest.approx(np.sqrt(3.0), abs=1e-3)
     assert result["r2"] == pytest.approx(1 - 9 / 200, abs=1e-4)
+
+
+def test_benchmarks_set_the_transformer_memo_aside_and_restore_it() -> None:
+    from services.predictor import encoders
+
+    encoders._SENTENCE_MEMO["some-model"] = {"text": np.zeros(3, np.float32)}
+    try:
+        with encoders.sentence_memo_set_aside():
+            assert encoders._SENTENCE_MEMO == {}
+        assert set(encoders._SENTENCE_MEMO["some-model"]) == {"text"}
+    finally:
+        encoders._SENTENCE_MEMO.clear()
