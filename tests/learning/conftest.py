@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.databases import create_database, drop_database
-from tests.learning.support import NORMAL_WORKER_ID, TIME_MISS_ABS_S, TRAINER_PERIOD_S, LearningStack
+from tests.learning.support import (
+    NORMAL_WORKER_ID,
+    TIME_MISS_ABS_S,
+    TRAINER_PERIOD_S,
+    VALIDATION_WINDOW_ROWS,
+    LearningStack,
+)
 from tools.demo import DEFAULT_DATA_DIR as DATA_DIR
 from tools.stack import REPO_ROOT, Stack
 
@@ -74,6 +80,11 @@ def learning_stack(request, tmp_path_factory, calibration) -> Iterator[LearningS
             "MAGNUS_TRAINER_PREDICTOR_PERIOD_S": str(TRAINER_PERIOD_S),
             "MAGNUS_TRAINER_ESTIMATOR_PERIOD_S": str(TRAINER_PERIOD_S),
             "MAGNUS_TRAINER_TIME_MISS_ABS_S": str(TIME_MISS_ABS_S),
+            # The guard validates on held-back rows of the most recent log rows. This traffic is
+            # a few dozen rows, so "recent" must be a handful: with the default 5000 the slice
+            # is mostly rows from before the worker slowed down, and the guard (rightly, on that
+            # evidence) keeps refusing the estimator that learned the new behaviour.
+            "MAGNUS_TRAINER_VALIDATION_WINDOW_ROWS": str(VALIDATION_WINDOW_ROWS),
         }
         stack = Stack(
             workdir=workdir,

@@ -28,6 +28,7 @@ MAX_INPUT_CHARS = 1200
 TRAINER_PERIOD_S = 2.0
 # A tiny CPU batch takes about a second, so the paper's 2 s floor would never call a miss bad.
 TIME_MISS_ABS_S = 0.2
+VALIDATION_WINDOW_ROWS = 10
 NORMAL_WORKER_ID = "worker-normal"
 
 
