@@ -16,6 +16,7 @@ are copied below with their source so a fit can be checked against the table.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -92,7 +93,30 @@ def fit_residuals(model: CostModel, steps, offset_tokens: int) -> list[tuple[int
     return out
 
 
+# bench/gpu_engine.py on an H200, 2026-11-22 (reports/gpu/engine.md)
+MEASURED_ENGINE_JSON = str(Path(__file__).resolve().parents[3] / "reports" / "gpu" / "engine.json")
+
+
+def measured_engine_points(path: str = MEASURED_ENGINE_JSON, engine: str = "static_graph_sdpa_compiled"):
+    """(n, L, decode step s) and (n, L, prefill s) rows of one engine from the GPU engine benchmark.
+
+    Its decode steps are means over 64 new tokens, so a step reads about L + 32 tokens per row.
+    """
+    import json
+
+    rows = [r for r in json.loads(Path(path).read_text())["rows"] if r["engine"] == engine]
+    steps = tuple((r["batch"], r["prompt_tokens"], r["decode_step_ms"] / 1e3) for r in rows)
+    prefill = tuple((r["batch"], r["prompt_tokens"], r["prefill_ms"] / 1e3) for r in rows)
+    return steps, prefill
+
+
 PROFILES = {
+    "h200-static-engine": lambda: fit_cost_model(
+        "h200-static-engine",
+        "H200, Llama-2-7B shape bf16: this project's static engine (KV pool, CUDA-graph decode, compiled "
+        "layers), decode and prefill measured by bench/gpu_engine.py (reports/gpu/engine.json, 2026-11-22)",
+        *_measured(),
+    ),
     "h200-graph": lambda: fit_cost_model(
         "h200-graph",
         "H200, Llama-2-7B shape fp16: decode step of a static KV cache replayed as a CUDA graph, "
@@ -112,6 +136,11 @@ PROFILE_POINTS = {
     "h200-graph": (H200_GRAPH_STEPS, GRAPH_MEAN_STEP_OFFSET_TOKENS),
     "h200-hf-generate": (H200_HF_GENERATE_STEPS, HF_MEAN_STEP_OFFSET_TOKENS),
 }
+
+
+def _measured():
+    steps, prefill = measured_engine_points()
+    return steps, 32, prefill
 
 
 def make_cost_model(name: str) -> CostModel:
