@@ -30,3 +30,18 @@ async def store(db_url: str, store_dir: Path) -> AsyncIterator[ModelStore]:
     engine = make_engine(db_url)
     yield ModelStore(store_dir, make_session_factory(engine))
     await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def prepared_stack_db(tmp_path_factory) -> tuple[Path, Path]:
+    """(SQLite log DB, model store) with the tiny model's first predictor/estimator data, built once.
+
+    Preparing takes a minute or more on CI, so every suite that runs the real stack copies this
+    DB file (`shutil.copy`) instead of preparing its own; the store is only read by those stacks.
+    """
+    from tests.integration.conftest import prepare_models
+
+    workdir = tmp_path_factory.mktemp("prepared")
+    db_path = workdir / "log.db"
+    store = prepare_models(workdir, f"sqlite+aiosqlite:///{db_path}")
+    return db_path, store

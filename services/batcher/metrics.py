@@ -65,6 +65,22 @@ ESTIMATE_ERROR = Histogram(
 )
 
 
+LOG_BUFFERED_ROWS = Gauge(
+    "magnus_log_buffered_rows", "Log rows kept in memory until the log DB takes them (grows while it is down)."
+)
+LOG_DROPPED_ROWS = Gauge(
+    "magnus_log_dropped_rows", "Log rows dropped because the bounded buffer overflowed or shutdown cut it off."
+)
+LOG_WRITE_FAILURES = Gauge("magnus_log_write_failures", "Failed log DB writes (each retried later).")
+
+
+def track_log_writer(writer: object) -> None:
+    """Read the log writer's buffer and drop counts at scrape time: a DB outage is visible, not silent."""
+    LOG_BUFFERED_ROWS.set_function(lambda: writer.num_buffered_rows)
+    LOG_DROPPED_ROWS.set_function(lambda: writer.num_dropped_rows)
+    LOG_WRITE_FAILURES.set_function(lambda: writer.num_write_failures)
+
+
 def track_scheduler(scheduler: Scheduler) -> None:
     """Read queue depth and worker counts from `scheduler` whenever /metrics is scraped.
 

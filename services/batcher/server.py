@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime
 
 from magnus.v1 import generation_pb2, worker_queue_pb2
+from services.batcher import metrics as batcher_metrics
 from services.batcher.admission import Admission
 from services.batcher.config import BatcherSettings
 from services.batcher.estimate_refresher import EstimateRefresher
@@ -50,6 +51,7 @@ async def serve(settings: BatcherSettings) -> None:
     engine = make_engine(settings.database_url)
     log_writer = LogWriter(make_session_factory(engine))
     log_writer.start()
+    batcher_metrics.track_log_writer(log_writer)
 
     policy = make_policy(
         settings.policy,

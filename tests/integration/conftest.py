@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,10 +38,11 @@ def prepare_models(workdir: Path, database_url: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def full_stack(tmp_path_factory):
+def full_stack(tmp_path_factory, prepared_stack_db):
     workdir = tmp_path_factory.mktemp("stack")
     database_url = f"sqlite+aiosqlite:///{workdir / 'log.db'}"
-    store = prepare_models(workdir, database_url)
+    shutil.copy(prepared_stack_db[0], workdir / "log.db")  # prepared once per session (tests/conftest.py)
+    store = prepared_stack_db[1]
     stack = Stack(
         workdir=workdir,
         database_url=database_url,
