@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 
+from services.shared.auth import Authorizer
 from services.shared.errors import RpcError
 from services.shared.metrics import instrument_stream, instrument_unary
 from services.shared.validation import explain_decode_error, find_unknown_field
@@ -61,8 +62,19 @@ async def _abort_for(error: Exception, method: str, context: grpc.aio.ServicerCo
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}")
 
 
-def _wrap_unary(method: str, fn: Callable[..., Awaitable[Message]]):
+async def _authorize(authorizer: Authorizer | None, method: str, context: grpc.aio.ServicerContext) -> None:
+    """Before anything else looks at the request: unknown callers learn nothing about it."""
+    if authorizer is None:
+        return
+    try:
+        authorizer.check(method, context.invocation_metadata())
+    except RpcError as error:
+        await context.abort(error.code, error.message)
+
+
+def _wrap_unary(method: str, fn: Callable[..., Awaitable[Message]], authorizer: Authorizer | None = None):
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Message:
+        await _authorize(authorizer, method, context)
         await _reject_bad_request(request, context)
         try:
             return await fn(request, context)
@@ -75,8 +87,9 @@ def _wrap_unary(method: str, fn: Callable[..., Awaitable[Message]]):
     return handler
 
 
-def _wrap_stream(method: str, fn: Callable[..., AsyncIterator[Message]]):
+def _wrap_stream(method: str, fn: Callable[..., AsyncIterator[Message]], authorizer: Authorizer | None = None):
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+        await _authorize(authorizer, method, context)
         await _reject_bad_request(request, context)
         try:
             async for response in fn(request, context):
@@ -89,8 +102,12 @@ def _wrap_stream(method: str, fn: Callable[..., AsyncIterator[Message]]):
     return handler
 
 
-def add_servicer(server: grpc.aio.Server, pb2: ModuleType, service_name: str, servicer: object) -> str:
+def add_servicer(
+    server: grpc.aio.Server, pb2: ModuleType, service_name: str, servicer: object, authorizer: Authorizer | None = None
+) -> str:
     """Register `servicer` (methods named as in the proto) for `service_name` of module `pb2`.
+
+    With an `authorizer`, every call is checked against it first (services.shared.auth).
 
     Returns the service's full name (e.g. "magnus.v1.PredictorService") for health/reflection.
     Only unary-unary and unary-stream methods are supported; that is all the contracts use.
@@ -109,10 +126,10 @@ def add_servicer(server: grpc.aio.Server, pb2: ModuleType, service_name: str, se
         if method.client_streaming:
             raise ValueError(f"{full}: client streaming is not supported")
         if method.server_streaming:
-            handler = instrument_stream(full, _wrap_stream(full, fn))
+            handler = instrument_stream(full, _wrap_stream(full, fn, authorizer))
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(handler, **kwargs)
         else:
-            handler = instrument_unary(full, _wrap_unary(full, fn))
+            handler = instrument_unary(full, _wrap_unary(full, fn, authorizer))
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(handler, **kwargs)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     return service.full_name

@@ -17,10 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.shared.auth import AuthSettings, make_authorizer
 from services.shared.channels import channel_options
 from services.shared.metrics import MetricsEndpoint, start_metrics_endpoint
 from services.shared.rpc import add_servicer
 from services.shared.settings import ServiceSettings
+from services.shared.tls import TlsSettings, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class ServiceRunner:
     """Owns one grpc.aio server and its health state."""
 
-    def __init__(self, name: str, settings: ServiceSettings) -> None:
+    def __init__(
+        self, name: str, settings: ServiceSettings, *, auth: AuthSettings | None = None, tls: TlsSettings | None = None
+    ) -> None:
+        """`auth` / `tls` default to the MAGNUS_AUTH_* / MAGNUS_TLS_* environment (both off unless set)."""
         self.name = name
         self.settings = settings
+        self.authorizer = make_authorizer(auth)
+        self.tls = tls or TlsSettings()
         self.server = grpc.aio.server(options=channel_options(settings.max_message_bytes))
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -46,13 +53,17 @@ class ServiceRunner:
         self.metrics: MetricsEndpoint | None = None
 
     def add(self, pb2: ModuleType, service_name: str, servicer: object) -> None:
-        self._service_names.append(add_servicer(self.server, pb2, service_name, servicer))
+        self._service_names.append(add_servicer(self.server, pb2, service_name, servicer, self.authorizer))
 
     async def start(self) -> int:
         """Bind, start, and report NOT_SERVING until `set_serving(True)`. Returns the bound port."""
         names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(self.settings.address)
+        credentials = server_credentials(self.tls)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(self.settings.address)
+        else:  # TLS only: no plaintext port at all
+            self.port = self.server.add_secure_port(self.settings.address, credentials)
         if self.port == 0:
             raise RuntimeError(f"{self.name}: could not bind {self.settings.address}")
         await self.set_serving(False)
@@ -61,7 +72,11 @@ class ServiceRunner:
         if self.settings.metrics_port >= 0:
             self.metrics = start_metrics_endpoint(self.settings.host, self.settings.metrics_port)
         self._install_signal_handlers()
-        log.info("%s listening on %s:%d", self.name, self.settings.host, self.port)
+        log.info(
+            "%s listening on %s:%d (%s, auth %s)", self.name, self.settings.host, self.port,
+            ("mutual TLS" if self.tls.require_client_cert else "TLS") if credentials else "plaintext",
+            "on" if self.authorizer else "off",
+        )
         return self.port
 
     async def set_serving(self, is_serving: bool) -> None:
