@@ -53,13 +53,24 @@ async def echo_worker(scheduler: Scheduler) -> None:
 
 @asynccontextmanager
 async def inprocess_batcher(
-    settings: BatcherSettings | None = None, *, auth: AuthSettings | None = None, tls: TlsSettings | None = None
+    settings: BatcherSettings | None = None,
+    *,
+    auth: AuthSettings | None = None,
+    tls: TlsSettings | None = None,
+    with_worker: bool = True,
 ):
-    """Yields the started ServiceRunner (its `port` is bound); stops everything after."""
+    """Yields the started ServiceRunner (its `port` is bound, `.scheduler` set); stops everything after.
+
+    Without the echo worker, admitted requests stay queued (overload tests).
+    """
     settings = settings or BatcherSettings(port=0, metrics_port=-1)
     policy = make_policy(settings.policy, phi_token_reads=settings.phi_token_reads,
                          fixed_batch_size=settings.fixed_batch_size, max_batch_size=settings.max_batch_size)
-    limits = SchedulerLimits(max_pending_requests=settings.max_pending_requests, lease_s=settings.lease_s)
+    limits = SchedulerLimits(
+        max_pending_requests=settings.max_pending_requests,
+        max_pending_per_tenant=settings.max_pending_per_tenant,
+        lease_s=settings.lease_s,
+    )
     scheduler = Scheduler(policy, limits, CLOCK, NullLogSink())
     admission = Admission(scheduler, FallbackPredictor(), get_token_counter(), settings, CLOCK)
     runner = ServiceRunner("batcher", settings, auth=auth or AuthSettings(), tls=tls or TlsSettings())
@@ -68,9 +79,11 @@ async def inprocess_batcher(
                WorkerQueueServicer(scheduler, lease_s=settings.lease_s, heartbeat_interval_s=1.0, max_wait_s=0.1))
     await runner.start()
     await runner.set_serving(True)
-    worker = asyncio.create_task(echo_worker(scheduler))
+    runner.scheduler = scheduler
+    worker = asyncio.create_task(echo_worker(scheduler)) if with_worker else None
     try:
         yield runner
     finally:
-        worker.cancel()
+        if worker is not None:
+            worker.cancel()
         await runner.stop(0)

@@ -65,7 +65,7 @@ class Admission:
     async def submit(self, generation: GenerationInput, *, wants_events: bool) -> PendingRequest:
         """Validate against token limits, predict, and queue. Returns the pending request."""
         validate_generation(generation, self._settings)
-        self._scheduler.check_capacity()  # fail fast, before spending a prediction
+        self._scheduler.check_capacity(generation.tenant_id)  # fail fast, before spending a prediction
         prompt = join_prompt(generation.instruction, generation.user_input)
         input_tokens = self._counter.count(prompt)
         if input_tokens > self._settings.max_input_tokens:

@@ -28,6 +28,12 @@ class BatcherSettings(ServiceSettings):
     max_pending_requests: int = Field(
         10_000, ge=1, description="Requests admitted but not answered; beyond it Generate gets RESOURCE_EXHAUSTED."
     )
+    max_pending_per_tenant: int = Field(
+        2_000,
+        ge=0,
+        description="Requests one tenant (prompt.tenant_id; empty = the anonymous tenant) may have pending; beyond "
+        "it that tenant gets RESOURCE_EXHAUSTED with a retry-after-s trailer while others are still admitted. 0 = off.",
+    )
     max_instruction_bytes: int = Field(4096, ge=0, description="Largest instruction, UTF-8 bytes.")
     max_user_input_bytes: int = Field(65_536, ge=1, description="Largest user input, UTF-8 bytes.")
     max_input_tokens: int = Field(8192, ge=1, description="Largest prompt (instruction + input), tokens.")

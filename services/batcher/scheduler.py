@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SchedulerLimits:
     max_pending_requests: int = 10_000
+    max_pending_per_tenant: int = 0  # 0 = no per-tenant limit
     lease_s: float = 30.0
     worker_timeout_s: float = 90.0
     max_batch_failures: int = 3
@@ -72,6 +73,7 @@ class Scheduler:
         self.open_batches = BatchQueue()  # queue order, indexed for the two decisions
         self.leases: dict[str, Lease] = {}
         self.pending: dict[str, PendingRequest] = {}
+        self.pending_by_tenant: Counter[str] = Counter()  # tenant id -> its requests in self.pending
         self.batch_of: dict[str, str] = {}  # request id -> queued batch id
         self.workers: dict[str, WorkerInfo] = {}
         self.waiting_pulls: OrderedDict[asyncio.Future[Lease], str] = OrderedDict()  # -> worker id
@@ -81,13 +83,22 @@ class Scheduler:
         metrics.track_scheduler(self)
 
     # ---- admission -------------------------------------------------------------------------
-    def check_capacity(self) -> None:
-        """Raise if a new request cannot be admitted now (draining, or the queue is full)."""
+    def check_capacity(self, tenant_id: str | None = None) -> None:
+        """Raise if a new request cannot be admitted now (draining, the queue or the tenant's share full).
+
+        The per-tenant cap keeps one noisy tenant from filling the whole queue and starving the rest.
+        """
         if self.is_draining:
             raise Unavailable("batcher is shutting down; retry on another replica")
         if len(self.pending) >= self.limits.max_pending_requests:
             raise ResourceExhausted(
                 f"queue full: {len(self.pending)} requests pending (limit {self.limits.max_pending_requests})",
+                retry_after_s=self.limits.retry_after_s,
+            )
+        cap = self.limits.max_pending_per_tenant
+        if cap and tenant_id is not None and self.pending_by_tenant[tenant_id] >= cap:
+            raise ResourceExhausted(
+                f"tenant {tenant_id!r} has {self.pending_by_tenant[tenant_id]} requests pending (limit {cap})",
                 retry_after_s=self.limits.retry_after_s,
             )
 
@@ -102,7 +113,7 @@ class Scheduler:
 
     def admit(self, request: PendingRequest) -> None:
         """Insert a predicted request into a queued batch (or a new one). Raises if it cannot."""
-        self.check_capacity()
+        self.check_capacity(request.generation.tenant_id)
         budget = self.memory_budget()
         member = Member(request.request_id, request.prediction.input_tokens, request.gen_tokens_for_policy, request.arrival_s)
         if not budget.fits(1, member.input_tokens, member.gen_tokens):
@@ -116,6 +127,7 @@ class Scheduler:
             self.open_batches.append(batch)
         self.open_batches.add_member(batch, member)
         self.pending[request.request_id] = request
+        self.pending_by_tenant[request.generation.tenant_id] += 1
         self.batch_of[request.request_id] = batch.batch_id
         if request.events is not None:
             request.events.put_nowait(Phase.QUEUED)
@@ -129,7 +141,7 @@ class Scheduler:
         if batch_id is None or request is None:
             return False
         self.open_batches.remove_member(batch_id, request_id)
-        del self.pending[request_id]
+        self._forget(request)
         self.log_sink.add_request(request_row(request, status="cancelled", error="caller cancelled"))
         self.on_change()
         return True
@@ -198,7 +210,7 @@ class Scheduler:
                 is_prediction_fallback=request.prediction.is_fallback,
             )
             results.append(result)
-            self.pending.pop(request.request_id, None)
+            self._forget(request)
             self.log_sink.add_request(request_row(request, status="completed", result=result))
             if not request.future.done():
                 request.future.set_result(result)
@@ -357,8 +369,17 @@ class Scheduler:
         self._requeue(retry)
         self._schedule_dispatch()
 
+    def _forget(self, request: PendingRequest) -> None:
+        """The request left `pending` (answered or dropped): its tenant's share is free again."""
+        if self.pending.pop(request.request_id, None) is None:
+            return
+        tenant_id = request.generation.tenant_id
+        self.pending_by_tenant[tenant_id] -= 1
+        if self.pending_by_tenant[tenant_id] <= 0:
+            del self.pending_by_tenant[tenant_id]  # bounded by live tenants, not by every tenant ever seen
+
     def _fail_request(self, request: PendingRequest, error: Exception) -> None:
-        self.pending.pop(request.request_id, None)
+        self._forget(request)
         self.batch_of.pop(request.request_id, None)
         self.log_sink.add_request(request_row(request, status="failed", error=str(error)))
         if not request.future.done():

@@ -61,6 +61,7 @@ async def serve(settings: BatcherSettings) -> None:
     )
     limits = SchedulerLimits(
         max_pending_requests=settings.max_pending_requests,
+        max_pending_per_tenant=settings.max_pending_per_tenant,
         lease_s=settings.lease_s,
         worker_timeout_s=settings.worker_timeout_s,
         max_batch_failures=settings.max_batch_failures,
