@@ -58,6 +58,12 @@ class TrainerSettings(ServiceSettings):
     max_train_samples: int = Field(
         200_000, ge=1, description="Training-set cap; the oldest samples are dropped first, samples."
     )
+    time_supersede_log_radius: float = Field(
+        0.2,
+        ge=0,
+        description="A new estimator sample replaces old ones whose batch size, L and G are all within this "
+        "distance in log1p space (~ +-20 %): the device's speed there changed. 0 = only add (the paper).",
+    )
     push_tolerance_rel: float = Field(
         0.0, ge=0, description="Push if candidate MAE <= serving MAE * (1 + this) on held-back rows."
     )

@@ -131,7 +131,7 @@ class Trainer:
         serving = base if base is not None and base.info.is_pushed else await self._load_or_none(kind, only_pushed=True)
         holdout = spec.holdout(await self._recent_rows(spec, last_seq))
         base_samples = base.model.samples if base is not None else []
-        training = keep_newest([*base_samples, *new_samples], self.settings.max_train_samples)
+        training = keep_newest(spec.merge(base_samples, new_samples), self.settings.max_train_samples)
         candidate, scores = await asyncio.to_thread(
             self._fit_and_score, spec, base.model if base else None, training, serving, holdout
         )

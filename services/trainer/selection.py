@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
+
 from services.estimator.knn_model import BatchShape, TimeSample
 from services.predictor.length_model import LengthSample
 
@@ -125,6 +127,27 @@ def time_holdout(rows: Sequence[LoggedBatch], holdout_every: int) -> list[TimeSa
     """The held-back batches that ran, as validation samples."""
     samples = (_time_truth(row) for row in rows if is_held_back(row.seq, holdout_every))
     return [sample for sample in samples if sample is not None]
+
+
+def supersede_similar_shapes(old: Sequence[TimeSample], new: Sequence[TimeSample], *, log_radius: float) -> list[TimeSample]:
+    """The old samples that no new sample supersedes, in their order.
+
+    A new time sample exists because the estimate for its shape missed badly: the device's speed
+    there changed (another GPU, a slower worker, a new engine). Old samples of a similar shape (every
+    one of batch size, L, G within `log_radius` in log1p space, i.e. about +-log_radius relative)
+    describe the old behaviour and would pull the KNN average back to it, so they are dropped.
+    log_radius <= 0 keeps everything (the paper's rule: only add).
+    """
+    if log_radius <= 0 or not old or not new:
+        return list(old)
+    old_xy = np.log1p(np.array([[s.shape.batch_size, s.shape.input_tokens_max, s.shape.gen_tokens_max] for s in old], dtype=np.float64))
+    new_xy = np.log1p(np.array([[s.shape.batch_size, s.shape.input_tokens_max, s.shape.gen_tokens_max] for s in new], dtype=np.float64))
+    is_superseded = np.zeros(len(old), dtype=bool)
+    for start in range(0, len(new_xy), 256):  # bounded memory: old x 256 x 3 at a time
+        chunk = new_xy[start : start + 256]
+        distance = np.abs(old_xy[:, None, :] - chunk[None, :, :]).max(axis=2)
+        is_superseded |= (distance <= log_radius).any(axis=1)
+    return [sample for sample, gone in zip(old, is_superseded, strict=True) if not gone]
 
 
 def keep_newest(samples: Sequence[T], max_samples: int) -> list[T]:

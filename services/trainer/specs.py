@@ -25,6 +25,7 @@ from services.trainer.selection import (
     length_holdout,
     select_length_samples,
     select_time_samples,
+    supersede_similar_shapes,
     time_holdout,
 )
 
@@ -41,6 +42,8 @@ class ModelSpec(Protocol):
     def select(self, rows: Sequence[Any]) -> list[Any]: ...
 
     def holdout(self, rows: Sequence[Any]) -> list[Any]: ...
+
+    def merge(self, base_samples: Sequence[Any], new_samples: Sequence[Any]) -> list[Any]: ...
 
     def fit(self, base_model: Any | None, samples: list[Any]) -> Any: ...
 
@@ -74,6 +77,9 @@ class PredictorSpec:
     def select(self, rows: Sequence[LoggedRequest]) -> list[LengthSample]:
         return select_length_samples(rows, self.rule, self.holdout_every)
 
+    def merge(self, base_samples: Sequence[LengthSample], new_samples: Sequence[LengthSample]) -> list[LengthSample]:
+        return [*base_samples, *new_samples]
+
     def holdout(self, rows: Sequence[LoggedRequest]) -> list[LengthSample]:
         return length_holdout(rows, self.holdout_every)
 
@@ -96,6 +102,7 @@ class EstimatorSpec:
     def __init__(self, settings: TrainerSettings) -> None:
         self.rule = MissRule(settings.time_miss_abs_s, settings.time_miss_rel)
         self.holdout_every = settings.holdout_every
+        self.supersede_log_radius = settings.time_supersede_log_radius
 
     async def fetch(self, session: AsyncSession, since_seq: int, limit: int | None) -> list[LoggedBatch]:
         rows = await fetch_batches(session, since_id=since_seq, limit=limit)
@@ -115,6 +122,10 @@ class EstimatorSpec:
 
     def select(self, rows: Sequence[LoggedBatch]) -> list[TimeSample]:
         return select_time_samples(rows, self.rule, self.holdout_every)
+
+    def merge(self, base_samples: Sequence[TimeSample], new_samples: Sequence[TimeSample]) -> list[TimeSample]:
+        kept = supersede_similar_shapes(base_samples, new_samples, log_radius=self.supersede_log_radius)
+        return [*kept, *new_samples]
 
     def holdout(self, rows: Sequence[LoggedBatch]) -> list[TimeSample]:
         return time_holdout(rows, self.holdout_every)

@@ -152,3 +152,29 @@ def test_single_request_cannot_be_split():
 def test_unknown_policy_is_rejected():
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("fastest", phi_token_reads=1, fixed_batch_size=1, max_batch_size=None)
+
+
+MAGNUS_SW = make_policy("magnus_sw", phi_token_reads=50_000, fixed_batch_size=4, max_batch_size=None)
+
+
+def test_size_weighted_hrrn_prefers_the_batch_holding_more_waiting_requests():
+    small = batch_of([Member("a", 10, 10, arrival_s=0.0)], "small")
+    large = batch_of([Member(f"b{i}", 10, 10, arrival_s=1.0) for i in range(8)], "large")
+    small.estimated_s, large.estimated_s = 1.0, 2.0
+    # plain HRRN: small (2+1)/1 = 3 > large (1+2)/2 = 1.5; weighted: 3 x 1 < 1.5 x 8 = 12
+    assert choose_next([small, large], MAGNUS, now_s=2.0).batch_id == "small"
+    assert choose_next([small, large], MAGNUS_SW, now_s=2.0).batch_id == "large"
+
+
+def test_size_weighted_hrrn_still_never_starves_a_small_long_batch():
+    long = batch_of([Member("l", 500, 500, arrival_s=0.0)], "long")
+    long.estimated_s = 50.0
+    now_s = 0.0
+    for step in range(100_000):  # every second a fresh batch of 16 one-second requests
+        fresh = batch_of([Member(f"s{step}-{i}", 10, 10, arrival_s=now_s) for i in range(16)], f"s{step}")
+        fresh.estimated_s = 1.0
+        if choose_next([fresh, long], MAGNUS_SW, now_s=now_s + 1.0).batch_id == "long":
+            break
+        now_s += 1.0
+    # the long batch wins once (w + 50) / 50 > 16 x 2, i.e. after about 1,550 s: bounded
+    assert now_s < 2_000.0

@@ -124,3 +124,20 @@ def test_push_only_when_not_worse() -> None:
 def test_keep_newest_drops_the_oldest() -> None:
     assert keep_newest([1, 2, 3, 4], 2) == [3, 4]
     assert keep_newest([1, 2], 5) == [1, 2]
+
+
+def test_new_time_samples_supersede_old_ones_of_a_similar_shape_only():
+    from services.estimator.knn_model import BatchShape, TimeSample
+    from services.trainer.selection import supersede_similar_shapes
+
+    old = [
+        TimeSample(BatchShape(8, 100, 50), 1.0),  # within 20 % of the new sample in every dimension
+        TimeSample(BatchShape(9, 110, 55), 1.1),
+        TimeSample(BatchShape(8, 400, 50), 2.0),  # L four times larger: a different shape
+        TimeSample(BatchShape(64, 100, 50), 3.0),  # batch eight times larger
+    ]
+    new = [TimeSample(BatchShape(8, 100, 50), 5.0)]
+    kept = supersede_similar_shapes(old, new, log_radius=0.2)
+    assert kept == old[2:]
+    assert supersede_similar_shapes(old, new, log_radius=0.0) == old  # the paper's add-only rule
+    assert supersede_similar_shapes(old, [], log_radius=0.2) == old

@@ -105,6 +105,7 @@ def next_row(cols: BatchColumns, policy: PolicyConfig, now_s: float) -> int | No
 
     FCFS: the batch holding the oldest request. HRRN: the highest (wait + estimate) / estimate,
     wait = now - oldest member's arrival (see hrrn.py), estimate = cached or the fallback guess.
+    HRRN_SIZE_WEIGHTED: that ratio times the batch's size.
     """
     nonempty = cols.size > 0
     if not nonempty.any():
@@ -115,4 +116,6 @@ def next_row(cols: BatchColumns, policy: PolicyConfig, now_s: float) -> int | No
     estimate_s = np.where(np.isnan(cols.estimate_s), fallback_s, cols.estimate_s)
     wait_s = np.maximum(0.0, now_s - cols.oldest_arrival_s)
     ratio = (wait_s + estimate_s) / estimate_s
+    if policy.choose_mode is ChooseMode.HRRN_SIZE_WEIGHTED:
+        ratio = ratio * cols.size
     return _first_best(np.where(nonempty, ratio, -np.inf), cols.seq, lowest=False)

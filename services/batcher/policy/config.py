@@ -14,6 +14,13 @@ class InsertMode(enum.Enum):
 class ChooseMode(enum.Enum):
     FCFS = "fcfs"  # the batch holding the oldest request
     HRRN = "hrrn"  # highest response ratio (wait + estimate) / estimate
+    # beyond the paper: the response ratio times the batch size, i.e. the batch whose requests
+    # have waited longest in total relative to its run time; see hrrn.py
+    HRRN_SIZE_WEIGHTED = "hrrn_size_weighted"
+
+    @property
+    def uses_estimates(self) -> bool:
+        return self is not ChooseMode.FCFS
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class PolicyConfig:
             raise ValueError(f"{self.name}: FCFS insertion needs a fixed max_batch_size")
 
 
-POLICY_NAMES = ("vs", "glp", "abp", "magnus", "oracle")
+POLICY_NAMES = ("vs", "glp", "abp", "magnus", "magnus_sw", "oracle")
 
 
 def make_policy(
@@ -80,6 +87,11 @@ def make_policy(
     if name == "magnus":
         return PolicyConfig(
             name, InsertMode.WMA, ChooseMode.HRRN, phi_token_reads, max_batch_size, True,
+            memory_fill_fraction=memory_fill_fraction,
+        )
+    if name == "magnus_sw":
+        return PolicyConfig(
+            name, InsertMode.WMA, ChooseMode.HRRN_SIZE_WEIGHTED, phi_token_reads, max_batch_size, True,
             memory_fill_fraction=memory_fill_fraction,
         )
     if name == "oracle":

@@ -1,7 +1,13 @@
 """Which queued batch a free worker runs next.
 
 Waiting time of a batch = now - arrival of its oldest request: the batch's response time is
-bounded below by that request's, so that is the wait HRRN should age by. Because the ratio of
+bounded below by that request's, so that is the wait HRRN should age by.
+
+Size-weighted HRRN (policy `magnus_sw`, beyond the paper) multiplies the ratio by the batch size.
+Plain HRRN dispatches a freshly opened short batch as soon as a worker is free (its small estimate
+makes its ratio high), so on a fast engine batches run before they have grown and throughput falls
+below FCFS; weighting by size prefers the batch that holds the most waiting requests per second of
+work. It still ages every batch without bound, so nothing starves (tests/batcher). Because the ratio of
 every waiting batch grows without bound while estimates stay finite, no batch starves.
 Estimates are cached per batch (`QueuedBatch.estimated_s`) and refreshed by the caller only when
 the batch's revision changes; until then the last estimate (or the fallback guess) is used.

@@ -79,7 +79,7 @@ class Simulation:
         hardware: Hardware,
         estimator: KnnBatchTimeModel | None,
     ) -> None:
-        if policy.choose_mode is ChooseMode.HRRN and estimator is None:
+        if policy.choose_mode.uses_estimates and estimator is None:
             raise ValueError(f"{policy.name} uses HRRN and needs an estimator")
         self.workload = workload
         self.policy = policy
@@ -138,7 +138,7 @@ class Simulation:
 
     def _run_next(self, now_s: float) -> float:
         """Lease the next batch at `now_s`, run it, and return how long the worker is busy, s."""
-        if self.policy.choose_mode is ChooseMode.HRRN:
+        if self.policy.choose_mode.uses_estimates:
             self._refresh_estimates()
         batch = self.queue.choose_next(self.policy, now_s)
         self.queue.pop(batch.batch_id)
