@@ -79,6 +79,25 @@ def test_predictor_killed_requests_use_the_fallback_and_recover_after_restart(fa
     assert answers[-1].predicted_tokens >= 1
 
 
+def test_estimator_killed_batches_still_run_and_it_is_used_again_after_restart(fault_stack):
+    fault_stack.kill("estimator")
+    client_ids = new_ids(4, "estimator-down")
+    outcomes = asyncio.run(generate_all(fault_stack.target("batcher"), client_ids))
+    assert outcomes.errors == {}, "HRRN falls back to its own guess; serving must not depend on the estimator"
+    assert_completed_exactly_once(fault_stack.database_url, outcomes)
+    estimated_before = metric_value(fault_stack.metrics_url("batcher"), "magnus_batch_time_estimate_error_seconds_count")
+
+    fault_stack.start("estimator")
+    fault_stack.wait_healthy(("estimator",))
+    deadline_s = time.monotonic() + 60
+    estimated_after = estimated_before
+    while estimated_after <= estimated_before and time.monotonic() < deadline_s:
+        more = asyncio.run(generate_all(fault_stack.target("batcher"), new_ids(4, "estimator-back")))
+        assert more.errors == {}
+        estimated_after = metric_value(fault_stack.metrics_url("batcher"), "magnus_batch_time_estimate_error_seconds_count")
+    assert estimated_after > estimated_before, "batches are estimated by the estimator again after its restart"
+
+
 def test_log_db_locked_serving_continues_and_rows_are_written_after(fault_stack):
     """A writer holding the SQLite file exclusively stands in for a DB that is down."""
     blocker = sqlite3.connect(sqlite_path(fault_stack.database_url), timeout=30, isolation_level=None)
