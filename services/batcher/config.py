@@ -25,6 +25,13 @@ class BatcherSettings(ServiceSettings):
     )
     fixed_batch_size: int = Field(8, ge=1, description="Batch size of the fixed-size policies vs and glp.")
     max_batch_size: int = Field(256, ge=1, description="Ceiling on batch size for adaptive policies, requests.")
+    memory_fill_fraction: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="Share of Theta an adaptive batch may fill by *predicted* lengths; the rest absorbs "
+        "under-predictions that would otherwise each cost an OOM split (0.85 in reports/simulation).",
+    )
     max_pending_requests: int = Field(
         10_000, ge=1, description="Requests admitted but not answered; beyond it Generate gets RESOURCE_EXHAUSTED."
     )

@@ -58,6 +58,7 @@ async def serve(settings: BatcherSettings) -> None:
         phi_token_reads=settings.phi_token_reads,
         fixed_batch_size=settings.fixed_batch_size,
         max_batch_size=settings.max_batch_size,
+        memory_fill_fraction=settings.memory_fill_fraction,
     )
     limits = SchedulerLimits(
         max_pending_requests=settings.max_pending_requests,
