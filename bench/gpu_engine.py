@@ -187,6 +187,8 @@ def static_rows(engine, grid, new_tokens, weight_bytes, delta, bw, device, rng, 
     backend.attention = attention
     if option == "compile":
         backend.decoder.compile_layer_pieces()
+    elif option == "autotune":
+        backend.decoder.compile_layer_pieces(mode="max-autotune-no-cudagraphs")
     backend.drop_graphs()
     rows = []
     for batch, prompt_tokens in grid:
@@ -200,7 +202,7 @@ def static_rows(engine, grid, new_tokens, weight_bytes, delta, bw, device, rng, 
 
         step_s, prefill_s = decode_step_s(run, new_tokens, device)
         roof_s = roofline_step_s(weight_bytes, delta, batch, prompt_tokens, new_tokens, bw)
-        name = f"static_graph_{attention}" + ("_compiled" if option == "compile" else "")
+        name = f"static_graph_{attention}" + {"compile": "_compiled", "autotune": "_autotuned"}.get(option, "")
         rows.append(_row(name, batch, prompt_tokens, new_tokens, step_s, roof_s, prefill_s))
         say(_format_row(rows[-1]))
     return rows

@@ -197,10 +197,14 @@ class LlamaFamilyDecoder:
         gate, up = F.linear(normed, gate_up).chunk(2, dim=-1)
         return hidden + F.linear(F.silu(gate) * up, down)
 
-    def compile_layer_pieces(self) -> None:
-        """Fuse the per-layer elementwise work with torch.compile (GPU only; compiles on first use)."""
-        self.pre_attention = torch.compile(self._pre_attention, dynamic=True)
-        self.post_attention = torch.compile(self._post_attention, dynamic=True)
+    def compile_layer_pieces(self, mode: str | None = None) -> None:
+        """Fuse the per-layer elementwise work with torch.compile (GPU only; compiles on first use).
+
+        mode "max-autotune-no-cudagraphs" also autotunes the GEMMs (slow to compile, per batch size).
+        """
+        dynamic = mode is None
+        self.pre_attention = torch.compile(self._pre_attention, dynamic=dynamic, mode=mode)
+        self.post_attention = torch.compile(self._post_attention, dynamic=dynamic, mode=mode)
 
     def _decode_attention(self, q, keys, values, mask, attention: str) -> torch.Tensor:
         """q [B, H, 1, D] over keys/values [B, Hkv, L, D] with additive mask [B, 1, 1, L] -> [B, H, D]."""
