@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 from services.batcher.config import BatcherSettings
 from services.batcher.domain import GenerationInput, PendingRequest, RequestResult
@@ -46,7 +47,10 @@ class Admission:
         counter: TokenCounter,
         settings: BatcherSettings,
         clock: Clock,
+        logged_result: Callable[[str, str], Awaitable[RequestResult | None]] | None = None,
     ) -> None:
+        """logged_result(tenant, client_request_id): a result the log DB kept from before a restart."""
+        self._logged_result = logged_result
         self._scheduler = scheduler
         self._coalescer = coalescer
         self._counter = counter
@@ -61,6 +65,22 @@ class Admission:
             return None
         key = (generation.tenant_id, generation.client_request_id)
         return self._in_flight.get(key) or self._finished.get(key)
+
+    async def earlier_result(self, generation: GenerationInput) -> asyncio.Future[RequestResult] | RequestResult | None:
+        """Like `existing`, and also asks the log DB, which outlives a batcher restart.
+
+        Checked again after the DB answers: a concurrent retry may have been admitted meanwhile.
+        A DB error only means no earlier result is known: the request runs.
+        """
+        found = self.existing(generation)
+        if found is not None or not generation.client_request_id or self._logged_result is None:
+            return found
+        try:
+            logged = await self._logged_result(generation.tenant_id, generation.client_request_id)
+        except Exception:  # noqa: BLE001 - the log DB being down must not block serving
+            log.warning("log DB lookup of a retried request id failed; running the request", exc_info=True)
+            logged = None
+        return self.existing(generation) or logged
 
     async def submit(self, generation: GenerationInput, *, wants_events: bool) -> PendingRequest:
         """Validate against token limits, predict, and queue. Returns the pending request."""

@@ -32,6 +32,7 @@ def request_row(
         "predictor_version": prediction.model_version or None,
         "is_prediction_fallback": prediction.is_fallback,
         "generated_tokens": result.generated_tokens if result else None,
+        "output_text": result.text if result else None,
         "batch_id": result.batch_id if result else None,
         "status": status,
         "error": error,

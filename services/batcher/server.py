@@ -12,6 +12,7 @@ from services.batcher import metrics as batcher_metrics
 from services.batcher.admission import Admission
 from services.batcher.config import BatcherSettings
 from services.batcher.estimate_refresher import EstimateRefresher
+from services.batcher.logged_results import make_logged_result_lookup
 from services.batcher.policy.config import make_policy
 from services.batcher.predictor_client import PredictionCoalescer
 from services.batcher.scheduler import Clock, Scheduler, SchedulerLimits
@@ -49,7 +50,8 @@ async def _drain(scheduler: Scheduler, timeout_s: float) -> None:
 async def serve(settings: BatcherSettings) -> None:
     await asyncio.to_thread(migrate.upgrade, settings.database_url)
     engine = make_engine(settings.database_url)
-    log_writer = LogWriter(make_session_factory(engine))
+    session_factory = make_session_factory(engine)
+    log_writer = LogWriter(session_factory)
     log_writer.start()
     batcher_metrics.track_log_writer(log_writer)
 
@@ -79,7 +81,10 @@ async def serve(settings: BatcherSettings) -> None:
     refresher = EstimateRefresher(
         scheduler, estimator_channel, deadline_s=settings.estimator_deadline_s, idle_s=settings.estimate_idle_s
     )
-    admission = Admission(scheduler, coalescer, get_token_counter(), settings, SYSTEM_CLOCK)
+    admission = Admission(
+        scheduler, coalescer, get_token_counter(), settings, SYSTEM_CLOCK,
+        logged_result=make_logged_result_lookup(session_factory),
+    )
 
     runner = ServiceRunner("batcher", settings)
     runner.add(generation_pb2, "GenerationService", GenerationServicer(admission))

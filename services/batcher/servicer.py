@@ -69,7 +69,7 @@ class GenerationServicer:
         if not request.HasField("prompt"):
             raise InvalidArgument("prompt", "is required")
         generation = _generation_input(request.prompt)
-        existing = self._admission.existing(generation)
+        existing = await self._admission.earlier_result(generation)
         if existing is None or isinstance(existing, RequestResult):
             return generation, existing
         return generation, await asyncio.shield(existing)  # a retry must not cancel the first call

@@ -94,6 +94,16 @@ async def table_names(url: str) -> set[str]:
         await engine.dispose()
 
 
+async def column_names(url: str, table: str) -> set[str]:
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        async with engine.connect() as connection:
+            columns = await connection.run_sync(lambda c: inspect(c).get_columns(table))
+        return {column["name"] for column in columns}
+    finally:
+        await engine.dispose()
+
+
 async def count_rows(session_factory, model) -> int:
     async with session_factory() as session:
         return await session.scalar(select(func.count()).select_from(model))
@@ -106,7 +116,13 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     assert current(database_url) is None  # called inside a running loop on purpose
     await asyncio.to_thread(upgrade, database_url)
     assert LOG_TABLES <= await table_names(database_url)
-    assert current(database_url) == head_revision() == "0001"
+    assert current(database_url) == head_revision() == "0002"
+
+    await asyncio.to_thread(downgrade, database_url, "0001")  # one step: the output_text column goes
+    assert current(database_url) == "0001"
+    assert "output_text" not in await column_names(database_url, "requests")
+    await asyncio.to_thread(upgrade, database_url)
+    assert "output_text" in await column_names(database_url, "requests")
 
     await asyncio.to_thread(downgrade, database_url)
     assert not (LOG_TABLES & await table_names(database_url))
@@ -114,7 +130,7 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
 
     await asyncio.to_thread(upgrade, database_url)
     assert LOG_TABLES <= await table_names(database_url)
-    assert current(database_url) == "0001"
+    assert current(database_url) == "0002"
 
 
 async def test_migration_matches_models(engine) -> None:

@@ -144,6 +144,27 @@ def test_batcher_killed_clients_get_unavailable_and_a_retry_runs_once(fault_stac
     assert len(rows) == len(client_ids), f"the killed batcher logged nothing it did not deliver: {rows}"
 
 
+def test_retry_after_a_batcher_restart_gets_the_logged_answer_not_a_second_run(fault_stack):
+    client_ids = new_ids(3, "answered-then-crash")
+    first = asyncio.run(generate_all(fault_stack.target("batcher"), client_ids))
+    assert first.errors == {}
+    deadline_s = time.monotonic() + 30
+    while len(request_rows(fault_stack.database_url, client_ids)) < len(client_ids):  # buffered writer
+        assert time.monotonic() < deadline_s, "the answered requests never reached the log"
+        time.sleep(0.2)
+
+    fault_stack.kill("batcher")  # the in-memory idempotency index is gone with it
+    fault_stack.start("batcher")
+    fault_stack.wait_healthy(("batcher",))
+    again = asyncio.run(generate_all(fault_stack.target("batcher"), client_ids))
+
+    assert again.errors == {}
+    for client_id in client_ids:
+        assert again.responses[client_id].request_id == first.responses[client_id].request_id
+        assert again.responses[client_id].text == first.responses[client_id].text
+    assert len(request_rows(fault_stack.database_url, client_ids)) == len(client_ids), "nothing ran twice"
+
+
 def test_batcher_sigterm_drains_in_flight_requests_and_refuses_new_ones(fault_stack):
     client_ids = new_ids(4, "batcher-term")
 

@@ -101,6 +101,8 @@ class RequestRow(Base):
         Boolean, default=False, server_default=false()
     )
     generated_tokens: Mapped[int | None] = mapped_column(Integer)
+    # the answer itself, kept so a client retrying its request id after a batcher restart gets it
+    output_text: Mapped[str | None] = mapped_column(Text)
     batch_id: Mapped[str | None] = mapped_column(String(36), index=True)
     status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)

@@ -34,6 +34,26 @@ async def fetch_requests(
     return list(await session.scalars(_page(select(RequestRow), RequestRow.seq, since_id, limit)))
 
 
+async def find_completed_request(
+    session: AsyncSession, tenant_id: str, client_request_id: str
+) -> tuple[RequestRow, int | None] | None:
+    """The completed request logged under this idempotency key, with its batch's size, or None."""
+    row = await session.scalar(
+        select(RequestRow)
+        .where(
+            RequestRow.tenant_id == tenant_id,
+            RequestRow.client_request_id == client_request_id,
+            RequestRow.status == "completed",
+        )
+        .order_by(RequestRow.seq)
+        .limit(1)
+    )
+    if row is None:
+        return None
+    batch_size = await session.scalar(select(BatchRow.size).where(BatchRow.id == row.batch_id).limit(1))
+    return row, batch_size
+
+
 async def fetch_batches(
     session: AsyncSession, *, since_id: int | None = None, limit: int | None = None
 ) -> list[BatchRow]:
