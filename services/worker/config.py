@@ -71,6 +71,11 @@ class WorkerSettings(ServiceSettings):
         "decode steps replayed as CUDA graphs (Llama-family models); auto = static on CUDA when supported.",
     )
     use_cuda_graphs: bool = Field(True, description="Capture and replay decode steps (static backend, CUDA only).")
+    trace_replay: bool = Field(
+        False,
+        description="Benchmarks only: ignore EOS and stop every request at its max_new_tokens, which the "
+        "benchmark sets to the recorded length (random-weight models never stop on their own).",
+    )
 
     @model_validator(mode="after")
     def _check_backoff(self) -> WorkerSettings:

@@ -132,11 +132,14 @@ class StaticBatchEngine:
         use_cuda_graphs: bool = True,
         attention: str = "sdpa",
         loaded: tuple[object, object] | None = None,
+        trace_replay: bool = False,
     ) -> None:
         """Load the model and tokenizer from `model_dir`.
 
         loaded: an already built (model, tokenizer) to serve instead, for benchmarks that build a
         random-weight 7B shape in place; `model_dir` then only names it.
+        trace_replay: ignore EOS and stop every request exactly at its max_new_tokens (benchmarks
+        replaying recorded lengths on random weights); never for serving.
 
         backend: "hf" (plain `generate`), "static" (preallocated KV pool, decode steps as CUDA
         graphs on GPUs; Llama-family models only) or "auto" (static on CUDA when supported).
@@ -149,6 +152,7 @@ class StaticBatchEngine:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
+        self.trace_replay = trace_replay
         started_s = time.monotonic()
         if loaded is None:
             self.tokenizer = load_tokenizer(self.model_dir)
@@ -219,7 +223,9 @@ class StaticBatchEngine:
             raise BatchRejected("empty batch")
         started_s = time.monotonic()
         prompt_ids = self.encode([item.prompt for item in items])
-        ids = self.run_ids(prompt_ids, [item.max_new_tokens for item in items], cancel=cancel)
+        ids = self.run_ids(
+            prompt_ids, [item.max_new_tokens for item in items], stop_at_eos=not self.trace_replay, cancel=cancel
+        )
         texts = self.tokenizer.batch_decode(ids.generated_ids, skip_special_tokens=True)
         outputs = [
             ItemOutput(item.request_id, text, len(row))

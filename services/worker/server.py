@@ -32,6 +32,7 @@ def load_engine(settings: WorkerSettings) -> StaticBatchEngine:
         simulate_oom_above_tokens=settings.simulate_oom_above_tokens,
         backend=settings.backend,
         use_cuda_graphs=settings.use_cuda_graphs,
+        trace_replay=settings.trace_replay,
     )
 
 

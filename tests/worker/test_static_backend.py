@@ -77,3 +77,12 @@ def test_batch_larger_than_the_pool_is_out_of_memory_then_engine_serves(static_e
     with pytest.raises(BatchOutOfMemory, match="KV slots"):
         static_engine.run_ids([[1] * 100] * 3, [100, 100, 100])  # 3 x 200 tokens > 480 slots
     assert len(static_engine.run_ids([[1, 2, 3]], [4], stop_at_eos=False).generated_ids[0]) == 4
+
+
+def test_trace_replay_ignores_eos_and_stops_at_the_recorded_length(tiny_model_dir):
+    engine = StaticBatchEngine(tiny_model_dir, device="cpu", dtype="float32", trace_replay=True)
+    items = [EngineItem("a", "short", 6), EngineItem("b", "a longer prompt here", 3)]
+    first = engine.run_ids(engine.encode([i.prompt for i in items]), [1, 1], stop_at_eos=False).generated_ids
+    engine.eos_token_ids = [first[0][0], first[1][0]]  # each row's first token now counts as EOS
+    output = engine.run(items)
+    assert [item.generated_tokens for item in output.items] == [6, 3]
