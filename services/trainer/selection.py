@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from services.estimator.knn_model import BatchShape, TimeSample
+from services.estimator.knn_model import BatchShape, TimeSample, shape_matrix
 from services.predictor.length_model import LengthSample
 
 T = TypeVar("T")
@@ -140,8 +140,8 @@ def supersede_similar_shapes(old: Sequence[TimeSample], new: Sequence[TimeSample
     """
     if log_radius <= 0 or not old or not new:
         return list(old)
-    old_xy = np.log1p(np.array([[s.shape.batch_size, s.shape.input_tokens_max, s.shape.gen_tokens_max] for s in old], dtype=np.float64))
-    new_xy = np.log1p(np.array([[s.shape.batch_size, s.shape.input_tokens_max, s.shape.gen_tokens_max] for s in new], dtype=np.float64))
+    old_xy = np.log1p(shape_matrix([s.shape for s in old]))
+    new_xy = np.log1p(shape_matrix([s.shape for s in new]))
     is_superseded = np.zeros(len(old), dtype=bool)
     for start in range(0, len(new_xy), 256):  # bounded memory: old x 256 x 3 at a time
         chunk = new_xy[start : start + 256]

@@ -101,10 +101,10 @@ class LlamaFamilyDecoder:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
-    def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor):
+    def _qkv(self, x: torch.Tensor, qkv: torch.Tensor, qkv_bias, cos: torch.Tensor, sin_signed: torch.Tensor):
         """q [B, H, T, D], k and v [B, Hkv, T, D], rope applied to q and k (in one pass over both)."""
         batch, tokens, _ = x.shape
-        fused = F.linear(x, layer.qkv, layer.qkv_bias)
+        fused = F.linear(x, qkv, qkv_bias)
         qk_size = (self.num_heads + self.num_kv_heads) * self.head_dim
         qk = fused[..., :qk_size].view(batch, tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         qk = _rope(qk, cos[:, :, None], sin_signed[:, :, None])
@@ -112,10 +112,6 @@ class LlamaFamilyDecoder:
         k = qk[:, :, self.num_heads :].transpose(1, 2)
         v = fused[..., qk_size:].view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
-
-    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer.down)
 
     def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         return F.linear(self._norm(hidden_last, self.final_norm), self.lm_head)
@@ -147,16 +143,16 @@ class LlamaFamilyDecoder:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~allowed, NEG_INF)
         mask = mask[:, None]  # [B, 1, P, P]
         hidden = F.embedding(tokens, self.embed)
+        # the eager layer pieces: compiling them for every prompt shape would cost more than it saves
         for layer, k_cache, v_cache in zip(self.layers, k_views, v_views, strict=True):
-            q, k, v = self._qkv(layer, self._norm(hidden, layer.input_norm), cos, sin)
+            q, k, v = self._pre_attention(hidden, layer.input_norm, layer.qkv, layer.qkv_bias, cos, sin)
             k_cache[:, :, :prompt_tokens].copy_(k)
             v_cache[:, :, :prompt_tokens].copy_(v)
             attended = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
             )
             attended = attended.transpose(1, 2).reshape(batch, prompt_tokens, -1)
-            hidden = hidden + F.linear(attended, layer.out)
-            hidden = hidden + self._mlp(layer, self._norm(hidden, layer.post_norm))
+            hidden = self._post_attention(hidden, attended, layer.out, layer.post_norm, layer.gate_up, layer.down)
         logits = self._logits(hidden[:, -1])
         return logits if return_logits else logits.argmax(dim=-1)
 
@@ -188,8 +184,7 @@ class LlamaFamilyDecoder:
     # The two per-layer pieces around attention take weights as arguments so that one compiled
     # version (torch.compile fuses their elementwise work) serves all layers.
     def _pre_attention(self, hidden, norm, qkv, qkv_bias, cos, sin):
-        layer = LayerWeights(norm, qkv, qkv_bias, None, None, None, None)
-        return self._qkv(layer, self._norm(hidden, norm), cos, sin)
+        return self._qkv(self._norm(hidden, norm), qkv, qkv_bias, cos, sin)
 
     def _post_attention(self, hidden, attended, out, post_norm, gate_up, down):
         hidden = hidden + F.linear(attended, out)
