@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_oom_recovery import run_oom_recovery  # noqa: E402
 from services.worker.engine import StaticBatchEngine, kv_bytes_per_token  # noqa: E402
+from services.worker.model_builder import build_random_model  # noqa: E402
 
 LLAMA2_7B = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -74,18 +75,9 @@ def copy_bandwidth_bytes_per_s(device: torch.device) -> float:
 
 
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(**shape)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    return model
+    return build_random_model(LlamaConfig(**shape), device, dtype)
 
 
 def random_rows(batch: int, prompt_tokens: int, vocab: int, rng: random.Random) -> list[list[int]]:

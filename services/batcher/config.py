@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.batcher.policy.config import POLICY_NAMES
+from services.batcher.policy.config import SERVING_POLICY_NAMES
 from services.shared.settings import ServiceSettings
 
 
@@ -15,7 +15,7 @@ class BatcherSettings(ServiceSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port for clients and workers.")
     predictor_target: str = Field("127.0.0.1:50052", description="host:port of the predictor.")
     estimator_target: str = Field("127.0.0.1:50053", description="host:port of the estimator.")
-    policy: str = Field("magnus", description=f"Batching policy: one of {', '.join(POLICY_NAMES)}.")
+    policy: str = Field("magnus", description=f"Batching policy: one of {', '.join(SERVING_POLICY_NAMES)}.")
     phi_token_reads: float = Field(
         10_000.0,
         gt=0,
@@ -67,6 +67,6 @@ class BatcherSettings(ServiceSettings):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, value: str) -> str:
-        if value not in POLICY_NAMES:
-            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if value not in SERVING_POLICY_NAMES:
+            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(SERVING_POLICY_NAMES)}")
         return value

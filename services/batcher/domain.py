@@ -66,9 +66,14 @@ class PendingRequest:
     events: asyncio.Queue[str] | None = None  # only for GenerateStream callers
     started_at: datetime | None = None
 
-    @property
-    def gen_tokens_for_policy(self) -> int:
-        """G(p) the policy plans with: a request never generates more than max_new_tokens."""
+    def gen_tokens_for(self, uses_true_lengths: bool) -> int:
+        """G(p) the policy plans with: a request never generates more than max_new_tokens.
+
+        uses_true_lengths (the oracle): max_new_tokens itself, the true length when a benchmark
+        replays recorded lengths (trace replay stops every request exactly there).
+        """
+        if uses_true_lengths:
+            return max(1, self.generation.max_new_tokens)
         return max(1, min(self.prediction.predicted_tokens, self.generation.max_new_tokens))
 
 

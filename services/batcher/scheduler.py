@@ -115,7 +115,8 @@ class Scheduler:
         """Insert a predicted request into a queued batch (or a new one). Raises if it cannot."""
         self.check_capacity(request.generation.tenant_id)
         budget = self.memory_budget()
-        member = Member(request.request_id, request.prediction.input_tokens, request.gen_tokens_for_policy, request.arrival_s)
+        gen_tokens = request.gen_tokens_for(self.policy.uses_true_lengths)
+        member = Member(request.request_id, request.prediction.input_tokens, gen_tokens, request.arrival_s)
         if not budget.fits(1, member.input_tokens, member.gen_tokens):
             raise ResourceExhausted(
                 f"request needs {(member.input_tokens + member.gen_tokens) * (budget.kv_bytes_per_token or 0)} "

@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 GRIDS: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
     "small": ((1, 4, 8), (16, 64, 128), (8, 16, 32)),
     "full": ((1, 2, 4, 8, 16, 32, 64), (32, 128, 512, 1024, 2048), (16, 64, 128, 256, 512)),
+    # a 7B shape on one H100/H200 in about a minute (timed once each): the paper tasks' range
+    "gpu": ((1, 8, 32, 96, 256), (32, 160, 640), (16, 64, 256)),
 }
+REPEATS = {"small": 3, "full": 3, "gpu": 1}
 SEED = 0
 
 
@@ -123,6 +126,22 @@ async def store_samples(database_url: str, samples: list[Sample], device: str) -
     return len(rows)
 
 
+async def calibrate_if_missing(engine: StaticBatchEngine, grid: str, database_url: str) -> int:
+    """Time `grid` and store it unless the engine's device has samples; returns the rows written."""
+    from services.shared.db import upgrade
+
+    await asyncio.to_thread(upgrade, database_url)
+    device = engine.device_name
+    if num_existing := await count_samples(database_url, device):
+        log.info("%d calibration samples for %s already stored; not calibrating", num_existing, device)
+        return 0
+    started_s = time.monotonic()
+    samples = await asyncio.to_thread(calibrate, engine, grid_shapes(grid), repeats=REPEATS[grid], show_progress=False)
+    log.info("calibrated %d shapes on %s in %.1f s:\n%s", len(samples), device, time.monotonic() - started_s,
+             format_table(samples))
+    return await store_samples(database_url, samples, device)
+
+
 async def count_samples(database_url: str, device: str) -> int:
     """Calibration samples already stored for `device`."""
     from sqlalchemy import func, select
@@ -150,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="", help="HF model folder (default: MAGNUS_MODEL or the tiny Qwen2)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per shape; the median is stored")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per shape, the median is stored "
+                        "(default: 3, 1 for the gpu grid)")
     parser.add_argument(
         "--if-missing", action="store_true", help="do nothing if this device already has calibration samples"
     )
@@ -170,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started_s = time.monotonic()
     engine = StaticBatchEngine(resolve_model_dir(args.model), device=args.device, dtype=args.dtype)
-    samples = calibrate(engine, grid_shapes(args.grid), repeats=args.repeats)
+    samples = calibrate(engine, grid_shapes(args.grid), repeats=args.repeats or REPEATS[args.grid])
     print(format_table(samples))
     print(f"{len(samples)} shapes on {engine.device_name} in {time.monotonic() - started_s:.1f} s")
     if args.no_store:

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from services.shared.tokenizer import load_tokenizer
 from services.worker.fast_decoder import is_supported
+from services.worker.model_builder import build_random_model, has_random_weights
 from services.worker.static_backend import KVCacheFull, StaticCacheBackend
 
 log = logging.getLogger(__name__)
@@ -133,16 +134,21 @@ class StaticBatchEngine:
         attention: str = "sdpa",
         loaded: tuple[object, object] | None = None,
         trace_replay: bool = False,
+        max_cuda_graphs: int = 256,
     ) -> None:
         """Load the model and tokenizer from `model_dir`.
 
         loaded: an already built (model, tokenizer) to serve instead, for benchmarks that build a
-        random-weight 7B shape in place; `model_dir` then only names it.
+        random-weight 7B shape in place; `model_dir` then only names it. A `model_dir` written by
+        `model_builder.write_random_shape_folder` (config + tokenizer, no weights) gets seeded
+        random weights built on the device.
         trace_replay: ignore EOS and stop every request exactly at its max_new_tokens (benchmarks
         replaying recorded lengths on random weights); never for serving.
 
         backend: "hf" (plain `generate`), "static" (preallocated KV pool, decode steps as CUDA
         graphs on GPUs; Llama-family models only) or "auto" (static on CUDA when supported).
+
+        max_cuda_graphs: captured decode steps kept, one per (batch size, 32-token length bucket).
 
         cpu_kv_budget_bytes: Theta announced on CPU, bytes. cuda_reserve_bytes: kept free on CUDA
         for activations and allocator slack, bytes. simulate_oom_above_tokens: test hook, raise
@@ -154,7 +160,11 @@ class StaticBatchEngine:
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
         self.trace_replay = trace_replay
         started_s = time.monotonic()
-        if loaded is None:
+        if loaded is None and has_random_weights(self.model_dir):
+            self.tokenizer = load_tokenizer(self.model_dir)
+            config = AutoConfig.from_pretrained(self.model_dir)
+            self.model = build_random_model(config, self.device, self.dtype)
+        elif loaded is None:
             self.tokenizer = load_tokenizer(self.model_dir)
             self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
         else:
@@ -175,6 +185,7 @@ class StaticBatchEngine:
                 use_cuda_graphs=use_cuda_graphs,
                 attention=attention,
                 compile_layers=use_cuda_graphs,  # the measured fastest on an H200 (reports/gpu/engine.md)
+                max_graphs=max_cuda_graphs,
             )
             self.free_kv_bytes = capacity_tokens * self.kv_bytes_per_token  # exactly what the pool holds
         self.backend_name = "static" if self.static else "hf"

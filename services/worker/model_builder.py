@@ -130,6 +130,58 @@ def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
             raise
 
 
+# Llama-2-7B's layer shapes (32 layers, 32 heads without grouping, hidden 4096, MLP 11008).
+LLAMA2_7B_SHAPE = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+)
+RANDOM_MARKER = "RANDOM_WEIGHTS"  # a folder holding it has config + tokenizer only: build the weights
+
+
+def write_random_shape_folder(out_dir: Path | str, shape: dict = LLAMA2_7B_SHAPE) -> Path:
+    """A model folder with a Llama config of `shape`, Qwen's tokenizer and no weights (benchmarks).
+
+    The vocabulary is Qwen's, so the services' token counts are the worker's; a 7B shape is then
+    Llama-2-7B's layers with a 151k-token embedding and head. The worker builds seeded random
+    weights on the device when it loads such a folder (`build_random_model`).
+    """
+    from transformers import GenerationConfig, LlamaConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_qwen_tokenizer()
+    eos_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, **shape
+    )
+    config.save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False).save_pretrained(
+        out_dir
+    )
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / RANDOM_MARKER).write_text("weights are built at load time with torch.manual_seed(0)\n")
+    return out_dir
+
+
+def has_random_weights(model_dir: Path) -> bool:
+    return (model_dir / RANDOM_MARKER).is_file()
+
+
+def build_random_model(config, device, dtype, seed: int = SEED):
+    """A causal LM of `config` with seeded random weights, created directly on `device` in `dtype`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def resolve_model_dir(model: str = "") -> Path:
     """The folder to serve: `model` or MAGNUS_MODEL if set (never built), else the tiny default."""
     model = model or serving_model_setting()
@@ -144,8 +196,15 @@ def resolve_model_dir(model: str = "") -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the tiny random Qwen2 default model offline.")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="target folder")
+    parser.add_argument(
+        "--random-7b-shape", action="store_true",
+        help="write a Llama-2-7B-shaped config + tokenizer without weights (built at load; benchmarks)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.random_7b_shape:
+        print(f"{write_random_shape_folder(args.out)}: Llama-2-7B shape, weights built at load")
+        return
     was_complete = is_complete(args.out)
     started_s = time.monotonic()
     build_tiny_qwen2(args.out)

@@ -12,6 +12,7 @@ import logging
 from magnus.v1 import worker_queue_pb2_grpc as pb_grpc
 from services.shared.channels import open_channel
 from services.shared.server import ServiceRunner
+from services.worker.calibrate import calibrate_if_missing
 from services.worker.config import WorkerSettings
 from services.worker.engine import StaticBatchEngine
 from services.worker.model_builder import resolve_model_dir
@@ -33,6 +34,7 @@ def load_engine(settings: WorkerSettings) -> StaticBatchEngine:
         backend=settings.backend,
         use_cuda_graphs=settings.use_cuda_graphs,
         trace_replay=settings.trace_replay,
+        max_cuda_graphs=settings.max_cuda_graphs,
     )
 
 
@@ -76,6 +78,8 @@ async def serve(
             await runner.stop()
             return
         engine = load_task.result()
+    if settings.calibrate_grid:
+        await calibrate_if_missing(engine, settings.calibrate_grid, settings.database_url)
 
     async def on_registered() -> None:
         await runner.set_serving(True)

@@ -31,7 +31,8 @@ class PolicyConfig:
     max_batch_size: fixed batch size for VS/GLP, an optional ceiling otherwise; None = no limit.
     use_memory_cap: enforce MEM(B) = |B| (L+G) Delta <= Theta by predicted lengths.
     uses_predictions: False for VS, which batches without knowing lengths.
-    uses_true_lengths: the oracle's upper bound; only a simulator can supply true lengths.
+    uses_true_lengths: the oracle's upper bound: the simulator supplies true lengths; the batcher
+      takes max_new_tokens as the true length (exact in trace replay, where a request stops there).
     memory_fill_fraction: share of Theta a batch may fill by *predicted* lengths; the rest is
       headroom for under-predictions, each of which would otherwise cost an OOM and a split.
     """
@@ -57,7 +58,9 @@ class PolicyConfig:
             raise ValueError(f"{self.name}: FCFS insertion needs a fixed max_batch_size")
 
 
-POLICY_NAMES = ("vs", "glp", "abp", "magnus", "magnus_sw", "oracle")
+POLICY_NAMES = ("vs", "glp", "abp", "magnus", "magnus_sw", "oracle")  # the simulator's (static batching)
+# ccb serves continuous-batching workers, which the static-batch simulator does not model
+SERVING_POLICY_NAMES = (*POLICY_NAMES, "ccb")
 
 
 def make_policy(
@@ -98,4 +101,8 @@ def make_policy(
         return PolicyConfig(
             name, InsertMode.WMA, ChooseMode.HRRN, phi_token_reads, max_batch_size, True, True, True
         )
-    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    if name == "ccb":
+        # FCFS continuous batching (the paper's CCB baseline): every request is its own lease, and
+        # a worker in continuous mode pulls one whenever a slot of its running batch frees.
+        return PolicyConfig(name, InsertMode.FCFS, ChooseMode.FCFS, None, 1, False, False)
+    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(SERVING_POLICY_NAMES)}")

@@ -1,0 +1,306 @@
+"""End to end on one GPU: the five services, a 7B-shape model, each policy on identical arrivals.
+
+Starts the stack (tools/stack.py: five processes, SQLite log) with the worker serving a Llama-2-7B
+shape with seeded random weights in trace replay (every request stops exactly at its reference
+output length), then for each policy restarts the batcher and replays the workload
+(bench/e2e_workload.py) as Poisson arrivals at each rate: the same requests and the same arrival
+times for every policy. The worker calibrates the estimator's first version on this device before
+it registers; the trainer runs with its rounds pushed out of the run so every policy sees the same
+model versions. `ccb` restarts the worker in continuous-batching mode.
+
+Per request it records queued/started/finished, predicted and true length, batch; per batch the
+log DB's shape, estimated and actual time. Everything lands in OUT/e2e_raw.json as it is measured
+(a run cut off by its time limit keeps what it finished); `bench/gpu_e2e_report.py` makes the
+table, plots and reports/gpu/e2e.json from one or more raw files.
+
+    python bench/gpu_e2e.py --workload var/e2e/workload.jsonl --state var/e2e/state --out OUT \\
+        --policies vs,magnus --rates 10,20,40,80,160 --requests-per-rate 200
+    python bench/gpu_e2e.py --tiny ...   # the same on the CPU with the tiny model: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import shutil
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from magnus.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
+from tools.stack import Stack  # noqa: E402
+
+CONTEXT_TOKENS = 4096  # Llama-2-7B's context: a careful operator sizes vs for requests this long
+WARMUP_REQUESTS = 16
+ARRIVAL_SEED = 20241122
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load_workload(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def arrival_offsets_s(count: int, rate_per_s: float, seed: int) -> list[float]:
+    rng, at_s, offsets = random.Random(seed), 0.0, []
+    for _ in range(count):
+        offsets.append(at_s)
+        at_s += rng.expovariate(rate_per_s)
+    return offsets
+
+
+async def send_all(target: str, rows: list[dict], offsets_s: list[float], tag: str) -> list[dict]:
+    """Send each row at its offset; one record per request, answered or not."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        started_s = time.monotonic()
+
+        async def one(index: int, row: dict, offset_s: float) -> dict:
+            await asyncio.sleep(max(0.0, started_s + offset_s - time.monotonic()))
+            prompt = generation_pb2.Prompt(
+                instruction=row["instruction"], user_input=row["user_input"], max_new_tokens=row["gen_tokens"],
+                tenant_id="e2e", client_request_id=f"{tag}-{index}",
+            )
+            sent_s = time.monotonic()
+            record = dict(task=row["task"], input_tokens=row["input_tokens"], true_gen_tokens=row["gen_tokens"],
+                          sent_s=sent_s - started_s)
+            try:
+                response = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=900)
+            except grpc.aio.AioRpcError as error:
+                record.update(status=error.code().name, error=error.details(), latency_s=time.monotonic() - sent_s)
+                return record
+            timings = response.timings
+            record.update(
+                status="OK", latency_s=time.monotonic() - sent_s, done_s=time.monotonic() - started_s,
+                predicted_tokens=response.predicted_tokens, generated_tokens=response.generated_tokens,
+                batch_id=response.batch_id, batch_size=response.batch_size,
+                is_prediction_fallback=response.is_prediction_fallback,
+                queued_at_s=timings.queued_at.ToNanoseconds() / 1e9,
+                started_at_s=timings.started_at.ToNanoseconds() / 1e9,
+                finished_at_s=timings.finished_at.ToNanoseconds() / 1e9,
+                queue_wait_s=timings.queue_wait_s, run_s=timings.run_s,
+            )
+            return record
+
+        return await asyncio.gather(*(one(i, r, o) for i, (r, o) in enumerate(zip(rows, offsets_s, strict=True))))
+
+
+def batch_rows(database: Path, batch_ids: set[str]) -> list[dict]:
+    """The log DB's rows of these batches (every attempt, OOM splits included), by batch id."""
+    if not batch_ids:
+        return []
+    with sqlite3.connect(database) as connection:
+        connection.row_factory = sqlite3.Row
+        rows = connection.execute(
+            "SELECT id, size, input_tokens_max, predicted_gen_tokens_max, actual_gen_tokens_max, estimated_s, "
+            "actual_s, outcome, parent_batch_id, valid_tokens, total_tokens FROM batches"
+        ).fetchall()
+    wanted = [dict(r) for r in rows]
+    parents = {r["parent_batch_id"] for r in wanted if r["id"] in batch_ids}
+    return [r for r in wanted if r["id"] in batch_ids or r["id"] in parents]
+
+
+def count_calibration_samples(database: Path) -> int:
+    try:
+        with sqlite3.connect(database) as connection:
+            return connection.execute("SELECT count(*) FROM batch_time_samples WHERE source='calibration'").fetchone()[0]
+    except sqlite3.OperationalError:  # not migrated yet
+        return 0
+
+
+def engine_line(stack: Stack) -> dict:
+    """Delta and Theta as the worker logged them at load."""
+    match = re.search(r"Delta=(\d+) bytes/token, Theta=(\d+) bytes", stack.log_path("worker").read_text())
+    if not match:
+        raise RuntimeError(f"worker never logged its memory model:\n{stack.log_tail('worker')}")
+    return {"kv_bytes_per_token": int(match[1]), "theta_bytes": int(match[2])}
+
+
+def wait_for(predicate, what: str, stack: Stack, timeout_s: float, watch: str = "worker") -> None:
+    deadline_s = time.monotonic() + timeout_s
+    while not predicate():
+        process = stack.processes.get(watch)
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{watch} exited while waiting for {what}:\n{stack.log_tail(watch, 60)}")
+        if time.monotonic() > deadline_s:
+            raise TimeoutError(f"no {what} after {timeout_s:.0f} s:\n{stack.log_tail(watch, 60)}")
+        time.sleep(0.5)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workdir = args.workdir
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True)
+        shutil.copy(args.state / "log.db", self.workdir / "log.db")
+        shutil.copytree(args.state / "model-store", self.workdir / "model-store")
+        with sqlite3.connect(self.workdir / "log.db") as connection:  # store-relative: the folder moved
+            connection.execute("UPDATE model_versions SET artifact_uri = kind || '/v' || version || '.joblib'")
+        self.database = self.workdir / "log.db"
+        self.model_dir = self._model_dir()
+        self.stack = Stack(
+            workdir=self.workdir,
+            database_url=f"sqlite+aiosqlite:///{self.database}",
+            model_store_dir=self.workdir / "model-store",
+            extra_env=self._env(),
+        )
+        self.raw: dict = {"command": " ".join(["python", *sys.argv]), "policies": {}, "setup": {}}
+
+    def _model_dir(self) -> str:
+        if self.args.tiny:
+            return ""  # the default tiny Qwen2
+        from services.worker.model_builder import write_random_shape_folder
+
+        return str(write_random_shape_folder(self.workdir / "llama2-7b-shape"))
+
+    def _env(self) -> dict[str, str]:
+        pending = str(10 * self.args.requests_per_rate + 1000)
+        return {
+            "MAGNUS_MODEL": self.model_dir,
+            "MAGNUS_WORKER_DEVICE": "cpu" if self.args.tiny else "cuda",
+            "MAGNUS_WORKER_TRACE_REPLAY": "true",
+            "MAGNUS_WORKER_CALIBRATE_GRID": "small" if self.args.tiny else "gpu",
+            "MAGNUS_WORKER_BACKOFF_MAX_S": "1",
+            "MAGNUS_WORKER_PULL_WAIT_S": "2",
+            "MAGNUS_WORKER_CUDA_RESERVE_BYTES": str(int(self.args.reserve_gib * 2**30)),
+            "MAGNUS_TRAINER_PREDICTOR_PERIOD_S": "86400",  # same model versions for every policy
+            "MAGNUS_TRAINER_ESTIMATOR_PERIOD_S": "86400",
+            "MAGNUS_BATCHER_MAX_PENDING_REQUESTS": pending,
+            "MAGNUS_BATCHER_MAX_PENDING_PER_TENANT": pending,
+            "MAGNUS_BATCHER_LEASE_S": "600",  # a long static batch must not be requeued mid-run
+        }
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def start(self) -> None:
+        stack, started_s = self.stack, time.monotonic()
+        stack.start("predictor")
+        stack.start("worker")
+        stack.wait_healthy(("predictor",), timeout_s=300)
+        say("predictor serving; worker loading and calibrating")
+        wait_for(lambda: count_calibration_samples(self.database) > 0, "calibration samples", stack, timeout_s=900)
+        memory = engine_line(stack)
+        self.raw["setup"].update(memory, calibration_s=time.monotonic() - started_s)
+        say(f"worker calibrated after {time.monotonic() - started_s:.0f} s: {memory}")
+        import subprocess
+
+        subprocess.run([sys.executable, "-m", "services.estimator.bootstrap", "--if-missing"],
+                       env=stack.env(), check=True, cwd=Path(__file__).resolve().parents[1])
+        stack.start("estimator")
+        stack.start("trainer")
+        stack.wait_healthy(("estimator", "trainer"), timeout_s=120)
+
+    def fixed_batch_size(self) -> int:
+        """vs's batch and ccb's slots: as many max-context requests as Theta holds (never an OOM)."""
+        if self.args.fixed_batch_size:
+            return self.args.fixed_batch_size
+        memory = engine_line(self.stack)
+        context = 512 if self.args.tiny else CONTEXT_TOKENS
+        return max(1, memory["theta_bytes"] // (memory["kv_bytes_per_token"] * context))
+
+    def start_batcher(self, policy: str) -> None:
+        self.stack.stop("batcher")
+        env = {
+            "MAGNUS_BATCHER_POLICY": policy,
+            "MAGNUS_BATCHER_FIXED_BATCH_SIZE": str(self.fixed_batch_size()),
+            "MAGNUS_BATCHER_MAX_BATCH_SIZE": str(self.args.max_batch_size),
+        }
+        self.stack.start("batcher", env)
+        self.stack.wait_healthy(("batcher",), timeout_s=120)
+
+    def restart_worker(self, mode: str) -> None:
+        self.stack.stop("worker", timeout_s=60)
+        self.stack.start("worker", {"MAGNUS_WORKER_MODE": mode,
+                                    "MAGNUS_WORKER_CONTINUOUS_SLOTS": str(self.fixed_batch_size())})
+
+    # ---- one policy ---------------------------------------------------------------------------
+    def run_policy(self, policy: str, workload: list[dict]) -> None:
+        mode = "continuous" if policy == "ccb" else "static"
+        if mode != getattr(self, "worker_mode", "static"):
+            self.restart_worker(mode)
+            self.worker_mode = mode
+        self.start_batcher(policy)
+        warmup = workload[-WARMUP_REQUESTS:]  # not measured: waits for the worker to (re)register
+        asyncio.run(send_all(self.stack.target("batcher"), warmup, [0.0] * len(warmup), f"{policy}-warmup"))
+        result = self.raw["policies"].setdefault(policy, {"fixed_batch_size": self.fixed_batch_size(), "rates": {}})
+        n = self.args.requests_per_rate
+        for index, rate in enumerate(self.args.rate_list):
+            rows = workload[index * n:(index + 1) * n]  # per rate its own requests, the same for every policy
+            offsets = arrival_offsets_s(len(rows), rate, ARRIVAL_SEED + index)
+            started_s = time.monotonic()
+            records = asyncio.run(send_all(self.stack.target("batcher"), rows, offsets, f"{policy}-{rate}"))
+            wall_s = time.monotonic() - started_s
+            batches = self.logged_batches({r["batch_id"] for r in records if r.get("batch_id")})
+            result["rates"][str(rate)] = {"wall_s": wall_s, "requests": records, "batches": batches}
+            ok = [r for r in records if r["status"] == "OK"]
+            mean_s = sum(r["latency_s"] for r in ok) / max(1, len(ok))
+            say(f"{policy:9s} rate {rate:6.1f}/s: {len(ok)}/{len(records)} ok, "
+                f"{len(ok) / max(r['done_s'] for r in ok) if ok else 0:.1f} req/s done, mean {mean_s:.2f} s, "
+                f"{len(batches)} batches")
+            self.save()
+
+    def logged_batches(self, batch_ids: set[str], timeout_s: float = 15.0) -> list[dict]:
+        """The batches' log rows, once the batcher's log writer (it batches rows) has flushed them all."""
+        deadline_s = time.monotonic() + timeout_s
+        while True:
+            rows = batch_rows(self.database, batch_ids)
+            if batch_ids <= {r["id"] for r in rows} or time.monotonic() > deadline_s:
+                return rows
+            time.sleep(0.3)
+
+    def save(self) -> None:
+        self.args.out.mkdir(parents=True, exist_ok=True)
+        (self.args.out / "e2e_raw.json").write_text(json.dumps(self.raw))
+
+    def collect_logs(self) -> None:
+        logs = self.args.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for path in (self.workdir / "logs").glob("*.log"):
+            shutil.copy(path, logs / path.name)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", type=Path, default=Path("var/e2e/workload.jsonl"))
+    parser.add_argument("--state", type=Path, default=Path("var/e2e/state"),
+                        help="folder with log.db and model-store holding the predictor's first version")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/magnus-e2e"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--policies", default="vs,glp,abp,magnus,magnus_sw,oracle,ccb")
+    parser.add_argument("--rates", default="10,20,40,80,160", help="Poisson arrival rates, requests/s")
+    parser.add_argument("--requests-per-rate", type=int, default=200)
+    parser.add_argument("--fixed-batch-size", type=int, default=0, help="vs batch / ccb slots; 0 = Theta / context")
+    parser.add_argument("--max-batch-size", type=int, default=256, help="ceiling of the adaptive policies")
+    parser.add_argument("--reserve-gib", type=float, default=6.0, help="GPU memory kept out of Theta")
+    parser.add_argument("--tiny", action="store_true", help="tiny CPU model: a smoke test of the driver")
+    args = parser.parse_args()
+    args.rate_list = [float(r) for r in args.rates.split(",")]
+    policies = [p for p in args.policies.split(",") if p]
+    policies.sort(key=lambda p: p == "ccb")  # the continuous worker last: one worker restart
+    workload = load_workload(args.workload)
+    if len(workload) < len(args.rate_list) * args.requests_per_rate + WARMUP_REQUESTS:
+        sys.exit(f"{args.workload} has {len(workload)} rows; need rates x requests-per-rate + {WARMUP_REQUESTS}")
+    bench = Bench(args)
+    try:
+        bench.start()
+        for policy in policies:
+            bench.run_policy(policy, workload)
+    finally:
+        bench.stack.stop_all()
+        bench.collect_logs()
+        bench.save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

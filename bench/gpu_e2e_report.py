@@ -1,0 +1,174 @@
+"""Table, plots and reports/gpu/e2e.json from the raw files bench/gpu_e2e.py wrote.
+
+    python bench/gpu_e2e_report.py RAW.json [RAW2.json ...] --device "NVIDIA H200" --out reports/gpu
+
+Per policy and rate: request throughput = answered / (last answer - first arrival), mean and p99
+latency (client side), valid-token throughput (tokens some request asked for) and total-token
+throughput (slots the engine computed, padding and finished rows included), batches, OOM splits,
+and the predictor's and estimator's errors on the replayed traffic. A rate counts as sustained when
+the throughput is at least `SUSTAINED_SHARE` of it; a policy's saturation throughput is its highest
+measured throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+SUSTAINED_SHARE = 0.9
+ORDER = ("vs", "ccb", "glp", "abp", "magnus", "magnus_sw", "oracle")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def summarize_rate(rate: float, measured: dict) -> dict:
+    records, batches = measured["requests"], measured["batches"]
+    ok = [r for r in records if r["status"] == "OK"]
+    makespan_s = max((r["done_s"] for r in ok), default=float("nan"))
+    latencies = [r["latency_s"] for r in ok]
+    done_batches = [b for b in batches if b["outcome"] == "ok"]
+    timed = [b for b in done_batches if b["estimated_s"] and b["actual_s"] is not None]
+    return {
+        "offered_rate_per_s": rate,
+        "requests": len(records),
+        "answered_ok": len(ok),
+        "errors": len(records) - len(ok),
+        "requests_per_s": len(ok) / makespan_s,
+        "mean_latency_s": statistics.fmean(latencies) if latencies else float("nan"),
+        "p50_latency_s": percentile(latencies, 0.5),
+        "p99_latency_s": percentile(latencies, 0.99),
+        "mean_queue_wait_s": statistics.fmean(r["queue_wait_s"] for r in ok) if ok else float("nan"),
+        "valid_tokens_per_s": sum(r["generated_tokens"] for r in ok) / makespan_s,
+        "total_tokens_per_s": sum(b["total_tokens"] or 0 for b in done_batches) / makespan_s,
+        "batches": len(done_batches),
+        "mean_batch_size": statistics.fmean(b["size"] for b in done_batches) if done_batches else float("nan"),
+        "oom_batches": sum(b["outcome"] == "oom" for b in batches),
+        "estimator_mae_s": statistics.fmean(abs(b["estimated_s"] - b["actual_s"]) for b in timed) if timed else None,
+        "mean_batch_s": statistics.fmean(b["actual_s"] for b in done_batches if b["actual_s"]) if done_batches else None,
+        "predictor_mae_tokens": statistics.fmean(abs(r["predicted_tokens"] - r["true_gen_tokens"]) for r in ok)
+        if ok else float("nan"),
+        "generated_equals_true": all(r["generated_tokens"] == r["true_gen_tokens"] for r in ok),
+    }
+
+
+def merge_raw(paths: list[Path]) -> tuple[dict, list[str], dict]:
+    """Policies from several runs (a later file's policy replaces an earlier one's)."""
+    policies, commands, setup = {}, [], {}
+    for path in paths:
+        raw = json.loads(path.read_text())
+        commands.append(raw["command"])
+        setup.setdefault("runs", []).append(raw.get("setup", {}))
+        for name, result in raw["policies"].items():
+            if result["rates"]:
+                policies[name] = result
+    return policies, commands, setup
+
+
+def summarize(policies: dict) -> dict:
+    summary = {}
+    for name in sorted(policies, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        rates = {float(r): summarize_rate(float(r), m) for r, m in policies[name]["rates"].items()}
+        sustained = [r for r, s in rates.items() if s["requests_per_s"] >= SUSTAINED_SHARE * r and not s["errors"]]
+        summary[name] = {
+            "fixed_batch_size": policies[name].get("fixed_batch_size"),
+            "saturated_requests_per_s": max(s["requests_per_s"] for s in rates.values()),
+            "highest_sustained_rate_per_s": max(sustained, default=None),
+            "mean_latency_s": {_key(r): s["mean_latency_s"] for r, s in sorted(rates.items())},
+            "p99_latency_s": {_key(r): s["p99_latency_s"] for r, s in sorted(rates.items())},
+            "rates": {_key(r): s for r, s in sorted(rates.items())},
+        }
+    return summary
+
+
+def _key(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def headline(summary: dict) -> dict:
+    """magnus against vs: the issue's two targets, and magnus against ccb and oracle."""
+    if "vs" not in summary or "magnus" not in summary:
+        return {}
+    vs, magnus = summary["vs"], summary["magnus"]
+    out = {"throughput_ratio_magnus_vs": magnus["saturated_requests_per_s"] / vs["saturated_requests_per_s"]}
+    rate = vs["highest_sustained_rate_per_s"]
+    if rate is not None and _key(rate) in magnus["mean_latency_s"]:
+        out["latency_rate_per_s"] = rate
+        out["mean_latency_ratio_magnus_vs"] = magnus["mean_latency_s"][_key(rate)] / vs["mean_latency_s"][_key(rate)]
+    for other in ("ccb", "oracle", "magnus_sw", "abp", "glp"):
+        if other in summary:
+            out[f"throughput_ratio_magnus_{other}"] = (
+                magnus["saturated_requests_per_s"] / summary[other]["saturated_requests_per_s"]
+            )
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = [
+        "| policy | rate /s | req/s | mean s | p99 s | valid tok/s | total tok/s | batches | mean size | OOM | pred MAE | est MAE s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, result in summary.items():
+        for rate, s in result["rates"].items():
+            est = f"{s['estimator_mae_s']:.2f}" if s["estimator_mae_s"] is not None else "-"
+            lines.append(
+                f"| {name} | {rate} | {s['requests_per_s']:.1f} | {s['mean_latency_s']:.2f} | {s['p99_latency_s']:.2f} "
+                f"| {s['valid_tokens_per_s']:.0f} | {s['total_tokens_per_s']:.0f} | {s['batches']} "
+                f"| {s['mean_batch_size']:.1f} | {s['oom_batches']} | {s['predictor_mae_tokens']:.1f} | {est} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for name, result in summary.items():
+        rates = [float(r) for r in result["rates"]]
+        series = list(result["rates"].values())
+        axes[0].plot(rates, [s["requests_per_s"] for s in series], marker="o", label=name)
+        axes[1].plot(rates, [s["mean_latency_s"] for s in series], marker="o", label=name)
+        axes[2].plot(rates, [s["p99_latency_s"] for s in series], marker="o", label=name)
+    top = max(float(r) for result in summary.values() for r in result["rates"])
+    axes[0].plot([0, top], [0, top], color="grey", linestyle=":", label="offered")
+    for axis, title in zip(axes, ("answered requests/s", "mean latency, s", "p99 latency, s"), strict=True):
+        axis.set_xlabel("Poisson arrival rate, requests/s")
+        axis.set_title(title)
+        axis.set_xscale("log", base=2)
+        axis.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("raw", type=Path, nargs="+")
+    parser.add_argument("--device", required=True, help="the GPU the raw files were measured on")
+    parser.add_argument("--out", type=Path, default=Path("reports/gpu"))
+    args = parser.parse_args()
+    policies, commands, setup = merge_raw(args.raw)
+    summary = summarize(policies)
+    result = {"device": args.device, "commands": commands, "setup": setup, "headline": headline(summary),
+              "policies": summary}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "e2e.json").write_text(json.dumps(result, indent=2))
+    (args.out / "e2e_table.md").write_text(table(summary) + "\n")
+    plot(summary, args.out / "e2e.png")
+    print(table(summary))
+    print(json.dumps(result["headline"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
