@@ -71,6 +71,23 @@ class WorkerSettings(ServiceSettings):
         "decode steps replayed as CUDA graphs (Llama-family models); auto = static on CUDA when supported.",
     )
     use_cuda_graphs: bool = Field(True, description="Capture and replay decode steps (static backend, CUDA only).")
+    max_cuda_graphs: int = Field(
+        1024, ge=1, description="Captured decode steps kept (one per batch size and 32-token length bucket)."
+    )
+    mode: Literal["static", "continuous"] = Field(
+        "static",
+        description="static = run each leased batch to its end (the paper's static batching); continuous = "
+        "keep `continuous_slots` rows decoding and join each pulled request as soon as a row frees (FCFS "
+        "continuous batching; pair with the batcher's `ccb` policy). Continuous needs the static backend.",
+    )
+    continuous_slots: int = Field(
+        64, ge=1, description="Rows of the running batch in continuous mode; each holds KV for Theta / slots tokens."
+    )
+    calibrate_grid: Literal["", "small", "full", "gpu"] = Field(
+        "",
+        description="Before registering, time the engine over this grid of batch shapes and store the samples "
+        "for the estimator's first version, unless this device already has samples; empty = never.",
+    )
     trace_replay: bool = Field(
         False,
         description="Benchmarks only: ignore EOS and stop every request at its max_new_tokens, which the "
