@@ -95,6 +95,16 @@ class WorkerSettings(ServiceSettings):
     )
 
     @model_validator(mode="after")
+    def _check_continuous(self) -> WorkerSettings:
+        if self.mode == "continuous" and (self.slowdown_factor != 1.0 or self.slowdown_step_s):
+            raise ValueError("the slowdown test hooks wrap static batches; they do not apply in continuous mode")
+        if self.mode == "continuous" and self.backend == "hf":
+            raise ValueError("continuous mode runs on the static backend (KV pool); backend 'hf' cannot")
+        if self.mode == "continuous":
+            self.backend = "static"  # "auto" would pick plain generate on a CPU
+        return self
+
+    @model_validator(mode="after")
     def _check_backoff(self) -> WorkerSettings:
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError(

@@ -2,7 +2,8 @@
 
 Plain `generate` spends most of a decode step in host overhead (../shared/reference/
 gpu_baseline.md: 7x-22x over the memory-bandwidth limit). Here the KV cache is one preallocated
-pool, every row of a left-padded batch writes its new token at the same cache position, and one
+pool, every row of a left-padded batch writes its new token at the same cache position (a
+continuous batch's rows each at their own: `DecodeState.is_ragged`), and one
 decode step is a fixed sequence of kernels over fixed addresses: it can be captured once per
 (batch size, attention length bucket) and replayed. On the CPU the same step runs eagerly, which is
 how CI tests it.
@@ -161,19 +162,29 @@ class LlamaFamilyDecoder:
         """Advance every row by one token, in place on `state` (no host sync: graph-capturable).
 
         Reads state.tokens at rope positions state.positions, writes K/V at cache position
-        state.write_index, attends over cache positions [0, attend_tokens), writes the greedy next
-        token back into state.tokens and advances positions and write_index.
+        state.write_index (one for all rows, or each row its own when state.is_ragged), attends
+        over cache positions [0, attend_tokens), writes the greedy next token back into
+        state.tokens and advances positions and write_index.
         """
         batch = state.tokens.shape[0]
-        state.mask.index_fill_(-1, state.write_index, 0.0)  # the new position becomes visible
+        kv_index = None  # static batches keep index_copy_ (measured on an H200); ragged rows scatter
+        if state.is_ragged:
+            state.mask.view(batch, -1).scatter_(1, state.write_index[:, None], 0.0)
+            kv_index = state.write_index.view(batch, 1, 1, 1).expand(batch, self.num_kv_heads, 1, self.head_dim)
+        else:
+            state.mask.index_fill_(-1, state.write_index, 0.0)  # the new position becomes visible
         mask = state.mask[..., :attend_tokens]
         cos = self.cos_table.index_select(0, state.positions)[:, None]  # [B, 1, D]
         sin = self.sin_table.index_select(0, state.positions)[:, None]
         hidden = F.embedding(state.tokens[:, None], self.embed)  # [B, 1, hidden]
         for layer, k_cache, v_cache in zip(self.layers, state.k_views, state.v_views, strict=True):
             q, k, v = self.pre_attention(hidden, layer.input_norm, layer.qkv, layer.qkv_bias, cos, sin)
-            k_cache.index_copy_(2, state.write_index, k)
-            v_cache.index_copy_(2, state.write_index, v)
+            if kv_index is None:
+                k_cache.index_copy_(2, state.write_index, k)
+                v_cache.index_copy_(2, state.write_index, v)
+            else:
+                k_cache.scatter_(2, kv_index, k)
+                v_cache.scatter_(2, kv_index, v)
             keys, values = k_cache[:, :, :attend_tokens], v_cache[:, :, :attend_tokens]
             attended = self._decode_attention(q, keys, values, mask, attention).reshape(batch, 1, -1)
             hidden = self.post_attention(hidden, attended, layer.out, layer.post_norm, layer.gate_up, layer.down)
@@ -222,10 +233,12 @@ class DecodeState:
 
     tokens: torch.Tensor  # [B] long: the last token of every row
     positions: torch.Tensor  # [B] long: rope position of that token
-    write_index: torch.Tensor  # [1] long: cache position the step writes
+    write_index: torch.Tensor  # [1] long: cache position the step writes ([B] when is_ragged)
     mask: torch.Tensor  # [B, 1, 1, row_capacity] additive: 0 visible, -inf hidden
     k_views: list[torch.Tensor]  # per layer [B, Hkv, row_capacity, D]
     v_views: list[torch.Tensor]
+    # rows at different lengths (continuous batching): each writes at its own write_index[row]
+    is_ragged: bool = False
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:

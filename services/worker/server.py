@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from magnus.v1 import worker_queue_pb2_grpc as pb_grpc
 from services.shared.channels import open_channel
 from services.shared.server import ServiceRunner
 from services.worker.calibrate import calibrate_if_missing
 from services.worker.config import WorkerSettings
+from services.worker.continuous import ContinuousBatcher
+from services.worker.continuous_loop import ContinuousWorkerLoop
 from services.worker.engine import StaticBatchEngine
 from services.worker.model_builder import resolve_model_dir
 from services.worker.puller import LoopTiming, WorkerIdentity, WorkerLoop
@@ -85,18 +88,33 @@ async def serve(
         await runner.set_serving(True)
 
     channel = open_channel(settings.batcher_target, settings.max_message_bytes)
-    loop = WorkerLoop(
-        pb_grpc.WorkerQueueServiceStub(channel),
-        slow_down(engine, settings.slowdown_factor, settings.slowdown_step_s),
-        identity_of(settings, engine),
-        timing_of(settings),
-        on_registered=on_registered,
-    )
+    stub = pb_grpc.WorkerQueueServiceStub(channel)
+    continuous: ContinuousBatcher | None = None
+    if settings.mode == "continuous":
+        continuous = ContinuousBatcher(engine, settings.continuous_slots)  # ValueError without the static backend
+        continuous.start()
+        # one request holds one row: what the batcher may admit is a row's share of the pool
+        identity = replace(
+            identity_of(settings, engine),
+            free_kv_bytes=continuous.row_capacity_tokens * engine.kv_bytes_per_token,
+            max_batch_size=settings.continuous_slots,
+        )
+        loop: WorkerLoop = ContinuousWorkerLoop(stub, continuous, identity, timing_of(settings), on_registered=on_registered)
+    else:
+        loop = WorkerLoop(
+            stub,
+            slow_down(engine, settings.slowdown_factor, settings.slowdown_step_s),
+            identity_of(settings, engine),
+            timing_of(settings),
+            on_registered=on_registered,
+        )
     loop_task = loop.start()
     await asyncio.wait({loop_task, shutdown}, return_when=asyncio.FIRST_COMPLETED)
     if loop_task.done() and not loop_task.cancelled() and loop_task.exception() is not None:
         log.error("worker loop crashed", exc_info=loop_task.exception())
     await runner.set_serving(False)
     await loop.stop(settings.shutdown_grace_s)
+    if continuous is not None:  # the loop hands work back; the decode thread is the engine's
+        await asyncio.to_thread(continuous.stop, True)
     await channel.close()
     await runner.stop()

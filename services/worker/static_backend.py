@@ -5,13 +5,15 @@ The pool holds `capacity_tokens` tokens of K and V for every layer. A batch of B
 when B (L + G) <= capacity_tokens: Theta = capacity_tokens x Delta is what the worker announces.
 Graphs are captured lazily per (batch size, attention length rounded up to a bucket) and kept in
 an LRU; per batch size the step's input buffers are persistent, so a graph serves every later
-batch of that size.
+batch of that size. Continuous batching (services/worker/continuous.py) has its own "ragged" buffers
+and graphs per batch size, whose rows write at their own cache positions.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -56,16 +58,19 @@ class StaticCacheBackend:
         # zeros, not empty: masked positions get weight 0, and 0 x NaN from stale memory would be NaN
         self.k_pool = torch.zeros(d.num_layers, elements, dtype=d.dtype, device=d.device)
         self.v_pool = torch.zeros(d.num_layers, elements, dtype=d.dtype, device=d.device)
-        self._states: dict[int, DecodeState] = {}
-        self._graphs: OrderedDict[tuple[int, int], torch.cuda.CUDAGraph] = OrderedDict()
+        self._states: dict[tuple[int, bool], DecodeState] = {}  # by (batch size, is_ragged)
+        self._graphs: OrderedDict[tuple[int, int, bool], torch.cuda.CUDAGraph] = OrderedDict()
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
+        self.num_graph_captures = 0
+        self.graph_capture_s = 0.0  # wall time spent capturing (warm-up step included), seconds
 
     # ---- buffers ---------------------------------------------------------------------------
     def row_capacity_tokens(self, batch: int) -> int:
         return self.capacity_tokens // batch
 
-    def _state_for(self, batch: int) -> DecodeState:
-        state = self._states.get(batch)
+    def _state_for(self, batch: int, is_ragged: bool = False) -> DecodeState:
+        """The step buffers of `batch` rows; is_ragged: one write_index per row (continuous batching)."""
+        state = self._states.get((batch, is_ragged))
         if state is None:
             d, row_capacity = self.decoder, self.row_capacity_tokens(batch)
             used = batch * d.num_kv_heads * row_capacity * d.head_dim
@@ -73,12 +78,13 @@ class StaticCacheBackend:
             state = DecodeState(
                 tokens=torch.zeros(batch, dtype=torch.long, device=d.device),
                 positions=torch.zeros(batch, dtype=torch.long, device=d.device),
-                write_index=torch.zeros(1, dtype=torch.long, device=d.device),
+                write_index=torch.zeros(batch if is_ragged else 1, dtype=torch.long, device=d.device),
                 mask=torch.full((batch, 1, 1, row_capacity), float("-inf"), dtype=d.dtype, device=d.device),
                 k_views=[self.k_pool[i, :used].view(shape) for i in range(d.num_layers)],
                 v_views=[self.v_pool[i, :used].view(shape) for i in range(d.num_layers)],
+                is_ragged=is_ragged,
             )
-            self._states[batch] = state
+            self._states[(batch, is_ragged)] = state
         return state
 
     # ---- generation ------------------------------------------------------------------------
@@ -155,11 +161,12 @@ class StaticCacheBackend:
         self._graph_for(state, batch, attend_tokens).replay()
 
     def _graph_for(self, state: DecodeState, batch: int, attend_tokens: int) -> torch.cuda.CUDAGraph:
-        key = (batch, attend_tokens)
+        key = (batch, attend_tokens, state.is_ragged)  # a graph replays the buffers it was captured on
         graph = self._graphs.get(key)
         if graph is not None:
             self._graphs.move_to_end(key)
             return graph
+        started_s = time.perf_counter()
         # warm up once on a side stream (lazy library init must not happen during capture), then
         # restore the step's inputs, which the warm-up advanced
         saved = [t.clone() for t in (state.tokens, state.positions, state.write_index)]
@@ -174,6 +181,10 @@ class StaticCacheBackend:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             self.decoder.decode_step(state, attend_tokens, self.attention)
         self._graphs[key] = graph
+        self.num_graph_captures += 1
+        self.graph_capture_s += time.perf_counter() - started_s
+        if self.num_graph_captures % 100 == 0:  # a serving cost worth seeing: each capture stalls a batch
+            log.info("captured %d decode graphs so far (%.1f s in all)", self.num_graph_captures, self.graph_capture_s)
         if len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return graph
