@@ -14,7 +14,7 @@ log DB's shape, estimated and actual time. Everything lands in OUT/e2e_raw.json 
 table, plots and reports/gpu/e2e.json from one or more raw files.
 
     python bench/gpu_e2e.py --workload var/e2e/workload.jsonl --state var/e2e/state --out OUT \\
-        --policies vs,magnus --rates 10,20,40,80,160 --requests-per-rate 200
+        --policies vs,magnus --rates 8,16 --requests-per-rate 150 --saturation-requests 600
     python bench/gpu_e2e.py --tiny ...   # the same on the CPU with the tiny model: a smoke test
 """
 
@@ -93,6 +93,20 @@ async def send_all(target: str, rows: list[dict], offsets_s: list[float], tag: s
             return record
 
         return await asyncio.gather(*(one(i, r, o) for i, (r, o) in enumerate(zip(rows, offsets_s, strict=True))))
+
+
+def phases(args: argparse.Namespace, workload: list[dict]) -> list[tuple[float, list[dict]]]:
+    """(rate, requests) per phase: each Poisson rate its own requests, then the saturation burst.
+
+    The slices depend only on the arguments, so every policy gets the same requests and arrivals.
+    """
+    n, out = args.requests_per_rate, []
+    for index, rate in enumerate(args.rate_list):
+        out.append((rate, workload[index * n:(index + 1) * n]))
+    if args.saturation_requests:
+        start = len(args.rate_list) * n
+        out.append((args.saturation_rate, workload[start:start + args.saturation_requests]))
+    return out
 
 
 def batch_rows(database: Path, batch_ids: set[str]) -> list[dict]:
@@ -230,12 +244,11 @@ class Bench:
             self.restart_worker(mode)
             self.worker_mode = mode
         self.start_batcher(policy)
+        self.stack.wait_healthy(("worker",), timeout_s=900)  # raises with its log if a restarted worker died
         warmup = workload[-WARMUP_REQUESTS:]  # not measured: waits for the worker to (re)register
         asyncio.run(send_all(self.stack.target("batcher"), warmup, [0.0] * len(warmup), f"{policy}-warmup"))
         result = self.raw["policies"].setdefault(policy, {"fixed_batch_size": self.fixed_batch_size(), "rates": {}})
-        n = self.args.requests_per_rate
-        for index, rate in enumerate(self.args.rate_list):
-            rows = workload[index * n:(index + 1) * n]  # per rate its own requests, the same for every policy
+        for index, (rate, rows) in enumerate(phases(self.args, workload)):
             offsets = arrival_offsets_s(len(rows), rate, ARRIVAL_SEED + index)
             started_s = time.monotonic()
             records = asyncio.run(send_all(self.stack.target("batcher"), rows, offsets, f"{policy}-{rate}"))
@@ -262,6 +275,15 @@ class Bench:
         self.args.out.mkdir(parents=True, exist_ok=True)
         (self.args.out / "e2e_raw.json").write_text(json.dumps(self.raw))
 
+    def save_state(self) -> None:
+        """The log DB (calibration samples, estimator version) and model store, for a follow-up run's --state."""
+        state = self.args.out / "state"
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(parents=True)
+        with sqlite3.connect(self.database) as source, sqlite3.connect(state / "log.db") as target:
+            source.backup(target)
+        shutil.copytree(self.workdir / "model-store", state / "model-store")
+
     def collect_logs(self) -> None:
         logs = self.args.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -276,9 +298,12 @@ def main() -> int:
                         help="folder with log.db and model-store holding the predictor's first version")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/magnus-e2e"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--policies", default="vs,glp,abp,magnus,magnus_sw,oracle,ccb")
-    parser.add_argument("--rates", default="10,20,40,80,160", help="Poisson arrival rates, requests/s")
-    parser.add_argument("--requests-per-rate", type=int, default=200)
+    parser.add_argument("--policies", default="vs,glp,abp,magnus,magnus_sw,magnus_pack,oracle,ccb")
+    parser.add_argument("--rates", default="8,16", help="Poisson arrival rates, requests/s")
+    parser.add_argument("--requests-per-rate", type=int, default=150)
+    parser.add_argument("--saturation-requests", type=int, default=600,
+                        help="then this many requests at --saturation-rate: a queue deep enough to measure saturation")
+    parser.add_argument("--saturation-rate", type=float, default=400.0)
     parser.add_argument("--fixed-batch-size", type=int, default=0, help="vs batch / ccb slots; 0 = Theta / context")
     parser.add_argument("--max-batch-size", type=int, default=256, help="ceiling of the adaptive policies")
     parser.add_argument("--reserve-gib", type=float, default=6.0, help="GPU memory kept out of Theta")
@@ -288,8 +313,9 @@ def main() -> int:
     policies = [p for p in args.policies.split(",") if p]
     policies.sort(key=lambda p: p == "ccb")  # the continuous worker last: one worker restart
     workload = load_workload(args.workload)
-    if len(workload) < len(args.rate_list) * args.requests_per_rate + WARMUP_REQUESTS:
-        sys.exit(f"{args.workload} has {len(workload)} rows; need rates x requests-per-rate + {WARMUP_REQUESTS}")
+    needed = len(args.rate_list) * args.requests_per_rate + args.saturation_requests + WARMUP_REQUESTS
+    if len(workload) < needed:
+        sys.exit(f"{args.workload} has {len(workload)} rows; these phases and the warm-up need {needed}")
     bench = Bench(args)
     try:
         bench.start()
@@ -299,6 +325,7 @@ def main() -> int:
         bench.stack.stop_all()
         bench.collect_logs()
         bench.save()
+        bench.save_state()
     return 0
 
 

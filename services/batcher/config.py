@@ -32,6 +32,15 @@ class BatcherSettings(ServiceSettings):
         description="Share of Theta an adaptive batch may fill by *predicted* lengths; the rest absorbs "
         "under-predictions that would otherwise each cost an OOM split (0.85 in reports/simulation).",
     )
+    pack_prefill_s_per_token: float = Field(
+        27.9e-6, ge=0, description="magnus_pack's batch-time model: prefill seconds per padded prompt token "
+        "(defaults: the static engine, Llama-2-7B shape on an H200; reports/gpu/engine.md)."
+    )
+    pack_step_base_s: float = Field(4.61e-3, gt=0, description="magnus_pack: seconds per decode step of any batch.")
+    pack_step_s_per_row: float = Field(19.2e-6, ge=0, description="magnus_pack: decode-step seconds per row.")
+    pack_step_s_per_kv_token: float = Field(
+        111e-9, ge=0, description="magnus_pack: decode-step seconds per KV-cache token read."
+    )
     max_pending_requests: int = Field(
         10_000, ge=1, description="Requests admitted but not answered; beyond it Generate gets RESOURCE_EXHAUSTED."
     )

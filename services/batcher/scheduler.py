@@ -28,7 +28,7 @@ from services.batcher.log_rows import LogSink, batch_row, request_row
 from services.batcher.policy.assembler import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.batch_queue import BatchQueue
-from services.batcher.policy.config import PolicyConfig
+from services.batcher.policy.config import ChooseMode, PolicyConfig
 from services.batcher.policy.hrrn import batch_estimate_s
 from services.batcher.policy.split import split_batch
 from services.shared.errors import Internal, ResourceExhausted, Unavailable
@@ -262,7 +262,12 @@ class Scheduler:
 
     # ---- estimates -------------------------------------------------------------------------
     def stale_estimates(self) -> list[tuple[str, int, tuple[int, int, int]]]:
-        """(batch id, revision, (size, L, G)) of queued batches whose estimate is out of date."""
+        """(batch id, revision, (size, L, G)) of queued batches whose estimate is out of date.
+
+        None for packing: its queue holds single requests, and it times its batches itself.
+        """
+        if self.policy.choose_mode is ChooseMode.PACK:
+            return []
         return [
             (b.batch_id, b.revision, (b.size, b.input_tokens_max, b.gen_tokens_max))
             for b in self.open_batches.values()
@@ -313,10 +318,11 @@ class Scheduler:
             future.set_result(lease)
 
     def _lease_next(self, worker_id: str) -> Lease | None:
-        batch = self.open_batches.choose_next(self.policy, self.clock.monotonic_s())
+        batch = self.open_batches.take_next(
+            self.policy, self.clock.monotonic_s(), self._budget_of(self.workers.get(worker_id)), self.make_id
+        )
         if batch is None:
             return None
-        self.open_batches.pop(batch.batch_id)
         batch = self._fit_for_worker(batch, self.workers.get(worker_id))
         now_s, now_wall = self.clock.monotonic_s(), self.clock.wall()
         items = [self.pending[m.request_id] for m in batch.members]
@@ -330,6 +336,9 @@ class Scheduler:
         metrics.observe_lease(lease)
         self.on_change()
         return lease
+
+    def _budget_of(self, worker: WorkerInfo | None) -> MemoryBudget:
+        return self.memory_budget() if worker is None else MemoryBudget(worker.kv_bytes_per_token, worker.free_kv_bytes)
 
     def _fit_for_worker(self, batch: QueuedBatch, worker: WorkerInfo | None) -> QueuedBatch:
         """Split a batch assembled before this worker's limits were known until it fits."""

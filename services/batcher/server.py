@@ -14,6 +14,7 @@ from services.batcher.config import BatcherSettings
 from services.batcher.estimate_refresher import EstimateRefresher
 from services.batcher.logged_results import make_logged_result_lookup
 from services.batcher.policy.config import make_policy
+from services.batcher.policy.pack_cost import LinearBatchCost
 from services.batcher.predictor_client import PredictionCoalescer
 from services.batcher.scheduler import Clock, Scheduler, SchedulerLimits
 from services.batcher.servicer import GenerationServicer, WorkerQueueServicer
@@ -61,6 +62,10 @@ async def serve(settings: BatcherSettings) -> None:
         fixed_batch_size=settings.fixed_batch_size,
         max_batch_size=settings.max_batch_size,
         memory_fill_fraction=settings.memory_fill_fraction,
+        pack_cost=LinearBatchCost(
+            settings.pack_prefill_s_per_token, settings.pack_step_base_s,
+            settings.pack_step_s_per_row, settings.pack_step_s_per_kv_token,
+        ),
     )
     limits = SchedulerLimits(
         max_pending_requests=settings.max_pending_requests,

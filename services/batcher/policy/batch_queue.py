@@ -8,14 +8,15 @@ Every change to a queued batch must go through the queue (`add_member`, `remove_
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from services.batcher.policy.assembler import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.columns import BatchColumns, cached_estimate, insert_row, next_row
-from services.batcher.policy.config import PolicyConfig
+from services.batcher.policy.config import ChooseMode, PolicyConfig
+from services.batcher.policy.pack import pack_rows
 
 _INITIAL_ROWS = 64
 _COLUMNS = (
@@ -128,6 +129,34 @@ class BatchQueue:
         """The queued batch a free worker should run now (columns.next_row); it stays queued."""
         row = next_row(self.columns, policy, now_s)
         return None if row is None else self._batches[row]
+
+    def take_next(
+        self, policy: PolicyConfig, now_s: float, budget: MemoryBudget, new_batch_id: Callable[[], str]
+    ) -> QueuedBatch | None:
+        """Remove and return what a free worker runs now: the chosen batch, or for PACK the chosen
+        queued requests merged into one new batch (`new_batch_id()` names it). None when empty."""
+        if policy.choose_mode is not ChooseMode.PACK:
+            batch = self.choose_next(policy, now_s)
+            return None if batch is None else self.pop(batch.batch_id)
+        free_kv_bytes = None if budget.free_kv_bytes is None else budget.free_kv_bytes * policy.memory_fill_fraction
+        rows = pack_rows(
+            self.columns, now_s, policy.pack_cost, max_batch_size=policy.max_batch_size,
+            kv_bytes_per_token=budget.kv_bytes_per_token, free_kv_bytes=free_kv_bytes,
+        )
+        chosen = [self._batches[row] for row in rows]  # before popping: popping moves rows
+        if not chosen:
+            return None
+        if len(chosen) == 1:
+            return self.pop(chosen[0].batch_id)
+        merged = QueuedBatch(new_batch_id())
+        for batch in chosen:
+            self.pop(batch.batch_id)
+            for member in batch.members:
+                merged.add(member)
+        # the packing model's time is the estimate the lease and the log carry (no KNN call per pull)
+        merged.estimated_s = float(policy.pack_cost.batch_s(merged.size, merged.input_tokens_max, merged.gen_tokens_max))
+        merged.estimate_revision = merged.revision
+        return merged
 
     # ---- internals ---------------------------------------------------------------------------
     def _insert(self, batch: QueuedBatch, seq: int) -> None:

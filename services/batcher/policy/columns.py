@@ -78,7 +78,7 @@ def insert_row(
     below max_batch_size, and with the memory cap MEM = |B| (L + G) Delta <= Theta (times the
     policy's memory_fill_fraction) after insertion.
     """
-    if len(cols.size) == 0:
+    if len(cols.size) == 0 or policy.insert_mode is InsertMode.SINGLE:
         return None
     new_input = np.maximum(cols.input_max, member.input_tokens)
     new_gen = np.maximum(cols.gen_max, member.gen_tokens)

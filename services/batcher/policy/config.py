@@ -5,10 +5,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from services.batcher.policy.pack_cost import LinearBatchCost
+
 
 class InsertMode(enum.Enum):
     FCFS = "fcfs"  # append to the newest open batch until it is full
     WMA = "wma"  # the open batch with the smallest WMA after insertion
+    SINGLE = "single"  # every request queues alone; batches form when a worker pulls (PACK)
 
 
 class ChooseMode(enum.Enum):
@@ -17,10 +20,12 @@ class ChooseMode(enum.Enum):
     # beyond the paper: the response ratio times the batch size, i.e. the batch whose requests
     # have waited longest in total relative to its run time; see hrrn.py
     HRRN_SIZE_WEIGHTED = "hrrn_size_weighted"
+    # beyond the paper: build the batch from the whole queue at pull time (pack.py)
+    PACK = "pack"
 
     @property
     def uses_estimates(self) -> bool:
-        return self is not ChooseMode.FCFS
+        return self in (ChooseMode.HRRN, ChooseMode.HRRN_SIZE_WEIGHTED)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class PolicyConfig:
     uses_predictions: bool = True
     uses_true_lengths: bool = False
     memory_fill_fraction: float = 1.0
+    pack_cost: LinearBatchCost | None = None  # PACK's batch-time model
 
     def __post_init__(self) -> None:
         if self.max_batch_size is not None and self.max_batch_size < 1:
@@ -56,9 +62,13 @@ class PolicyConfig:
             raise ValueError(f"memory_fill_fraction must be in (0, 1], got {self.memory_fill_fraction}")
         if self.insert_mode is InsertMode.FCFS and self.max_batch_size is None:
             raise ValueError(f"{self.name}: FCFS insertion needs a fixed max_batch_size")
+        if (self.choose_mode is ChooseMode.PACK) != (self.insert_mode is InsertMode.SINGLE):
+            raise ValueError(f"{self.name}: PACK dispatch and SINGLE insertion go together")
+        if self.choose_mode is ChooseMode.PACK and self.pack_cost is None:
+            raise ValueError(f"{self.name}: PACK needs a pack_cost model")
 
 
-POLICY_NAMES = ("vs", "glp", "abp", "magnus", "magnus_sw", "oracle")  # the simulator's (static batching)
+POLICY_NAMES = ("vs", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle")  # static batching
 # ccb serves continuous-batching workers, which the static-batch simulator does not model
 SERVING_POLICY_NAMES = (*POLICY_NAMES, "ccb")
 
@@ -70,6 +80,7 @@ def make_policy(
     fixed_batch_size: int,
     max_batch_size: int | None,
     memory_fill_fraction: float = 1.0,
+    pack_cost: LinearBatchCost | None = None,
 ) -> PolicyConfig:
     """The policy called `name` with the given knobs. Raises ValueError for an unknown name.
 
@@ -96,6 +107,11 @@ def make_policy(
         return PolicyConfig(
             name, InsertMode.WMA, ChooseMode.HRRN_SIZE_WEIGHTED, phi_token_reads, max_batch_size, True,
             memory_fill_fraction=memory_fill_fraction,
+        )
+    if name == "magnus_pack":
+        return PolicyConfig(
+            name, InsertMode.SINGLE, ChooseMode.PACK, None, max_batch_size, True,
+            memory_fill_fraction=memory_fill_fraction, pack_cost=pack_cost or LinearBatchCost(),
         )
     if name == "oracle":
         return PolicyConfig(

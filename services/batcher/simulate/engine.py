@@ -140,8 +140,7 @@ class Simulation:
         """Lease the next batch at `now_s`, run it, and return how long the worker is busy, s."""
         if self.policy.choose_mode.uses_estimates:
             self._refresh_estimates()
-        batch = self.queue.choose_next(self.policy, now_s)
-        self.queue.pop(batch.batch_id)
+        batch = self.queue.take_next(self.policy, now_s, self.budget, lambda: next(self.ids))
         rows = np.array([int(m.request_id) for m in batch.members])
         size, input_max = batch.size, batch.input_tokens_max
         true_gen_max = int(self.workload.true_gen_tokens[rows].max())
