@@ -202,7 +202,10 @@ class Bench:
         stack.start("worker")
         stack.wait_healthy(("predictor",), timeout_s=300)
         say("predictor serving; worker loading and calibrating")
-        wait_for(lambda: count_calibration_samples(self.database) > 0, "calibration samples", stack, timeout_s=900)
+        # samples carried in --state make the worker skip calibration; it must still have loaded
+        loaded = lambda: "Theta=" in stack.log_path("worker").read_text()  # noqa: E731
+        wait_for(lambda: loaded() and count_calibration_samples(self.database) > 0, "calibration samples", stack,
+                 timeout_s=900)
         memory = engine_line(stack)
         self.raw["setup"].update(memory, calibration_s=time.monotonic() - started_s)
         say(f"worker calibrated after {time.monotonic() - started_s:.0f} s: {memory}")
@@ -309,7 +312,7 @@ def main() -> int:
     parser.add_argument("--reserve-gib", type=float, default=6.0, help="GPU memory kept out of Theta")
     parser.add_argument("--tiny", action="store_true", help="tiny CPU model: a smoke test of the driver")
     args = parser.parse_args()
-    args.rate_list = [float(r) for r in args.rates.split(",")]
+    args.rate_list = [float(r) for r in args.rates.split(",") if r]
     policies = [p for p in args.policies.split(",") if p]
     policies.sort(key=lambda p: p == "ccb")  # the continuous worker last: one worker restart
     workload = load_workload(args.workload)

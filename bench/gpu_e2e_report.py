@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 SUSTAINED_SHARE = 0.9
-ORDER = ("vs", "ccb", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle")
+ORDER = ("vs", "ccb", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle", "oracle_pack")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -68,7 +68,8 @@ class PolicyConfig:
             raise ValueError(f"{self.name}: PACK needs a pack_cost model")
 
 
-POLICY_NAMES = ("vs", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle")  # static batching
+# static batching; the oracles plan with true lengths (an upper bound for the grouping rule)
+POLICY_NAMES = ("vs", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle", "oracle_pack")
 # ccb serves continuous-batching workers, which the static-batch simulator does not model
 SERVING_POLICY_NAMES = (*POLICY_NAMES, "ccb")
 
@@ -112,6 +113,11 @@ def make_policy(
         return PolicyConfig(
             name, InsertMode.SINGLE, ChooseMode.PACK, None, max_batch_size, True,
             memory_fill_fraction=memory_fill_fraction, pack_cost=pack_cost or LinearBatchCost(),
+        )
+    if name == "oracle_pack":
+        return PolicyConfig(
+            name, InsertMode.SINGLE, ChooseMode.PACK, None, max_batch_size, True, True, True,
+            pack_cost=pack_cost or LinearBatchCost(),
         )
     if name == "oracle":
         return PolicyConfig(
