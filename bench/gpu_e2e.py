@@ -193,6 +193,7 @@ class Bench:
             "MAGNUS_BATCHER_MAX_PENDING_REQUESTS": pending,
             "MAGNUS_BATCHER_MAX_PENDING_PER_TENANT": pending,
             "MAGNUS_BATCHER_LEASE_S": "600",  # a long static batch must not be requeued mid-run
+            "MAGNUS_WORKER_GRAPH_LENGTH_BUCKET_TOKENS": str(self.args.graph_length_bucket_tokens),
         }
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -310,6 +311,8 @@ def main() -> int:
     parser.add_argument("--fixed-batch-size", type=int, default=0, help="vs batch / ccb slots; 0 = Theta / context")
     parser.add_argument("--max-batch-size", type=int, default=256, help="ceiling of the adaptive policies")
     parser.add_argument("--reserve-gib", type=float, default=6.0, help="GPU memory kept out of Theta")
+    parser.add_argument("--graph-length-bucket-tokens", type=int, default=32,
+                        help="the worker's attention-length bucket: fewer graph captures when larger")
     parser.add_argument("--tiny", action="store_true", help="tiny CPU model: a smoke test of the driver")
     args = parser.parse_args()
     args.rate_list = [float(r) for r in args.rates.split(",") if r]

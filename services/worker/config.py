@@ -74,6 +74,10 @@ class WorkerSettings(ServiceSettings):
     max_cuda_graphs: int = Field(
         1024, ge=1, description="Captured decode steps kept (one per batch size and 32-token length bucket)."
     )
+    graph_length_bucket_tokens: int = Field(
+        32, ge=1, description="Decode attention length is rounded up to this multiple: one graph per bucket and "
+        "batch size. Larger = fewer captures while serving, more masked KV reads per step.",
+    )
     mode: Literal["static", "continuous"] = Field(
         "static",
         description="static = run each leased batch to its end (the paper's static batching); continuous = "

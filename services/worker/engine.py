@@ -135,6 +135,7 @@ class StaticBatchEngine:
         loaded: tuple[object, object] | None = None,
         trace_replay: bool = False,
         max_cuda_graphs: int = 256,
+        graph_length_bucket_tokens: int = 32,
     ) -> None:
         """Load the model and tokenizer from `model_dir`.
 
@@ -148,7 +149,9 @@ class StaticBatchEngine:
         backend: "hf" (plain `generate`), "static" (preallocated KV pool, decode steps as CUDA
         graphs on GPUs; Llama-family models only) or "auto" (static on CUDA when supported).
 
-        max_cuda_graphs: captured decode steps kept, one per (batch size, 32-token length bucket).
+        max_cuda_graphs: captured decode steps kept, one per (batch size, attention length bucket).
+        graph_length_bucket_tokens: attention length is rounded up to a multiple of this: larger
+        buckets mean fewer graphs to capture (each a stall while serving) but more masked KV reads.
 
         cpu_kv_budget_bytes: Theta announced on CPU, bytes. cuda_reserve_bytes: kept free on CUDA
         for activations and allocator slack, bytes. simulate_oom_above_tokens: test hook, raise
@@ -186,6 +189,7 @@ class StaticBatchEngine:
                 attention=attention,
                 compile_layers=use_cuda_graphs,  # the measured fastest on an H200 (reports/gpu/engine.md)
                 max_graphs=max_cuda_graphs,
+                length_bucket_tokens=graph_length_bucket_tokens,
             )
             self.free_kv_bytes = capacity_tokens * self.kv_bytes_per_token  # exactly what the pool holds
         self.backend_name = "static" if self.static else "hf"

@@ -38,6 +38,7 @@ def load_engine(settings: WorkerSettings) -> StaticBatchEngine:
         use_cuda_graphs=settings.use_cuda_graphs,
         trace_replay=settings.trace_replay,
         max_cuda_graphs=settings.max_cuda_graphs,
+        graph_length_bucket_tokens=settings.graph_length_bucket_tokens,
     )
 
 
