@@ -1,6 +1,6 @@
 """Table, plots and reports/gpu/e2e.json from the raw files bench/gpu_e2e.py wrote.
 
-    python bench/gpu_e2e_report.py RAW.json [RAW2.json ...] --device "NVIDIA H200" --out reports/gpu
+    python bench/gpu_e2e_report.py RAW.json[.gz] [RAW2.json ...] --device "NVIDIA H200" --out reports/gpu
 
 Per policy and rate: request throughput = answered / (last answer - first arrival), mean and p99
 latency (client side), valid-token throughput (tokens some request asked for) and total-token
@@ -13,6 +13,7 @@ measured throughput.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import sys
@@ -63,7 +64,8 @@ def merge_raw(paths: list[Path]) -> tuple[dict, list[str], dict]:
     """Policies from several runs (a later file's policy replaces an earlier one's)."""
     policies, commands, setup = {}, [], {}
     for path in paths:
-        raw = json.loads(path.read_text())
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        raw = json.loads(text)
         commands.append(raw["command"])
         setup.setdefault("runs", []).append(raw.get("setup", {}))
         for name, result in raw["policies"].items():
@@ -177,29 +179,42 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, out: Path) -> None:
+def plot(summary: dict, diagnosis: dict, out: Path) -> None:
+    """Bars: throughput at the highest rate, mean latency per rate, and where saturation time went."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for name, result in summary.items():
-        rates = [float(r) for r in result["rates"]]
-        series = list(result["rates"].values())
-        axes[0].plot(rates, [s["requests_per_s"] for s in series], marker="o", label=name)
-        axes[1].plot(rates, [s["mean_latency_s"] for s in series], marker="o", label=name)
-        axes[2].plot(rates, [s["p99_latency_s"] for s in series], marker="o", label=name)
-    top = max(float(r) for result in summary.values() for r in result["rates"])
-    axes[0].plot([0, top], [0, top], color="grey", linestyle=":", label="offered")
-    for axis, title in zip(axes, ("answered requests/s", "mean latency, s", "p99 latency, s"), strict=True):
-        axis.set_xlabel("Poisson arrival rate, requests/s")
-        axis.set_title(title)
-        axis.set_xscale("log", base=2)
-        axis.grid(alpha=0.3)
-    axes[1].set_yscale("log")
-    axes[2].set_yscale("log")
-    axes[0].legend()
+    names = list(summary)
+    figure, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    saturated = [summary[n]["saturated_requests_per_s"] for n in names]
+    axes[0].bar(names, saturated, color=["tab:grey" if n == "vs" else "tab:blue" for n in names])
+    if "vs" in summary:
+        axes[0].axhline(2.5 * summary["vs"]["saturated_requests_per_s"], color="tab:red", linestyle="--",
+                        label="2.5 x vs (target)")
+        axes[0].legend()
+    axes[0].set_title("requests/s at the highest offered rate")
+    rates = sorted({r for n in names for r in summary[n]["rates"]}, key=float)[:-1] or sorted(
+        {r for n in names for r in summary[n]["rates"]}, key=float)
+    width = 0.8 / len(rates)
+    for i, rate in enumerate(rates):
+        values = [summary[n]["mean_latency_s"].get(rate, np.nan) for n in names]
+        axes[1].bar(np.arange(len(names)) + i * width, values, width, label=f"{rate} req/s")
+    axes[1].set_xticks(np.arange(len(names)) + width * (len(rates) - 1) / 2, names)
+    axes[1].set_title("mean latency, s (Poisson arrivals)")
+    axes[1].legend()
+    shown = [n for n in names if n in diagnosis]
+    model = [diagnosis[n]["engine_model_s"] for n in shown]
+    overhead = [max(0.0, diagnosis[n]["overhead_s"]) for n in shown]
+    axes[2].bar(shown, model, label="engine model at the batches' actual shapes")
+    axes[2].bar(shown, overhead, bottom=model, label="measured beyond it (captures, host work)")
+    axes[2].set_title("worker seconds in the highest-rate phase")
+    axes[2].legend()
+    for axis in axes:
+        axis.tick_params(axis="x", rotation=30)
+        axis.grid(alpha=0.3, axis="y")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
 
@@ -218,7 +233,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "e2e.json").write_text(json.dumps(result, indent=2))
     (args.out / "e2e_table.md").write_text(table(summary) + "\n\n" + diagnosis_table(diagnosis) + "\n")
-    plot(summary, args.out / "e2e.png")
+    plot(summary, diagnosis, args.out / "e2e.png")
     print(table(summary))
     print(diagnosis_table(diagnosis))
     print(json.dumps(result["headline"], indent=2))
