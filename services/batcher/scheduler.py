@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from services.batcher import metrics
 from services.batcher.domain import (
     BatchReport,
     Lease,
@@ -23,7 +24,6 @@ from services.batcher.domain import (
     RequestResult,
     WorkerInfo,
 )
-from services.batcher import metrics
 from services.batcher.log_rows import LogSink, batch_row, request_row
 from services.batcher.policy.assembler import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch

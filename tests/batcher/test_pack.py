@@ -31,9 +31,9 @@ def queue_of(requests: list[tuple[int, int, float]]) -> BatchQueue:
     return queue
 
 
-def take(queue: BatchQueue, now_s: float, policy=None, budget: MemoryBudget = MemoryBudget()) -> QueuedBatch | None:
+def take(queue: BatchQueue, now_s: float, policy=None, budget: MemoryBudget | None = None) -> QueuedBatch | None:
     ids = (f"m{i}" for i in itertools.count())
-    return queue.take_next(policy or pack_policy(), now_s, budget, lambda: next(ids))
+    return queue.take_next(policy or pack_policy(), now_s, budget or MemoryBudget(), lambda: next(ids))
 
 
 def ids(batch: QueuedBatch) -> set[str]:

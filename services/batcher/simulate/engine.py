@@ -23,7 +23,7 @@ import numpy as np
 from services.batcher.policy.assembler import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.batch_queue import BatchQueue
-from services.batcher.policy.config import ChooseMode, PolicyConfig
+from services.batcher.policy.config import PolicyConfig
 from services.batcher.policy.split import split_batch
 from services.batcher.simulate.cost_model import CostModel
 from services.batcher.simulate.workload import Workload
