@@ -28,6 +28,7 @@ class Prediction:
     predicted_tokens: int
     model_version: int
     is_fallback: bool
+    upper_tokens: int | None = None  # the predictor's upper estimate (>= predicted), when it gave one
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,19 @@ class PendingRequest:
     events: asyncio.Queue[str] | None = None  # only for GenerateStream callers
     started_at: datetime | None = None
 
-    def gen_tokens_for(self, uses_true_lengths: bool) -> int:
+    def gen_tokens_for(self, uses_true_lengths: bool, uses_upper_lengths: bool = False) -> int:
         """G(p) the policy plans with: a request never generates more than max_new_tokens.
 
         uses_true_lengths (the oracle): max_new_tokens itself, the true length when a benchmark
         replays recorded lengths (trace replay stops every request exactly there).
+        uses_upper_lengths: the predictor's upper estimate where it gave one (magnus_pack).
         """
         if uses_true_lengths:
             return max(1, self.generation.max_new_tokens)
-        return max(1, min(self.prediction.predicted_tokens, self.generation.max_new_tokens))
+        predicted = self.prediction.predicted_tokens
+        if uses_upper_lengths and self.prediction.upper_tokens is not None:
+            predicted = max(predicted, self.prediction.upper_tokens)
+        return max(1, min(predicted, self.generation.max_new_tokens))
 
 
 @dataclass

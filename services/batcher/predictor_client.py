@@ -74,9 +74,12 @@ class PredictionCoalescer:
         )
         try:
             response = await self._stub.PredictLengths(request, timeout=self._deadline_s)
+            # a predictor older than the upper field sends none: plan with the point prediction
+            uppers = list(response.predicted_tokens_upper) or [None] * len(queries)
             predictions = [
-                Prediction(q.input_tokens, max(1, int(tokens)), response.model_version, False)
-                for q, tokens in zip(queries, response.predicted_tokens, strict=True)
+                Prediction(q.input_tokens, max(1, int(tokens)), response.model_version, False,
+                           None if upper is None else max(1, int(upper)))
+                for q, tokens, upper in zip(queries, response.predicted_tokens, uppers, strict=True)
             ]
             if not self.is_predictor_up:
                 log.info("predictor is back (model version %d)", response.model_version)

@@ -115,7 +115,7 @@ class Scheduler:
         """Insert a predicted request into a queued batch (or a new one). Raises if it cannot."""
         self.check_capacity(request.generation.tenant_id)
         budget = self.memory_budget()
-        gen_tokens = request.gen_tokens_for(self.policy.uses_true_lengths)
+        gen_tokens = request.gen_tokens_for(self.policy.uses_true_lengths, self.policy.uses_upper_lengths)
         member = Member(request.request_id, request.prediction.input_tokens, gen_tokens, request.arrival_s)
         if not budget.fits(1, member.input_tokens, member.gen_tokens):
             raise ResourceExhausted(

@@ -31,6 +31,10 @@ class PredictorSettings(ServiceSettings):
     max_input_tokens: int = Field(
         1_000_000, ge=1, description="Largest input_tokens a caller may pass, tokens."
     )
+    upper_quantile: float = Field(
+        0.9, ge=0.5, le=1.0, description="Quantile of a forest's trees reported as predicted_tokens_upper "
+        "(the batcher's magnus_pack plans with it); models without a spread report their point prediction."
+    )
     model_store_dir: Path = model_store_dir_field()
     embedding_model: Path | None = Field(
         None,

@@ -175,21 +175,41 @@ class EmbeddingForestModel:
     def predict(
         self, instructions: Sequence[str], inputs: Sequence[str], input_tokens: Sequence[int]
     ) -> np.ndarray:
+        return self.predict_with_upper(instructions, inputs, input_tokens, quantile=None)[0]
+
+    def predict_with_upper(
+        self,
+        instructions: Sequence[str],
+        inputs: Sequence[str],
+        input_tokens: Sequence[int],
+        quantile: float | None = 0.9,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(point predictions, upper estimates), tokens. The upper one is the forest's trees'
+        `quantile` where the regressor is a forest (a wide spread marks a request that may run
+        long), never below the point; the point itself otherwise, and for exact-match prompts."""
         if not len(instructions) == len(inputs) == len(input_tokens):
             raise ValueError("instructions, inputs and input_tokens must have the same length")
         if self.regressor is None:
             raise ValueError(f"{self.name} is not fitted")
         if not len(inputs):
-            return np.zeros(0, dtype=np.int64)
-        raw = self.regressor(self.features(instructions, inputs, input_tokens))
-        if self.config.target == "log_ratio":
-            raw = np.expm1(raw + np.log1p(np.asarray(input_tokens, dtype=np.float64)))
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        x = self.features(instructions, inputs, input_tokens)
+        point = self._to_tokens(self.regressor(x), input_tokens)
+        has_spread = quantile is not None and isinstance(self.regressor, _ForestPredict)
+        upper = self._to_tokens(self.regressor.forest.quantile(x, quantile), input_tokens) if has_spread else point.copy()
         if self.exact_lengths:
             for i, (instruction, user_input) in enumerate(zip(instructions, inputs, strict=True)):
                 observed = self.exact_lengths.get(prompt_key(instruction, user_input))
                 if observed is not None:
-                    raw[i] = observed
-        return np.clip(np.rint(raw), 1, self.config.max_tokens).astype(np.int64)
+                    point[i] = upper[i] = observed
+        point = np.clip(np.rint(point), 1, self.config.max_tokens).astype(np.int64)
+        upper = np.clip(np.rint(upper), 1, self.config.max_tokens).astype(np.int64)
+        return point, np.maximum(upper, point)
+
+    def _to_tokens(self, raw: np.ndarray, input_tokens: Sequence[int]) -> np.ndarray:
+        if self.config.target == "log_ratio":
+            return np.expm1(raw + np.log1p(np.asarray(input_tokens, dtype=np.float64)))
+        return np.asarray(raw, dtype=np.float64)
 
 
 # The named configurations. Each step adds one change to the one above it, so the report shows

@@ -83,3 +83,9 @@ class PackedForest:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         per_tree = self.tree_predictions(x)
         return per_tree.mean(axis=0) if aggregate == "mean" else np.median(per_tree, axis=0)
+
+    def quantile(self, x: np.ndarray, q: float) -> np.ndarray:
+        """(n,) the q-quantile of the trees' predictions: how far the trees disagree upwards."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {q}")
+        return np.quantile(self.tree_predictions(x), q, axis=0)

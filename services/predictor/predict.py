@@ -50,13 +50,19 @@ def fill_input_tokens(queries: Sequence[LengthQuery], counter: TokenCounter) -> 
 
 
 def predict_lengths(
-    model: LengthModel, queries: Sequence[LengthQuery], counter: TokenCounter
-) -> tuple[list[int], list[int]]:
-    """(predicted generation lengths, input lengths), tokens, in query order. CPU-bound."""
+    model: LengthModel, queries: Sequence[LengthQuery], counter: TokenCounter, upper_quantile: float = 0.9
+) -> tuple[list[int], list[int], list[int]]:
+    """(predicted generation lengths, upper estimates, input lengths), tokens, in query order.
+
+    The upper estimate is the model's `upper_quantile` when it can give one (`predict_with_upper`),
+    else the prediction itself. CPU-bound.
+    """
     input_tokens = fill_input_tokens(queries, counter)
-    predicted = model.predict(
-        [query.instruction for query in queries],
-        [query.user_input for query in queries],
-        input_tokens,
-    )
-    return [int(tokens) for tokens in predicted], input_tokens
+    instructions = [query.instruction for query in queries]
+    inputs = [query.user_input for query in queries]
+    with_upper = getattr(model, "predict_with_upper", None)
+    if with_upper is not None:
+        predicted, upper = with_upper(instructions, inputs, input_tokens, quantile=upper_quantile)
+    else:
+        predicted = upper = model.predict(instructions, inputs, input_tokens)
+    return [int(tokens) for tokens in predicted], [int(tokens) for tokens in upper], input_tokens

@@ -30,13 +30,14 @@ class PredictorServicer:
         validate_queries(queries, self.settings)
         # Grab the model once: a LoadModel swap during this call must not mix two versions.
         loaded = self.slot.require()
-        predicted, input_tokens = await asyncio.to_thread(self._predict, loaded.model, queries)
+        predicted, upper, input_tokens = await asyncio.to_thread(self._predict, loaded.model, queries)
         return predictor_pb2.PredictLengthsResponse(
             predicted_tokens=predicted,
             input_tokens=input_tokens,
             model_version=loaded.info.version,
+            predicted_tokens_upper=upper,
         )
 
-    def _predict(self, model, queries: list[LengthQuery]) -> tuple[list[int], list[int]]:
+    def _predict(self, model, queries: list[LengthQuery]) -> tuple[list[int], list[int], list[int]]:
         # The counter is built lazily on first use (loading a vocabulary), so off the loop too.
-        return predict_lengths(model, queries, self.counter_factory())
+        return predict_lengths(model, queries, self.counter_factory(), self.settings.upper_quantile)

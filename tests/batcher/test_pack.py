@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from datetime import datetime, timezone
 
 import pytest
 
+from services.batcher.domain import GenerationInput, PendingRequest, Prediction
 from services.batcher.policy.assembler import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.batch_queue import BatchQueue
@@ -102,3 +104,18 @@ def test_pack_needs_single_insertion_and_a_cost_model():
         PolicyConfig("x", InsertMode.WMA, ChooseMode.PACK, None, 8, True, pack_cost=COST)
     with pytest.raises(ValueError, match="pack_cost"):
         PolicyConfig("x", InsertMode.SINGLE, ChooseMode.PACK, None, 8, True)
+
+
+def pending(prediction) -> PendingRequest:
+    generation = GenerationInput("Summarize:", "some text", 500, "", "")
+    return PendingRequest("r", generation, prediction, "Summarize:\nsome text", 0.0, datetime.now(timezone.utc), None)
+
+
+def test_magnus_pack_plans_with_the_upper_estimate_and_magnus_with_the_point():
+    pack = pack_policy()
+    magnus = make_policy("magnus", phi_token_reads=1e4, fixed_batch_size=8, max_batch_size=256)
+    request = pending(Prediction(40, 30, 1, False, upper_tokens=120))
+    assert request.gen_tokens_for(pack.uses_true_lengths, pack.uses_upper_lengths) == 120
+    assert request.gen_tokens_for(magnus.uses_true_lengths, magnus.uses_upper_lengths) == 30
+    older_predictor = pending(Prediction(40, 30, 1, False))  # sent no upper estimate
+    assert older_predictor.gen_tokens_for(pack.uses_true_lengths, pack.uses_upper_lengths) == 30

@@ -51,6 +51,9 @@ def test_packed_forest_matches_scikit_learn() -> None:
     assert np.allclose(packed.predict(queries, "median"), np.median(per_tree, axis=0))
     with pytest.raises(ValueError):
         packed.predict(queries[:, :5])
+    assert np.allclose(packed.quantile(queries, 0.9), np.quantile(per_tree, 0.9, axis=0))
+    with pytest.raises(ValueError, match="quantile"):
+        packed.quantile(queries, 1.5)
 
 
 def test_static_encoder_is_the_mean_piece_vector_over_a_bounded_prefix(fake_static_cache) -> None:
@@ -93,6 +96,24 @@ def test_exact_cache_answers_a_seen_prompt_with_its_median_length(fake_static_ca
     assert model.predict(["A"], ["repeat me"], [40]).tolist() == [9]
     without = fitted(ForestConfig(), samples)
     assert without.predict(["A"], ["repeat me"], [40]).tolist() != [9]
+
+
+def test_upper_estimate_is_wide_where_the_training_lengths_scatter(fake_static_cache) -> None:
+    # "steady" always doubles its input; "noisy" gives 0.5x or 4x at random: its trees disagree
+    rng = np.random.default_rng(0)
+    steady = ratio_samples("steady", 2.0, range(10, 200, 2))
+    noisy = [LengthSample("noisy", s.input_text, s.input_tokens, round(s.input_tokens * rng.choice([0.5, 4.0])))
+             for s in ratio_samples("noisy", 1.0, range(10, 200, 2))]
+    config = ForestConfig(target="log_ratio", aggregate="median", regressor="rf_leaf5", use_exact_cache=True)
+    model = fitted(config, steady + noisy)
+    query = (["steady", "noisy"], ["text number 101 " * 4, "text number 101 " * 4], [101, 101])
+    point, upper = model.predict_with_upper(*query, quantile=0.9)
+    assert np.array_equal(point, model.predict(*query))
+    assert (upper >= point).all()
+    assert upper[1] / point[1] > 1.5 * upper[0] / point[0]  # the scattered task is flagged
+    seen = noisy[0]
+    point, upper = model.predict_with_upper([seen.instruction], [seen.input_text], [seen.input_tokens])
+    assert upper.tolist() == point.tolist() == [seen.generated_tokens]  # an exact match is certain
 
 
 def test_served_model_predicts_in_range_and_survives_joblib(fake_static_cache) -> None:

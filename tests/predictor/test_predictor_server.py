@@ -77,6 +77,8 @@ async def test_predict_lengths_returns_predictions_and_model_version(start_repli
     assert response.model_version == 1
     assert list(response.input_tokens) == [100, prompt_tokens]
     assert list(response.predicted_tokens) == [205, 5 + 2 * prompt_tokens]
+    # a model without a spread reports its prediction as the upper estimate
+    assert list(response.predicted_tokens_upper) == list(response.predicted_tokens)
 
 
 @pytest.mark.parametrize(
@@ -190,5 +192,7 @@ async def test_serves_the_static_embedding_forest(start_replica, store, fake_sta
     assert response.model_version == 1
     assert 40 <= response.predicted_tokens[0] <= 80
     assert all(tokens >= 1 for tokens in response.predicted_tokens)
+    assert len(response.predicted_tokens_upper) == 3
+    assert all(u >= p for u, p in zip(response.predicted_tokens_upper, response.predicted_tokens, strict=True))
     info = await replica.admin.GetModelInfo(model_admin_pb2.GetModelInfoRequest())
     assert info.model.model_name == SERVED_MODEL

@@ -40,6 +40,7 @@ class PolicyConfig:
       takes max_new_tokens as the true length (exact in trace replay, where a request stops there).
     memory_fill_fraction: share of Theta a batch may fill by *predicted* lengths; the rest is
       headroom for under-predictions, each of which would otherwise cost an OOM and a split.
+    uses_upper_lengths: plan with the predictor's upper estimate instead of its point prediction.
     """
 
     name: str
@@ -52,6 +53,7 @@ class PolicyConfig:
     uses_true_lengths: bool = False
     memory_fill_fraction: float = 1.0
     pack_cost: LinearBatchCost | None = None  # PACK's batch-time model
+    uses_upper_lengths: bool = False  # plan with the predictor's upper estimate (magnus_pack)
 
     def __post_init__(self) -> None:
         if self.max_batch_size is not None and self.max_batch_size < 1:
@@ -110,9 +112,12 @@ def make_policy(
             memory_fill_fraction=memory_fill_fraction,
         )
     if name == "magnus_pack":
+        # the upper estimate: one under-predicted request stretches a whole packed batch
+        # (reports/gpu/e2e.md), and the forest's spread flags most of them
         return PolicyConfig(
             name, InsertMode.SINGLE, ChooseMode.PACK, None, max_batch_size, True,
             memory_fill_fraction=memory_fill_fraction, pack_cost=pack_cost or LinearBatchCost(),
+            uses_upper_lengths=True,
         )
     if name == "oracle_pack":
         return PolicyConfig(
