@@ -5,8 +5,8 @@ once per step; reports/gpu/engine.md), a batch's time is mostly G(B) steps, and 
 many requests of similar predicted length. The paper's insertion-time grouping (WMA under Phi)
 decides each request's batch when it arrives, before the rest of the queue is known; packing
 decides from the whole queue. Requests queue alone; when a worker pulls, they are sorted by
-predicted generation length (then prompt length) and the contiguous window with the highest
-score is leased:
+planned generation length (the predictor's upper estimate, see PolicyConfig.uses_upper_lengths;
+then prompt length) and the contiguous window with the highest score is leased:
 
     score(W) = sum_{p in W} (wait(p) + T(W)) / T(W) = |W| + sum wait / T(W)
 

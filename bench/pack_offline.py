@@ -1,0 +1,112 @@
+"""magnus_pack offline: a saturation burst drained by the real packing code, timed by the engine model.
+
+Why: the GPU runs (reports/gpu/e2e.md) showed under-predicted requests stretching packed batches.
+This replays the same kind of burst on the CPU: the served predictor's point predictions, its upper
+estimates at several quantiles, and the true lengths, each planned by `BatchQueue.take_next` (the
+batcher's code) and timed with `LinearBatchCost` at the batch's *true* G(B). No GPU overheads
+(graph captures, host work): an upper bound for what planning with each length buys, not a GPU result.
+
+    python bench/pack_offline.py --predictor var/e2e/state/model-store/predictor/v1.joblib \\
+        --workload var/e2e/workload.jsonl --out reports/gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import joblib
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.batcher.policy.assembler import MemoryBudget  # noqa: E402
+from services.batcher.policy.batch import Member, QueuedBatch  # noqa: E402
+from services.batcher.policy.batch_queue import BatchQueue  # noqa: E402
+from services.batcher.policy.config import make_policy  # noqa: E402
+from services.batcher.policy.pack_cost import LinearBatchCost  # noqa: E402
+
+# the H200 run's memory model (reports/gpu/e2e.md): Llama-2-7B shape, 6 GiB reserve
+BUDGET = MemoryBudget(kv_bytes_per_token=524_288, free_kv_bytes=127_572_901_888)
+VS_BATCH = 59
+QUANTILES = (0.75, 0.9, 0.95)
+
+
+def drain_s(plan: np.ndarray, input_tokens: np.ndarray, true_gen: np.ndarray, cost: LinearBatchCost) -> tuple[float, int]:
+    """Seconds to run every request (all queued at t=0) packed by `plan` lengths; and the batches run."""
+    policy = make_policy("magnus_pack", phi_token_reads=1e4, fixed_batch_size=VS_BATCH, max_batch_size=256,
+                         memory_fill_fraction=0.85)
+    queue = BatchQueue()
+    for i, (n_in, n_gen) in enumerate(zip(input_tokens, plan, strict=True)):
+        batch = QueuedBatch(f"b{i}")
+        queue.append(batch)
+        queue.add_member(batch, Member(str(i), int(n_in), int(n_gen), 0.0))
+    ids, now_s, batches = (f"m{i}" for i in itertools.count()), 0.0, 0
+    while len(queue):
+        batch = queue.take_next(policy, now_s, BUDGET, lambda: next(ids))
+        rows = [int(m.request_id) for m in batch.members]
+        now_s += cost.batch_s(len(rows), int(input_tokens[rows].max()), int(true_gen[rows].max()))
+        batches += 1
+    return now_s, batches
+
+
+def vs_drain_s(input_tokens: np.ndarray, true_gen: np.ndarray, cost: LinearBatchCost) -> float:
+    total_s = 0.0
+    for start in range(0, len(input_tokens), VS_BATCH):
+        rows = slice(start, start + VS_BATCH)
+        total_s += cost.batch_s(len(input_tokens[rows]), int(input_tokens[rows].max()), int(true_gen[rows].max()))
+    return total_s
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--predictor", type=Path, required=True, help="a stored predictor version (.joblib)")
+    parser.add_argument("--workload", type=Path, default=Path("var/e2e/workload.jsonl"))
+    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--out", type=Path, default=Path("reports/gpu"))
+    args = parser.parse_args()
+    model = joblib.load(args.predictor)["model"]
+    rows = [json.loads(line) for line in args.workload.read_text(encoding="utf-8").splitlines()][: args.requests]
+    instructions, inputs = [r["instruction"] for r in rows], [r["user_input"] for r in rows]
+    input_tokens = np.array([r["input_tokens"] for r in rows])
+    true_gen = np.array([r["gen_tokens"] for r in rows])
+    cost = LinearBatchCost()
+    point, _ = model.predict_with_upper(instructions, inputs, list(input_tokens), quantile=None)
+    plans = {"point prediction": point}
+    for q in QUANTILES:
+        plans[f"upper q{q:g}"] = model.predict_with_upper(instructions, inputs, list(input_tokens), quantile=q)[1]
+    plans["true lengths"] = true_gen
+    vs_s = vs_drain_s(input_tokens, true_gen, cost)
+    results = {"requests": len(rows), "vs_batch": VS_BATCH, "vs_requests_per_s": len(rows) / vs_s, "plans": {}}
+    badly = true_gen > 2 * point + 10
+    for name, plan in plans.items():
+        seconds, batches = drain_s(plan, input_tokens, true_gen, cost)
+        results["plans"][name] = {
+            "requests_per_s": len(rows) / seconds, "x_vs": vs_s / seconds, "batches": batches,
+            "coverage": float((true_gen <= plan).mean()),
+            "flags_badly_under_predicted": float((plan[badly] >= 1.5 * point[badly]).mean()) if badly.any() else None,
+        }
+    lines = [
+        f"# magnus_pack offline: {len(rows)} requests queued at once, engine-model time (no GPU overheads)",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`. vs (batch {VS_BATCH}): {results['vs_requests_per_s']:.1f} req/s. "
+        f"Badly under-predicted (true > 2 x point + 10): {int(badly.sum())} requests.",
+        "",
+        "| planned with | req/s | x vs | batches | true <= planned | flags the badly under-predicted |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results["plans"].items():
+        flags = "-" if r["flags_badly_under_predicted"] is None else f"{r['flags_badly_under_predicted']:.2f}"
+        lines.append(f"| {name} | {r['requests_per_s']:.1f} | {r['x_vs']:.2f} | {r['batches']} | {r['coverage']:.2f} | {flags} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pack_offline.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "pack_offline.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
