@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from datetime import datetime, timezone
 
+import numpy as np
 import pytest
 
 from services.batcher.domain import GenerationInput, PendingRequest, Prediction
@@ -119,3 +120,13 @@ def test_magnus_pack_plans_with_the_upper_estimate_and_magnus_with_the_point():
     assert request.gen_tokens_for(magnus.uses_true_lengths, magnus.uses_upper_lengths) == 30
     older_predictor = pending(Prediction(40, 30, 1, False))  # sent no upper estimate
     assert older_predictor.gen_tokens_for(pack.uses_true_lengths, pack.uses_upper_lengths) == 30
+
+
+def test_window_sizes_cover_small_batches_fully_and_large_ones_geometrically():
+    from services.batcher.policy.pack import window_sizes
+
+    assert window_sizes(5).tolist() == [1, 2, 3, 4, 5]
+    sizes = window_sizes(256)
+    assert sizes[:16].tolist() == list(range(1, 17)) and sizes[-1] == 256
+    assert (np.diff(sizes) > 0).all() and len(sizes) < 64
+    assert (sizes[16:] / sizes[15:-1]).max() <= 1.12  # past 16, scored sizes ~7 % apart (12 % after rounding)

@@ -73,8 +73,9 @@ def _best_window(cols, rows, wait_s, cost, max_batch_size, kv_bytes_per_token, f
     # window ending at sorted position j with k members: G(W) = gen[j]; L(W) = max of inp over it
     padded = np.concatenate([np.zeros(k_max - 1, dtype=inp.dtype), inp])
     trailing = np.lib.stride_tricks.sliding_window_view(padded, k_max)[:, ::-1]  # [m, k_max]: inp[j], inp[j-1], ...
-    input_max = np.maximum.accumulate(trailing, axis=1)
-    k = np.arange(1, k_max + 1)[None, :]
+    sizes = window_sizes(k_max)
+    input_max = np.maximum.accumulate(trailing, axis=1)[:, sizes - 1]  # [m, len(sizes)]
+    k = sizes[None, :]
     end = np.arange(m)[:, None]
     start = end - k + 1
     cumulative_wait = np.concatenate([[0.0], np.cumsum(wait)])
@@ -87,5 +88,19 @@ def _best_window(cols, rows, wait_s, cost, max_batch_size, kv_bytes_per_token, f
         allowed &= k * (input_max + gen_max) * kv_bytes_per_token <= free_kv_bytes
     allowed[:, 0] = True  # a request alone always runs (admission checked that it fits)
     score = np.where(allowed, score, -np.inf)
-    j, k_best = np.unravel_index(int(np.argmax(score)), score.shape)
-    return [int(r) for r in order[j - k_best : j + 1]], float(score[j, k_best])
+    j, column = np.unravel_index(int(np.argmax(score)), score.shape)
+    size = int(sizes[column])
+    return [int(r) for r in order[j - size + 1 : j + 1]], float(score[j, column])
+
+
+def window_sizes(k_max: int) -> np.ndarray:
+    """Window sizes scored: every size up to 16, then about 7 % apart up to k_max.
+
+    Scoring every size up to 256 cost 25 ms per pull with 2,048 candidates; a batch of 120 instead
+    of 121 makes no difference worth that.
+    """
+    small = np.arange(1, min(16, k_max) + 1)
+    if k_max <= 16:
+        return small
+    large = np.rint(np.geomspace(16, k_max, 40)).astype(np.int64)
+    return np.unique(np.concatenate([small, large, [k_max]]))
