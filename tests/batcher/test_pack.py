@@ -130,3 +130,14 @@ def test_window_sizes_cover_small_batches_fully_and_large_ones_geometrically():
     assert sizes[:16].tolist() == list(range(1, 17)) and sizes[-1] == 256
     assert (np.diff(sizes) > 0).all() and len(sizes) < 64
     assert (sizes[16:] / sizes[15:-1]).max() <= 1.12  # past 16, scored sizes ~7 % apart (12 % after rounding)
+
+
+def test_trailing_max_equals_a_brute_force_window_max():
+    from services.batcher.policy.pack import trailing_max, window_sizes
+
+    values = np.random.default_rng(0).integers(1, 1000, size=300)
+    sizes = window_sizes(256)
+    got = trailing_max(values, sizes)
+    for j in (0, 1, 15, 16, 17, 100, 255, 256, 299):
+        for c, k in enumerate(sizes):
+            assert got[j, c] == values[max(0, j - k + 1) : j + 1].max()
