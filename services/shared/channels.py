@@ -14,6 +14,10 @@ def channel_options(max_message_bytes: int = 4 * 1024 * 1024) -> list[tuple[str,
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # A peer that restarted (a redeployed predictor or estimator) is reconnected within seconds:
+        # gRPC's default backoff grows to 120 s, and calls fail fast as UNAVAILABLE meanwhile.
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
     ]
 
 
