@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import sqlite3
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -170,6 +171,8 @@ class Bench:
             extra_env=self._env(),
         )
         self.raw: dict = {"command": " ".join(["python", *sys.argv]), "policies": {}, "setup": {}}
+        self.worker_mode = "static"
+        self.fixed_batch_size = 0  # set by start() from the worker's Theta
 
     def _model_dir(self) -> str:
         if self.args.tiny:
@@ -208,21 +211,19 @@ class Bench:
         wait_for(lambda: loaded() and count_calibration_samples(self.database) > 0, "calibration samples", stack,
                  timeout_s=900)
         memory = engine_line(stack)
+        self.fixed_batch_size = self.safe_batch_size(memory)
         self.raw["setup"].update(memory, calibration_s=time.monotonic() - started_s)
         say(f"worker calibrated after {time.monotonic() - started_s:.0f} s: {memory}")
-        import subprocess
-
         subprocess.run([sys.executable, "-m", "services.estimator.bootstrap", "--if-missing"],
                        env=stack.env(), check=True, cwd=Path(__file__).resolve().parents[1])
         stack.start("estimator")
         stack.start("trainer")
         stack.wait_healthy(("estimator", "trainer"), timeout_s=120)
 
-    def fixed_batch_size(self) -> int:
+    def safe_batch_size(self, memory: dict) -> int:
         """vs's batch and ccb's slots: as many max-context requests as Theta holds (never an OOM)."""
         if self.args.fixed_batch_size:
             return self.args.fixed_batch_size
-        memory = engine_line(self.stack)
         context = 512 if self.args.tiny else CONTEXT_TOKENS
         return max(1, memory["theta_bytes"] // (memory["kv_bytes_per_token"] * context))
 
@@ -230,7 +231,7 @@ class Bench:
         self.stack.stop("batcher")
         env = {
             "MAGNUS_BATCHER_POLICY": policy,
-            "MAGNUS_BATCHER_FIXED_BATCH_SIZE": str(self.fixed_batch_size()),
+            "MAGNUS_BATCHER_FIXED_BATCH_SIZE": str(self.fixed_batch_size),
             "MAGNUS_BATCHER_MAX_BATCH_SIZE": str(self.args.max_batch_size),
         }
         self.stack.start("batcher", env)
@@ -239,19 +240,19 @@ class Bench:
     def restart_worker(self, mode: str) -> None:
         self.stack.stop("worker", timeout_s=60)
         self.stack.start("worker", {"MAGNUS_WORKER_MODE": mode,
-                                    "MAGNUS_WORKER_CONTINUOUS_SLOTS": str(self.fixed_batch_size())})
+                                    "MAGNUS_WORKER_CONTINUOUS_SLOTS": str(self.fixed_batch_size)})
 
     # ---- one policy ---------------------------------------------------------------------------
     def run_policy(self, policy: str, workload: list[dict]) -> None:
         mode = "continuous" if policy == "ccb" else "static"
-        if mode != getattr(self, "worker_mode", "static"):
+        if mode != self.worker_mode:
             self.restart_worker(mode)
             self.worker_mode = mode
         self.start_batcher(policy)
         self.stack.wait_healthy(("worker",), timeout_s=900)  # raises with its log if a restarted worker died
         warmup = workload[-WARMUP_REQUESTS:]  # not measured: waits for the worker to (re)register
         asyncio.run(send_all(self.stack.target("batcher"), warmup, [0.0] * len(warmup), f"{policy}-warmup"))
-        result = self.raw["policies"].setdefault(policy, {"fixed_batch_size": self.fixed_batch_size(), "rates": {}})
+        result = self.raw["policies"].setdefault(policy, {"fixed_batch_size": self.fixed_batch_size, "rates": {}})
         for index, (rate, rows) in enumerate(phases(self.args, workload)):
             offsets = arrival_offsets_s(len(rows), rate, ARRIVAL_SEED + index)
             started_s = time.monotonic()

@@ -318,12 +318,11 @@ class Scheduler:
             future.set_result(lease)
 
     def _lease_next(self, worker_id: str) -> Lease | None:
-        batch = self.open_batches.take_next(
-            self.policy, self.clock.monotonic_s(), self._budget_of(self.workers.get(worker_id)), self.make_id
-        )
+        worker = self.workers.get(worker_id)
+        batch = self.open_batches.take_next(self.policy, self.clock.monotonic_s(), self._budget_of(worker), self.make_id)
         if batch is None:
             return None
-        batch = self._fit_for_worker(batch, self.workers.get(worker_id))
+        batch = self._fit_for_worker(batch, worker)
         now_s, now_wall = self.clock.monotonic_s(), self.clock.wall()
         items = [self.pending[m.request_id] for m in batch.members]
         for request in items:
@@ -344,7 +343,7 @@ class Scheduler:
         """Split a batch assembled before this worker's limits were known until it fits."""
         if worker is None:
             return batch
-        budget = MemoryBudget(worker.kv_bytes_per_token, worker.free_kv_bytes)
+        budget = self._budget_of(worker)
         max_size = worker.max_batch_size or batch.size
         while batch.size > 1 and (
             batch.size > max_size or not budget.fits(batch.size, batch.input_tokens_max, batch.gen_tokens_max)

@@ -64,21 +64,17 @@ def time_shape(engine: StaticBatchEngine, shape: Shape, rng: random.Random, repe
     With CUDA graphs a shape's first run also captures its decode steps (one graph per 32-token
     length bucket); that one-off cost is not the shape's time, so the first run is not timed.
     """
-    durations_s = []
     static = engine.static
-    if static is not None and static.use_cuda_graphs:
-        try:
-            engine.run_ids(synthetic_prompt_ids(engine, shape, rng), [shape.gen_tokens] * shape.batch_size,
-                           stop_at_eos=False)
-        except BatchOutOfMemory:
-            return Sample(shape, None)
-    for _ in range(repeats):
+    untimed = 1 if static is not None and static.use_cuda_graphs else 0
+    durations_s = []
+    for run in range(untimed + repeats):
         prompts = synthetic_prompt_ids(engine, shape, rng)
         try:
             output = engine.run_ids(prompts, [shape.gen_tokens] * shape.batch_size, stop_at_eos=False)
         except BatchOutOfMemory:
             return Sample(shape, None)
-        durations_s.append(output.run_s)
+        if run >= untimed:
+            durations_s.append(output.run_s)
     return Sample(shape, statistics.median(durations_s))
 
 

@@ -29,6 +29,7 @@ from services.worker.engine import (
     EngineItem,
     ItemOutput,
     StaticBatchEngine,
+    is_out_of_memory,
 )
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ class ContinuousBatcher:
                 [v[slot : slot + 1] for v in state.v_views],
             )
         except (torch.OutOfMemoryError, RuntimeError) as error:
-            if not _is_out_of_memory(error):
+            if not is_out_of_memory(error):
                 raise
             self.engine._free_memory()
             raise BatchOutOfMemory(f"out of memory prefilling {prompt_tokens} prompt tokens: {error}") from error
@@ -234,7 +235,7 @@ class ContinuousBatcher:
         except Exception as error:  # fail the rows in hand, keep serving
             active = [slot for slot, row in enumerate(self._rows) if row is not None]
             log.exception("continuous decode step failed: failing its %d requests", len(active))
-            if _is_out_of_memory(error):
+            if is_out_of_memory(error):
                 self.engine._free_memory()
                 error = BatchOutOfMemory(f"out of memory in a decode step of {len(active)} rows: {error}")
             for slot in active:
@@ -309,8 +310,3 @@ def _resolve(future: Future, result: ContinuousResult | None = None, error: Base
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    # the CPU allocator raises a plain RuntimeError (as StaticBatchEngine.run_ids handles it too)
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)

@@ -163,13 +163,13 @@ class StaticBatchEngine:
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
         self.trace_replay = trace_replay
         started_s = time.monotonic()
-        if loaded is None and has_random_weights(self.model_dir):
+        if loaded is None:
             self.tokenizer = load_tokenizer(self.model_dir)
-            config = AutoConfig.from_pretrained(self.model_dir)
-            self.model = build_random_model(config, self.device, self.dtype)
-        elif loaded is None:
-            self.tokenizer = load_tokenizer(self.model_dir)
-            self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
+            if has_random_weights(self.model_dir):
+                config = AutoConfig.from_pretrained(self.model_dir)
+                self.model = build_random_model(config, self.device, self.dtype)
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
         else:
             self.model, self.tokenizer = loaded
             self.model.eval()
@@ -279,7 +279,7 @@ class StaticBatchEngine:
             shape = f"{len(rows)} x {prompt_tokens} prompt tokens"
             raise BatchOutOfMemory(f"out of device memory on {shape}: {error}") from error
         except RuntimeError as error:
-            if "can't allocate memory" not in str(error):  # the CPU allocator's OOM message
+            if not is_out_of_memory(error):
                 raise
             self._free_memory()
             raise BatchOutOfMemory(f"out of host memory on {len(rows)} x {prompt_tokens} prompt tokens") from error
@@ -343,6 +343,11 @@ class StaticBatchEngine:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device OOM, or the CPU allocator's, which raises a plain RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def _cut_at_stop(row: list[int], limit_tokens: int, stop_ids: set[int]) -> list[int]:

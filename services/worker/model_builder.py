@@ -82,6 +82,13 @@ def build_qwen_tokenizer():
     )
 
 
+def greedy_generation_config(eos_id: int):
+    """Greedy decoding, with <|endoftext|> as BOS, EOS and padding (as Qwen's base models use it)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False)
+
+
 def is_complete(model_dir: Path) -> bool:
     return all((model_dir / name).is_file() for name in REQUIRED_FILES)
 
@@ -96,7 +103,7 @@ def build_tiny_qwen2(out_dir: Path | str = DEFAULT_MODEL_DIR) -> Path:
     if is_complete(out_dir):
         return out_dir
     import torch
-    from transformers import GenerationConfig, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     started_s = time.monotonic()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +111,7 @@ def build_tiny_qwen2(out_dir: Path | str = DEFAULT_MODEL_DIR) -> Path:
     eos_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     torch.manual_seed(SEED)
     model = Qwen2ForCausalLM(tiny_qwen2_config(len(tokenizer), eos_id)).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False
-    )
+    model.generation_config = greedy_generation_config(eos_id)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         tmp_dir.chmod(0o755)  # mkdtemp makes it private; the model folder is shared by services
@@ -145,7 +150,7 @@ def write_random_shape_folder(out_dir: Path | str, shape: dict = LLAMA2_7B_SHAPE
     Llama-2-7B's layers with a 151k-token embedding and head. The worker builds seeded random
     weights on the device when it loads such a folder (`build_random_model`).
     """
-    from transformers import GenerationConfig, LlamaConfig
+    from transformers import LlamaConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,9 +160,7 @@ def write_random_shape_folder(out_dir: Path | str, shape: dict = LLAMA2_7B_SHAPE
         vocab_size=len(tokenizer), bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, **shape
     )
     config.save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False).save_pretrained(
-        out_dir
-    )
+    greedy_generation_config(eos_id).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / RANDOM_MARKER).write_text("weights are built at load time with torch.manual_seed(0)\n")
     return out_dir
