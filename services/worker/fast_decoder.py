@@ -77,6 +77,7 @@ class LlamaFamilyDecoder:
         sin_signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         self.cos_table, self.sin_table = cos[0].to(self.dtype), sin_signed.to(self.dtype)
         self.pre_attention, self.post_attention = self._pre_attention, self._post_attention
+        self._flex = None  # compiled on first use of attention="flex"
 
     @staticmethod
     def _fuse(layer) -> LayerWeights:
@@ -214,11 +215,22 @@ class LlamaFamilyDecoder:
 
     def _decode_attention(self, q, keys, values, mask, attention: str) -> torch.Tensor:
         """q [B, H, 1, D] over keys/values [B, Hkv, L, D] with additive mask [B, 1, 1, L] -> [B, H, D]."""
+        enable_gqa = self.num_kv_heads != self.num_heads
         if attention == "sdpa":
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
-            )
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=enable_gqa)
             return out[:, :, 0]
+        if attention == "cudnn":  # cuDNN's fused attention with the additive mask as a bias
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=enable_gqa
+                )
+            return out[:, :, 0]
+        if attention == "flex":  # FlexAttention's split-KV decoding kernel (compiled per attention length)
+            if self._flex is None:
+                self._flex = torch.compile(_flex_decode, dynamic=False)
+            return self._flex(q, keys, values, mask, self.scale, enable_gqa)[:, :, 0]
         # "bmm": group the query heads of each KV head so K and V are read once per KV head
         batch, group = q.shape[0], self.num_heads // self.num_kv_heads
         grouped = q.view(batch, self.num_kv_heads, group, self.head_dim)
@@ -239,6 +251,16 @@ class DecodeState:
     v_views: list[torch.Tensor]
     # rows at different lengths (continuous batching): each writes at its own write_index[row]
     is_ragged: bool = False
+
+
+def _flex_decode(q, keys, values, mask, scale: float, enable_gqa: bool) -> torch.Tensor:
+    """flex_attention with the additive padding mask [B, 1, 1, L] as a score modification."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def add_mask(score, b, h, q_idx, kv_idx):
+        return score + mask[b, 0, 0, kv_idx]
+
+    return flex_attention(q, keys, values, score_mod=add_mask, scale=scale, enable_gqa=enable_gqa)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
