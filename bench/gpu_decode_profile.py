@@ -153,6 +153,7 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
+@torch.inference_mode()
 def profile_rows(engine, batch, prompt_tokens, attention, device) -> dict:
     """One eager decode step (compiled pieces) under torch.profiler: GPU time by kernel family."""
     backend = engine.static
