@@ -30,6 +30,7 @@ from bench.gpu_engine import (  # noqa: E402
     LLAMA2_7B, TINY, build_model, copy_bandwidth_bytes_per_s, say, static_rows,
 )
 from services.worker.engine import StaticBatchEngine, kv_bytes_per_token  # noqa: E402
+from services.worker.fast_decoder import _rope, _rope_cat  # noqa: E402
 
 BLAS_LIBRARIES = ("cublas", "cublaslt")
 
@@ -189,18 +190,63 @@ def profile_rows(engine, batch, prompt_tokens, attention, device) -> dict:
                 kernels_per_step=sum(v[1] for v in by_kernel.values()))
 
 
+def pre_attention_rows(decoder, batches, device) -> list[dict]:
+    """The 32 layers' norm + qkv GEMM + rope alone, per rope form and compile mode, and the GEMM alone."""
+    rows = []
+    forms = [("compiled_dynamic_roll", _rope, True), ("compiled_static_roll", _rope, False),
+             ("compiled_dynamic_cat", _rope_cat, True), ("compiled_static_cat", _rope_cat, False),
+             ("eager_roll", _rope, None)]
+    hidden_size = decoder.layers[0].out.shape[0]
+    for batch in batches:
+        hidden = torch.randn(batch, 1, hidden_size, dtype=decoder.dtype, device=device)
+        positions = torch.randint(0, 512, (batch,), device=device)
+        cos, sin = decoder.cos_table[positions][:, None], decoder.sin_table[positions][:, None]
+
+        def gemm_only(hidden=hidden) -> None:
+            for layer in decoder.layers:
+                F.linear(hidden, layer.qkv, layer.qkv_bias)
+
+        gemm_ms = graph_replay_ms(gemm_only, device)
+        for name, rope, dynamic in forms:
+            torch._dynamo.reset()
+            decoder.rope = rope
+            pre = decoder._pre_attention if dynamic is None else torch.compile(decoder._pre_attention, dynamic=dynamic)
+
+            def run(pre=pre, hidden=hidden, cos=cos, sin=sin) -> None:
+                for layer in decoder.layers:
+                    pre(hidden, layer.input_norm, layer.qkv, layer.qkv_bias, cos, sin)
+
+            ms = graph_replay_ms(run, device)
+            rows.append(dict(part="pre_attention", form=name, batch=batch, ms=ms, qkv_gemm_ms=gemm_ms))
+            say(f"pre-attention {name:22s} B={batch:4d}: {ms:6.3f} ms (qkv GEMMs alone {gemm_ms:6.3f} ms: "
+                f"rest {ms - gemm_ms:6.3f} ms)")
+    decoder.rope = _rope
+    torch._dynamo.reset()
+    return rows
+
+
 def step_variant_rows(engine, variant, batches, prompts, new_tokens, weight_bytes, delta, bw, device, rng) -> list[dict]:
-    """Whole decode steps per variant: "<attention>+compile[+lt][+bucketN]"."""
-    backend = engine.static
+    """Whole decode steps per variant: "<attention>[+compile][+static][+cat][+lt][+bucketN]".
+
+    attention: sdpa, cudnn, flex, bmm, or autoN (bmm up to N attended tokens, sdpa beyond);
+    static: compile per shape (dynamic=False); cat: rope's half rotation as a cat instead of a roll.
+    """
+    backend, decoder = engine.static, engine.static.decoder
     parts = variant.split("+")
     library = "cublaslt" if "lt" in parts else "cublas"
     buckets = [int(p[len("bucket"):]) for p in parts if p.startswith("bucket")]
     backend.length_bucket_tokens = buckets[0] if buckets else 32
-    base = "+".join(p for p in parts if p != "lt" and not p.startswith("bucket"))
+    attention = parts[0]
+    if attention.startswith("auto"):
+        decoder.bmm_max_attend_tokens, attention = int(attention[len("auto"):]), "auto"
+    decoder.rope = _rope_cat if "cat" in parts else _rope
+    torch._dynamo.reset()
+    if "compile" in parts and device.type == "cuda":
+        decoder.compile_layer_pieces(dynamic=False if "static" in parts else None)
     torch.backends.cuda.preferred_blas_library(library)
     try:
         rows = static_rows(engine, [(b, p) for b in batches for p in prompts], new_tokens, weight_bytes, delta, bw,
-                           device, rng, base)
+                           device, rng, attention)
     except Exception as failure:  # noqa: BLE001 - record why a variant could not run, keep going
         say(f"variant {variant}: {type(failure).__name__}: {failure}")
         return [dict(part="step", variant=variant, error=f"{type(failure).__name__}: {failure}")]
@@ -216,12 +262,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="small model on any device: a smoke test")
-    parser.add_argument("--parts", default="gemm,attention,profile,step")
+    parser.add_argument("--parts", default="gemm,attention,pre,profile,step")
     parser.add_argument("--batches", default="1,32,64,128")
     parser.add_argument("--prompts", default="64")
-    parser.add_argument("--attention-kernels", default="sdpa,cudnn,flex,flash_nomask")
-    parser.add_argument("--variants", default="sdpa+compile,sdpa+compile+lt,sdpa+compile+bucket8,flex+compile,"
-                                              "cudnn+compile")
+    parser.add_argument("--attention-kernels", default="sdpa,bmm,flex,flash_nomask")
+    parser.add_argument("--variants", default="sdpa+compile,sdpa+compile+cat,sdpa+compile+static,"
+                                              "auto256+compile,auto256+compile+cat")
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -261,9 +307,12 @@ def main() -> int:
         result["rows"] += attention_rows(engine, [b for b in batches if b >= 32] or batches, lengths,
                                          args.attention_kernels.split(","), device)
         save()
+    if "pre" in parts:
+        result["rows"] += pre_attention_rows(engine.static.decoder, [b for b in batches if b >= 32] or batches, device)
+        save()
     if "profile" in parts and device.type == "cuda":
-        for batch in [b for b in batches if b >= 32]:
-            result["rows"].append(profile_rows(engine, batch, prompts[0], "sdpa", device))
+        for attention in ("sdpa", "bmm"):
+            result["rows"].append(profile_rows(engine, max(batches), prompts[0], attention, device))
         save()
     if "step" in parts:
         for variant in args.variants.split(","):

@@ -78,6 +78,10 @@ class LlamaFamilyDecoder:
         self.cos_table, self.sin_table = cos[0].to(self.dtype), sin_signed.to(self.dtype)
         self.pre_attention, self.post_attention = self._pre_attention, self._post_attention
         self._flex = None  # compiled on first use of attention="flex"
+        self.bmm_attention = self._bmm_attention
+        # attention="auto": batched matmuls up to this many attended tokens, SDPA beyond
+        self.bmm_max_attend_tokens = 0
+        self.rope = _rope
 
     @staticmethod
     def _fuse(layer) -> LayerWeights:
@@ -109,7 +113,7 @@ class LlamaFamilyDecoder:
         fused = F.linear(x, qkv, qkv_bias)
         qk_size = (self.num_heads + self.num_kv_heads) * self.head_dim
         qk = fused[..., :qk_size].view(batch, tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = _rope(qk, cos[:, :, None], sin_signed[:, :, None])
+        qk = self.rope(qk, cos[:, :, None], sin_signed[:, :, None])
         q = qk[:, :, : self.num_heads].transpose(1, 2)
         k = qk[:, :, self.num_heads :].transpose(1, 2)
         v = fused[..., qk_size:].view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -204,14 +208,15 @@ class LlamaFamilyDecoder:
         gate, up = F.linear(normed, gate_up).chunk(2, dim=-1)
         return hidden + F.linear(F.silu(gate) * up, down)
 
-    def compile_layer_pieces(self, mode: str | None = None) -> None:
+    def compile_layer_pieces(self, mode: str | None = None, dynamic: bool | None = None) -> None:
         """Fuse the per-layer elementwise work with torch.compile (GPU only; compiles on first use).
 
         mode "max-autotune-no-cudagraphs" also autotunes the GEMMs (slow to compile, per batch size).
         """
-        dynamic = mode is None
+        dynamic = (mode is None) if dynamic is None else dynamic
         self.pre_attention = torch.compile(self._pre_attention, dynamic=dynamic, mode=mode)
         self.post_attention = torch.compile(self._post_attention, dynamic=dynamic, mode=mode)
+        self.bmm_attention = torch.compile(self._bmm_attention, dynamic=dynamic, mode=mode)
 
     def _decode_attention(self, q, keys, values, mask, attention: str) -> torch.Tensor:
         """q [B, H, 1, D] over keys/values [B, Hkv, L, D] with additive mask [B, 1, 1, L] -> [B, H, D]."""
@@ -231,7 +236,14 @@ class LlamaFamilyDecoder:
             if self._flex is None:
                 self._flex = torch.compile(_flex_decode, dynamic=False)
             return self._flex(q, keys, values, mask, self.scale, enable_gqa)[:, :, 0]
-        # "bmm": group the query heads of each KV head so K and V are read once per KV head
+        if attention == "auto":  # per attention length (fixed per captured graph): the measured faster kernel
+            attention = "bmm" if keys.shape[2] <= self.bmm_max_attend_tokens else "sdpa"
+            return self._decode_attention(q, keys, values, mask, attention)
+        return self.bmm_attention(q, keys, values, mask)
+
+    def _bmm_attention(self, q, keys, values, mask) -> torch.Tensor:
+        """Two batched matmuls around a softmax; the query heads of each KV head grouped so K and V are
+        read once per KV head. Compiled, the scale, mask and softmax fuse into one kernel."""
         batch, group = q.shape[0], self.num_heads // self.num_kv_heads
         grouped = q.view(batch, self.num_kv_heads, group, self.head_dim)
         scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * self.scale + mask.float()
@@ -266,6 +278,12 @@ def _flex_decode(q, keys, values, mask, scale: float, enable_gqa: bool) -> torch
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """HF's rotate-half rotary embedding; sin_signed = [-sin, sin] over the two halves."""
     return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+def _rope_cat(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """_rope with the half-rotation written as a cat of the two halves instead of a roll."""
+    half = x.shape[-1] // 2
+    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin_signed)
 
 
 def _repoint(modules, fused: torch.Tensor, fused_bias: torch.Tensor | None) -> None:
