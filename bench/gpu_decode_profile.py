@@ -30,6 +30,7 @@ from bench.gpu_engine import (  # noqa: E402
     LLAMA2_7B, TINY, build_model, copy_bandwidth_bytes_per_s, say, static_rows,
 )
 from services.worker.engine import StaticBatchEngine, kv_bytes_per_token  # noqa: E402
+from services.worker import triton_attention  # noqa: E402
 from services.worker.fast_decoder import _rope, _rope_cat  # noqa: E402
 
 BLAS_LIBRARIES = ("cublas", "cublaslt")
@@ -114,7 +115,11 @@ def attention_rows(engine, batches, attend_lengths, kernels, device) -> list[dic
                     out = None
                     for k_cache, v_cache in zip(state.k_views, state.v_views, strict=True):
                         keys, values = k_cache[:, :, :attend], v_cache[:, :, :attend]
-                        if kernel == "flash_nomask":  # FlashAttention ignoring the padding: a floor only
+                        if kernel.startswith("triton_"):  # triton_<block tokens>_<warps>: a launch shape
+                            block, warps = (int(x) for x in kernel.split("_")[1:])
+                            out = triton_attention.decode_attention(q, keys, values, mask, decoder.scale,
+                                                                    block_tokens=block, num_warps=warps)
+                        elif kernel == "flash_nomask":  # FlashAttention ignoring the padding: a floor only
                             from torch.nn.attention import SDPBackend, sdpa_kernel
 
                             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -228,7 +233,7 @@ def pre_attention_rows(decoder, batches, device) -> list[dict]:
 def step_variant_rows(engine, variant, batches, prompts, new_tokens, weight_bytes, delta, bw, device, rng) -> list[dict]:
     """Whole decode steps per variant: "<attention>[+compile][+static][+cat][+lt][+bucketN]".
 
-    attention: sdpa, cudnn, flex, bmm, or autoN (bmm up to N attended tokens, sdpa beyond);
+    attention: sdpa, cudnn, flex, bmm, triton, or autoN (triton up to N attended tokens, sdpa beyond);
     static: compile per shape (dynamic=False); cat: rope's half rotation as a cat instead of a roll.
     """
     backend, decoder = engine.static, engine.static.decoder
@@ -238,7 +243,7 @@ def step_variant_rows(engine, variant, batches, prompts, new_tokens, weight_byte
     backend.length_bucket_tokens = buckets[0] if buckets else 32
     attention = parts[0]
     if attention.startswith("auto"):
-        decoder.bmm_max_attend_tokens, attention = int(attention[len("auto"):]), "auto"
+        decoder.short_attention_max_tokens, attention = int(attention[len("auto"):]), "auto"
     decoder.rope = _rope_cat if "cat" in parts else _rope
     torch._dynamo.reset()
     if "compile" in parts and device.type == "cuda":
@@ -265,9 +270,9 @@ def main() -> int:
     parser.add_argument("--parts", default="gemm,attention,pre,profile,step")
     parser.add_argument("--batches", default="1,32,64,128")
     parser.add_argument("--prompts", default="64")
-    parser.add_argument("--attention-kernels", default="sdpa,bmm,flex,flash_nomask")
-    parser.add_argument("--variants", default="sdpa+compile,sdpa+compile+cat,sdpa+compile+static,"
-                                              "auto256+compile,auto256+compile+cat")
+    parser.add_argument("--attention-kernels", default="sdpa,triton_32_4,triton_64_4,triton_64_8,triton_128_8")
+    parser.add_argument("--variants", default="sdpa+compile+cat,auto256+compile+cat,auto128+compile+cat,"
+                                              "auto256+compile+static+cat")
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -303,7 +308,7 @@ def main() -> int:
         result["rows"] += gemm_rows(engine.static.decoder, batches, device)
         save()
     if "attention" in parts:
-        lengths = sorted({p + d for p in prompts for d in (32, 64)})
+        lengths = sorted({p + d for p in prompts for d in (32, 64)} | {256})
         result["rows"] += attention_rows(engine, [b for b in batches if b >= 32] or batches, lengths,
                                          args.attention_kernels.split(","), device)
         save()
@@ -311,7 +316,7 @@ def main() -> int:
         result["rows"] += pre_attention_rows(engine.static.decoder, [b for b in batches if b >= 32] or batches, device)
         save()
     if "profile" in parts and device.type == "cuda":
-        for attention in ("sdpa", "bmm"):
+        for attention in ("sdpa", "triton"):
             result["rows"].append(profile_rows(engine, max(batches), prompts[0], attention, device))
         save()
     if "step" in parts:

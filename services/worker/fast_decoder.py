@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.worker import triton_attention
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SHORT_ATTENTION_MAX_TOKENS = 256  # attention="auto": the Triton kernel up to here, SDPA beyond
 NEG_INF = float("-inf")
 
 
@@ -79,8 +82,9 @@ class LlamaFamilyDecoder:
         self.pre_attention, self.post_attention = self._pre_attention, self._post_attention
         self._flex = None  # compiled on first use of attention="flex"
         self.bmm_attention = self._bmm_attention
-        # attention="auto": batched matmuls up to this many attended tokens, SDPA beyond
-        self.bmm_max_attend_tokens = 0
+        # attention="auto": the short-length kernel up to this many attended tokens, SDPA beyond
+        self.short_attention = "triton" if triton_attention.is_available(self.device) else "sdpa"
+        self.short_attention_max_tokens = SHORT_ATTENTION_MAX_TOKENS
         self.rope = _rope
 
     @staticmethod
@@ -237,8 +241,10 @@ class LlamaFamilyDecoder:
                 self._flex = torch.compile(_flex_decode, dynamic=False)
             return self._flex(q, keys, values, mask, self.scale, enable_gqa)[:, :, 0]
         if attention == "auto":  # per attention length (fixed per captured graph): the measured faster kernel
-            attention = "bmm" if keys.shape[2] <= self.bmm_max_attend_tokens else "sdpa"
-            return self._decode_attention(q, keys, values, mask, attention)
+            is_short = keys.shape[2] <= self.short_attention_max_tokens
+            return self._decode_attention(q, keys, values, mask, self.short_attention if is_short else "sdpa")
+        if attention == "triton":
+            return triton_attention.decode_attention(q, keys, values, mask, self.scale)
         return self.bmm_attention(q, keys, values, mask)
 
     def _bmm_attention(self, q, keys, values, mask) -> torch.Tensor:
