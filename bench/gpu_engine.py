@@ -173,12 +173,13 @@ def continuous_batching_row(model, num_requests, new_tokens, device, rng) -> dic
 
 
 def static_rows(engine, grid, new_tokens, weight_bytes, delta, bw, device, rng, variant) -> list[dict]:
-    """variant: "sdpa" or "bmm" decode attention, "+compile" to fuse the layer pieces with torch.compile."""
+    """variant: decode attention ("sdpa", "bmm", "triton", "auto" = triton for short lengths, SDPA beyond),
+    "+compile" to fuse the layer pieces with torch.compile."""
     backend = engine.static
     attention, _, option = variant.partition("+")
     backend.attention = attention
-    if option == "compile":
-        backend.decoder.compile_layer_pieces()
+    if option == "compile":  # per shape with batch buckets (the engine's default), else shape-generic
+        backend.decoder.compile_layer_pieces(dynamic=backend.batch_bucket_rows == 1)
     elif option == "autotune":
         backend.decoder.compile_layer_pieces(mode="max-autotune-no-cudagraphs")
     backend.drop_graphs()
@@ -239,7 +240,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reserve-gib", type=float, default=6.0, help="GPU memory kept out of the KV pool")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: hf,memory,continuous,static,oom")
-    parser.add_argument("--variants", default="sdpa,bmm,sdpa+compile",
+    parser.add_argument("--variants", default="sdpa+compile,auto+compile",
                         help="static-engine variants in order (compiled ones last: compiling is not undone)")
     parser.add_argument("--batches", default="1,8,32,64,128")
     parser.add_argument("--prompts", default="64,512,2048")

@@ -78,6 +78,11 @@ class WorkerSettings(ServiceSettings):
         32, ge=1, description="Decode attention length is rounded up to this multiple: one graph per bucket and "
         "batch size. Larger = fewer captures while serving, more masked KV reads per step.",
     )
+    batch_bucket_rows: int = Field(
+        8, ge=1, description="Static backend: a batch runs padded to the next multiple of this many rows (powers of "
+        "two below it) when the KV pool holds the padded batch; one set of graphs and compiled kernels per bucket "
+        "instead of per batch size. 1 = off (layer pieces then compiled once for all shapes).",
+    )
     mode: Literal["static", "continuous"] = Field(
         "static",
         description="static = run each leased batch to its end (the paper's static batching); continuous = "

@@ -131,11 +131,12 @@ class StaticBatchEngine:
         simulate_oom_above_tokens: int = 0,
         backend: str = "auto",
         use_cuda_graphs: bool = True,
-        attention: str = "sdpa",
+        attention: str = "auto",
         loaded: tuple[object, object] | None = None,
         trace_replay: bool = False,
         max_cuda_graphs: int = 256,
         graph_length_bucket_tokens: int = 32,
+        batch_bucket_rows: int = 8,
     ) -> None:
         """Load the model and tokenizer from `model_dir`.
 
@@ -152,6 +153,8 @@ class StaticBatchEngine:
         max_cuda_graphs: captured decode steps kept, one per (batch size, attention length bucket).
         graph_length_bucket_tokens: attention length is rounded up to a multiple of this: larger
         buckets mean fewer graphs to capture (each a stall while serving) but more masked KV reads.
+        batch_bucket_rows: static backend: a batch runs padded to the next multiple of this many rows
+        (powers of two below it) when the pool holds that: fewer graphs and compiled shapes; 1 = off.
 
         cpu_kv_budget_bytes: Theta announced on CPU, bytes. cuda_reserve_bytes: kept free on CUDA
         for activations and allocator slack, bytes. simulate_oom_above_tokens: test hook, raise
@@ -190,6 +193,7 @@ class StaticBatchEngine:
                 compile_layers=use_cuda_graphs,  # the measured fastest on an H200 (reports/gpu/engine.md)
                 max_graphs=max_cuda_graphs,
                 length_bucket_tokens=graph_length_bucket_tokens,
+                batch_bucket_rows=batch_bucket_rows,
             )
             self.free_kv_bytes = capacity_tokens * self.kv_bytes_per_token  # exactly what the pool holds
         self.backend_name = "static" if self.static else "hf"

@@ -39,6 +39,7 @@ def load_engine(settings: WorkerSettings) -> StaticBatchEngine:
         trace_replay=settings.trace_replay,
         max_cuda_graphs=settings.max_cuda_graphs,
         graph_length_bucket_tokens=settings.graph_length_bucket_tokens,
+        batch_bucket_rows=settings.batch_bucket_rows,
     )
 
 

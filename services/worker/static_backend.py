@@ -42,12 +42,21 @@ class StaticCacheBackend:
         length_bucket_tokens: int = 32,
         max_graphs: int = 256,
         compile_layers: bool = False,
+        batch_bucket_rows: int = 1,
     ) -> None:
+        """batch_bucket_rows: a batch of B rows runs as the next multiple of this (powers of two below
+        it), its extra rows padding that stop at once, whenever the pool holds the padded batch: one
+        graph set and one compiled shape serve every batch size in a bucket. With buckets the layer
+        pieces are compiled per shape (measured faster than shape-generic code on an H100,
+        reports/gpu/engine.md); without, once for all shapes."""
         if capacity_tokens < 1:
             raise ValueError(f"capacity_tokens must be >= 1, got {capacity_tokens}")
+        if batch_bucket_rows < 1:
+            raise ValueError(f"batch_bucket_rows must be >= 1, got {batch_bucket_rows}")
         self.decoder = LlamaFamilyDecoder(model)
+        self.batch_bucket_rows = batch_bucket_rows
         if compile_layers and self.decoder.device.type == "cuda":
-            self.decoder.compile_layer_pieces()
+            self.decoder.compile_layer_pieces(dynamic=batch_bucket_rows == 1)
         self.capacity_tokens = capacity_tokens
         self.use_cuda_graphs = use_cuda_graphs and self.decoder.device.type == "cuda"
         self.attention = attention
@@ -67,6 +76,15 @@ class StaticCacheBackend:
     # ---- buffers ---------------------------------------------------------------------------
     def row_capacity_tokens(self, batch: int) -> int:
         return self.capacity_tokens // batch
+
+    def padded_rows(self, batch: int, needed_tokens: int) -> int:
+        """Rows to run a batch of `batch` as: its bucket if the pool holds that many rows of needed_tokens."""
+        bucket = self.batch_bucket_rows
+        if batch >= bucket:
+            padded = -(-batch // bucket) * bucket
+        else:
+            padded = min(bucket, 1 << (batch - 1).bit_length())
+        return padded if needed_tokens <= self.row_capacity_tokens(padded) else batch
 
     def _state_for(self, batch: int, is_ragged: bool = False) -> DecodeState:
         """The step buffers of `batch` rows; is_ragged: one write_index per row (continuous batching)."""
@@ -112,14 +130,19 @@ class StaticCacheBackend:
         tokens = tokens.to(device)
         pad_tokens = torch.tensor([prompt_tokens - len(r) for r in rows], dtype=torch.long, device=device)
 
-        state = self._state_for(batch)
-        first = self._prefill(tokens, pad_tokens, state)
-        state.tokens.copy_(first)
-        state.positions.copy_(prompt_tokens - pad_tokens)
+        # padding rows (batch buckets) are never prefilled: their prompt stays masked, they attend only
+        # to what their own decode steps write (finite: the pool only ever holds finite values)
+        padded = self.padded_rows(batch, needed_tokens)
+        state = self._state_for(padded)
+        state.tokens.fill_(pad_token_id)
+        state.positions.zero_()
+        state.tokens[:batch].copy_(self._prefill(tokens, pad_tokens, state))
+        first = state.tokens[:batch].clone()
+        state.positions[:batch].copy_(prompt_tokens - pad_tokens)
         state.write_index.fill_(prompt_tokens)
         state.mask.fill_(float("-inf"))
         visible = torch.arange(prompt_tokens, device=device)[None, :] >= pad_tokens[:, None]
-        state.mask[:, 0, 0, :prompt_tokens].masked_fill_(visible, 0.0)
+        state.mask[:batch, 0, 0, :prompt_tokens].masked_fill_(visible, 0.0)
 
         generated = torch.empty(batch, limit_steps, dtype=torch.long, device=device)
         generated[:, 0] = first
@@ -131,8 +154,8 @@ class StaticCacheBackend:
                 _all_stopped(generated[:, :steps], limits, stops) or (cancel is not None and cancel.is_set())
             ):
                 break
-            self._step(state, batch, prompt_tokens + steps)
-            generated[:, steps] = state.tokens
+            self._step(state, padded, prompt_tokens + steps)
+            generated[:, steps] = state.tokens[:batch]
             steps += 1
         return generated[:, :steps].cpu()
 

@@ -83,8 +83,8 @@ def decode_attention(
     if head_dim & (head_dim - 1):
         raise ValueError(f"decode_attention needs a power-of-two head_dim, got {head_dim}")
     out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
-    # [group_pad, block, head_dim] float32 products per program: keep them near 8K elements
-    block = block_tokens or max(16, min(128, 8192 // (group_pad * head_dim)))
+    # [group_pad, block, head_dim] float32 products per program: 32 x 128 measured fastest (H100, MHA)
+    block = block_tokens or max(16, min(32, 4096 // (group_pad * head_dim)))
     _decode_attention_kernel[(batch, kv_heads)](
         q, keys, values, mask, out,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),

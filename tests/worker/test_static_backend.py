@@ -20,8 +20,8 @@ def static_engine(tiny_model_dir) -> StaticBatchEngine:
     )
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "bmm"])
-def test_static_backend_matches_generate_on_mha_llama(attention):
+@pytest.mark.parametrize(("attention", "batch_bucket_rows"), [("sdpa", 1), ("bmm", 1), ("sdpa", 4), ("sdpa", 8)])
+def test_static_backend_matches_generate_on_mha_llama(attention, batch_bucket_rows):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -39,8 +39,22 @@ def test_static_backend_matches_generate_on_mha_llama(attention):
             do_sample=False, pad_token_id=0, eos_token_id=None,
         )[:, prompt_tokens:]
     backend = StaticCacheBackend(model, capacity_tokens=3 * 64, use_cuda_graphs=False, attention=attention,
-                                 length_bucket_tokens=16)
+                                 length_bucket_tokens=16, batch_bucket_rows=batch_bucket_rows)
+    # 3 rows run as 4 (buckets of 4 and 8: powers of two below the bucket) when the pool holds 4 x 31 tokens
+    assert backend.padded_rows(3, prompt_tokens + new_tokens) == (3 if batch_bucket_rows == 1 else 4)
     assert torch.equal(backend.generate(PROMPTS, 0, [new_tokens] * 3, set()), expected)
+    assert set(backend._states) == {(backend.padded_rows(3, prompt_tokens + new_tokens), False)}
+
+
+def test_batch_buckets_round_up_and_fall_back_to_the_exact_size_when_the_pool_is_short():
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+    )).eval()
+    backend = StaticCacheBackend(model, capacity_tokens=40 * 100, use_cuda_graphs=False, batch_bucket_rows=16)
+    assert [backend.padded_rows(b, 10) for b in (1, 2, 3, 5, 9, 16, 17, 33)] == [1, 2, 4, 8, 16, 16, 32, 48]
+    assert backend.padded_rows(33, 100) == 33  # 48 rows x 100 tokens > 4,000: run unpadded
+    assert backend.padded_rows(40, 100) == 40
 
 
 def test_static_engine_matches_hf_engine_on_gqa_qwen2(engine, static_engine):
