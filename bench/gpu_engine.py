@@ -41,6 +41,7 @@ TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
 )
+MEMORY_GRID = [(8, 512, 64), (32, 512, 64), (32, 1024, 64), (64, 512, 64), (16, 2048, 64)]  # (B, L, G)
 LOG: list[str] = []
 
 
@@ -149,6 +150,34 @@ def memory_model_rows(model, grid, delta, weight_bytes, device, rng) -> list[dic
         )
         say(f"memory model B={batch} L={prompt_tokens} G={new_tokens}: MEM(B)={predicted_bytes/2**30:.2f} GiB, "
             f"peak above weights {peak_bytes/2**30:.2f} GiB, ratio {peak_bytes/predicted_bytes:.3f}")
+    return rows
+
+
+def static_memory_rows(engine, grid, delta, device, rng) -> list[dict]:
+    """The static engine's memory for a batch: the KV slots it occupies in the pool, B (L + G) Delta by
+    construction, plus everything torch allocates beyond the pool while it runs (prefill activations,
+    logits, graphs captured for it), against MEM(B)."""
+    rows = []
+    if device.type != "cuda":
+        return rows
+    backend = engine.static
+    for batch, prompt_tokens, new_tokens in grid:
+        if batch * (prompt_tokens + new_tokens) > backend.capacity_tokens:
+            continue
+        prompts = random_rows(batch, prompt_tokens, engine.model.config.vocab_size, rng)
+        torch.cuda.synchronize(device)
+        base_bytes = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        backend.generate(prompts, 0, [new_tokens] * batch, set())
+        torch.cuda.synchronize(device)
+        beyond_pool_bytes = torch.cuda.max_memory_allocated(device) - base_bytes
+        predicted_bytes = batch * (prompt_tokens + new_tokens) * delta
+        measured_bytes = predicted_bytes + beyond_pool_bytes
+        rows.append(dict(batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                         predicted_bytes=predicted_bytes, measured_peak_bytes=measured_bytes,
+                         beyond_pool_bytes=beyond_pool_bytes, ratio=measured_bytes / predicted_bytes))
+        say(f"static memory B={batch} L={prompt_tokens} G={new_tokens}: MEM(B)={predicted_bytes/2**30:.2f} GiB, "
+            f"pool slots + peak beyond the pool {measured_bytes/2**30:.2f} GiB, ratio {measured_bytes/predicted_bytes:.3f}")
     return rows
 
 
@@ -293,6 +322,9 @@ def main() -> int:
                 rows += static_rows(engine, [(b, p) for b in batches for p in prompts], new_tokens, weight_bytes,
                                     delta, bw, device, rng, variant)
                 save()
+        if "memory" not in skip:
+            result["static_memory_model"] = static_memory_rows(engine, MEMORY_GRID, delta, device, rng)
+            save()
         if "oom" not in skip:
             result["oom_recovery"] = run_oom_recovery(engine, say, tiny=args.tiny)
             save()
@@ -305,8 +337,7 @@ def main() -> int:
                                  new_tokens, weight_bytes, delta, bw, device, rng)
         save()
     if "memory" not in skip:
-        grid = [(8, 512, 64), (32, 512, 64), (32, 1024, 64), (64, 512, 64), (16, 2048, 64)]
-        result["memory_model"] = memory_model_rows(model, grid, delta, weight_bytes, device, rng)
+        result["memory_model"] = memory_model_rows(model, MEMORY_GRID, delta, weight_bytes, device, rng)
         save()
     if "continuous" not in skip:
         result["continuous_batching"] = continuous_batching_row(model, 8 if args.tiny else 64, new_tokens, device, rng)
