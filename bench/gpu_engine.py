@@ -161,23 +161,34 @@ def static_memory_rows(engine, grid, delta, device, rng) -> list[dict]:
     if device.type != "cuda":
         return rows
     backend = engine.static
-    for batch, prompt_tokens, new_tokens in grid:
-        if batch * (prompt_tokens + new_tokens) > backend.capacity_tokens:
-            continue
+
+    def beyond_pool_bytes(batch: int, prompt_tokens: int, new_tokens: int) -> int:
         prompts = random_rows(batch, prompt_tokens, engine.model.config.vocab_size, rng)
         torch.cuda.synchronize(device)
         base_bytes = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         backend.generate(prompts, 0, [new_tokens] * batch, set())
         torch.cuda.synchronize(device)
-        beyond_pool_bytes = torch.cuda.max_memory_allocated(device) - base_bytes
-        predicted_bytes = batch * (prompt_tokens + new_tokens) * delta
-        measured_bytes = predicted_bytes + beyond_pool_bytes
-        rows.append(dict(batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+        return torch.cuda.max_memory_allocated(device) - base_bytes
+
+    # the prefill workspace, W(tokens in one prefill chunk) = a + b x tokens, from two probes off the grid
+    probes = [(1, 1000), (6, 1000)]
+    (t0, w0), (t1, w1) = [(b * p, beyond_pool_bytes(b, p, 1)) for b, p in probes]
+    slope, intercept = (w1 - w0) / (t1 - t0), w0 - (w1 - w0) / (t1 - t0) * t0
+    say(f"prefill workspace probes {probes}: {intercept / 2**20:.0f} MiB + {slope / 2**10:.1f} KiB per chunk token")
+    for batch, prompt_tokens, new_tokens in grid:
+        if batch * (prompt_tokens + new_tokens) > backend.capacity_tokens:
+            continue
+        kv_bytes = batch * (prompt_tokens + new_tokens) * delta  # MEM(B): the batch's slots in the pool
+        chunk_tokens = backend.prefill_chunk_rows(prompt_tokens, batch) * prompt_tokens
+        predicted_bytes = kv_bytes + intercept + slope * chunk_tokens
+        measured_bytes = kv_bytes + beyond_pool_bytes(batch, prompt_tokens, new_tokens)
+        rows.append(dict(batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens, kv_bytes=kv_bytes,
                          predicted_bytes=predicted_bytes, measured_peak_bytes=measured_bytes,
-                         beyond_pool_bytes=beyond_pool_bytes, ratio=measured_bytes / predicted_bytes))
-        say(f"static memory B={batch} L={prompt_tokens} G={new_tokens}: MEM(B)={predicted_bytes/2**30:.2f} GiB, "
-            f"pool slots + peak beyond the pool {measured_bytes/2**30:.2f} GiB, ratio {measured_bytes/predicted_bytes:.3f}")
+                         kv_only_ratio=measured_bytes / kv_bytes, ratio=measured_bytes / predicted_bytes))
+        say(f"static memory B={batch} L={prompt_tokens} G={new_tokens}: KV {kv_bytes/2**30:.2f} GiB + workspace "
+            f"of a {chunk_tokens}-token chunk = {predicted_bytes/2**30:.2f} GiB predicted, measured "
+            f"{measured_bytes/2**30:.2f} GiB (pool slots + peak beyond the pool): ratio {measured_bytes/predicted_bytes:.3f}")
     return rows
 
 

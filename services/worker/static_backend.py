@@ -159,9 +159,14 @@ class StaticCacheBackend:
             steps += 1
         return generated[:, :steps].cpu()
 
+    @staticmethod
+    def prefill_chunk_rows(prompt_tokens: int, batch: int) -> int:
+        """Rows prefilled together: their activations (the workspace outside the pool) scale with this."""
+        return min(batch, max(1, PREFILL_CHUNK_TOKENS // prompt_tokens))
+
     def _prefill(self, tokens: torch.Tensor, pad_tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
         batch, prompt_tokens = tokens.shape
-        chunk_rows = max(1, PREFILL_CHUNK_TOKENS // prompt_tokens)
+        chunk_rows = self.prefill_chunk_rows(prompt_tokens, batch)
         firsts = []
         for start in range(0, batch, chunk_rows):
             end = min(batch, start + chunk_rows)
