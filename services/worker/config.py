@@ -83,6 +83,10 @@ class WorkerSettings(ServiceSettings):
         "two below it) when the KV pool holds the padded batch; one set of graphs and compiled kernels per bucket "
         "instead of per batch size. 1 = off (layer pieces then compiled once for all shapes).",
     )
+    warmup_batch_rows: int = Field(
+        256, ge=0, description="Static backend on CUDA: before registering, compile and capture every batch "
+        "bucket up to this many rows (seconds per bucket), so no served batch waits for it; 0 = off.",
+    )
     mode: Literal["static", "continuous"] = Field(
         "static",
         description="static = run each leased batch to its end (the paper's static batching); continuous = "

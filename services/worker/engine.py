@@ -231,6 +231,16 @@ class StaticBatchEngine:
         free_bytes, _total_bytes = torch.cuda.mem_get_info(self.device)
         return max(0, free_bytes - cuda_reserve_bytes)
 
+    def warm_up(self, max_rows: int) -> None:
+        """Compile and capture the static engine's batch buckets up to max_rows before serving (CUDA only:
+        elsewhere nothing is compiled or captured)."""
+        if self.static is None or not self.static.use_cuda_graphs or max_rows < 1:
+            return
+        started_s = time.monotonic()
+        warmed = self.static.warm_up(max_rows)
+        log.info("warmed %d batch buckets (%s rows) in %.1f s", len(warmed), warmed[-1] if warmed else 0,
+                 time.monotonic() - started_s)
+
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids per prompt; special-token text counts as plain text (like tiktoken's encode_ordinary)."""
         encoded = self.tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=True)

@@ -83,6 +83,8 @@ async def serve(
             await runner.stop()
             return
         engine = load_task.result()
+    if settings.mode == "static":  # a continuous worker runs one batch size: its own warm-up is its first pass
+        await asyncio.to_thread(engine.warm_up, settings.warmup_batch_rows)
     if settings.calibrate_grid:
         await calibrate_if_missing(engine, settings.calibrate_grid, settings.database_url)
 

@@ -79,12 +79,12 @@ class StaticCacheBackend:
 
     def padded_rows(self, batch: int, needed_tokens: int) -> int:
         """Rows to run a batch of `batch` as: its bucket if the pool holds that many rows of needed_tokens."""
-        bucket = self.batch_bucket_rows
-        if batch >= bucket:
-            padded = -(-batch // bucket) * bucket
-        else:
-            padded = min(bucket, 1 << (batch - 1).bit_length())
+        padded = bucket_rows(batch, self.batch_bucket_rows)
         return padded if needed_tokens <= self.row_capacity_tokens(padded) else batch
+
+    def bucket_sizes(self, max_rows: int) -> list[int]:
+        """Every bucket a batch of 1..max_rows rows can run as (warm-up compiles and captures these)."""
+        return sorted({bucket_rows(b, self.batch_bucket_rows) for b in range(1, max_rows + 1)})
 
     def _state_for(self, batch: int, is_ragged: bool = False) -> DecodeState:
         """The step buffers of `batch` rows; is_ragged: one write_index per row (continuous batching)."""
@@ -217,6 +217,18 @@ class StaticCacheBackend:
             self._graphs.popitem(last=False)
         return graph
 
+    def warm_up(self, max_rows: int, prompt_tokens: int = 16, new_tokens: int = 2) -> list[int]:
+        """Run a short batch at every bucket up to max_rows rows that the pool holds, so that compiling
+        the layer pieces for its shape and capturing its first graphs happen now, not on a served batch
+        (seconds per bucket on a GPU). Returns the buckets run."""
+        warmed = []
+        for rows in self.bucket_sizes(max_rows):
+            if rows * (prompt_tokens + new_tokens) > self.capacity_tokens:
+                break
+            self.generate([[1] * prompt_tokens] * rows, 0, [new_tokens] * rows, set())
+            warmed.append(rows)
+        return warmed
+
     def drop_graphs(self) -> None:
         """Forget captured graphs and step buffers (after an OOM, whose state is unknown)."""
         if self.use_cuda_graphs:
@@ -225,6 +237,16 @@ class StaticCacheBackend:
         self._states.clear()
         if self.use_cuda_graphs:  # a pool whose graphs were freed must not be captured into again
             self._graph_pool = torch.cuda.graph_pool_handle()
+
+
+def bucket_rows(batch: int, granularity: int) -> int:
+    """The batch bucket of `batch` rows: powers of two up to `granularity`, then multiples of it, and of
+    an eighth of the next power of two once that is larger (at most 25 % padding rows, ~23 buckets to
+    512 rows for granularity 8)."""
+    if batch <= granularity:
+        return min(granularity, 1 << (batch - 1).bit_length())
+    step = max(granularity, (1 << (batch - 1).bit_length()) // 8)
+    return -(-batch // step) * step
 
 
 def _all_stopped(generated: torch.Tensor, limits: torch.Tensor, stops: torch.Tensor) -> bool:

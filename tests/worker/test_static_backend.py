@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.worker.engine import BatchOutOfMemory, EngineItem, StaticBatchEngine
-from services.worker.static_backend import STOP_CHECK_EVERY_STEPS, StaticCacheBackend
+from services.worker.static_backend import STOP_CHECK_EVERY_STEPS, StaticCacheBackend, bucket_rows
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30]]
 
@@ -53,6 +55,9 @@ def test_batch_buckets_round_up_and_fall_back_to_the_exact_size_when_the_pool_is
     )).eval()
     backend = StaticCacheBackend(model, capacity_tokens=40 * 100, use_cuda_graphs=False, batch_bucket_rows=16)
     assert [backend.padded_rows(b, 10) for b in (1, 2, 3, 5, 9, 16, 17, 33)] == [1, 2, 4, 8, 16, 16, 32, 48]
+    # above the granularity: multiples of an eighth of the next power of two (at most 25 % padding)
+    assert [bucket_rows(b, 8) for b in (8, 9, 63, 65, 100, 129, 257, 500)] == [8, 16, 64, 80, 112, 160, 320, 512]
+    assert len(StaticCacheBackend.bucket_sizes(SimpleNamespace(batch_bucket_rows=8), 512)) == 23
     assert backend.padded_rows(33, 100) == 33  # 48 rows x 100 tokens > 4,000: run unpadded
     assert backend.padded_rows(40, 100) == 40
 
@@ -100,3 +105,13 @@ def test_trace_replay_ignores_eos_and_stops_at_the_recorded_length(tiny_model_di
     engine.eos_token_ids = [first[0][0], first[1][0]]  # each row's first token now counts as EOS
     output = engine.run(items)
     assert [item.generated_tokens for item in output.items] == [6, 3]
+
+
+def test_warm_up_runs_every_bucket_the_pool_holds():
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+    )).eval()
+    backend = StaticCacheBackend(model, capacity_tokens=20 * 18, use_cuda_graphs=False, batch_bucket_rows=8)
+    assert backend.warm_up(24) == [1, 2, 4, 8, 16]  # 24 rows x 18 tokens > 360: stop there
+    assert {rows for rows, _ in backend._states} == {1, 2, 4, 8, 16}

@@ -270,3 +270,6 @@ class _FakeEngine(FakeRunner):
 
     class model_dir:  # noqa: N801 - stands in for a Path
         name = "fake"
+
+    def warm_up(self, max_rows: int) -> None:  # nothing to compile or capture
+        pass
