@@ -282,6 +282,7 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma list of parts to skip: hf,memory,continuous,static,oom")
     parser.add_argument("--variants", default="sdpa+compile,auto+compile",
                         help="static-engine variants in order (compiled ones last: compiling is not undone)")
+    parser.add_argument("--warmup-rows", type=int, default=0, help="time the worker's warm-up to this many rows")
     parser.add_argument("--batches", default="1,8,32,64,128")
     parser.add_argument("--prompts", default="64,512,2048")
     args = parser.parse_args()
@@ -326,6 +327,14 @@ def main() -> int:
         say(f"static engine: Theta {engine.free_kv_bytes / 2**30:.1f} GiB = {engine.static.capacity_tokens} tokens")
         result["numerics"] = numerics_check(engine, device, rng)
         save()
+        if args.warmup_rows:  # the worker's start-up warm-up (MAGNUS_WORKER_WARMUP_BATCH_ROWS), timed per bucket
+            warm: list[dict] = []
+            started_s = time.monotonic()
+            engine.static.warm_up(args.warmup_rows, on_bucket=lambda rows, s: (
+                warm.append(dict(rows=rows, seconds=s)), say(f"warm-up bucket {rows:4d} rows: {s:6.2f} s")))
+            say(f"warm-up: {len(warm)} buckets in {time.monotonic() - started_s:.1f} s")
+            result["warm_up"] = warm
+            save()
         if "static" not in skip:
             batches = [int(b) for b in args.batches.split(",")] if not args.tiny else (2, 4)
             prompts = [int(p) for p in args.prompts.split(",")] if not args.tiny else (16, 32)

@@ -217,15 +217,18 @@ class StaticCacheBackend:
             self._graphs.popitem(last=False)
         return graph
 
-    def warm_up(self, max_rows: int, prompt_tokens: int = 16, new_tokens: int = 2) -> list[int]:
+    def warm_up(self, max_rows: int, prompt_tokens: int = 16, new_tokens: int = 2, on_bucket=None) -> list[int]:
         """Run a short batch at every bucket up to max_rows rows that the pool holds, so that compiling
         the layer pieces for its shape and capturing its first graphs happen now, not on a served batch
-        (seconds per bucket on a GPU). Returns the buckets run."""
+        (seconds per bucket on a GPU). on_bucket(rows, seconds) after each. Returns the buckets run."""
         warmed = []
         for rows in self.bucket_sizes(max_rows):
             if rows * (prompt_tokens + new_tokens) > self.capacity_tokens:
                 break
+            started_s = time.perf_counter()
             self.generate([[1] * prompt_tokens] * rows, 0, [new_tokens] * rows, set())
+            if on_bucket is not None:
+                on_bucket(rows, time.perf_counter() - started_s)
             warmed.append(rows)
         return warmed
 
