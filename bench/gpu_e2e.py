@@ -6,7 +6,7 @@ output length), then for each policy restarts the batcher and replays the worklo
 (bench/e2e_workload.py) as Poisson arrivals at each rate: the same requests and the same arrival
 times for every policy. The worker calibrates the estimator's first version on this device before
 it registers; the trainer runs with its rounds pushed out of the run so every policy sees the same
-model versions. `ccb` restarts the worker in continuous-batching mode.
+model versions. `ccb` and `magnus_ccb` restart the worker in continuous-batching mode.
 
 Per request it records queued/started/finished, predicted and true length, batch; per batch the
 log DB's shape, estimated and actual time. Everything lands in OUT/e2e_raw.json as it is measured
@@ -37,6 +37,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
+from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES  # noqa: E402
 from tools.stack import Stack  # noqa: E402
 
 CONTEXT_TOKENS = 4096  # Llama-2-7B's context: a careful operator sizes vs for requests this long
@@ -244,7 +245,7 @@ class Bench:
 
     # ---- one policy ---------------------------------------------------------------------------
     def run_policy(self, policy: str, workload: list[dict]) -> None:
-        mode = "continuous" if policy == "ccb" else "static"
+        mode = "continuous" if policy in CONTINUOUS_POLICY_NAMES else "static"
         if mode != self.worker_mode:
             self.restart_worker(mode)
             self.worker_mode = mode
@@ -318,7 +319,7 @@ def main() -> int:
     args = parser.parse_args()
     args.rate_list = [float(r) for r in args.rates.split(",") if r]
     policies = [p for p in args.policies.split(",") if p]
-    policies.sort(key=lambda p: p == "ccb")  # the continuous worker last: one worker restart
+    policies.sort(key=lambda p: p in CONTINUOUS_POLICY_NAMES)  # the continuous worker last: one worker restart
     workload = load_workload(args.workload)
     needed = len(args.rate_list) * args.requests_per_rate + args.saturation_requests + WARMUP_REQUESTS
     if len(workload) < needed:

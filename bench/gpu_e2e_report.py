@@ -21,8 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES  # noqa: E402
+
 SUSTAINED_SHARE = 0.9
-ORDER = ("vs", "ccb", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle", "oracle_pack")
+ORDER = ("vs", "ccb", "magnus_ccb", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle", "oracle_pack")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -106,7 +108,7 @@ def diagnose(policies: dict) -> dict:
 
     cost, out = LinearBatchCost(), {}
     for name, result in policies.items():
-        if name == "ccb":  # one lease per request, overlapping in time: batch sums mean nothing there
+        if name in CONTINUOUS_POLICY_NAMES:  # one lease per request, overlapping in time: no batch sums
             continue
         rate = max(result["rates"], key=float)
         batches = [b for b in result["rates"][rate]["batches"] if b["outcome"] == "ok"]
@@ -154,7 +156,7 @@ def headline(summary: dict) -> dict:
         if rate is not None and _key(rate) in result["mean_latency_s"]:
             entry["mean_latency_x_vs"] = result["mean_latency_s"][_key(rate)] / vs["mean_latency_s"][_key(rate)]
         out[name] = entry
-    for name in ("magnus", "magnus_pack"):
+    for name in ("magnus", "magnus_pack", "magnus_ccb"):
         for other in ("ccb", "oracle", "oracle_pack"):
             if name in summary and other in summary:
                 out[f"throughput_{name}_x_{other}"] = (

@@ -178,3 +178,24 @@ def test_size_weighted_hrrn_still_never_starves_a_small_long_batch():
         now_s += 1.0
     # the long batch wins once (w + 50) / 50 > 16 x 2, i.e. after about 1,550 s: bounded
     assert now_s < 2_000.0
+
+
+def test_magnus_ccb_leases_single_requests_shortest_predicted_first():
+    policy = make_policy("magnus_ccb", phi_token_reads=1, fixed_batch_size=4, max_batch_size=None)
+    batches: list[QueuedBatch] = []
+    for i, gen_tokens in enumerate((500, 20, 100)):  # arrival order: long, short, medium
+        m = Member(str(i), 50, gen_tokens, arrival_s=0.0)
+        target = choose_batch_for(m, batches, policy, MemoryBudget())
+        if target is None:
+            target = QueuedBatch(f"b{i}")
+            batches.append(target)
+        target.add(m)
+    assert [b.size for b in batches] == [1, 1, 1]  # one lease per request, as for ccb
+    order = []
+    while batches:  # no estimates yet: the fallback's grows with the predicted length
+        chosen = choose_next(batches, policy, now_s=1.0)
+        order.append(chosen.members[0].gen_tokens)
+        batches.remove(chosen)
+    assert order == [20, 100, 500]
+    ccb = make_policy("ccb", phi_token_reads=1, fixed_batch_size=4, max_batch_size=None)
+    assert not ccb.uses_predictions and policy.uses_predictions

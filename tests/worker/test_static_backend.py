@@ -14,6 +14,13 @@ from services.worker.static_backend import STOP_CHECK_EVERY_STEPS, StaticCacheBa
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30]]
 
 
+def tiny_mha_llama(**config) -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, **config,
+    )).eval()
+
+
 @pytest.fixture(scope="module")
 def static_engine(tiny_model_dir) -> StaticBatchEngine:
     # a small pool: 3 rows x 160 tokens of KV (the tiny Qwen2 has Delta = 512 bytes in float32)
@@ -25,11 +32,7 @@ def static_engine(tiny_model_dir) -> StaticBatchEngine:
 @pytest.mark.parametrize(("attention", "batch_bucket_rows"), [("sdpa", 1), ("bmm", 1), ("sdpa", 4), ("sdpa", 8)])
 def test_static_backend_matches_generate_on_mha_llama(attention, batch_bucket_rows):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, initializer_range=0.5,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_mha_llama(initializer_range=0.5)
     prompt_tokens, new_tokens = 7, 24
     ids = torch.zeros((3, prompt_tokens), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -49,10 +52,7 @@ def test_static_backend_matches_generate_on_mha_llama(attention, batch_bucket_ro
 
 
 def test_batch_buckets_round_up_and_fall_back_to_the_exact_size_when_the_pool_is_short():
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-    )).eval()
+    model = tiny_mha_llama()
     backend = StaticCacheBackend(model, capacity_tokens=40 * 100, use_cuda_graphs=False, batch_bucket_rows=16)
     assert [backend.padded_rows(b, 10) for b in (1, 2, 3, 5, 9, 16, 17, 33)] == [1, 2, 4, 8, 16, 16, 32, 48]
     # above the granularity: multiples of an eighth of the next power of two (at most 25 % padding)
@@ -108,10 +108,7 @@ def test_trace_replay_ignores_eos_and_stops_at_the_recorded_length(tiny_model_di
 
 
 def test_warm_up_runs_every_bucket_the_pool_holds():
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-    )).eval()
+    model = tiny_mha_llama()
     backend = StaticCacheBackend(model, capacity_tokens=20 * 18, use_cuda_graphs=False, batch_bucket_rows=8)
     assert backend.warm_up(24) == [1, 2, 4, 8, 16]  # 24 rows x 18 tokens > 360: stop there
     assert {rows for rows, _ in backend._states} == {1, 2, 4, 8, 16}

@@ -72,8 +72,9 @@ class PolicyConfig:
 
 # static batching; the oracles plan with true lengths (an upper bound for the grouping rule)
 POLICY_NAMES = ("vs", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle", "oracle_pack")
-# ccb serves continuous-batching workers, which the static-batch simulator does not model
-SERVING_POLICY_NAMES = (*POLICY_NAMES, "ccb")
+# ccb and magnus_ccb serve continuous-batching workers, which the static-batch simulator does not model
+CONTINUOUS_POLICY_NAMES = ("ccb", "magnus_ccb")
+SERVING_POLICY_NAMES = (*POLICY_NAMES, *CONTINUOUS_POLICY_NAMES)
 
 
 def make_policy(
@@ -132,4 +133,10 @@ def make_policy(
         # FCFS continuous batching (the paper's CCB baseline): every request is its own lease, and
         # a worker in continuous mode pulls one whenever a slot of its running batch frees.
         return PolicyConfig(name, InsertMode.FCFS, ChooseMode.FCFS, None, 1, False, False)
+    if name == "magnus_ccb":
+        # beyond the paper (its future work: continuous batching with length prediction): still one
+        # lease per request, but the next request to join the running batch is the one with the highest
+        # response ratio by its predicted length; short requests stop queueing behind long ones and the
+        # long ones age until they go. Memory is the row's: admission checks L + max_new_tokens.
+        return PolicyConfig(name, InsertMode.FCFS, ChooseMode.HRRN, None, 1, False, True)
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(SERVING_POLICY_NAMES)}")
