@@ -233,8 +233,9 @@ class StaticBatchEngine:
 
     def warm_up(self, max_rows: int) -> None:
         """Compile and capture the static engine's batch buckets up to max_rows before serving (CUDA only:
-        elsewhere nothing is compiled or captured)."""
-        if self.static is None or not self.static.use_cuda_graphs or max_rows < 1:
+        elsewhere nothing is compiled or captured; without buckets every batch size is its own shape,
+        too many to warm)."""
+        if self.static is None or not self.static.use_cuda_graphs or max_rows < 1 or self.static.batch_bucket_rows == 1:
             return
         started_s = time.monotonic()
         warmed = self.static.warm_up(max_rows)

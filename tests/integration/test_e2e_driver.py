@@ -1,7 +1,7 @@
-"""The GPU end-to-end driver on the CPU (tiny model): magnus_pack and ccb through the real services.
+"""The GPU end-to-end driver on the CPU (tiny model): magnus_pack, ccb and magnus_ccb through the real services.
 
 Runs `bench/gpu_e2e.py --tiny` as the GPU run does (five processes, SQLite log, trace replay, a
-worker restart into continuous mode for ccb), then `bench/gpu_e2e_report.py` on its output.
+worker restart into continuous mode for ccb and magnus_ccb), then `bench/gpu_e2e_report.py` on its output.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ def test_driver_runs_pack_and_continuous_batching_end_to_end(tmp_path, prepared_
     run(["bench/e2e_workload.py", "--data", str(DATA_DIR), "--num-requests", "64", "--out", str(workload)], 120)
     out = tmp_path / "out"
     run(["bench/gpu_e2e.py", "--tiny", "--workload", str(workload), "--state", str(state), "--out", str(out),
-         "--workdir", str(tmp_path / "work"), "--policies", "magnus_pack,ccb", "--rates", "4",
+         "--workdir", str(tmp_path / "work"), "--policies", "magnus_pack,ccb,magnus_ccb", "--rates", "4",
          "--requests-per-rate", "8", "--saturation-requests", "24", "--fixed-batch-size", "8"], 420)
 
     raw = json.loads((out / "e2e_raw.json").read_text())
-    for policy in ("magnus_pack", "ccb"):
+    for policy in ("magnus_pack", "ccb", "magnus_ccb"):
         phases = raw["policies"][policy]["rates"]
         assert set(phases) == {"4.0", "400.0"}
         for phase in phases.values():
@@ -46,15 +46,18 @@ def test_driver_runs_pack_and_continuous_batching_end_to_end(tmp_path, prepared_
             assert all(r["status"] == "OK" for r in records), records
             # trace replay: every request stops exactly at its reference length
             assert all(r["generated_tokens"] == r["true_gen_tokens"] for r in records)
-    ccb = raw["policies"]["ccb"]["rates"]["400.0"]
-    assert {b["size"] for b in ccb["batches"]} == {1}  # one lease per request
-    spans = sorted((r["started_at_s"], r["finished_at_s"]) for r in ccb["requests"])
-    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "no two requests ran at once"
+    for policy in ("ccb", "magnus_ccb"):
+        burst = raw["policies"][policy]["rates"]["400.0"]
+        assert {b["size"] for b in burst["batches"]} == {1}  # one lease per request
+        spans = sorted((r["started_at_s"], r["finished_at_s"]) for r in burst["requests"])
+        assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "no two requests ran at once"
+    # magnus_ccb orders by predicted length
+    assert all(r["predicted_tokens"] > 0 for r in raw["policies"]["magnus_ccb"]["rates"]["400.0"]["requests"])
     pack = raw["policies"]["magnus_pack"]["rates"]["400.0"]
     assert max(b["size"] for b in pack["batches"]) > 1  # the burst was packed into shared batches
 
     run(["bench/gpu_e2e_report.py", str(out / "e2e_raw.json"), "--device", "cpu (test)", "--out", str(out)], 120)
     report = json.loads((out / "e2e.json").read_text())
-    assert set(report["policies"]) == {"ccb", "magnus_pack"}
+    assert set(report["policies"]) == {"ccb", "magnus_ccb", "magnus_pack"}
     assert report["policies"]["ccb"]["saturated_requests_per_s"] > 0
     assert (out / "e2e.png").stat().st_size > 0
