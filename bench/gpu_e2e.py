@@ -198,6 +198,8 @@ class Bench:
             "MAGNUS_BATCHER_MAX_PENDING_PER_TENANT": pending,
             "MAGNUS_BATCHER_LEASE_S": "600",  # a long static batch must not be requeued mid-run
             "MAGNUS_WORKER_GRAPH_LENGTH_BUCKET_TOKENS": str(self.args.graph_length_bucket_tokens),
+            # compile and capture every batch bucket a policy can make before the first phase
+            "MAGNUS_WORKER_WARMUP_BATCH_ROWS": str(self.args.max_batch_size),
         }
 
     # ---- set-up -------------------------------------------------------------------------------
