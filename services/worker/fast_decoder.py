@@ -82,8 +82,10 @@ class LlamaFamilyDecoder:
         self.pre_attention, self.post_attention = self._pre_attention, self._post_attention
         self._flex = None  # compiled on first use of attention="flex"
         self.bmm_attention = self._bmm_attention
-        # attention="auto": the short-length kernel up to this many attended tokens, SDPA beyond
-        self.short_attention = "triton" if triton_attention.is_available(self.device) else "sdpa"
+        # attention="auto": the short-length kernel up to this many attended tokens, SDPA beyond. The
+        # Triton kernel was timed for multi-head attention only (engine.md); grouped-query models keep SDPA.
+        is_mha = self.num_kv_heads == self.num_heads
+        self.short_attention = "triton" if triton_attention.is_available(self.device) and is_mha else "sdpa"
         self.short_attention_max_tokens = SHORT_ATTENTION_MAX_TOKENS
         self.rope = _rope_cat  # measured faster than _rope's roll once compiled (H100, engine.md)
 
