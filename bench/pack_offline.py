@@ -33,24 +33,49 @@ from services.batcher.policy.pack_cost import LinearBatchCost  # noqa: E402
 BUDGET = MemoryBudget(kv_bytes_per_token=524_288, free_kv_bytes=127_572_901_888)
 VS_BATCH = 59
 QUANTILES = (0.75, 0.9, 0.95)
+PREEMPT_SHARES = (0.01, 0.05, 0.1)
 
 
-def drain_s(plan: np.ndarray, input_tokens: np.ndarray, true_gen: np.ndarray, cost: LinearBatchCost) -> tuple[float, int]:
-    """Seconds to run every request (all queued at t=0) packed by `plan` lengths; and the batches run."""
+def drain_s(plan: np.ndarray, input_tokens: np.ndarray, true_gen: np.ndarray, cost: LinearBatchCost,
+            preempt_share: float | None = None) -> tuple[float, int, int]:
+    """Seconds to run every request (all queued at t=0) packed by `plan` lengths; batches run; requeues.
+
+    preempt_share: straggler preemption (not built in the serving path; an estimate of what it buys).
+    Once a batch has run its planned G(B) steps and at most this share of its rows is still running,
+    those rows are cut and requeued as continuations: prompt + what they generated, planned to
+    generate as much again. None = every batch runs to its longest row, as the worker does.
+    """
     policy = make_policy("magnus_pack", phi_token_reads=1e4, fixed_batch_size=VS_BATCH, max_batch_size=256,
                          memory_fill_fraction=0.85)
-    queue = BatchQueue()
-    for i, (n_in, n_gen) in enumerate(zip(input_tokens, plan, strict=True)):
-        batch = QueuedBatch(f"b{i}")
+    queue, generated = BatchQueue(), np.zeros(len(plan), dtype=int)
+
+    def enqueue(key: str, planned_tokens: int) -> None:
+        row = int(key.split(".")[0])
+        batch = QueuedBatch(f"b{key}")
         queue.append(batch)
-        queue.add_member(batch, Member(str(i), int(n_in), int(n_gen), 0.0))
-    ids, now_s, batches = (f"m{i}" for i in itertools.count()), 0.0, 0
+        queue.add_member(batch, Member(key, int(input_tokens[row] + generated[row]), max(1, int(planned_tokens)), 0.0))
+
+    for i, n_gen in enumerate(plan):
+        enqueue(str(i), n_gen)
+    ids, now_s, batches, requeues = (f"m{i}" for i in itertools.count()), 0.0, 0, 0
     while len(queue):
         batch = queue.take_next(policy, now_s, BUDGET, lambda: next(ids))
-        rows = [int(m.request_id) for m in batch.members]
-        now_s += cost.batch_s(len(rows), int(input_tokens[rows].max()), int(true_gen[rows].max()))
+        keys = [m.request_id for m in batch.members]
+        rows = np.array([int(k.split(".")[0]) for k in keys])
+        remaining = true_gen[rows] - generated[rows]
+        steps = int(remaining.max())
+        if preempt_share is not None:
+            may_run_on = max(1, int(preempt_share * len(rows)))  # rows allowed to outlive the cut
+            last_kept = int(np.sort(remaining)[-may_run_on - 1]) if len(rows) > may_run_on else 0
+            steps = min(steps, max(batch.gen_tokens_max, last_kept))
+        now_s += cost.batch_s(len(rows), batch.input_tokens_max, steps)
         batches += 1
-    return now_s, batches
+        for key, row, left in zip(keys, rows, remaining, strict=True):
+            if left > steps:  # cut: requeued with its output so far as part of its prompt
+                generated[row] += steps
+                requeues += 1
+                enqueue(f"{row}.{requeues}", generated[row])
+    return now_s, batches, requeues
 
 
 def vs_drain_s(input_tokens: np.ndarray, true_gen: np.ndarray, cost: LinearBatchCost) -> float:
@@ -83,12 +108,20 @@ def main() -> int:
     results = {"requests": len(rows), "vs_batch": VS_BATCH, "vs_requests_per_s": len(rows) / vs_s, "plans": {}}
     badly = true_gen > 2 * point + 10
     for name, plan in plans.items():
-        seconds, batches = drain_s(plan, input_tokens, true_gen, cost)
+        seconds, batches, _ = drain_s(plan, input_tokens, true_gen, cost)
         results["plans"][name] = {
             "requests_per_s": len(rows) / seconds, "x_vs": vs_s / seconds, "batches": batches,
             "coverage": float((true_gen <= plan).mean()),
             "flags_badly_under_predicted": float((plan[badly] >= 1.5 * point[badly]).mean()) if badly.any() else None,
         }
+    results["preemption"] = {}
+    for name in ("point prediction", "upper q0.9"):
+        for share in PREEMPT_SHARES:
+            seconds, batches, requeues = drain_s(plans[name], input_tokens, true_gen, cost, preempt_share=share)
+            results["preemption"][f"{name}, cut at {share:g}"] = {
+                "requests_per_s": len(rows) / seconds, "x_vs": vs_s / seconds, "batches": batches,
+                "requeues": requeues,
+            }
     lines = [
         f"# magnus_pack offline: {len(rows)} requests queued at once, engine-model time (no GPU overheads)",
         "",
@@ -101,6 +134,18 @@ def main() -> int:
     for name, r in results["plans"].items():
         flags = "-" if r["flags_badly_under_predicted"] is None else f"{r['flags_badly_under_predicted']:.2f}"
         lines.append(f"| {name} | {r['requests_per_s']:.1f} | {r['x_vs']:.2f} | {r['batches']} | {r['coverage']:.2f} | {flags} |")
+    lines += [
+        "",
+        "Straggler preemption (not built in the serving path: what it would buy). Once a batch has run its",
+        "planned G(B) steps and at most this share of its rows still runs, those rows are cut and requeued",
+        "with their output so far as part of the prompt (paying its prefill again), planned to generate as",
+        "much again:",
+        "",
+        "| planned with, rows allowed past the plan | req/s | x vs | batches | requeued |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in results["preemption"].items():
+        lines.append(f"| {name} | {r['requests_per_s']:.1f} | {r['x_vs']:.2f} | {r['batches']} | {r['requeues']} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pack_offline.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "pack_offline.md").write_text("\n".join(lines) + "\n")
