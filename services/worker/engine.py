@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Sto
 from services.shared.tokenizer import load_tokenizer
 from services.worker.fast_decoder import is_supported
 from services.worker.model_builder import build_random_model, has_random_weights
+from services.worker.preemption import Preemption, running_rows
 from services.worker.static_backend import KVCacheFull, StaticCacheBackend
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class ItemOutput:
     request_id: str
     text: str
     generated_tokens: int  # up to and including EOS, at most the request's max_new_tokens
+    is_preempted: bool = False  # cut by a Preemption before its stop: the output so far
 
 
 @dataclass(frozen=True)
@@ -72,17 +74,26 @@ class IdsOutput:
 
 
 class _PerRowStop(StoppingCriteria):
-    """Row i is done once it has max_new_tokens[i] new tokens; all rows are done on cancel."""
+    """Row i is done once it has max_new_tokens[i] new tokens; all rows are done on cancel, and on a
+    preemption cut (the rows still running then come back unfinished)."""
 
-    def __init__(self, prompt_tokens: int, max_new_tokens: torch.Tensor, cancel: threading.Event | None):
+    def __init__(self, prompt_tokens: int, max_new_tokens: torch.Tensor, cancel: threading.Event | None,
+                 preemption: Preemption | None = None, stops: torch.Tensor | None = None):
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.cancel = cancel
+        self.preemption = preemption
+        self.stops = stops
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        if self.cancel is not None and self.cancel.is_set():
+        steps = input_ids.shape[1] - self.prompt_tokens
+        if (self.cancel is not None and self.cancel.is_set()) or (
+            self.preemption is not None
+            and self.preemption.should_cut(steps, running_rows(input_ids[:, self.prompt_tokens:], self.max_new_tokens,
+                                                               self.stops))
+        ):
             return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        return self.max_new_tokens <= input_ids.shape[1] - self.prompt_tokens
+        return self.max_new_tokens <= steps
 
 
 def resolve_device(device: str) -> torch.device:
@@ -247,18 +258,24 @@ class StaticBatchEngine:
         encoded = self.tokenizer(list(prompts), add_special_tokens=False, split_special_tokens=True)
         return encoded["input_ids"]
 
-    def run(self, items: Sequence[EngineItem], cancel: threading.Event | None = None) -> BatchOutput:
-        """Run one static batch: greedy, stop per row at EOS or its max_new_tokens."""
+    def run(
+        self, items: Sequence[EngineItem], cancel: threading.Event | None = None, preemption: Preemption | None = None
+    ) -> BatchOutput:
+        """Run one static batch: greedy, stop per row at EOS or its max_new_tokens (or at a preemption cut)."""
         if not items:
             raise BatchRejected("empty batch")
         started_s = time.monotonic()
         prompt_ids = self.encode([item.prompt for item in items])
+        stop_at_eos = not self.trace_replay
         ids = self.run_ids(
-            prompt_ids, [item.max_new_tokens for item in items], stop_at_eos=not self.trace_replay, cancel=cancel
+            prompt_ids, [item.max_new_tokens for item in items], stop_at_eos=stop_at_eos, cancel=cancel,
+            preemption=preemption,
         )
         texts = self.tokenizer.batch_decode(ids.generated_ids, skip_special_tokens=True)
+        stops = set(self.eos_token_ids) if stop_at_eos else set()
         outputs = [
-            ItemOutput(item.request_id, text, len(row))
+            # a row that neither reached its limit nor ended at a stop token was cut
+            ItemOutput(item.request_id, text, len(row), len(row) < item.max_new_tokens and row[-1] not in stops)
             for item, text, row in zip(items, texts, ids.generated_ids, strict=True)
         ]
         return BatchOutput(
@@ -276,6 +293,7 @@ class StaticBatchEngine:
         *,
         stop_at_eos: bool = True,
         cancel: threading.Event | None = None,
+        preemption: Preemption | None = None,
     ) -> IdsOutput:
         """Generate for pre-tokenized prompts. stop_at_eos=False runs every row to its limit (calibration)."""
         self._validate(prompt_ids, max_new_tokens)
@@ -286,7 +304,7 @@ class StaticBatchEngine:
         self._maybe_simulate_oom(len(rows), prompt_tokens, max(max_new_tokens))
         started_s = time.monotonic()
         try:
-            output = self._generate(rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel)
+            output = self._generate(rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel, preemption)
         except KVCacheFull as error:
             raise BatchOutOfMemory(str(error)) from error
         except torch.OutOfMemoryError as error:
@@ -327,7 +345,7 @@ class StaticBatchEngine:
             )
 
     @torch.inference_mode()
-    def _generate(self, rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel) -> torch.Tensor:
+    def _generate(self, rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel, preemption=None) -> torch.Tensor:
         input_ids = torch.full((len(rows), prompt_tokens), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), prompt_tokens), dtype=torch.long)
         for i, row in enumerate(rows):  # left padding: every row's last prompt token is aligned
@@ -335,7 +353,7 @@ class StaticBatchEngine:
             attention_mask[i, prompt_tokens - len(row):] = 1
         if self.static is not None:
             stops = set(self.eos_token_ids) if stop_at_eos else set()
-            generated = self.static.generate(rows, self.pad_token_id, max_new_tokens, stops, cancel)
+            generated = self.static.generate(rows, self.pad_token_id, max_new_tokens, stops, cancel, preemption)
             return torch.cat([input_ids, generated], dim=1)
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=self.device)
         config = GenerationConfig(
@@ -349,7 +367,10 @@ class StaticBatchEngine:
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=config,
-            stopping_criteria=StoppingCriteriaList([_PerRowStop(prompt_tokens, limits, cancel)]),
+            stopping_criteria=StoppingCriteriaList([_PerRowStop(
+                prompt_tokens, limits, cancel, preemption,
+                torch.tensor(sorted(self.eos_token_ids) if stop_at_eos else [-1], dtype=torch.long, device=self.device),
+            )]),
         ).cpu()
 
     def _free_memory(self) -> None:

@@ -21,6 +21,7 @@ from magnus.v1 import worker_queue_pb2 as pb
 from magnus.v1 import worker_queue_pb2_grpc as pb_grpc
 from services.worker import metrics
 from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchOutput, EngineItem
+from services.worker.preemption import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ REREGISTER_CODES = {
 
 
 class BatchRunner(Protocol):
-    def run(self, items: Sequence[EngineItem], cancel: threading.Event | None = None) -> BatchOutput: ...
+    def run(
+        self, items: Sequence[EngineItem], cancel: threading.Event | None = None, preemption: Preemption | None = None
+    ) -> BatchOutput: ...
 
 
 @dataclass(frozen=True)
@@ -235,7 +238,7 @@ class WorkerLoop:
         started_s = time.monotonic()
         metrics.IS_BUSY.set(1)
         try:
-            outcome = await self._run_batch(items, cancel)
+            outcome = await self._run_batch(items, cancel, preemption_of(batch))
         finally:
             metrics.IS_BUSY.set(0)
             heartbeats.cancel()
@@ -247,9 +250,11 @@ class WorkerLoop:
         await self._report(batch.batch_id, outcome, lease_s)
         self.num_batches_done += 1
 
-    async def _run_batch(self, items: list[EngineItem], cancel: threading.Event) -> BatchOutput | _Failure:
+    async def _run_batch(
+        self, items: list[EngineItem], cancel: threading.Event, preemption: Preemption | None
+    ) -> BatchOutput | _Failure:
         try:
-            return await asyncio.to_thread(self.runner.run, items, cancel)
+            return await asyncio.to_thread(self.runner.run, items, cancel, preemption)
         except BatchOutOfMemory as error:
             log.warning("batch ran out of memory: %s", error)
             return _Failure(pb.FAILURE_KIND_OUT_OF_MEMORY, str(error))
@@ -321,12 +326,21 @@ def _observe(outcome: BatchOutput | _Failure, busy_s: float) -> None:
     )
 
 
+def preemption_of(batch: pb.Batch) -> Preemption | None:
+    """The batcher's straggler cut for this batch: after its planned G(B) steps, at most preempt_max_rows."""
+    if batch.preempt_max_rows < 1:
+        return None
+    return Preemption(after_steps=max(1, batch.predicted_gen_tokens_max), max_rows=batch.preempt_max_rows)
+
+
 def completion_request(worker_id: str, batch_id: str, output: BatchOutput) -> pb.CompleteBatchRequest:
     return pb.CompleteBatchRequest(
         worker_id=worker_id,
         batch_id=batch_id,
         results=[
-            pb.ItemResult(request_id=o.request_id, text=o.text, generated_tokens=o.generated_tokens)
+            pb.ItemResult(
+                request_id=o.request_id, text=o.text, generated_tokens=o.generated_tokens, is_preempted=o.is_preempted
+            )
             for o in output.items
         ],
         run_s=output.run_s,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from services.worker.engine import BatchCancelled, BatchOutput, EngineItem
+from services.worker.preemption import Preemption
 from services.worker.puller import BatchRunner
 
 
@@ -29,9 +30,11 @@ class SlowedRunner:
         self.factor = factor
         self.step_s = step_s
 
-    def run(self, items: Sequence[EngineItem], cancel: threading.Event | None = None) -> BatchOutput:
+    def run(
+        self, items: Sequence[EngineItem], cancel: threading.Event | None = None, preemption: Preemption | None = None
+    ) -> BatchOutput:
         started_s = time.monotonic()
-        output = self.runner.run(items, cancel)
+        output = self.runner.run(items, cancel, preemption)
         extra_s = (self.factor - 1.0) * output.run_s + output.steps * self.step_s
         # Waiting on the cancel event keeps a cancelled batch from sleeping out its delay.
         if (cancel or threading.Event()).wait(extra_s):

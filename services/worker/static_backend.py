@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from services.worker.fast_decoder import DecodeState, LlamaFamilyDecoder
+from services.worker.preemption import Preemption, running_rows
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,10 @@ class StaticCacheBackend:
         max_new_tokens: Sequence[int],
         stop_ids: set[int],
         cancel: threading.Event | None = None,
+        preemption: Preemption | None = None,
     ) -> torch.Tensor:
-        """Greedy tokens [B, steps] (on the CPU); steps = until every row hit a stop or its limit."""
+        """Greedy tokens [B, steps] (on the CPU); steps = until every row hit a stop or its limit, or
+        until `preemption` cuts the few rows still running (checked every STOP_CHECK_EVERY_STEPS)."""
         batch, prompt_tokens, limit_steps = len(rows), max(len(r) for r in rows), max(max_new_tokens)
         needed_tokens = prompt_tokens + limit_steps
         if needed_tokens > self.row_capacity_tokens(batch):
@@ -150,10 +153,11 @@ class StaticCacheBackend:
         stops = torch.tensor(sorted(stop_ids) or [-1], dtype=torch.long, device=device)
         steps = 1
         while steps < limit_steps:
-            if steps % STOP_CHECK_EVERY_STEPS == 0 and (
-                _all_stopped(generated[:, :steps], limits, stops) or (cancel is not None and cancel.is_set())
-            ):
-                break
+            if steps % STOP_CHECK_EVERY_STEPS == 0:
+                running = running_rows(generated[:, :steps], limits, stops)
+                is_cut = preemption is not None and preemption.should_cut(steps, running)
+                if running == 0 or is_cut or (cancel is not None and cancel.is_set()):
+                    break
             self._step(state, padded, prompt_tokens + steps)
             generated[:, steps] = state.tokens[:batch]
             steps += 1
@@ -250,10 +254,3 @@ def bucket_rows(batch: int, granularity: int) -> int:
         return min(granularity, 1 << (batch - 1).bit_length())
     step = max(granularity, (1 << (batch - 1).bit_length()) // 8)
     return -(-batch // step) * step
-
-
-def _all_stopped(generated: torch.Tensor, limits: torch.Tensor, stops: torch.Tensor) -> bool:
-    """Every row either produced a stop token or reached its own limit."""
-    steps = generated.shape[1]
-    hit_stop = torch.isin(generated, stops).any(dim=1)
-    return bool((hit_stop | (limits <= steps)).all())

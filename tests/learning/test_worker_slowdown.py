@@ -14,7 +14,7 @@ RUN_S = 0.05
 
 
 class FakeEngine:
-    def run(self, items, cancel=None) -> BatchOutput:
+    def run(self, items, cancel=None, preemption=None) -> BatchOutput:
         time.sleep(RUN_S)
         outputs = [ItemOutput(item.request_id, "x", 1) for item in items]
         return BatchOutput(items=outputs, valid_tokens=len(items), total_tokens=len(items), steps=1, run_s=RUN_S)

@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.worker.engine import BatchOutOfMemory, EngineItem, StaticBatchEngine
+from services.worker.preemption import Preemption
 from services.worker.static_backend import STOP_CHECK_EVERY_STEPS, StaticCacheBackend, bucket_rows
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30]]
@@ -112,3 +113,25 @@ def test_warm_up_runs_every_bucket_the_pool_holds():
     backend = StaticCacheBackend(model, capacity_tokens=20 * 18, use_cuda_graphs=False, batch_bucket_rows=8)
     assert backend.warm_up(24) == [1, 2, 4, 8, 16]  # 24 rows x 18 tokens > 360: stop there
     assert {rows for rows, _ in backend._states} == {1, 2, 4, 8, 16}
+
+
+@pytest.mark.parametrize("which", ["hf", "static"])
+def test_preemption_cuts_the_last_straggler_and_returns_its_output_so_far(which, tiny_model_dir):
+    # trace replay: rows stop only at their limits, so the straggler is the row with the long limit
+    target = StaticBatchEngine(tiny_model_dir, device="cpu", dtype="float32", trace_replay=True,
+                               backend=which, cpu_kv_budget_bytes=3 * 160 * 512)
+    items = [EngineItem("long", "a prompt", 40), EngineItem("s1", "short one", 4), EngineItem("s2", "two", 4)]
+    whole = target.run(items)
+    assert not any(item.is_preempted for item in whole.items)
+    cut = target.run(items, preemption=Preemption(after_steps=4, max_rows=1))
+    long_whole, long_cut = whole.items[0], cut.items[0]
+    assert long_cut.is_preempted and 4 <= long_cut.generated_tokens < 40
+    # the static backend checks every STOP_CHECK_EVERY_STEPS steps, plain generate every step
+    assert long_cut.generated_tokens == (STOP_CHECK_EVERY_STEPS if which == "static" else 4)
+    assert [i.generated_tokens for i in cut.items[1:]] == [4, 4] and not any(i.is_preempted for i in cut.items[1:])
+    # greedy: the cut row's tokens are the start of its uncut output
+    ids_whole = target.encode([long_whole.text])[0]
+    assert target.encode([long_cut.text])[0] == ids_whole[: len(target.encode([long_cut.text])[0])]
+    # two rows still running is more than the cut allows: nothing is cut
+    two_long = [EngineItem("a", "x", 40), EngineItem("b", "y", 40), EngineItem("c", "z", 4)]
+    assert not any(i.is_preempted for i in target.run(two_long, preemption=Preemption(4, 1)).items)

@@ -95,7 +95,7 @@ class FakeRunner:
         self.sleep_s = sleep_s
         self.oom_batches = oom_batches
 
-    def run(self, items, cancel: threading.Event | None = None) -> BatchOutput:
+    def run(self, items, cancel: threading.Event | None = None, preemption=None) -> BatchOutput:
         deadline_s = time.monotonic() + self.sleep_s
         while time.monotonic() < deadline_s:
             if cancel is not None and cancel.is_set():
