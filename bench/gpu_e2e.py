@@ -236,6 +236,7 @@ class Bench:
             "MAGNUS_BATCHER_POLICY": policy,
             "MAGNUS_BATCHER_FIXED_BATCH_SIZE": str(self.fixed_batch_size),
             "MAGNUS_BATCHER_MAX_BATCH_SIZE": str(self.args.max_batch_size),
+            "MAGNUS_BATCHER_PREEMPT_SHARE": str(self.args.preempt_share),
         }
         self.stack.start("batcher", env)
         self.stack.wait_healthy(("batcher",), timeout_s=120)
@@ -314,6 +315,8 @@ def main() -> int:
     parser.add_argument("--saturation-rate", type=float, default=400.0)
     parser.add_argument("--fixed-batch-size", type=int, default=0, help="vs batch / ccb slots; 0 = Theta / context")
     parser.add_argument("--max-batch-size", type=int, default=256, help="ceiling of the adaptive policies")
+    parser.add_argument("--preempt-share", type=float, default=0.0,
+                        help="the batcher's straggler preemption (MAGNUS_BATCHER_PREEMPT_SHARE); 0 = off")
     parser.add_argument("--reserve-gib", type=float, default=6.0, help="GPU memory kept out of Theta")
     parser.add_argument("--graph-length-bucket-tokens", type=int, default=32,
                         help="the worker's attention-length bucket: fewer graph captures when larger")

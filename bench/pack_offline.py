@@ -40,10 +40,11 @@ def drain_s(plan: np.ndarray, input_tokens: np.ndarray, true_gen: np.ndarray, co
             preempt_share: float | None = None) -> tuple[float, int, int]:
     """Seconds to run every request (all queued at t=0) packed by `plan` lengths; batches run; requeues.
 
-    preempt_share: straggler preemption (not built in the serving path; an estimate of what it buys).
-    Once a batch has run its planned G(B) steps and at most this share of its rows is still running,
-    those rows are cut and requeued as continuations: prompt + what they generated, planned to
-    generate as much again. None = every batch runs to its longest row, as the worker does.
+    preempt_share: straggler preemption, as the batcher's MAGNUS_BATCHER_PREEMPT_SHARE does it (the
+    worker there checks every 16 decode steps; here the cut is exact). Once a batch has run its planned
+    G(B) steps and at most this share of its rows is still running, those rows are cut and requeued as
+    continuations: prompt + what they generated, planned to generate as much again. None = every
+    batch runs to its longest row.
     """
     policy = make_policy("magnus_pack", phi_token_reads=1e4, fixed_batch_size=VS_BATCH, max_batch_size=256,
                          memory_fill_fraction=0.85)
@@ -136,10 +137,10 @@ def main() -> int:
         lines.append(f"| {name} | {r['requests_per_s']:.1f} | {r['x_vs']:.2f} | {r['batches']} | {r['coverage']:.2f} | {flags} |")
     lines += [
         "",
-        "Straggler preemption (not built in the serving path: what it would buy). Once a batch has run its",
-        "planned G(B) steps and at most this share of its rows still runs, those rows are cut and requeued",
-        "with their output so far as part of the prompt (paying its prefill again), planned to generate as",
-        "much again:",
+        "Straggler preemption (`MAGNUS_BATCHER_PREEMPT_SHARE`; here the cut is exact, the worker checks every",
+        "16 decode steps). Once a batch has run its planned G(B) steps and at most this share of its rows",
+        "still runs, those rows are cut and requeued with their output so far as part of the prompt (paying",
+        "its prefill again), planned to generate as much again:",
         "",
         "| planned with, rows allowed past the plan | req/s | x vs | batches | requeued |",
         "|---|---:|---:|---:|---:|",

@@ -60,6 +60,11 @@ class BatcherSettings(ServiceSettings):
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often workers heartbeat, s.")
     worker_timeout_s: float = Field(90.0, gt=0, description="A worker silent this long is forgotten, s.")
     max_batch_failures: int = Field(3, ge=1, description="Non-OOM failures of a batch before its requests fail.")
+    preempt_share: float = Field(
+        0.0, ge=0.0, le=0.5, description="Straggler preemption for policies that plan with predicted lengths: once "
+        "a batch ran its planned G(B) steps and at most this share of its rows still runs, the worker cuts them "
+        "and they are requeued with their output so far (reports/gpu/pack_offline.md). 0 = off.",
+    )
     pull_wait_s: float = Field(10.0, gt=0, description="Longest PullBatch long-poll, s.")
     predictor_deadline_s: float = Field(1.0, gt=0, description="Deadline of a PredictLengths call, s.")
     predictor_window_s: float = Field(

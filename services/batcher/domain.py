@@ -66,6 +66,23 @@ class PendingRequest:
     future: asyncio.Future[RequestResult]
     events: asyncio.Queue[str] | None = None  # only for GenerateStream callers
     started_at: datetime | None = None
+    # straggler preemption: what earlier batches generated before they were cut
+    output_so_far: str = ""
+    tokens_so_far: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return self.generation.max_new_tokens - self.tokens_so_far
+
+    @property
+    def lease_prompt(self) -> str:
+        """What the worker runs: the prompt, continued by the output of batches that cut this request."""
+        return self.prompt + self.output_so_far
+
+    @property
+    def input_tokens_now(self) -> int:
+        return self.prediction.input_tokens + self.tokens_so_far
 
     def gen_tokens_for(self, uses_true_lengths: bool, uses_upper_lengths: bool = False) -> int:
         """G(p) the policy plans with: a request never generates more than max_new_tokens.
@@ -104,6 +121,7 @@ class Lease:
     started_at: datetime
     estimated_s: float
     items: list[PendingRequest] = field(default_factory=list)
+    preempt_max_rows: int = 0  # the worker may cut this many stragglers after G(B) steps; 0 = never
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,7 @@ class ItemOutput:
     request_id: str
     text: str
     generated_tokens: int
+    is_preempted: bool = False  # the batch was cut before this request's stop: its output so far
 
 
 @dataclass(frozen=True)

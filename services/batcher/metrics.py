@@ -51,6 +51,7 @@ QUEUE_WAIT = Histogram(
 )
 BATCHES = Counter("magnus_batches_total", "Batches that ended, by outcome (ok, oom, failed, lost).", ["outcome"])
 OOM_SPLITS = Counter("magnus_oom_splits_total", "Batches split in two after a worker ran out of memory.")
+PREEMPTIONS = Counter("magnus_preemptions_total", "Requests cut from a batch as stragglers and requeued.")
 LENGTH_ERROR = Histogram(
     "magnus_length_prediction_error_tokens",
     "|predicted - generated| tokens of each completed request.",

@@ -18,6 +18,7 @@ from datetime import datetime
 from services.batcher import metrics
 from services.batcher.domain import (
     BatchReport,
+    ItemOutput,
     Lease,
     PendingRequest,
     Phase,
@@ -44,6 +45,9 @@ class SchedulerLimits:
     worker_timeout_s: float = 90.0
     max_batch_failures: int = 3
     retry_after_s: float = 1.0
+    preempt_share: float = 0.0  # straggler preemption (BatcherSettings.preempt_share); 0 = off
+    # a request cut this often is planned at its whole remaining max_new_tokens: never cut again
+    max_preemptions: int = 3
 
 
 @dataclass(frozen=True)
@@ -197,16 +201,19 @@ class Scheduler:
             if output is None:
                 self._fail_request(request, Internal(f"worker {worker_id} returned no output for the request"))
                 continue
+            if output.is_preempted and output.generated_tokens < request.remaining_new_tokens:
+                self._continue_later(request, output)
+                continue
             result = RequestResult(
                 request_id=request.request_id,
-                text=output.text,
-                generated_tokens=output.generated_tokens,
+                text=request.output_so_far + output.text,
+                generated_tokens=request.tokens_so_far + output.generated_tokens,
                 predicted_tokens=request.prediction.predicted_tokens,
                 input_tokens=request.prediction.input_tokens,
                 batch_id=batch_id,
                 batch_size=lease.batch.size,
                 queued_at=request.queued_at,
-                started_at=lease.started_at,
+                started_at=request.started_at or lease.started_at,
                 finished_at=finished_at,
                 is_prediction_fallback=request.prediction.is_fallback,
             )
@@ -327,14 +334,46 @@ class Scheduler:
         items = [self.pending[m.request_id] for m in batch.members]
         for request in items:
             self.batch_of.pop(request.request_id, None)
+            if request.num_preemptions:  # a continuation: the request started with its first batch
+                continue
             request.started_at = now_wall
             if request.events is not None:
                 request.events.put_nowait(Phase.STARTED)
-        lease = Lease(batch, worker_id, now_s + self.limits.lease_s, now_s, now_wall, batch_estimate_s(batch), items)
+        lease = Lease(
+            batch, worker_id, now_s + self.limits.lease_s, now_s, now_wall, batch_estimate_s(batch), items,
+            preempt_max_rows=self._preempt_max_rows(batch),
+        )
         self.leases[batch.batch_id] = lease
         metrics.observe_lease(lease)
         self.on_change()
         return lease
+
+    def _preempt_max_rows(self, batch: QueuedBatch) -> int:
+        """Stragglers the worker may cut from `batch` (0 below 1 / preempt_share rows: a cut then frees
+        too little). Only for plans made with predictions: true lengths have no stragglers."""
+        if not self.policy.uses_predictions or self.policy.uses_true_lengths:
+            return 0
+        return int(self.limits.preempt_share * batch.size)
+
+    def _continue_later(self, request: PendingRequest, output: ItemOutput) -> None:
+        """Requeue a request its batch cut: its output so far joins its prompt, and it is planned to
+        generate as much again (its whole remaining budget once cut max_preemptions times)."""
+        request.output_so_far += output.text
+        request.tokens_so_far += output.generated_tokens
+        request.num_preemptions += 1
+        remaining = request.remaining_new_tokens
+        planned = remaining if request.num_preemptions >= self.limits.max_preemptions else min(
+            remaining, request.tokens_so_far)
+        member = Member(request.request_id, request.input_tokens_now, max(1, planned), request.arrival_s)
+        batch = self.open_batches.choose_for(member, self.policy, self.memory_budget())
+        if batch is None:
+            batch = QueuedBatch(batch_id=self.make_id())
+            self.open_batches.append(batch)
+        self.open_batches.add_member(batch, member)
+        self.batch_of[request.request_id] = batch.batch_id
+        metrics.PREEMPTIONS.inc()
+        self._schedule_dispatch()
+        self.on_change()
 
     def _budget_of(self, worker: WorkerInfo | None) -> MemoryBudget:
         return self.memory_budget() if worker is None else MemoryBudget(worker.kv_bytes_per_token, worker.free_kv_bytes)

@@ -73,6 +73,7 @@ async def serve(settings: BatcherSettings) -> None:
         lease_s=settings.lease_s,
         worker_timeout_s=settings.worker_timeout_s,
         max_batch_failures=settings.max_batch_failures,
+        preempt_share=settings.preempt_share,
     )
     scheduler = Scheduler(policy, limits, SYSTEM_CLOCK, log_writer)
     predictor_channel = open_channel(settings.predictor_target, settings.max_message_bytes)

@@ -128,10 +128,10 @@ def lease_to_proto(lease: Lease) -> worker_queue_pb2.Batch:
         items=[
             worker_queue_pb2.BatchItem(
                 request_id=r.request_id,
-                prompt=r.prompt,
-                max_new_tokens=r.generation.max_new_tokens,
+                prompt=r.lease_prompt,
+                max_new_tokens=r.remaining_new_tokens,
                 predicted_tokens=r.prediction.predicted_tokens,
-                input_tokens=r.prediction.input_tokens,
+                input_tokens=r.input_tokens_now,
             )
             for r in lease.items
         ],
@@ -139,6 +139,7 @@ def lease_to_proto(lease: Lease) -> worker_queue_pb2.Batch:
         predicted_gen_tokens_max=batch.gen_tokens_max,
         estimated_s=lease.estimated_s,
         lease_s=lease.deadline_s - lease.started_s,
+        preempt_max_rows=lease.preempt_max_rows,
     )
 
 
@@ -192,7 +193,7 @@ class WorkerQueueServicer:
         check_text("batch_id", request.batch_id, max_bytes=64)
         check_range("run_s", request.run_s, low=0, high=1e7)
         report = BatchReport(
-            outputs=[ItemOutput(r.request_id, r.text, r.generated_tokens) for r in request.results],
+            outputs=[ItemOutput(r.request_id, r.text, r.generated_tokens, r.is_preempted) for r in request.results],
             run_s=request.run_s,
             valid_tokens=request.valid_tokens,
             total_tokens=request.total_tokens,

@@ -35,7 +35,8 @@ def test_driver_runs_pack_and_continuous_batching_end_to_end(tmp_path, prepared_
     out = tmp_path / "out"
     run(["bench/gpu_e2e.py", "--tiny", "--workload", str(workload), "--state", str(state), "--out", str(out),
          "--workdir", str(tmp_path / "work"), "--policies", "magnus_pack,ccb,magnus_ccb", "--rates", "4",
-         "--requests-per-rate", "8", "--saturation-requests", "24", "--fixed-batch-size", "8"], 420)
+         "--requests-per-rate", "8", "--saturation-requests", "24", "--fixed-batch-size", "8",
+         "--preempt-share", "0.5"], 420)
 
     raw = json.loads((out / "e2e_raw.json").read_text())
     for policy in ("magnus_pack", "ccb", "magnus_ccb"):
@@ -55,6 +56,10 @@ def test_driver_runs_pack_and_continuous_batching_end_to_end(tmp_path, prepared_
     assert all(r["predicted_tokens"] > 0 for r in raw["policies"]["magnus_ccb"]["rates"]["400.0"]["requests"])
     pack = raw["policies"]["magnus_pack"]["rates"]["400.0"]
     assert max(b["size"] for b in pack["batches"]) > 1  # the burst was packed into shared batches
+    # straggler preemption: cut requests ran in more than one batch, and still produced exactly their
+    # reference length (asserted above for every request)
+    ran = sum(b["size"] for b in pack["batches"] if b["outcome"] == "ok")
+    assert ran > len(pack["requests"]), "no request was cut and continued"
 
     run(["bench/gpu_e2e_report.py", str(out / "e2e_raw.json"), "--device", "cpu (test)", "--out", str(out)], 120)
     report = json.loads((out / "e2e.json").read_text())
