@@ -126,18 +126,11 @@ class Scheduler:
                 f"request needs {(member.input_tokens + member.gen_tokens) * (budget.kv_bytes_per_token or 0)} "
                 f"bytes of KV memory; workers have {budget.free_kv_bytes}"
             )
-        batch = self.open_batches.choose_for(member, self.policy, budget)
-        if batch is None:
-            batch = QueuedBatch(batch_id=self.make_id())
-            self.open_batches.append(batch)
-        self.open_batches.add_member(batch, member)
         self.pending[request.request_id] = request
         self.pending_by_tenant[request.generation.tenant_id] += 1
-        self.batch_of[request.request_id] = batch.batch_id
         if request.events is not None:
             request.events.put_nowait(Phase.QUEUED)
-        self._schedule_dispatch()
-        self.on_change()
+        self._enqueue(member, budget)
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request whose caller went away, if its batch has not started. True if dropped."""
@@ -364,14 +357,18 @@ class Scheduler:
         remaining = request.remaining_new_tokens
         planned = remaining if request.num_preemptions >= self.limits.max_preemptions else min(
             remaining, request.tokens_so_far)
-        member = Member(request.request_id, request.input_tokens_now, max(1, planned), request.arrival_s)
-        batch = self.open_batches.choose_for(member, self.policy, self.memory_budget())
+        metrics.PREEMPTIONS.inc()
+        self._enqueue(Member(request.request_id, request.input_tokens_now, max(1, planned), request.arrival_s),
+                      self.memory_budget())
+
+    def _enqueue(self, member: Member, budget: MemoryBudget) -> None:
+        """Put a pending request's member into the queued batch the policy picks (or a new one)."""
+        batch = self.open_batches.choose_for(member, self.policy, budget)
         if batch is None:
             batch = QueuedBatch(batch_id=self.make_id())
             self.open_batches.append(batch)
         self.open_batches.add_member(batch, member)
-        self.batch_of[request.request_id] = batch.batch_id
-        metrics.PREEMPTIONS.inc()
+        self.batch_of[member.request_id] = batch.batch_id
         self._schedule_dispatch()
         self.on_change()
 
