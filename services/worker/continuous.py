@@ -81,7 +81,7 @@ class ContinuousBatcher:
             )
         # Called on the engine thread whenever free_slots() may have grown; must not block.
         self.on_slot_freed: Callable[[], None] | None = None
-        self._stop_ids = set() if engine.trace_replay else set(engine.eos_token_ids)
+        self._stop_ids = engine.stop_ids(stop_at_eos=not engine.trace_replay)
         self._state = engine.static._state_for(slots, is_ragged=True)
         device = engine.static.decoder.device
         # 1 for rows in use: idle rows are reset to cache position 0 before every step so that their

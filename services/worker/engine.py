@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Sto
 from services.shared.tokenizer import load_tokenizer
 from services.worker.fast_decoder import is_supported
 from services.worker.model_builder import build_random_model, has_random_weights
-from services.worker.preemption import Preemption, running_rows
+from services.worker.preemption import Preemption, running_rows, stop_tensor
 from services.worker.static_backend import KVCacheFull, StaticCacheBackend
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class _PerRowStop(StoppingCriteria):
     preemption cut (the rows still running then come back unfinished)."""
 
     def __init__(self, prompt_tokens: int, max_new_tokens: torch.Tensor, cancel: threading.Event | None,
-                 preemption: Preemption | None = None, stops: torch.Tensor | None = None):
+                 preemption: Preemption | None, stops: torch.Tensor):
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.cancel = cancel
@@ -87,8 +87,10 @@ class _PerRowStop(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         steps = input_ids.shape[1] - self.prompt_tokens
+        # counting running rows scans the output: only once the cut may be due
+        may_cut = self.preemption is not None and steps >= self.preemption.after_steps
         if (self.cancel is not None and self.cancel.is_set()) or (
-            self.preemption is not None
+            may_cut
             and self.preemption.should_cut(steps, running_rows(input_ids[:, self.prompt_tokens:], self.max_new_tokens,
                                                                self.stops))
         ):
@@ -272,7 +274,7 @@ class StaticBatchEngine:
             preemption=preemption,
         )
         texts = self.tokenizer.batch_decode(ids.generated_ids, skip_special_tokens=True)
-        stops = set(self.eos_token_ids) if stop_at_eos else set()
+        stops = self.stop_ids(stop_at_eos)
         outputs = [
             # a row that neither reached its limit nor ended at a stop token was cut
             ItemOutput(item.request_id, text, len(row), len(row) < item.max_new_tokens and row[-1] not in stops)
@@ -319,7 +321,7 @@ class StaticBatchEngine:
         if cancel is not None and cancel.is_set():
             raise BatchCancelled("batch cancelled before it finished")
         generated = output[:, prompt_tokens:].tolist()
-        stops = set(self.eos_token_ids) if stop_at_eos else set()
+        stops = self.stop_ids(stop_at_eos)
         cut = [_cut_at_stop(row, limit, stops) for row, limit in zip(generated, max_new_tokens, strict=True)]
         return IdsOutput(generated_ids=cut, steps=len(generated[0]), run_s=time.monotonic() - started_s)
 
@@ -344,15 +346,19 @@ class StaticBatchEngine:
                 f"> {self.simulate_oom_above_tokens}"
             )
 
+    def stop_ids(self, stop_at_eos: bool) -> set[int]:
+        """Tokens that end a row: EOS, unless the row must run to its limit (trace replay, calibration)."""
+        return set(self.eos_token_ids) if stop_at_eos else set()
+
     @torch.inference_mode()
     def _generate(self, rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel, preemption=None) -> torch.Tensor:
+        stops = self.stop_ids(stop_at_eos)
         input_ids = torch.full((len(rows), prompt_tokens), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), prompt_tokens), dtype=torch.long)
         for i, row in enumerate(rows):  # left padding: every row's last prompt token is aligned
             input_ids[i, prompt_tokens - len(row):] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, prompt_tokens - len(row):] = 1
         if self.static is not None:
-            stops = set(self.eos_token_ids) if stop_at_eos else set()
             generated = self.static.generate(rows, self.pad_token_id, max_new_tokens, stops, cancel, preemption)
             return torch.cat([input_ids, generated], dim=1)
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=self.device)
@@ -367,10 +373,9 @@ class StaticBatchEngine:
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             generation_config=config,
-            stopping_criteria=StoppingCriteriaList([_PerRowStop(
-                prompt_tokens, limits, cancel, preemption,
-                torch.tensor(sorted(self.eos_token_ids) if stop_at_eos else [-1], dtype=torch.long, device=self.device),
-            )]),
+            stopping_criteria=StoppingCriteriaList(
+                [_PerRowStop(prompt_tokens, limits, cancel, preemption, stop_tensor(stops, self.device))]
+            ),
         ).cpu()
 
     def _free_memory(self) -> None:

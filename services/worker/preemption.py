@@ -21,9 +21,13 @@ class Preemption:
         return steps >= self.after_steps and 0 < running_rows <= self.max_rows
 
 
-def running_rows(generated: torch.Tensor, limits: torch.Tensor, stops: torch.Tensor | None) -> int:
-    """Rows of `generated` [B, steps] that have neither produced a stop token nor reached their limit."""
-    is_done = limits <= generated.shape[1]
-    if stops is not None:
-        is_done |= torch.isin(generated, stops).any(dim=1)
+def stop_tensor(stop_ids: set[int], device: torch.device) -> torch.Tensor:
+    """`stop_ids` as a tensor for torch.isin; [-1] (no token) when there are none."""
+    return torch.tensor(sorted(stop_ids) or [-1], dtype=torch.long, device=device)
+
+
+def running_rows(generated: torch.Tensor, limits: torch.Tensor, stops: torch.Tensor) -> int:
+    """Rows of `generated` [B, steps] that have neither produced a stop token (`stop_tensor`) nor
+    reached their limit."""
+    is_done = (limits <= generated.shape[1]) | torch.isin(generated, stops).any(dim=1)
     return int((~is_done).sum())

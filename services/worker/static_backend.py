@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from services.worker.fast_decoder import DecodeState, LlamaFamilyDecoder
-from services.worker.preemption import Preemption, running_rows
+from services.worker.preemption import Preemption, running_rows, stop_tensor
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,6 @@ class StaticCacheBackend:
         state.tokens.fill_(pad_token_id)
         state.positions.zero_()
         state.tokens[:batch].copy_(self._prefill(tokens, pad_tokens, state))
-        first = state.tokens[:batch].clone()
         state.positions[:batch].copy_(prompt_tokens - pad_tokens)
         state.write_index.fill_(prompt_tokens)
         state.mask.fill_(float("-inf"))
@@ -148,9 +147,9 @@ class StaticCacheBackend:
         state.mask[:batch, 0, 0, :prompt_tokens].masked_fill_(visible, 0.0)
 
         generated = torch.empty(batch, limit_steps, dtype=torch.long, device=device)
-        generated[:, 0] = first
+        generated[:, 0] = state.tokens[:batch]
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
-        stops = torch.tensor(sorted(stop_ids) or [-1], dtype=torch.long, device=device)
+        stops = stop_tensor(stop_ids, device)
         steps = 1
         while steps < limit_steps:
             if steps % STOP_CHECK_EVERY_STEPS == 0:
