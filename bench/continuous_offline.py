@@ -16,15 +16,14 @@ prefill of the requests that joined before it. No GPU overheads: an estimate, no
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import joblib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.offline_replay import load_replay, write_report  # noqa: E402
 from services.batcher.policy.batch import Member, QueuedBatch  # noqa: E402
 from services.batcher.policy.batch_queue import BatchQueue  # noqa: E402
 from services.batcher.policy.config import make_policy  # noqa: E402
@@ -91,16 +90,11 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=SLOTS)
     parser.add_argument("--out", type=Path, default=Path("reports/simulation/continuous"))
     args = parser.parse_args()
-    model = joblib.load(args.predictor)["model"]
-    rows = [json.loads(line) for line in args.workload.read_text(encoding="utf-8").splitlines()]
     loads = [float(x) for x in args.loads.split(",") if x]
     needed = max([args.burst_requests] + [args.requests_per_rate] * len(loads))
-    rows = rows[:needed]
-    input_tokens = np.array([r["input_tokens"] for r in rows])
-    true_gen = np.array([r["gen_tokens"] for r in rows])
-    point, _ = model.predict_with_upper([r["instruction"] for r in rows], [r["user_input"] for r in rows],
-                                        list(input_tokens), quantile=None)
-    plans = {"ccb": ("ccb", true_gen), "magnus_ccb": ("magnus_ccb", np.asarray(point)),
+    replay = load_replay(args.predictor, args.workload, needed)
+    input_tokens, true_gen = replay.input_tokens, replay.true_gen
+    plans = {"ccb": ("ccb", true_gen), "magnus_ccb": ("magnus_ccb", replay.predicted()),
              "magnus_ccb, true lengths": ("magnus_ccb", true_gen)}
     cost, results = LinearBatchCost(), {"slots": args.slots, "phases": {}}
 
@@ -143,10 +137,7 @@ def main() -> int:
         for name, r in by_policy.items():
             lines.append(f"| {phase} | {name} | {r['requests_per_s']:.1f} | {r['mean_latency_s']:.2f} | "
                          f"{r['p99_latency_s']:.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "continuous_offline.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "continuous_offline.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "continuous_offline", results, lines)
     return 0
 
 

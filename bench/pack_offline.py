@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
-import joblib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.offline_replay import load_replay, write_report  # noqa: E402
 from services.batcher.policy.assembler import MemoryBudget  # noqa: E402
 from services.batcher.policy.batch import Member, QueuedBatch  # noqa: E402
 from services.batcher.policy.batch_queue import BatchQueue  # noqa: E402
@@ -94,24 +93,21 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--out", type=Path, default=Path("reports/gpu"))
     args = parser.parse_args()
-    model = joblib.load(args.predictor)["model"]
-    rows = [json.loads(line) for line in args.workload.read_text(encoding="utf-8").splitlines()][: args.requests]
-    instructions, inputs = [r["instruction"] for r in rows], [r["user_input"] for r in rows]
-    input_tokens = np.array([r["input_tokens"] for r in rows])
-    true_gen = np.array([r["gen_tokens"] for r in rows])
+    replay = load_replay(args.predictor, args.workload, args.requests)
+    input_tokens, true_gen, requests = replay.input_tokens, replay.true_gen, len(replay.true_gen)
     cost = LinearBatchCost()
-    point, _ = model.predict_with_upper(instructions, inputs, list(input_tokens), quantile=None)
+    point = replay.predicted()
     plans = {"point prediction": point}
     for q in QUANTILES:
-        plans[f"upper q{q:g}"] = model.predict_with_upper(instructions, inputs, list(input_tokens), quantile=q)[1]
+        plans[f"upper q{q:g}"] = replay.predicted(quantile=q)
     plans["true lengths"] = true_gen
     vs_s = vs_drain_s(input_tokens, true_gen, cost)
-    results = {"requests": len(rows), "vs_batch": VS_BATCH, "vs_requests_per_s": len(rows) / vs_s, "plans": {}}
+    results = {"requests": requests, "vs_batch": VS_BATCH, "vs_requests_per_s": requests / vs_s, "plans": {}}
     badly = true_gen > 2 * point + 10
     for name, plan in plans.items():
         seconds, batches, _ = drain_s(plan, input_tokens, true_gen, cost)
         results["plans"][name] = {
-            "requests_per_s": len(rows) / seconds, "x_vs": vs_s / seconds, "batches": batches,
+            "requests_per_s": requests / seconds, "x_vs": vs_s / seconds, "batches": batches,
             "coverage": float((true_gen <= plan).mean()),
             "flags_badly_under_predicted": float((plan[badly] >= 1.5 * point[badly]).mean()) if badly.any() else None,
         }
@@ -120,11 +116,11 @@ def main() -> int:
         for share in PREEMPT_SHARES:
             seconds, batches, requeues = drain_s(plans[name], input_tokens, true_gen, cost, preempt_share=share)
             results["preemption"][f"{name}, cut at {share:g}"] = {
-                "requests_per_s": len(rows) / seconds, "x_vs": vs_s / seconds, "batches": batches,
+                "requests_per_s": requests / seconds, "x_vs": vs_s / seconds, "batches": batches,
                 "requeues": requeues,
             }
     lines = [
-        f"# magnus_pack offline: {len(rows)} requests queued at once, engine-model time (no GPU overheads)",
+        f"# magnus_pack offline: {requests} requests queued at once, engine-model time (no GPU overheads)",
         "",
         f"Command: `python {' '.join(sys.argv)}`. vs (batch {VS_BATCH}): {results['vs_requests_per_s']:.1f} req/s. "
         f"Badly under-predicted (true > 2 x point + 10): {int(badly.sum())} requests.",
@@ -147,10 +143,7 @@ def main() -> int:
     ]
     for name, r in results["preemption"].items():
         lines.append(f"| {name} | {r['requests_per_s']:.1f} | {r['x_vs']:.2f} | {r['batches']} | {r['requeues']} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pack_offline.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "pack_offline.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "pack_offline", results, lines)
     return 0
 
 
