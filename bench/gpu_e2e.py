@@ -200,6 +200,8 @@ class Bench:
             "MAGNUS_WORKER_GRAPH_LENGTH_BUCKET_TOKENS": str(self.args.graph_length_bucket_tokens),
             # compile and capture every batch bucket a policy can make before the first phase
             "MAGNUS_WORKER_WARMUP_BATCH_ROWS": str(self.args.max_batch_size),
+            # and their graphs up to 1,024 attended tokens: else the first policy run pays for the captures
+            "MAGNUS_WORKER_WARMUP_ATTEND_TOKENS": "1024",
         }
 
     # ---- set-up -------------------------------------------------------------------------------

@@ -87,6 +87,11 @@ class WorkerSettings(ServiceSettings):
         256, ge=0, description="Static backend on CUDA: before registering, compile and capture every batch "
         "bucket up to this many rows (seconds per bucket), so no served batch waits for it; 0 = off.",
     )
+    warmup_attend_tokens: int = Field(
+        512, ge=0, description="CUDA: at start-up also capture each warmed batch bucket's (and in continuous mode "
+        "the running batch's) decode graphs for every attention-length bucket up to this many tokens; longer "
+        "batches capture theirs when first met. 0 = first bucket only.",
+    )
     mode: Literal["static", "continuous"] = Field(
         "static",
         description="static = run each leased batch to its end (the paper's static batching); continuous = "

@@ -1,8 +1,11 @@
 """FCFS continuous batching on the static backend's KV pool and decode step (the paper's CCB).
 
 `slots` rows decode together, one step at a time. A request joins a free row as soon as there is
-one (prefilled alone into that row's share of the pool) and leaves at its EOS or max_new_tokens,
-so no row idles until the longest one ends as in static batching. Each row writes its K/V at its
+one and leaves at its EOS or max_new_tokens, so no row idles until the longest one ends as in
+static batching. Joiners are prefilled together, left-padded, into their rows' shares of the pool:
+a prefill costs about the same for one prompt as for a few (it reads every weight once), so while
+the batch runs nearly full a joiner waits a few steps (at most JOIN_DEFER_MAX_STEPS) until
+`join_group_rows` rows are free, instead of paying one prefill per request. Each row writes its K/V at its
 own cache position (`DecodeState.is_ragged`); the step is the static backend's, replayed on a GPU
 as a CUDA graph per (slots, attention bucket of the longest active row).
 
@@ -31,8 +34,36 @@ from services.worker.engine import (
     StaticBatchEngine,
     is_out_of_memory,
 )
+from services.worker.static_backend import PREFILL_CHUNK_TOKENS
 
 log = logging.getLogger(__name__)
+
+JOIN_DEFER_MAX_STEPS = 8  # steps a joiner may wait for others to share its prefill (~8 x 8 ms on a GPU)
+
+
+def join_group_rows(slots: int) -> int:
+    """Free rows worth one prefill while the batch runs: an eighth of the slots (1 for small batches)."""
+    return max(1, slots // 8)
+
+
+def prefill_groups(prompt_tokens: list[int], max_new_tokens: list[int], row_capacity_tokens: int,
+                   max_group_tokens: int) -> list[list[int]]:
+    """Indices of the joiners, grouped for one left-padded prefill each. In prompt-length order, so
+    padding stays small; a group's padded length plus each member's max_new_tokens must fit a row,
+    and its padded tokens the prefill chunk (the workspace the memory model allows for)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(prompt_tokens)), key=lambda i: prompt_tokens[i]):
+        padded_tokens = prompt_tokens[index]  # the longest of current + [index]
+        candidate = [*current, index]
+        fits = all(padded_tokens + max_new_tokens[i] <= row_capacity_tokens for i in candidate)
+        if current and (not fits or padded_tokens * len(candidate) > max_group_tokens):
+            groups.append(current)
+            candidate = [index]
+        current = candidate
+    if current:
+        groups.append(current)
+    return groups
 
 
 @dataclass(frozen=True)
@@ -53,14 +84,14 @@ class _Pending:
 @dataclass
 class _Row:
     pending: _Pending
-    prompt_tokens: int
+    prefilled_tokens: int  # cache positions the (left-padded) prefill wrote
     joined_s: float
     generated: list[int] = field(default_factory=list)
 
     @property
     def attend_tokens(self) -> int:
         """Cache positions the next step attends: the prompt, then every generated token but the last."""
-        return self.prompt_tokens + len(self.generated)
+        return self.prefilled_tokens + len(self.generated)
 
 
 class ContinuousBatcher:
@@ -94,6 +125,8 @@ class ContinuousBatcher:
         self._is_stopping = False  # guarded by _cond
         self._is_cancelling = False  # guarded by _cond
         self._thread: threading.Thread | None = None
+        self._join_group_rows = join_group_rows(slots)
+        self._deferred_steps = 0  # engine thread only: steps joiners have waited for company
 
     # ---- any thread ---------------------------------------------------------------------------
 
@@ -112,6 +145,15 @@ class ContinuousBatcher:
         """Rows that neither run a request nor are promised to a submitted one."""
         with self._cond:
             return max(0, self.slots - self._num_active - len(self._waiting))
+
+    def warm_up(self, max_attend_tokens: int) -> None:
+        """Before start(): compile the step for `slots` rows and capture its graphs up to
+        max_attend_tokens (CUDA only), so that no request waits for that."""
+        started_s = time.monotonic()
+        captured = self.engine.static.capture_attention_buckets(self._state, self.slots, max_attend_tokens)
+        if captured:
+            log.info("warmed %d rows: %d graphs up to %d attended tokens in %.1f s", self.slots, captured,
+                     max_attend_tokens, time.monotonic() - started_s)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
@@ -134,8 +176,7 @@ class ContinuousBatcher:
     def _run(self) -> None:
         with torch.inference_mode():
             while (joiners := self._next_joiners()) is not None:
-                for slot, pending in joiners:
-                    self._join(slot, pending)
+                self._join(joiners)
                 self._drop_cancelled_rows()
                 if any(row is not None for row in self._rows):
                     self._step_or_fail()
@@ -153,6 +194,11 @@ class ContinuousBatcher:
                     break
                 self._cond.wait()
             free = [slot for slot, row in enumerate(self._rows) if row is None]
+            is_running = len(free) < self.slots
+            if is_running and len(free) < self._join_group_rows and self._deferred_steps < JOIN_DEFER_MAX_STEPS:
+                self._deferred_steps += bool(self._waiting)
+                return []  # step on; more rows free soon and share the prefill
+            self._deferred_steps = 0
             joiners: list[tuple[int, _Pending]] = []
             num_dropped = 0
             while self._waiting and len(joiners) < len(free):
@@ -166,25 +212,51 @@ class ContinuousBatcher:
             self._notify_slot_freed()
         return joiners
 
-    def _join(self, slot: int, pending: _Pending) -> None:
-        """Prefill `pending` into its reserved row; a request that cannot run fails alone."""
-        request_id = pending.item.request_id
+    def _join(self, joiners: list[tuple[int, _Pending]]) -> None:
+        """Prefill the joiners into their reserved rows, a group at a time; a request that cannot run
+        fails alone."""
+        ready: list[tuple[int, _Pending, list[int]]] = []
+        for slot, pending in joiners:
+            try:
+                ready.append((slot, pending, self._validated_prompt(pending.item)))
+            except (BatchRejected, BatchOutOfMemory) as error:
+                self._fail_joiner(pending, error)
+            except Exception as error:  # one request's failure must not stop the others
+                log.exception("request %s failed to join", pending.item.request_id)
+                self._fail_joiner(pending, error, is_logged=True)
+        groups = prefill_groups([len(prompt) for _, _, prompt in ready],
+                                [pending.item.max_new_tokens for _, pending, _ in ready],
+                                self.row_capacity_tokens, PREFILL_CHUNK_TOKENS)
+        for group in groups:
+            self._join_group([ready[i] for i in group])
+
+    def _join_group(self, group: list[tuple[int, _Pending, list[int]]]) -> None:
+        """One prefill for the group; out of memory, each member is retried alone (split and retry)."""
         try:
-            prompt = self._validated_prompt(pending.item)
-            first = self._prefill(slot, prompt)
-        except (BatchRejected, BatchOutOfMemory) as error:
-            log.warning("request %s not run: %s", request_id, error)
-            failure: BaseException = error
-        except Exception as error:  # one request's failure must not stop the others
-            log.exception("request %s failed to join", request_id)
-            failure = error
-        else:
-            self._rows[slot] = row = _Row(pending, len(prompt), time.monotonic(), [first])
+            firsts, prefilled_tokens = self._prefill([slot for slot, _, _ in group], [prompt for _, _, prompt in group])
+        except BatchOutOfMemory as error:
+            if len(group) > 1:
+                for member in group:
+                    self._join_group([member])
+                return
+            self._fail_joiner(group[0][1], error)
+            return
+        except Exception as error:  # one group's failure must not stop the others
+            log.exception("requests %s failed to join", [pending.item.request_id for _, pending, _ in group])
+            for _, pending, _ in group:
+                self._fail_joiner(pending, error, is_logged=True)
+            return
+        joined_s = time.monotonic()
+        for (slot, pending, _), first in zip(group, firsts, strict=True):
+            self._rows[slot] = row = _Row(pending, prefilled_tokens, joined_s, [first])
             if self._is_finished(row):
                 self._finish(slot)
-            return
+
+    def _fail_joiner(self, pending: _Pending, error: BaseException, is_logged: bool = False) -> None:
+        if not is_logged:
+            log.warning("request %s not run: %s", pending.item.request_id, error)
         self._release_row()
-        _resolve(pending.future, error=failure)
+        _resolve(pending.future, error=error)
 
     def _validated_prompt(self, item: EngineItem) -> list[int]:
         if item.max_new_tokens < 1:
@@ -205,29 +277,36 @@ class ContinuousBatcher:
         self.engine._maybe_simulate_oom(1, len(prompt), item.max_new_tokens)
         return prompt
 
-    def _prefill(self, slot: int, prompt: list[int]) -> int:
-        """Prefill `prompt` into row `slot`, arm the row for decoding; its first token (host sync)."""
+    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> tuple[list[int], int]:
+        """Prefill `prompts`, left-padded, into rows `slots` and arm those rows for decoding.
+        Returns each one's first token (one host sync) and the cache positions written."""
         state, decoder = self._state, self.engine.static.decoder
-        prompt_tokens = len(prompt)
+        device = decoder.device
+        prompt_tokens = max(len(prompt) for prompt in prompts)
+        tokens = torch.full((len(prompts), prompt_tokens), self.engine.pad_token_id, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            tokens[i, prompt_tokens - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        pad_tokens = torch.tensor([prompt_tokens - len(prompt) for prompt in prompts], dtype=torch.long)
+        rows = torch.tensor(slots, dtype=torch.long, device=device)
+        tokens, pad_tokens = tokens.to(device), pad_tokens.to(device)
         try:
-            first = decoder.prefill(
-                torch.tensor([prompt], dtype=torch.long, device=decoder.device),
-                torch.zeros(1, dtype=torch.long, device=decoder.device),
-                [k[slot : slot + 1] for k in state.k_views],
-                [v[slot : slot + 1] for v in state.v_views],
-            )
+            first = decoder.prefill(tokens, pad_tokens, state.k_views, state.v_views, rows=rows)
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_out_of_memory(error):
                 raise
             self.engine._free_memory()
-            raise BatchOutOfMemory(f"out of memory prefilling {prompt_tokens} prompt tokens: {error}") from error
-        state.tokens[slot : slot + 1].copy_(first)
-        state.positions[slot] = prompt_tokens
-        state.write_index[slot] = prompt_tokens
-        state.mask[slot].fill_(float("-inf"))
-        state.mask[slot, ..., :prompt_tokens] = 0.0
-        self._is_active[slot] = 1
-        return int(first[0])
+            raise BatchOutOfMemory(
+                f"out of memory prefilling {len(prompts)} x {prompt_tokens} prompt tokens: {error}"
+            ) from error
+        state.tokens[rows] = first
+        state.positions[rows] = prompt_tokens - pad_tokens  # rope: each prompt from position 0
+        state.write_index[rows] = prompt_tokens  # cache: every row of the group writes on at the same place
+        visible = torch.arange(state.mask.shape[-1], device=device)[None, :]
+        visible = (visible >= pad_tokens[:, None]) & (visible < prompt_tokens)
+        mask = torch.full((len(prompts), state.mask.shape[-1]), float("-inf"), dtype=state.mask.dtype, device=device)
+        state.mask[rows] = mask.masked_fill_(visible, 0.0)[:, None, None, :]
+        self._is_active[rows] = 1
+        return first.tolist(), prompt_tokens
 
     def _step_or_fail(self) -> None:
         try:

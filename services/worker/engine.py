@@ -244,15 +244,16 @@ class StaticBatchEngine:
         free_bytes, _total_bytes = torch.cuda.mem_get_info(self.device)
         return max(0, free_bytes - cuda_reserve_bytes)
 
-    def warm_up(self, max_rows: int) -> None:
-        """Compile and capture the static engine's batch buckets up to max_rows before serving (CUDA only:
-        elsewhere nothing is compiled or captured; without buckets every batch size is its own shape,
-        too many to warm)."""
+    def warm_up(self, max_rows: int, max_attend_tokens: int = 0) -> None:
+        """Compile and capture the static engine's batch buckets up to max_rows, each with its graphs up to
+        max_attend_tokens, before serving (CUDA only: elsewhere nothing is compiled or captured; without
+        buckets every batch size is its own shape, too many to warm)."""
         if self.static is None or not self.static.use_cuda_graphs or max_rows < 1 or self.static.batch_bucket_rows == 1:
             return
-        started_s = time.monotonic()
-        warmed = self.static.warm_up(max_rows)
-        log.info("warmed %d batch buckets (%s rows) in %.1f s", len(warmed), warmed[-1] if warmed else 0,
+        started_s, captured_before = time.monotonic(), self.static.num_graph_captures
+        warmed = self.static.warm_up(max_rows, max_attend_tokens=max_attend_tokens)
+        log.info("warmed %d batch buckets (%s rows, %d graphs up to %d attended tokens) in %.1f s", len(warmed),
+                 warmed[-1] if warmed else 0, self.static.num_graph_captures - captured_before, max_attend_tokens,
                  time.monotonic() - started_s)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:

@@ -136,11 +136,14 @@ class LlamaFamilyDecoder:
         k_views: list[torch.Tensor],
         v_views: list[torch.Tensor],
         *,
+        rows: torch.Tensor | None = None,
         return_logits: bool = False,
     ) -> torch.Tensor:
         """Run left-padded prompts [B, P]; write their K/V to cache positions [0, P). Returns next ids [B].
 
         pad_tokens[i] = leading pad positions of row i; rope positions start at 0 after them.
+        rows: write prompt i's K/V to cache row rows[i] of the views (rows need not be contiguous:
+        continuous batching prefills the joiners of whatever rows freed); None = rows 0..B-1.
         return_logits: return the last position's logits [B, vocab] instead (numerical checks).
         """
         batch, prompt_tokens = tokens.shape
@@ -158,8 +161,12 @@ class LlamaFamilyDecoder:
         # the eager layer pieces: compiling them for every prompt shape would cost more than it saves
         for layer, k_cache, v_cache in zip(self.layers, k_views, v_views, strict=True):
             q, k, v = self._pre_attention(hidden, layer.input_norm, layer.qkv, layer.qkv_bias, cos, sin)
-            k_cache[:, :, :prompt_tokens].copy_(k)
-            v_cache[:, :, :prompt_tokens].copy_(v)
+            if rows is None:
+                k_cache[:, :, :prompt_tokens].copy_(k)
+                v_cache[:, :, :prompt_tokens].copy_(v)
+            else:  # an in-place scatter into the pool
+                k_cache[rows, :, :prompt_tokens] = k
+                v_cache[rows, :, :prompt_tokens] = v
             attended = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
             )

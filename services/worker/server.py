@@ -83,8 +83,8 @@ async def serve(
             await runner.stop()
             return
         engine = load_task.result()
-    if settings.mode == "static":  # a continuous worker runs one batch size: its own warm-up is its first pass
-        await asyncio.to_thread(engine.warm_up, settings.warmup_batch_rows)
+    if settings.mode == "static":  # a continuous worker runs one batch size: it warms that one below
+        await asyncio.to_thread(engine.warm_up, settings.warmup_batch_rows, settings.warmup_attend_tokens)
     if settings.calibrate_grid:
         await calibrate_if_missing(engine, settings.calibrate_grid, settings.database_url)
 
@@ -96,6 +96,7 @@ async def serve(
     continuous: ContinuousBatcher | None = None
     if settings.mode == "continuous":
         continuous = ContinuousBatcher(engine, settings.continuous_slots)  # ValueError without the static backend
+        await asyncio.to_thread(continuous.warm_up, settings.warmup_attend_tokens)
         continuous.start()
         # one request holds one row: what the batcher may admit is a row's share of the pool
         identity = replace(

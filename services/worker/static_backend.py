@@ -220,20 +220,36 @@ class StaticCacheBackend:
             self._graphs.popitem(last=False)
         return graph
 
-    def warm_up(self, max_rows: int, prompt_tokens: int = 16, new_tokens: int = 2, on_bucket=None) -> list[int]:
+    def warm_up(self, max_rows: int, prompt_tokens: int = 16, new_tokens: int = 2, on_bucket=None,
+                max_attend_tokens: int = 0) -> list[int]:
         """Run a short batch at every bucket up to max_rows rows that the pool holds, so that compiling
-        the layer pieces for its shape and capturing its first graphs happen now, not on a served batch
-        (seconds per bucket on a GPU). on_bucket(rows, seconds) after each. Returns the buckets run."""
+        the layer pieces for its shape and capturing its graphs up to max_attend_tokens happen now, not
+        on a served batch (seconds per bucket on a GPU). on_bucket(rows, seconds) after each. Returns
+        the buckets run."""
         warmed = []
         for rows in self.bucket_sizes(max_rows):
             if rows * (prompt_tokens + new_tokens) > self.capacity_tokens:
                 break
             started_s = time.perf_counter()
             self.generate([[1] * prompt_tokens] * rows, 0, [new_tokens] * rows, set())
+            self.capture_attention_buckets(self._state_for(rows), rows, max_attend_tokens)
             if on_bucket is not None:
                 on_bucket(rows, time.perf_counter() - started_s)
             warmed.append(rows)
         return warmed
+
+    @torch.inference_mode()
+    def capture_attention_buckets(self, state: DecodeState, batch: int, max_attend_tokens: int) -> int:
+        """Capture the step graphs of `batch` rows on `state` at every attention-length bucket up to
+        max_attend_tokens (a capture stalls the batch that first needs it, and the first policy measured
+        would pay for all of them). Returns the graphs captured; 0 without CUDA graphs."""
+        if not self.use_cuda_graphs:
+            return 0
+        before = self.num_graph_captures
+        top_tokens = min(max_attend_tokens, self.row_capacity_tokens(batch))
+        for attend_tokens in range(self.length_bucket_tokens, top_tokens + 1, self.length_bucket_tokens):
+            self._graph_for(state, batch, attend_tokens)
+        return self.num_graph_captures - before
 
     def drop_graphs(self) -> None:
         """Forget captured graphs and step buffers (after an OOM, whose state is unknown)."""

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from services.worker.continuous import ContinuousBatcher
+from services.worker.continuous import ContinuousBatcher, join_group_rows, prefill_groups
 from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchRejected, EngineItem, StaticBatchEngine
 
 SLOTS = 3
@@ -195,3 +195,29 @@ def test_stop_before_start_fails_what_waits(batcher):
     batcher.stop()
     with pytest.raises(BatchCancelled):
         waiting.result(RESULT_TIMEOUT_S)
+
+
+def test_prefill_groups_pad_little_and_keep_every_row_within_its_capacity():
+    # prompt lengths, max_new_tokens; rows of 64 tokens, prefill chunk of 100 padded tokens
+    groups = prefill_groups([30, 5, 6, 7, 40], [10, 50, 20, 5, 20], row_capacity_tokens=64, max_group_tokens=100)
+    assert sorted(i for group in groups for i in group) == [0, 1, 2, 3, 4]  # every joiner once
+    for group in groups:
+        padded = max([30, 5, 6, 7, 40][i] for i in group)
+        assert all(padded + [10, 50, 20, 5, 20][i] <= 64 for i in group)
+        assert padded * len(group) <= 100 or len(group) == 1
+    assert groups[0] == [1, 2, 3]  # the short prompts share one prefill; 5 + 50 rules out the 30-token one
+    assert prefill_groups([], [], 64, 100) == []
+
+
+def test_a_nearly_full_batch_defers_a_joiner_a_bounded_number_of_steps(static_engine, alone):
+    slots = 16  # joins wait for 2 free rows while the batch runs
+    assert join_group_rows(slots) == 2 and join_group_rows(SLOTS) == 1
+    wide = ContinuousBatcher(static_engine, slots)  # 16 rows of 12 tokens each
+    long = [EngineItem(f"long{i}", "go", 10) for i in range(slots - 1)]
+    wide.start()
+    futures = [wide.submit(item) for item in long]
+    time.sleep(0.05)  # the 15 run; one row is free
+    late = wide.submit(ITEMS[4])  # 1 token: joins alone after at most JOIN_DEFER_MAX_STEPS steps
+    assert late.result(RESULT_TIMEOUT_S).output == alone["e"]
+    assert len(results_of(futures)) == slots - 1
+    wide.stop(timeout_s=10.0)

@@ -271,5 +271,5 @@ class _FakeEngine(FakeRunner):
     class model_dir:  # noqa: N801 - stands in for a Path
         name = "fake"
 
-    def warm_up(self, max_rows: int) -> None:  # nothing to compile or capture
+    def warm_up(self, max_rows: int, max_attend_tokens: int = 0) -> None:  # nothing to compile or capture
         pass
