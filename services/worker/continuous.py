@@ -34,10 +34,12 @@ from services.worker.engine import (
     StaticBatchEngine,
     is_out_of_memory,
 )
+from services.worker import metrics
 from services.worker.static_backend import PREFILL_CHUNK_TOKENS
 
 log = logging.getLogger(__name__)
 
+STATS_LOG_EVERY_S = 10.0  # the decode thread's time split, logged while it works
 JOIN_DEFER_MAX_STEPS = 8  # steps a joiner may wait for others to share its prefill (~8 x 8 ms on a GPU)
 
 
@@ -64,6 +66,29 @@ def prefill_groups(prompt_tokens: list[int], max_new_tokens: list[int], row_capa
     if current:
         groups.append(current)
     return groups
+
+
+@dataclass
+class _Stats:
+    """The decode thread's time since the last log line: steps, prefills and the rest (host work)."""
+
+    started_s: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    step_s: float = 0.0
+    active_row_steps: int = 0
+    attended_tokens: int = 0  # per step, summed
+    prefills: int = 0
+    prefill_rows: int = 0
+    prefill_s: float = 0.0
+
+    def line(self, slots: int) -> str:
+        wall_s = time.monotonic() - self.started_s
+        steps, prefills = max(1, self.steps), max(1, self.prefills)
+        return (f"continuous, last {wall_s:.1f} s: {self.steps} steps of {1e3 * self.step_s / steps:.2f} ms "
+                f"({self.active_row_steps / steps:.1f} of {slots} rows running, attending "
+                f"{self.attended_tokens / steps:.0f} tokens), {self.prefills} prefills of "
+                f"{self.prefill_rows / prefills:.1f} rows and {1e3 * self.prefill_s / prefills:.1f} ms, "
+                f"{max(0.0, wall_s - self.step_s - self.prefill_s):.1f} s in neither (host work or idle)")
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,7 @@ class ContinuousBatcher:
         self._thread: threading.Thread | None = None
         self._join_group_rows = join_group_rows(slots)
         self._deferred_steps = 0  # engine thread only: steps joiners have waited for company
+        self._stats = _Stats()  # engine thread only
 
     # ---- any thread ---------------------------------------------------------------------------
 
@@ -232,6 +258,7 @@ class ContinuousBatcher:
 
     def _join_group(self, group: list[tuple[int, _Pending, list[int]]]) -> None:
         """One prefill for the group; out of memory, each member is retried alone (split and retry)."""
+        started_s = time.perf_counter()
         try:
             firsts, prefilled_tokens = self._prefill([slot for slot, _, _ in group], [prompt for _, _, prompt in group])
         except BatchOutOfMemory as error:
@@ -246,6 +273,13 @@ class ContinuousBatcher:
             for _, pending, _ in group:
                 self._fail_joiner(pending, error, is_logged=True)
             return
+        prefill_s = time.perf_counter() - started_s
+        self._stats.prefills += 1
+        self._stats.prefill_rows += len(group)
+        self._stats.prefill_s += prefill_s
+        metrics.CONTINUOUS_PREFILLS.inc()
+        metrics.CONTINUOUS_PREFILL_ROWS.inc(len(group))
+        metrics.CONTINUOUS_PREFILL_SECONDS.inc(prefill_s)
         joined_s = time.monotonic()
         for (slot, pending, _), first in zip(group, firsts, strict=True):
             self._rows[slot] = row = _Row(pending, prefilled_tokens, joined_s, [first])
@@ -322,16 +356,32 @@ class ContinuousBatcher:
 
     def _step(self) -> None:
         state = self._state
+        started_s = time.perf_counter()
         state.positions.mul_(self._is_active)
         state.write_index.mul_(self._is_active)
-        attend_tokens = max(row.attend_tokens for row in self._rows if row is not None)
+        active = [row.attend_tokens for row in self._rows if row is not None]
+        attend_tokens = max(active)
         self.engine.static._step(state, self.slots, attend_tokens)
         tokens = state.tokens.tolist()  # the one host sync per step
+        self._count_step(time.perf_counter() - started_s, len(active), attend_tokens)
         for slot, row in enumerate(self._rows):
             if row is not None:
                 row.generated.append(tokens[slot])
                 if self._is_finished(row):
                     self._finish(slot)
+
+    def _count_step(self, step_s: float, active_rows: int, attend_tokens: int) -> None:
+        stats = self._stats
+        stats.steps += 1
+        stats.step_s += step_s
+        stats.active_row_steps += active_rows
+        stats.attended_tokens += attend_tokens
+        metrics.CONTINUOUS_STEPS.inc()
+        metrics.CONTINUOUS_STEP_SECONDS.inc(step_s)
+        metrics.CONTINUOUS_ACTIVE_ROW_STEPS.inc(active_rows)
+        if time.monotonic() - stats.started_s >= STATS_LOG_EVERY_S:
+            log.info("%s", stats.line(self.slots))
+            self._stats = _Stats()
 
     def _is_finished(self, row: _Row) -> bool:
         return len(row.generated) >= row.pending.item.max_new_tokens or row.generated[-1] in self._stop_ids

@@ -28,3 +28,17 @@ def observe_batch(outcome: str, busy_s: float, *, run_s: float = 0.0, valid_toke
         RUN_TIME.observe(run_s)
         VALID_TOKENS.inc(valid_tokens)
         SLOT_TOKENS.inc(total_tokens)
+
+# continuous mode: where the decode thread's time goes (steps, joiner prefills, the rest = host work)
+CONTINUOUS_STEPS = Counter("magnus_worker_continuous_steps_total", "Decode steps of the continuous batch.")
+CONTINUOUS_STEP_SECONDS = Counter(
+    "magnus_worker_continuous_step_seconds_total", "Seconds in continuous decode steps (host sync included)."
+)
+CONTINUOUS_ACTIVE_ROW_STEPS = Counter(
+    "magnus_worker_continuous_active_row_steps_total", "Rows running summed over decode steps (occupancy)."
+)
+CONTINUOUS_PREFILLS = Counter("magnus_worker_continuous_prefills_total", "Joiner prefills (one per group).")
+CONTINUOUS_PREFILL_ROWS = Counter("magnus_worker_continuous_prefill_rows_total", "Requests prefilled into rows.")
+CONTINUOUS_PREFILL_SECONDS = Counter(
+    "magnus_worker_continuous_prefill_seconds_total", "Seconds in joiner prefills (host sync included)."
+)
