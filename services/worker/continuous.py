@@ -35,17 +35,42 @@ from services.worker.engine import (
     is_out_of_memory,
 )
 from services.worker import metrics
-from services.worker.static_backend import PREFILL_CHUNK_TOKENS
+from services.worker.fast_decoder import DecodeState
+from services.worker.static_backend import PREFILL_CHUNK_TOKENS, bucket_rows
 
 log = logging.getLogger(__name__)
 
 STATS_LOG_EVERY_S = 10.0  # the decode thread's time split, logged while it works
-JOIN_DEFER_MAX_STEPS = 8  # steps a joiner may wait for others to share its prefill (~8 x 8 ms on a GPU)
+# A joiner may wait this many steps (~16 x 10 ms on a GPU) for others to share its prefill: on an
+# H100 a prefill of ~2 joiners took ~34 ms against a ~10 ms step, and took half the thread's time
+JOIN_DEFER_MAX_STEPS = 16
 
 
 def join_group_rows(slots: int) -> int:
-    """Free rows worth one prefill while the batch runs: an eighth of the slots (1 for small batches)."""
-    return max(1, slots // 8)
+    """Free rows worth one prefill while the batch runs: a quarter of the slots (1 for small batches)."""
+    return max(1, slots // 4)
+
+
+def step_sizes(slots: int, bucket_rows_granularity: int) -> list[int]:
+    """Row counts a step may run: the batch buckets below `slots`, and `slots`. A step runs only the
+    rows up to the highest one in use (rows are taken lowest first), so a lightly loaded batch steps
+    as a small one; without buckets (granularity 1) always all `slots`, one compiled shape."""
+    if bucket_rows_granularity == 1:
+        return [slots]
+    return sorted({min(slots, bucket_rows(rows, bucket_rows_granularity)) for rows in range(1, slots + 1)})
+
+
+def _first_rows(state: DecodeState, rows: int) -> DecodeState:
+    """The first `rows` rows of `state`, as views (fixed addresses: graphs replay on them)."""
+    return DecodeState(
+        tokens=state.tokens[:rows],
+        positions=state.positions[:rows],
+        write_index=state.write_index[:rows],
+        mask=state.mask[:rows],
+        k_views=[k[:rows] for k in state.k_views],
+        v_views=[v[:rows] for v in state.v_views],
+        is_ragged=state.is_ragged,
+    )
 
 
 def prefill_groups(prompt_tokens: list[int], max_new_tokens: list[int], row_capacity_tokens: int,
@@ -139,6 +164,8 @@ class ContinuousBatcher:
         self.on_slot_freed: Callable[[], None] | None = None
         self._stop_ids = engine.stop_ids(stop_at_eos=not engine.trace_replay)
         self._state = engine.static._state_for(slots, is_ragged=True)
+        self._step_states = {rows: self._state if rows == slots else _first_rows(self._state, rows)
+                             for rows in step_sizes(slots, engine.static.batch_bucket_rows)}
         device = engine.static.decoder.device
         # 1 for rows in use: idle rows are reset to cache position 0 before every step so that their
         # (ignored) writes and rope lookups stay in range
@@ -176,10 +203,11 @@ class ContinuousBatcher:
         """Before start(): compile the step for `slots` rows and capture its graphs up to
         max_attend_tokens (CUDA only), so that no request waits for that."""
         started_s = time.monotonic()
-        captured = self.engine.static.capture_attention_buckets(self._state, self.slots, max_attend_tokens)
+        captured = sum(self.engine.static.capture_attention_buckets(state, rows, max_attend_tokens)
+                       for rows, state in self._step_states.items())
         if captured:
-            log.info("warmed %d rows: %d graphs up to %d attended tokens in %.1f s", self.slots, captured,
-                     max_attend_tokens, time.monotonic() - started_s)
+            log.info("warmed steps of %s rows: %d graphs up to %d attended tokens in %.1f s",
+                     sorted(self._step_states), captured, max_attend_tokens, time.monotonic() - started_s)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
@@ -361,7 +389,9 @@ class ContinuousBatcher:
         state.write_index.mul_(self._is_active)
         active = [row.attend_tokens for row in self._rows if row is not None]
         attend_tokens = max(active)
-        self.engine.static._step(state, self.slots, attend_tokens)
+        highest = max(slot for slot, row in enumerate(self._rows) if row is not None)
+        rows = next(rows for rows in self._step_states if rows > highest)  # sizes ascend; slots is last
+        self.engine.static._step(self._step_states[rows], rows, attend_tokens)
         tokens = state.tokens.tolist()  # the one host sync per step
         self._count_step(time.perf_counter() - started_s, len(active), attend_tokens)
         for slot, row in enumerate(self._rows):

@@ -185,7 +185,7 @@ class StaticCacheBackend:
 
     def _step(self, state: DecodeState, batch: int, attend_tokens: int) -> None:
         bucket = self.length_bucket_tokens
-        attend_tokens = min(-(-attend_tokens // bucket) * bucket, self.row_capacity_tokens(batch))
+        attend_tokens = min(-(-attend_tokens // bucket) * bucket, state.mask.shape[-1])  # the state's row capacity
         if not self.use_cuda_graphs:
             self.decoder.decode_step(state, attend_tokens, self.attention)
             return
@@ -246,7 +246,7 @@ class StaticCacheBackend:
         if not self.use_cuda_graphs:
             return 0
         before = self.num_graph_captures
-        top_tokens = min(max_attend_tokens, self.row_capacity_tokens(batch))
+        top_tokens = min(max_attend_tokens, state.mask.shape[-1])  # the state's row capacity
         for attend_tokens in range(self.length_bucket_tokens, top_tokens + 1, self.length_bucket_tokens):
             self._graph_for(state, batch, attend_tokens)
         return self.num_graph_captures - before

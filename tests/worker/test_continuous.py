@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from services.worker.continuous import ContinuousBatcher, join_group_rows, prefill_groups
+from services.worker.continuous import ContinuousBatcher, join_group_rows, prefill_groups, step_sizes
 from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchRejected, EngineItem, StaticBatchEngine
 
 SLOTS = 3
@@ -210,8 +210,8 @@ def test_prefill_groups_pad_little_and_keep_every_row_within_its_capacity():
 
 
 def test_a_nearly_full_batch_defers_a_joiner_a_bounded_number_of_steps(static_engine, alone):
-    slots = 16  # joins wait for 2 free rows while the batch runs
-    assert join_group_rows(slots) == 2 and join_group_rows(SLOTS) == 1
+    slots = 16  # joins wait for 4 free rows while the batch runs
+    assert join_group_rows(slots) == 4 and join_group_rows(SLOTS) == 1
     wide = ContinuousBatcher(static_engine, slots)  # 16 rows of 12 tokens each
     long = [EngineItem(f"long{i}", "go", 10) for i in range(slots - 1)]
     wide.start()
@@ -221,3 +221,9 @@ def test_a_nearly_full_batch_defers_a_joiner_a_bounded_number_of_steps(static_en
     assert late.result(RESULT_TIMEOUT_S).output == alone["e"]
     assert len(results_of(futures)) == slots - 1
     wide.stop(timeout_s=10.0)
+
+
+def test_a_step_runs_the_batch_bucket_up_to_the_highest_row_in_use():
+    assert step_sizes(29, 8) == [1, 2, 4, 8, 16, 24, 29]
+    assert step_sizes(3, 8) == [1, 2, 3]
+    assert step_sizes(29, 1) == [29]  # no buckets: one compiled shape
