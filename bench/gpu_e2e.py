@@ -6,7 +6,8 @@ output length), then for each policy restarts the batcher and replays the worklo
 (bench/e2e_workload.py) as Poisson arrivals at each rate: the same requests and the same arrival
 times for every policy. The worker calibrates the estimator's first version on this device before
 it registers; the trainer runs with its rounds pushed out of the run so every policy sees the same
-model versions. `ccb` and `magnus_ccb` restart the worker in continuous-batching mode.
+model versions. `ccb` and `magnus_ccb` restart the worker in continuous-batching mode, with rows
+of --continuous-row-tokens (a request longer than a row runs alone once the rows drained).
 
 Per request it records queued/started/finished, predicted and true length, batch; per batch the
 log DB's shape, estimated and actual time. Everything lands in OUT/e2e_raw.json as it is measured
@@ -174,6 +175,7 @@ class Bench:
         self.raw: dict = {"command": " ".join(["python", *sys.argv]), "policies": {}, "setup": {}}
         self.worker_mode = "static"
         self.fixed_batch_size = 0  # set by start() from the worker's Theta
+        self.continuous_slots = 0  # likewise
 
     def _model_dir(self) -> str:
         if self.args.tiny:
@@ -217,6 +219,7 @@ class Bench:
                  timeout_s=900)
         memory = engine_line(stack)
         self.fixed_batch_size = self.safe_batch_size(memory)
+        self.continuous_slots = self.slots_for(memory)
         self.raw["setup"].update(memory, calibration_s=time.monotonic() - started_s)
         say(f"worker calibrated after {time.monotonic() - started_s:.0f} s: {memory}")
         subprocess.run([sys.executable, "-m", "services.estimator.bootstrap", "--if-missing"],
@@ -232,6 +235,12 @@ class Bench:
         context = 512 if self.args.tiny else CONTEXT_TOKENS
         return max(1, memory["theta_bytes"] // (memory["kv_bytes_per_token"] * context))
 
+    def slots_for(self, memory: dict) -> int:
+        """ccb's and magnus_ccb's rows: Theta in rows of --continuous-row-tokens (0: the vs batch)."""
+        if not self.args.continuous_row_tokens:
+            return self.fixed_batch_size
+        return max(1, memory["theta_bytes"] // (memory["kv_bytes_per_token"] * self.args.continuous_row_tokens))
+
     def start_batcher(self, policy: str) -> None:
         self.stack.stop("batcher")
         env = {
@@ -246,7 +255,7 @@ class Bench:
     def restart_worker(self, mode: str) -> None:
         self.stack.stop("worker", timeout_s=60)
         self.stack.start("worker", {"MAGNUS_WORKER_MODE": mode,
-                                    "MAGNUS_WORKER_CONTINUOUS_SLOTS": str(self.fixed_batch_size)})
+                                    "MAGNUS_WORKER_CONTINUOUS_SLOTS": str(self.continuous_slots)})
 
     # ---- one policy ---------------------------------------------------------------------------
     def run_policy(self, policy: str, workload: list[dict]) -> None:
@@ -258,7 +267,8 @@ class Bench:
         self.stack.wait_healthy(("worker",), timeout_s=900)  # raises with its log if a restarted worker died
         warmup = workload[-WARMUP_REQUESTS:]  # not measured: waits for the worker to (re)register
         asyncio.run(send_all(self.stack.target("batcher"), warmup, [0.0] * len(warmup), f"{policy}-warmup"))
-        result = self.raw["policies"].setdefault(policy, {"fixed_batch_size": self.fixed_batch_size, "rates": {}})
+        size = self.continuous_slots if policy in CONTINUOUS_POLICY_NAMES else self.fixed_batch_size
+        result = self.raw["policies"].setdefault(policy, {"fixed_batch_size": size, "rates": {}})
         for index, (rate, rows) in enumerate(phases(self.args, workload)):
             offsets = arrival_offsets_s(len(rows), rate, ARRIVAL_SEED + index)
             started_s = time.monotonic()
@@ -316,6 +326,8 @@ def main() -> int:
                         help="then this many requests at --saturation-rate: a queue deep enough to measure saturation")
     parser.add_argument("--saturation-rate", type=float, default=400.0)
     parser.add_argument("--fixed-batch-size", type=int, default=0, help="vs batch / ccb slots; 0 = Theta / context")
+    parser.add_argument("--continuous-row-tokens", type=int, default=1024,
+                        help="KV per row of the continuous worker (slots = Theta / this); 0 = vs's batch as slots")
     parser.add_argument("--max-batch-size", type=int, default=256, help="ceiling of the adaptive policies")
     parser.add_argument("--preempt-share", type=float, default=0.0,
                         help="the batcher's straggler preemption (MAGNUS_BATCHER_PREEMPT_SHARE); 0 = off")

@@ -9,6 +9,11 @@ the batch runs nearly full a joiner waits a few steps (at most JOIN_DEFER_MAX_ST
 own cache position (`DecodeState.is_ragged`); the step is the static backend's, replayed on a GPU
 as a CUDA graph per (slots, attention bucket of the longest active row).
 
+A request too long for a row (prompt + max_new_tokens above Theta / slots) but within the pool runs
+alone: joins stop, the rows drain, and it decodes as a static batch of one over the whole pool
+before joins resume. So slots can be sized for the requests a workload has (many short rows, which
+a step runs at nearly the cost of few) without refusing the rare long one.
+
 One daemon thread owns the device and the rows; other threads only submit items and read counts.
 One ContinuousBatcher per engine: it owns the pool while it runs.
 """
@@ -132,6 +137,14 @@ class _Pending:
 
 
 @dataclass
+class _Long:
+    """A joiner too long for a row, waiting for the rows to drain (it keeps its reserved slot)."""
+
+    pending: _Pending
+    prompt: list[int]
+
+
+@dataclass
 class _Row:
     pending: _Pending
     prefilled_tokens: int  # cache positions the (left-padded) prefill wrote
@@ -171,6 +184,7 @@ class ContinuousBatcher:
         # (ignored) writes and rope lookups stay in range
         self._is_active = torch.zeros(slots, dtype=torch.long, device=device)
         self._rows: list[_Row | None] = [None] * slots  # engine thread only
+        self._long: deque[_Long] = deque()  # engine thread only: joiners that run alone once rows drain
         self._cond = threading.Condition()
         self._waiting: deque[_Pending] = deque()  # guarded by _cond
         self._num_active = 0  # guarded by _cond: rows in use or being joined
@@ -234,6 +248,8 @@ class ContinuousBatcher:
                 self._drop_cancelled_rows()
                 if any(row is not None for row in self._rows):
                     self._step_or_fail()
+                elif self._long:
+                    self._run_long(self._long.popleft())
         self._fail_all(BatchCancelled("continuous batcher stopped before the request finished"))
 
     def _next_joiners(self) -> list[tuple[int, _Pending]] | None:
@@ -247,6 +263,8 @@ class ContinuousBatcher:
                 if not is_idle:
                     break
                 self._cond.wait()
+            if self._long:
+                return []  # no joins until the rows drained and the long ones ran
             free = [slot for slot, row in enumerate(self._rows) if row is None]
             is_running = len(free) < self.slots
             if is_running and len(free) < self._join_group_rows and self._deferred_steps < JOIN_DEFER_MAX_STEPS:
@@ -272,7 +290,11 @@ class ContinuousBatcher:
         ready: list[tuple[int, _Pending, list[int]]] = []
         for slot, pending in joiners:
             try:
-                ready.append((slot, pending, self._validated_prompt(pending.item)))
+                prompt = self._validated_prompt(pending.item)
+                if len(prompt) + pending.item.max_new_tokens > self.row_capacity_tokens:
+                    self._long.append(_Long(pending, prompt))
+                else:
+                    ready.append((slot, pending, prompt))
             except (BatchRejected, BatchOutOfMemory) as error:
                 self._fail_joiner(pending, error)
             except Exception as error:  # one request's failure must not stop the others
@@ -326,10 +348,10 @@ class ContinuousBatcher:
         # an empty prompt becomes [EOS], as in StaticBatchEngine.run_ids
         prompt = self.engine.encode([item.prompt])[0] or [self.engine.eos_token_ids[0]]
         needed_tokens = len(prompt) + item.max_new_tokens
-        if needed_tokens > self.row_capacity_tokens:
+        if needed_tokens > self.engine.static.capacity_tokens:
             raise BatchRejected(
                 f"prompt {len(prompt)} + max_new_tokens {item.max_new_tokens} = {needed_tokens} tokens exceeds "
-                f"a row's KV capacity of {self.row_capacity_tokens} tokens ({self.slots} slots)"
+                f"the KV pool of {self.engine.static.capacity_tokens} tokens"
             )
         if needed_tokens > self.engine.max_context_tokens:
             raise BatchRejected(
@@ -369,6 +391,38 @@ class ContinuousBatcher:
         state.mask[rows] = mask.masked_fill_(visible, 0.0)[:, None, None, :]
         self._is_active[rows] = 1
         return first.tolist(), prompt_tokens
+
+    def _run_long(self, long: _Long) -> None:
+        """Run a too-long-for-a-row request as a static batch of one; the rows are all free, so it
+        may use the whole pool (their K/V is rewritten by their next prefill)."""
+        pending, item = long.pending, long.pending.item
+        if pending.future.cancelled():
+            self._release_row()
+            return
+        started_s = time.monotonic()
+        log.info("request %s (%d + %d tokens) is longer than a row of %d: running alone", item.request_id,
+                 len(long.prompt), item.max_new_tokens, self.row_capacity_tokens)
+        try:
+            ids = self.engine.run_ids([long.prompt], [item.max_new_tokens], stop_at_eos=not self.engine.trace_replay)
+        except (BatchRejected, BatchOutOfMemory) as error:
+            self._fail_joiner(pending, error)
+            return
+        except Exception as error:  # one request's failure must not stop the others
+            log.exception("request %s failed running alone", item.request_id)
+            self._fail_joiner(pending, error, is_logged=True)
+            return
+        metrics.CONTINUOUS_LONG_RUNS.inc()
+        generated = ids.generated_ids[0]
+        finished_s = time.monotonic()
+        text = self.engine.tokenizer.decode(generated, skip_special_tokens=True)
+        result = ContinuousResult(
+            output=ItemOutput(item.request_id, text, len(generated)),
+            run_s=finished_s - pending.submitted_s,
+            queued_s=started_s - pending.submitted_s,
+            total_tokens=ids.steps,
+        )
+        self._release_row()
+        _resolve(pending.future, result)
 
     def _step_or_fail(self) -> None:
         try:
@@ -455,6 +509,8 @@ class ContinuousBatcher:
         for slot, row in enumerate(self._rows):
             if row is not None:
                 self._free_row(slot, error=error)
+        while self._long:
+            self._fail_joiner(self._long.popleft().pending, error, is_logged=True)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for pending in waiting:

@@ -42,3 +42,6 @@ CONTINUOUS_PREFILL_ROWS = Counter("magnus_worker_continuous_prefill_rows_total",
 CONTINUOUS_PREFILL_SECONDS = Counter(
     "magnus_worker_continuous_prefill_seconds_total", "Seconds in joiner prefills (host sync included)."
 )
+CONTINUOUS_LONG_RUNS = Counter(
+    "magnus_worker_continuous_long_runs_total", "Requests too long for a row, run alone after the rows drained."
+)

@@ -98,12 +98,8 @@ async def serve(
         continuous = ContinuousBatcher(engine, settings.continuous_slots)  # ValueError without the static backend
         await asyncio.to_thread(continuous.warm_up, settings.warmup_attend_tokens)
         continuous.start()
-        # one request holds one row: what the batcher may admit is a row's share of the pool
-        identity = replace(
-            identity_of(settings, engine),
-            free_kv_bytes=continuous.row_capacity_tokens * engine.kv_bytes_per_token,
-            max_batch_size=settings.continuous_slots,
-        )
+        # a request holds one row, or the whole pool (Theta, as announced) alone once the rows drained
+        identity = replace(identity_of(settings, engine), max_batch_size=settings.continuous_slots)
         loop: WorkerLoop = ContinuousWorkerLoop(stub, continuous, identity, timing_of(settings), on_registered=on_registered)
     else:
         loop = WorkerLoop(

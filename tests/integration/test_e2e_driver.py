@@ -36,7 +36,7 @@ def test_driver_runs_pack_and_continuous_batching_end_to_end(tmp_path, prepared_
     run(["bench/gpu_e2e.py", "--tiny", "--workload", str(workload), "--state", str(state), "--out", str(out),
          "--workdir", str(tmp_path / "work"), "--policies", "magnus_pack,ccb,magnus_ccb", "--rates", "4",
          "--requests-per-rate", "8", "--saturation-requests", "24", "--fixed-batch-size", "8",
-         "--preempt-share", "0.5"], 420)
+         "--continuous-row-tokens", "96", "--preempt-share", "0.5"], 420)
 
     raw = json.loads((out / "e2e_raw.json").read_text())
     for policy in ("magnus_pack", "ccb", "magnus_ccb"):
@@ -52,6 +52,11 @@ def test_driver_runs_pack_and_continuous_batching_end_to_end(tmp_path, prepared_
         assert {b["size"] for b in burst["batches"]} == {1}  # one lease per request
         spans = sorted((r["started_at_s"], r["finished_at_s"]) for r in burst["requests"])
         assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "no two requests ran at once"
+    # rows of 96 tokens: requests longer than that ran alone once the rows drained, and (above) still
+    # produced their reference lengths
+    long = [r for r in burst["requests"] if r["input_tokens"] + r["true_gen_tokens"] > 96]
+    assert long, "the workload sample has no request longer than a row"
+    assert "longer than a row" in (out / "logs" / "worker.log").read_text()
     # magnus_ccb orders by predicted length
     assert all(r["predicted_tokens"] > 0 for r in raw["policies"]["magnus_ccb"]["rates"]["400.0"]["requests"])
     pack = raw["policies"]["magnus_pack"]["rates"]["400.0"]

@@ -14,6 +14,7 @@ from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchReject
 SLOTS = 3
 ROW_TOKENS = 64
 RESULT_TIMEOUT_S = 20.0
+SUBMIT_SLACK_S = 0.005
 ITEMS = [
     EngineItem("a", "Translate to German: thank you", 20),
     EngineItem("b", "short", 3),
@@ -99,16 +100,30 @@ def test_a_row_that_filled_its_capacity_idles_without_writing_out_of_range(batch
     assert [r.output for r in results_of([batcher.submit(full), batcher.submit(longer)])] == expected
 
 
+def test_a_request_longer_than_a_row_runs_alone_once_the_rows_drained(batcher, static_engine, alone):
+    too_long = EngineItem("long", "word " * 40, 30)  # 40 prompt tokens + 30 > 64 per row, < 192 in the pool
+    expected_long = static_engine.run([too_long]).items[0]
+    batcher.start()
+    futures = [batcher.submit(ITEMS[0]), batcher.submit(too_long), batcher.submit(ITEMS[1]), batcher.submit(ITEMS[3])]
+    results = results_of(futures)
+    assert [r.output for r in results] == [alone["a"], expected_long, alone["b"], alone["d"]]
+    # it started once "a" (20 tokens, running) had finished, and "d" (submitted after it) joined only
+    # after it ended; submits were microseconds apart, so queued = run minus that
+    assert results[1].queued_s >= results[0].run_s - SUBMIT_SLACK_S
+    assert results[3].queued_s >= results[1].run_s - SUBMIT_SLACK_S
+    assert batcher.free_slots() == SLOTS
+
+
 def test_requests_that_cannot_fit_fail_alone(batcher, alone):
     batcher.start()
-    too_long = EngineItem("long", "word " * 40, 30)  # 40 prompt tokens + 30 > 64 per row
+    too_long = EngineItem("huge", "word " * 40, 160)  # 40 prompt tokens + 160 > the pool's 192
     futures = [
         batcher.submit(ITEMS[0]),
         batcher.submit(too_long),
         batcher.submit(EngineItem("zero", "hi", 0)),
         batcher.submit(ITEMS[1]),
     ]
-    with pytest.raises(BatchRejected, match=r"\+ max_new_tokens 30 = \d+ tokens exceeds a row's KV capacity of 64"):
+    with pytest.raises(BatchRejected, match=r"\+ max_new_tokens 160 = \d+ tokens exceeds the KV pool of 192"):
         futures[1].result(RESULT_TIMEOUT_S)
     with pytest.raises(BatchRejected, match="max_new_tokens must be >= 1"):
         futures[2].result(RESULT_TIMEOUT_S)
