@@ -346,10 +346,14 @@ def main() -> int:
     bench = Bench(args)
     try:
         bench.start()
+        bench.save_state()  # the calibration, kept even if the run is cut off later
         for policy in policies:
             bench.run_policy(policy, workload)
     finally:
-        bench.stack.stop_all()
+        try:
+            bench.stack.stop_all()
+        except Exception as error:  # noqa: BLE001 - what was measured must still be written
+            say(f"stopping the stack failed: {error!r}")
         bench.collect_logs()
         bench.save()
         bench.save_state()
