@@ -352,7 +352,7 @@ def main() -> int:
     finally:
         try:
             bench.stack.stop_all()
-        except Exception as error:  # noqa: BLE001 - what was measured must still be written
+        except BaseException as error:  # noqa: BLE001 - a time limit too: what was measured must still be written
             say(f"stopping the stack failed: {error!r}")
         bench.collect_logs()
         bench.save()
