@@ -62,6 +62,24 @@ def bare_steps(batcher: ContinuousBatcher) -> list[dict]:
     return rows_out
 
 
+def prefill_shapes(batcher: ContinuousBatcher, backends) -> list[dict]:
+    """A joiner prefill at prompt lengths it has not met yet, then again: what a new shape costs."""
+    out = []
+    for name, kernels in backends:
+        for prompt_tokens in (37, 53, 71, 97, 131, 173, 211, 257):
+            prompt_tokens += len(out)  # new shapes for each backend too
+            for attempt in ("new", "again"):
+                prompts = [[7] * prompt_tokens]
+                with torch.inference_mode(), torch.nn.attention.sdpa_kernel(kernels):
+                    sync()
+                    started_s = time.perf_counter()
+                    batcher._prefill([0], prompts)
+                    sync()
+                out.append(dict(backends=name, prompt_tokens=prompt_tokens, attempt=attempt,
+                                ms=1e3 * (time.perf_counter() - started_s)))
+    return out
+
+
 def serve(batcher: ContinuousBatcher, items: list[EngineItem], arrivals_s: list[float]) -> dict:
     started_s = time.monotonic()
     futures = []
@@ -90,6 +108,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="", help="a model folder; default: the 7B shape, random weights")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--prefill-only", action="store_true", help="time prefill shapes, then stop")
     parser.add_argument("--kv-budget-bytes", type=int, default=2**30, help="CPU only: the KV pool")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
@@ -121,6 +140,15 @@ def main() -> int:
                 prompts = [[7] * 64] * joiners
                 result[f"prefill_{joiners}_rows_ms"] = timed_ms(
                     lambda p=prompts: batcher._prefill(list(range(len(p))), p), 10)
+        from torch.nn.attention import SDPBackend
+
+        every = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        result["prefill_shapes"] = prefill_shapes(batcher, [("default", every), ("no cudnn", every[1:])])
+        for row in result["prefill_shapes"]:
+            print(f"  prefill {row['backends']:9s} {row['prompt_tokens']:4d} tokens {row['attempt']:5s}: "
+                  f"{row['ms']:.1f} ms", flush=True)
+        if args.prefill_only:
+            continue
         batcher._is_active.zero_()
         batcher.start()
         result["rate"] = serve(batcher, items(0, args.rate_requests, "rate"), arrivals_s)

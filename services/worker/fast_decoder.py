@@ -20,12 +20,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from services.worker import triton_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SHORT_ATTENTION_MAX_TOKENS = 96  # attention="auto": the Triton kernel up to here, SDPA beyond (H100)
 NEG_INF = float("-inf")
+# Prefill attention without cuDNN's: it builds a plan for every new (rows, prompt length), ~60 ms on
+# an H100 against ~10 ms for the prefill itself, and continuous batching prefills ever new shapes
+# (reports/gpu/continuous_steps.md); the memory-efficient kernel costs ~10 ms more on a new shape
+PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def is_supported(config) -> bool:
@@ -167,9 +172,10 @@ class LlamaFamilyDecoder:
             else:  # an in-place scatter into the pool
                 k_cache[rows, :, :prompt_tokens] = k
                 v_cache[rows, :, :prompt_tokens] = v
-            attended = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
-            )
+            with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+                attended = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
+                )
             attended = attended.transpose(1, 2).reshape(batch, prompt_tokens, -1)
             hidden = self._post_attention(hidden, attended, layer.out, layer.post_norm, layer.gate_up, layer.down)
         logits = self._logits(hidden[:, -1])

@@ -130,14 +130,14 @@ async def test_a_rejected_item_fails_its_batch_and_the_others_complete(fake, sta
     loop = ContinuousWorkerLoop(stub, batcher, IDENTITY, FAST)
     loop.start()
     await queue.batches.put(make_batch("ok", [("a", "fine", 4)]))
-    await queue.batches.put(make_batch("too-long", [("b", "fine", 2), ("c", "word " * 50, 30)]))
+    await queue.batches.put(make_batch("too-long", [("b", "fine", 2), ("c", "word " * 50, 150)]))  # more than the whole pool
     reports = {report.batch_id: (name, report) for name, report in [await next_report(queue) for _ in range(2)]}
     await loop.stop(1.0)
     batcher.stop(cancel=True)
     assert reports["ok"][0] == "CompleteBatch" and reports["ok"][1].valid_tokens == 4
     name, failure = reports["too-long"]
     assert name == "ReportBatchFailure" and failure.kind == pb.FAILURE_KIND_OTHER
-    assert "BatchRejected" in failure.message and "KV capacity of 64" in failure.message
+    assert "BatchRejected" in failure.message and "exceeds the KV pool of 128" in failure.message
 
 
 async def test_out_of_memory_item_is_reported_as_out_of_memory(fake):
