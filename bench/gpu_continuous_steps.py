@@ -148,6 +148,7 @@ def main() -> int:
             print(f"  prefill {row['backends']:9s} {row['prompt_tokens']:4d} tokens {row['attempt']:5s}: "
                   f"{row['ms']:.1f} ms", flush=True)
         if args.prefill_only:
+            report["slots"][str(slots)] = result
             continue
         batcher._is_active.zero_()
         batcher.start()

@@ -99,7 +99,8 @@ class WorkerSettings(ServiceSettings):
         "continuous batching; pair with the batcher's `ccb` policy). Continuous needs the static backend.",
     )
     continuous_slots: int = Field(
-        64, ge=1, description="Rows of the running batch in continuous mode; each holds KV for Theta / slots tokens."
+        64, ge=1, description="Rows of the running batch in continuous mode; each holds KV for Theta / slots "
+        "tokens (a longer request runs alone once the rows drained)."
     )
     calibrate_grid: Literal["", "small", "full", "gpu"] = Field(
         "",
