@@ -135,6 +135,29 @@ def count_calibration_samples(database: Path) -> int:
         return 0
 
 
+CALIBRATION_COLUMNS = ("batch_size", "input_tokens_max", "gen_tokens_max", "duration_s", "device")
+
+
+def export_calibration(database: Path, path: Path) -> int:
+    """The worker's calibration samples as JSON: a later run seeds its log DB with them (--calibration)
+    and its worker skips calibrating (minutes of device time)."""
+    with sqlite3.connect(database) as connection:
+        rows = connection.execute(f"SELECT {', '.join(CALIBRATION_COLUMNS)} FROM batch_time_samples "
+                                  "WHERE source='calibration' ORDER BY id").fetchall()
+    path.write_text(json.dumps([dict(zip(CALIBRATION_COLUMNS, row, strict=True)) for row in rows], indent=1))
+    return len(rows)
+
+
+def import_calibration(database: Path, path: Path) -> int:
+    samples = json.loads(path.read_text())
+    with sqlite3.connect(database) as connection:
+        connection.executemany(
+            f"INSERT INTO batch_time_samples ({', '.join(CALIBRATION_COLUMNS)}, source, created_at) "
+            f"VALUES ({', '.join('?' * len(CALIBRATION_COLUMNS))}, 'calibration', CURRENT_TIMESTAMP)",
+            [tuple(sample[c] for c in CALIBRATION_COLUMNS) for sample in samples])
+    return len(samples)
+
+
 def engine_line(stack: Stack) -> dict:
     """Delta and Theta as the worker logged them at load."""
     match = re.search(r"Delta=(\d+) bytes/token, Theta=(\d+) bytes", stack.log_path("worker").read_text())
@@ -165,6 +188,8 @@ class Bench:
         with sqlite3.connect(self.workdir / "log.db") as connection:  # store-relative: the folder moved
             connection.execute("UPDATE model_versions SET artifact_uri = kind || '/v' || version || '.joblib'")
         self.database = self.workdir / "log.db"
+        if args.calibration:
+            say(f"seeded {import_calibration(self.database, args.calibration)} calibration samples from {args.calibration}")
         self.model_dir = self._model_dir()
         self.stack = Stack(
             workdir=self.workdir,
@@ -304,6 +329,7 @@ class Bench:
         with sqlite3.connect(self.database) as source, sqlite3.connect(state / "log.db") as target:
             source.backup(target)
         shutil.copytree(self.workdir / "model-store", state / "model-store")
+        export_calibration(self.database, self.args.out / "calibration.json")
 
     def collect_logs(self) -> None:
         logs = self.args.out / "logs"
@@ -317,6 +343,9 @@ def main() -> int:
     parser.add_argument("--workload", type=Path, default=Path("var/e2e/workload.jsonl"))
     parser.add_argument("--state", type=Path, default=Path("var/e2e/state"),
                         help="folder with log.db and model-store holding the predictor's first version")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="calibration samples a run wrote (OUT/calibration.json): the worker skips calibrating "
+                        "when they are for its device")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/magnus-e2e"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--policies", default="vs,glp,abp,magnus,magnus_sw,magnus_pack,oracle,ccb")

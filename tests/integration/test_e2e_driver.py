@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -39,6 +40,7 @@ def test_driver_runs_pack_and_continuous_batching_end_to_end(tmp_path, prepared_
          "--continuous-row-tokens", "96", "--preempt-share", "0.5"], 420)
 
     raw = json.loads((out / "e2e_raw.json").read_text())
+    assert json.loads((out / "calibration.json").read_text()), "the run's calibration samples were not written"
     for policy in ("magnus_pack", "ccb", "magnus_ccb"):
         phases = raw["policies"][policy]["rates"]
         assert set(phases) == {"4.0", "400.0"}
@@ -71,3 +73,22 @@ def test_driver_runs_pack_and_continuous_batching_end_to_end(tmp_path, prepared_
     assert set(report["policies"]) == {"ccb", "magnus_ccb", "magnus_pack"}
     assert report["policies"]["ccb"]["saturated_requests_per_s"] > 0
     assert (out / "e2e.png").stat().st_size > 0
+
+
+def test_calibration_samples_round_trip_so_a_later_run_skips_calibrating(tmp_path, prepared_stack_db):
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from gpu_e2e import export_calibration, import_calibration
+
+    database = tmp_path / "log.db"
+    shutil.copy(prepared_stack_db[0], database)
+    exported = export_calibration(database, tmp_path / "calibration.json")
+    assert exported > 0
+    with sqlite3.connect(database) as connection:
+        before = connection.execute("SELECT batch_size, input_tokens_max, gen_tokens_max, duration_s, device "
+                                    "FROM batch_time_samples WHERE source='calibration' ORDER BY id").fetchall()
+        connection.execute("DELETE FROM batch_time_samples")
+    assert import_calibration(database, tmp_path / "calibration.json") == exported
+    with sqlite3.connect(database) as connection:
+        after = connection.execute("SELECT batch_size, input_tokens_max, gen_tokens_max, duration_s, device "
+                                   "FROM batch_time_samples WHERE source='calibration' ORDER BY id").fetchall()
+    assert after == before
