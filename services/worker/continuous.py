@@ -41,30 +41,12 @@ from services.worker.engine import (
 )
 from services.worker import metrics
 from services.worker.fast_decoder import DecodeState
-from services.worker.static_backend import PREFILL_CHUNK_TOKENS, bucket_rows
+from services.worker.continuous_plan import JOIN_DEFER_MAX_STEPS, join_group_rows, prefill_groups, step_sizes
+from services.worker.static_backend import PREFILL_CHUNK_TOKENS
 
 log = logging.getLogger(__name__)
 
 STATS_LOG_EVERY_S = 10.0  # the decode thread's time split, logged while it works
-# A joiner may wait this many steps (~16 x 10 ms on a GPU) for others to share its prefill: on an
-# H100 a prefill of ~2 joiners took ~34 ms against a ~10 ms step, and took half the thread's time
-JOIN_DEFER_MAX_STEPS = 16
-
-
-def join_group_rows(slots: int) -> int:
-    """Free rows worth one prefill while the batch runs: a quarter of the slots (1 for small batches)."""
-    return max(1, slots // 4)
-
-
-def step_sizes(slots: int, bucket_rows_granularity: int) -> list[int]:
-    """Row counts a step may run: the batch buckets below `slots`, and `slots`. A step runs only the
-    rows up to the highest one in use (rows are taken lowest first), so a lightly loaded batch steps
-    as a small one; without buckets (granularity 1) always all `slots`, one compiled shape."""
-    if bucket_rows_granularity == 1:
-        return [slots]
-    return sorted({min(slots, bucket_rows(rows, bucket_rows_granularity)) for rows in range(1, slots + 1)})
-
-
 def _first_rows(state: DecodeState, rows: int) -> DecodeState:
     """The first `rows` rows of `state`, as views (fixed addresses: graphs replay on them)."""
     return DecodeState(
@@ -76,26 +58,6 @@ def _first_rows(state: DecodeState, rows: int) -> DecodeState:
         v_views=[v[:rows] for v in state.v_views],
         is_ragged=state.is_ragged,
     )
-
-
-def prefill_groups(prompt_tokens: list[int], max_new_tokens: list[int], row_capacity_tokens: int,
-                   max_group_tokens: int) -> list[list[int]]:
-    """Indices of the joiners, grouped for one left-padded prefill each. In prompt-length order, so
-    padding stays small; a group's padded length plus each member's max_new_tokens must fit a row,
-    and its padded tokens the prefill chunk (the workspace the memory model allows for)."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for index in sorted(range(len(prompt_tokens)), key=lambda i: prompt_tokens[i]):
-        padded_tokens = prompt_tokens[index]  # the longest of current + [index]
-        candidate = [*current, index]
-        fits = all(padded_tokens + max_new_tokens[i] <= row_capacity_tokens for i in candidate)
-        if current and (not fits or padded_tokens * len(candidate) > max_group_tokens):
-            groups.append(current)
-            candidate = [index]
-        current = candidate
-    if current:
-        groups.append(current)
-    return groups
 
 
 @dataclass

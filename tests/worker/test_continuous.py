@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from services.worker.continuous import ContinuousBatcher, join_group_rows, prefill_groups, step_sizes
+from services.worker.continuous import ContinuousBatcher
+from services.worker.continuous_plan import join_group_rows, prefill_groups, step_sizes
 from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchRejected, EngineItem, StaticBatchEngine
 
 SLOTS = 3
