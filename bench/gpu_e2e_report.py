@@ -165,6 +165,27 @@ def headline(summary: dict) -> dict:
     return out
 
 
+def latency_floor(policies: dict, step_ms: float, prefill_s: float) -> dict:
+    """Per rate, the mean latency no scheduler could beat on this engine: each request decoding alone
+    (`step_ms` per token: a one-row step), one prefill (`prefill_s`) and the RPC path as measured
+    (latency - queue wait - run, mean over the policies' requests); against vs's measured mean."""
+    if "vs" not in policies:
+        return {}
+    floors = {}
+    for rate, measured in policies["vs"]["rates"].items():
+        ok = [r for r in measured["requests"] if r["status"] == "OK"]
+        rpc = [r["latency_s"] - r["queue_wait_s"] - r["run_s"] for p in policies.values()
+               for r in p["rates"].get(rate, {}).get("requests", []) if r["status"] == "OK"]
+        if not ok or not rpc:
+            continue
+        rpc_s = statistics.fmean(rpc)
+        floor_s = statistics.fmean(r["true_gen_tokens"] * step_ms / 1e3 + prefill_s + rpc_s for r in ok)
+        vs_s = statistics.fmean(r["latency_s"] for r in ok)
+        floors[_key(float(rate))] = {"floor_s": floor_s, "vs_mean_latency_s": vs_s, "floor_x_vs": floor_s / vs_s,
+                                     "rpc_s": rpc_s}
+    return {"step_ms": step_ms, "prefill_s": prefill_s, "rates": floors}
+
+
 def table(summary: dict) -> str:
     lines = [
         "| policy | rate /s | req/s | mean s | p99 s | valid tok/s | total tok/s | batches | mean size | OOM | pred MAE | est MAE s |",
@@ -226,12 +247,20 @@ def main() -> int:
     parser.add_argument("raw", type=Path, nargs="+")
     parser.add_argument("--device", required=True, help="the GPU the raw files were measured on")
     parser.add_argument("--out", type=Path, default=Path("reports/gpu"))
+    parser.add_argument("--floor-step-ms", type=float, default=0.0,
+                        help="a one-row decode step on this device (bench/gpu_continuous_steps.py): adds the "
+                        "latency floor per rate; 0 = none")
+    parser.add_argument("--floor-prefill-ms", type=float, default=10.0, help="one prompt's prefill, for the floor")
     args = parser.parse_args()
     policies, commands, setup = merge_raw(args.raw)
     summary = summarize(policies)
     diagnosis = diagnose(policies)
     result = {"device": args.device, "commands": commands, "setup": setup, "headline": headline(summary),
               "saturation_diagnosis": diagnosis, "policies": summary}
+    if args.floor_step_ms:
+        result["latency_floor"] = floor = latency_floor(policies, args.floor_step_ms, args.floor_prefill_ms / 1e3)
+        for rate, f in floor["rates"].items():
+            print(f"latency floor at {rate} req/s: {f['floor_s']:.3f} s = {f['floor_x_vs']:.3f}x vs's {f['vs_mean_latency_s']:.3f} s")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "e2e.json").write_text(json.dumps(result, indent=2))
     (args.out / "e2e_table.md").write_text(table(summary) + "\n\n" + diagnosis_table(diagnosis) + "\n")
