@@ -1,0 +1,27 @@
+"""bench/gpu_e2e_report.py's latency floor: each request alone at a one-row step, one prefill, the RPC path."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.gpu_e2e_report import latency_floor
+
+
+def record(gen_tokens: int, latency_s: float, queue_s: float, run_s: float, status: str = "OK") -> dict:
+    return dict(true_gen_tokens=gen_tokens, latency_s=latency_s, queue_wait_s=queue_s, run_s=run_s, status=status)
+
+
+def test_the_floor_is_each_request_decoding_alone_plus_prefill_and_the_measured_rpc_path():
+    policies = {
+        "vs": {"rates": {"8.0": {"requests": [record(10, 1.0, 0.2, 0.7), record(20, 1.0, 0.3, 0.6),
+                                              record(99, 9.0, 0.0, 0.0, status="DEADLINE_EXCEEDED")]}}},
+        # another policy's requests count for the RPC path too: (0.1 + 0.1 + 0.1 + 0.1) / 4 = 0.1 s
+        "ccb": {"rates": {"8.0": {"requests": [record(10, 0.5, 0.0, 0.4), record(20, 0.6, 0.1, 0.4)]}}},
+    }
+    floor = latency_floor(policies, step_ms=5.0, prefill_s=0.01)
+    at_8 = floor["rates"]["8"]
+    # (10 or 20 tokens x 5 ms) + 10 ms + 100 ms, over vs's answered requests only
+    assert at_8["floor_s"] == pytest.approx((0.16 + 0.21) / 2)
+    assert at_8["vs_mean_latency_s"] == pytest.approx(1.0)
+    assert at_8["floor_x_vs"] == pytest.approx(0.185)
+    assert latency_floor({"ccb": policies["ccb"]}, 5.0, 0.01) == {}  # no vs to compare with
