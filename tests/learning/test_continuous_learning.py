@@ -222,13 +222,14 @@ async def worse_candidate(ls: LearningStack) -> None:
         await retrain(trainer, trainer_pb2.MODEL_KIND_PREDICTOR)  # nothing else in the next round
         serving = await view.store.load("predictor", only_pushed=True)
         assert await serving_version(predictor) == serving.info.version
+        latest_version = (await view.versions("predictor"))[-1].version  # earlier tests' unpushed ones too
         await add_misleading_rows(view, serving.model, serving.info.version)
 
         rounds = await retrain(trainer, trainer_pb2.MODEL_KIND_PREDICTOR)
 
         # the rows landed in one transaction, so one round fitted them: this Retrain's, or a periodic
         # round that ran first (every TRAINER_PERIOD_S; then this one found "no new log rows")
-        newer = [v for v in await view.versions("predictor") if v.version > serving.info.version]
+        newer = [v for v in await view.versions("predictor") if v.version > latest_version]
         assert len(newer) == 1, (rounds, newer)
         (candidate,) = newer
         assert not candidate.is_pushed
