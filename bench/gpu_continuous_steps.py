@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.worker import continuous  # noqa: E402
 from services.worker.continuous import ContinuousBatcher  # noqa: E402
 from services.worker.engine import EngineItem, StaticBatchEngine  # noqa: E402
+from services.shared.tokenizer import join_prompt  # noqa: E402
 from services.worker.model_builder import write_random_shape_folder  # noqa: E402
 
 
@@ -122,7 +123,7 @@ def main() -> int:
     print(f"engine: {engine.device_name}, pool {engine.static.capacity_tokens} tokens", flush=True)
 
     def items(offset: int, count: int, tag: str) -> list[EngineItem]:
-        return [EngineItem(f"{tag}-{i}", r["instruction"] + "\n" + r["user_input"], r["gen_tokens"])
+        return [EngineItem(f"{tag}-{i}", join_prompt(r["instruction"], r["user_input"]), r["gen_tokens"])
                 for i, r in enumerate(rows[offset:offset + count])]
 
     rng = random.Random(0)

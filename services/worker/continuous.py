@@ -374,15 +374,7 @@ class ContinuousBatcher:
             self._fail_joiner(pending, error, is_logged=True)
             return
         metrics.CONTINUOUS_LONG_RUNS.inc()
-        generated = ids.generated_ids[0]
-        finished_s = time.monotonic()
-        text = self.engine.tokenizer.decode(generated, skip_special_tokens=True)
-        result = ContinuousResult(
-            output=ItemOutput(item.request_id, text, len(generated)),
-            run_s=finished_s - pending.submitted_s,
-            queued_s=started_s - pending.submitted_s,
-            total_tokens=ids.steps,
-        )
+        result = self._result(pending, ids.generated_ids[0], started_s, total_tokens=ids.steps)
         self._release_row()
         _resolve(pending.future, result)
 
@@ -434,15 +426,17 @@ class ContinuousBatcher:
 
     def _finish(self, slot: int) -> None:
         row = self._rows[slot]
-        finished_s = time.monotonic()
-        text = self.engine.tokenizer.decode(row.generated, skip_special_tokens=True)
-        result = ContinuousResult(
-            output=ItemOutput(row.pending.item.request_id, text, len(row.generated)),
-            run_s=finished_s - row.pending.submitted_s,
-            queued_s=row.joined_s - row.pending.submitted_s,
-            total_tokens=len(row.generated),
+        self._free_row(slot, result=self._result(row.pending, row.generated, row.joined_s, len(row.generated)))
+
+    def _result(self, pending: _Pending, generated: list[int], started_s: float, total_tokens: int) -> ContinuousResult:
+        """What a finished request answers, as of now; started_s = when it joined a row or began alone."""
+        text = self.engine.tokenizer.decode(generated, skip_special_tokens=True)
+        return ContinuousResult(
+            output=ItemOutput(pending.item.request_id, text, len(generated)),
+            run_s=time.monotonic() - pending.submitted_s,
+            queued_s=started_s - pending.submitted_s,
+            total_tokens=total_tokens,
         )
-        self._free_row(slot, result=result)
 
     def _drop_cancelled_rows(self) -> None:
         for slot, row in enumerate(self._rows):

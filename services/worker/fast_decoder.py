@@ -27,9 +27,9 @@ from services.worker import triton_attention
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SHORT_ATTENTION_MAX_TOKENS = 96  # attention="auto": the Triton kernel up to here, SDPA beyond (H100)
 NEG_INF = float("-inf")
-# Prefill attention without cuDNN's: it builds a plan for every new (rows, prompt length), ~60 ms on
-# an H100 against ~10 ms for the prefill itself, and continuous batching prefills ever new shapes
-# (reports/gpu/continuous_steps.md); the memory-efficient kernel costs ~10 ms more on a new shape
+# Prefill attention without cuDNN's: it builds a plan for every new (rows, prompt length), 60-70 ms on
+# an H100 against 10-12 ms for the prefill itself, and continuous batching prefills ever new shapes
+# (reports/gpu/continuous_steps/run2_prefill.log); without it a new shape's prefill took 15-25 ms
 PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -83,12 +83,14 @@ def test_calibration_samples_round_trip_so_a_later_run_skips_calibrating(tmp_pat
     shutil.copy(prepared_stack_db[0], database)
     exported = export_calibration(database, tmp_path / "calibration.json")
     assert exported > 0
+
+    def samples() -> list[tuple]:
+        with sqlite3.connect(database) as connection:
+            return connection.execute("SELECT batch_size, input_tokens_max, gen_tokens_max, duration_s, device "
+                                      "FROM batch_time_samples WHERE source='calibration' ORDER BY id").fetchall()
+
+    before = samples()
     with sqlite3.connect(database) as connection:
-        before = connection.execute("SELECT batch_size, input_tokens_max, gen_tokens_max, duration_s, device "
-                                    "FROM batch_time_samples WHERE source='calibration' ORDER BY id").fetchall()
         connection.execute("DELETE FROM batch_time_samples")
     assert import_calibration(database, tmp_path / "calibration.json") == exported
-    with sqlite3.connect(database) as connection:
-        after = connection.execute("SELECT batch_size, input_tokens_max, gen_tokens_max, duration_s, device "
-                                   "FROM batch_time_samples WHERE source='calibration' ORDER BY id").fetchall()
-    assert after == before
+    assert samples() == before
