@@ -4,8 +4,10 @@ prefills, and the batcher serving the e2e workload at a low rate and in a burst 
 For each --slots value it builds a ContinuousBatcher on one 7B-shape engine (the worker's settings:
 trace replay, 128-token attention buckets), warms it like the worker does, then times
   - the graph-replayed step at (rows, attended tokens) with the host sync a step pays,
-  - a joiner prefill of 1 and of 8 rows,
-  - the batcher's step loop under Poisson arrivals at --rate, and under a burst of --burst requests,
+  - a joiner prefill of 1 and of 8 rows, and one row at prompt lengths new and again,
+  - graph-replayed joiner prefills against the same prefills run eagerly (tokens and K/V must match),
+  - the batcher's step loop under Poisson arrivals at --rate, and under a burst of --burst requests
+    (with --eager-prefill-too once more with joiner prefills eager at exact shapes, as before),
 and writes OUT/continuous_steps.json. The batcher's own 10-second stats lines go to the log.
 
     python bench/gpu_continuous_steps.py --workload var/e2e/workload.jsonl --slots 29,116 --out $OUT
@@ -26,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.worker import continuous  # noqa: E402
+from services.worker import continuous, continuous_plan, static_backend  # noqa: E402
 from services.worker.continuous import ContinuousBatcher  # noqa: E402
 from services.worker.engine import EngineItem, StaticBatchEngine  # noqa: E402
 from services.shared.tokenizer import join_prompt  # noqa: E402
@@ -63,21 +65,42 @@ def bare_steps(batcher: ContinuousBatcher) -> list[dict]:
     return rows_out
 
 
-def prefill_shapes(batcher: ContinuousBatcher, backends) -> list[dict]:
-    """A joiner prefill at prompt lengths it has not met yet, then again: what a new shape costs."""
+def prefill_shapes(batcher: ContinuousBatcher) -> list[dict]:
+    """A joiner prefill (one row) at prompt lengths it has not met yet, then again: what a new shape
+    costs, as served (padded to a bucket; a captured graph on the GPU)."""
     out = []
-    for name, kernels in backends:
-        for prompt_tokens in (37, 53, 71, 97, 131, 173, 211, 257):
-            prompt_tokens += len(out)  # new shapes for each backend too
-            for attempt in ("new", "again"):
-                prompts = [[7] * prompt_tokens]
-                with torch.inference_mode(), torch.nn.attention.sdpa_kernel(kernels):
-                    sync()
-                    started_s = time.perf_counter()
-                    batcher._prefill([0], prompts)
-                    sync()
-                out.append(dict(backends=name, prompt_tokens=prompt_tokens, attempt=attempt,
-                                ms=1e3 * (time.perf_counter() - started_s)))
+    for prompt_tokens in (37, 53, 71, 97, 131, 173, 211, 257, 389, 601):
+        for attempt in ("new", "again"):
+            with torch.inference_mode():
+                sync()
+                started_s = time.perf_counter()
+                batcher._prefill([0], [[7] * prompt_tokens], [1])
+                sync()
+            out.append(dict(prompt_tokens=prompt_tokens, attempt=attempt, ms=1e3 * (time.perf_counter() - started_s)))
+    return out
+
+
+@torch.inference_mode()
+def prefill_graph_check(batcher: ContinuousBatcher) -> list[dict]:
+    """Graph-replayed joiner prefills against the same prefill run eagerly: next tokens and the K/V
+    written must match (same kernels, same shapes)."""
+    static, state, rng, out = batcher.engine.static, batcher._state, random.Random(1), []
+    device, vocab = static.decoder.device, static.decoder.embed.shape[0]
+    for joiners, prompt_tokens in ((1, 32), (1, 96), (2, 64), (4, 128), (8, 256)):
+        if joiners > batcher.slots or prompt_tokens >= batcher.row_capacity_tokens:
+            continue
+        tokens = torch.tensor([[rng.randrange(vocab) for _ in range(prompt_tokens)] for _ in range(joiners)],
+                              device=device)
+        pad_tokens = torch.tensor([rng.randrange(prompt_tokens // 2) for _ in range(joiners)], device=device)
+        rows = torch.arange(joiners, device=device)
+        eager = static.decoder.prefill(tokens, pad_tokens, state.k_views, state.v_views, rows=rows).clone()
+        k_eager = state.k_views[-1][rows, :, :prompt_tokens].clone()
+        state.k_views[-1][rows] = 0
+        graphed = static.prefill_rows(state, tokens, pad_tokens, rows).clone()
+        k_graphed = state.k_views[-1][rows, :, :prompt_tokens]
+        out.append(dict(joiners=joiners, prompt_tokens=prompt_tokens,
+                        same_tokens=bool(torch.equal(eager, graphed)),
+                        k_max_abs_diff=float((k_eager.float() - k_graphed.float()).abs().max())))
     return out
 
 
@@ -110,10 +133,13 @@ def main() -> int:
     parser.add_argument("--model", default="", help="a model folder; default: the 7B shape, random weights")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--prefill-only", action="store_true", help="time prefill shapes, then stop")
+    parser.add_argument("--eager-prefill-too", action="store_true",
+                        help="serve again with joiner prefills eager at exact shapes (the earlier way)")
     parser.add_argument("--kv-budget-bytes", type=int, default=2**30, help="CPU only: the KV pool")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     continuous.STATS_LOG_EVERY_S = 5.0
+    graph_max_tokens = static_backend.PREFILL_GRAPH_MAX_TOKENS
 
     rows = [json.loads(line) for line in args.workload.read_text().splitlines() if line.strip()]
     model_dir = args.model or write_random_shape_folder(Path("/tmp/magnus-steps/llama2-7b-shape"))
@@ -140,14 +166,12 @@ def main() -> int:
             for joiners in (1, min(8, slots)):
                 prompts = [[7] * 64] * joiners
                 result[f"prefill_{joiners}_rows_ms"] = timed_ms(
-                    lambda p=prompts: batcher._prefill(list(range(len(p))), p), 10)
-        from torch.nn.attention import SDPBackend
-
-        every = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        result["prefill_shapes"] = prefill_shapes(batcher, [("default", every), ("no cudnn", every[1:])])
+                    lambda p=prompts: batcher._prefill(list(range(len(p))), p, [1] * len(p)), 10)
+        result["prefill_graph_check"] = prefill_graph_check(batcher)
+        print(f"  prefill graph vs eager: {result['prefill_graph_check']}", flush=True)
+        result["prefill_shapes"] = prefill_shapes(batcher)
         for row in result["prefill_shapes"]:
-            print(f"  prefill {row['backends']:9s} {row['prompt_tokens']:4d} tokens {row['attempt']:5s}: "
-                  f"{row['ms']:.1f} ms", flush=True)
+            print(f"  prefill {row['prompt_tokens']:4d} tokens {row['attempt']:5s}: {row['ms']:.1f} ms", flush=True)
         if args.prefill_only:
             report["slots"][str(slots)] = result
             continue
@@ -155,6 +179,12 @@ def main() -> int:
         batcher.start()
         result["rate"] = serve(batcher, items(0, args.rate_requests, "rate"), arrivals_s)
         result["burst"] = serve(batcher, items(args.rate_requests, args.burst, "burst"), [0.0] * args.burst)
+        if args.eager_prefill_too:  # the same again with joiner prefills at exact shapes, eagerly (as before)
+            static_backend.PREFILL_GRAPH_MAX_TOKENS = continuous_plan.PREFILL_GRAPH_MAX_TOKENS = 0
+            result["rate_eager_prefill"] = serve(batcher, items(0, args.rate_requests, "rate-eager"), arrivals_s)
+            result["burst_eager_prefill"] = serve(batcher, items(args.rate_requests, args.burst, "burst-eager"),
+                                                  [0.0] * args.burst)
+            static_backend.PREFILL_GRAPH_MAX_TOKENS = continuous_plan.PREFILL_GRAPH_MAX_TOKENS = graph_max_tokens
         batcher.stop(timeout_s=60)
         report["slots"][str(slots)] = result
         summary = {k: v for k, v in result.items() if k != "bare_steps"}

@@ -41,7 +41,14 @@ from services.worker.engine import (
 )
 from services.worker import metrics
 from services.worker.fast_decoder import DecodeState
-from services.worker.continuous_plan import JOIN_DEFER_MAX_STEPS, join_group_rows, prefill_groups, step_sizes
+from services.worker.continuous_plan import (
+    JOIN_DEFER_MAX_STEPS,
+    join_group_rows,
+    prefill_buckets,
+    prefill_groups,
+    prefill_shape,
+    step_sizes,
+)
 from services.worker.static_backend import PREFILL_CHUNK_TOKENS
 
 log = logging.getLogger(__name__)
@@ -177,13 +184,17 @@ class ContinuousBatcher:
 
     def warm_up(self, max_attend_tokens: int) -> None:
         """Before start(): compile the step for `slots` rows and capture its graphs up to
-        max_attend_tokens (CUDA only), so that no request waits for that."""
+        max_attend_tokens, and the joiner prefills at every prompt bucket a row holds (CUDA only),
+        so that no request waits for that."""
         started_s = time.monotonic()
-        captured = sum(self.engine.static.capture_attention_buckets(state, rows, max_attend_tokens)
+        static = self.engine.static
+        captured = sum(static.capture_attention_buckets(state, rows, max_attend_tokens)
                        for rows, state in self._step_states.items())
-        if captured:
-            log.info("warmed steps of %s rows: %d graphs up to %d attended tokens in %.1f s",
-                     sorted(self._step_states), captured, max_attend_tokens, time.monotonic() - started_s)
+        prefills = static.capture_prefill_buckets(self._state, prefill_buckets(self.row_capacity_tokens - 1))
+        if captured or prefills:
+            log.info("warmed steps of %s rows: %d graphs up to %d attended tokens, and %d joiner prefill graphs, "
+                     "in %.1f s", sorted(self._step_states), captured, max_attend_tokens, prefills,
+                     time.monotonic() - started_s)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
@@ -272,7 +283,8 @@ class ContinuousBatcher:
         """One prefill for the group; out of memory, each member is retried alone (split and retry)."""
         started_s = time.perf_counter()
         try:
-            firsts, prefilled_tokens = self._prefill([slot for slot, _, _ in group], [prompt for _, _, prompt in group])
+            firsts, prefilled_tokens = self._prefill([slot for slot, _, _ in group], [prompt for _, _, prompt in group],
+                                                     [pending.item.max_new_tokens for _, pending, _ in group])
         except BatchOutOfMemory as error:
             if len(group) > 1:
                 for member in group:
@@ -323,20 +335,24 @@ class ContinuousBatcher:
         self.engine._maybe_simulate_oom(1, len(prompt), item.max_new_tokens)
         return prompt
 
-    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> tuple[list[int], int]:
+    def _prefill(self, slots: list[int], prompts: list[list[int]], max_new_tokens: list[int]) -> tuple[list[int], int]:
         """Prefill `prompts`, left-padded, into rows `slots` and arm those rows for decoding.
         Returns each one's first token (one host sync) and the cache positions written."""
-        state, decoder = self._state, self.engine.static.decoder
-        device = decoder.device
-        prompt_tokens = max(len(prompt) for prompt in prompts)
-        tokens = torch.full((len(prompts), prompt_tokens), self.engine.pad_token_id, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
+        state, static = self._state, self.engine.static
+        device = static.decoder.device
+        padded_rows, prompt_tokens = prefill_shape([len(p) for p in prompts], max_new_tokens, self.row_capacity_tokens)
+        # copies of the last joiner pad the group to a captured shape: they write the same K/V to its row
+        members = [*range(len(prompts))] + [len(prompts) - 1] * (padded_rows - len(prompts))
+        tokens = torch.full((padded_rows, prompt_tokens), self.engine.pad_token_id, dtype=torch.long)
+        for i, member in enumerate(members):
+            prompt = prompts[member]
             tokens[i, prompt_tokens - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        pad_tokens = torch.tensor([prompt_tokens - len(prompt) for prompt in prompts], dtype=torch.long)
-        rows = torch.tensor(slots, dtype=torch.long, device=device)
-        tokens, pad_tokens = tokens.to(device), pad_tokens.to(device)
+        padded_pad_tokens = torch.tensor([prompt_tokens - len(prompts[m]) for m in members], dtype=torch.long)
+        padded_row_ids = torch.tensor([slots[m] for m in members], dtype=torch.long)
+        tokens, padded_pad_tokens, padded_row_ids = (t.to(device) for t in (tokens, padded_pad_tokens, padded_row_ids))
+        rows, pad_tokens = padded_row_ids[:len(prompts)], padded_pad_tokens[:len(prompts)]
         try:
-            first = decoder.prefill(tokens, pad_tokens, state.k_views, state.v_views, rows=rows)
+            first = static.prefill_rows(state, tokens, padded_pad_tokens, padded_row_ids)[:len(prompts)]
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_out_of_memory(error):
                 raise

@@ -3,11 +3,14 @@ and how joiners are grouped for one prefill (no device, no state: unit-tested al
 
 from __future__ import annotations
 
-from services.worker.static_backend import bucket_rows
+from services.worker.static_backend import PREFILL_GRAPH_MAX_TOKENS, PREFILL_GRAPH_ROWS, bucket_rows
 
 # A joiner may wait this many steps (~16 x 10 ms on a GPU) for others to share its prefill: on an
 # H100 a prefill of ~2 joiners took ~34 ms against a ~10 ms step, and took half the thread's time
 JOIN_DEFER_MAX_STEPS = 16
+# Joiner prompts are left-padded to a multiple of this (coarser when longer, as batch buckets are):
+# few prefill shapes recur, so each one replays as a captured graph (static_backend.prefill_rows)
+PREFILL_BUCKET_TOKENS = 32
 
 
 def join_group_rows(slots: int) -> int:
@@ -42,3 +45,26 @@ def prefill_groups(prompt_tokens: list[int], max_new_tokens: list[int], row_capa
     if current:
         groups.append(current)
     return groups
+
+
+def prefill_buckets(max_padded_tokens: int) -> list[int]:
+    """The padded prompt lengths prefill_shape can return, up to max_padded_tokens."""
+    buckets, tokens = [], PREFILL_BUCKET_TOKENS
+    while tokens <= max_padded_tokens:
+        buckets.append(tokens)
+        tokens = bucket_rows(tokens + 1, PREFILL_BUCKET_TOKENS)
+    return buckets
+
+
+def prefill_shape(prompt_tokens: list[int], max_new_tokens: list[int], row_capacity_tokens: int) -> tuple[int, int]:
+    """(rows, padded prompt tokens) a group's prefill runs as: rows up to the next of PREFILL_GRAPH_ROWS
+    (the caller repeats a member), tokens up to the next bucket (the rounding of batch buckets, at
+    least PREFILL_BUCKET_TOKENS). The exact shape where the padding would overflow a member's row, or
+    the prefill is too large for a graph (then it is compute-bound: padding would only cost)."""
+    rows, exact_tokens = len(prompt_tokens), max(prompt_tokens)
+    padded_rows = next((size for size in PREFILL_GRAPH_ROWS if size >= rows), rows)
+    padded_tokens = bucket_rows(max(exact_tokens, PREFILL_BUCKET_TOKENS), PREFILL_BUCKET_TOKENS)
+    if (padded_tokens + max(max_new_tokens) > row_capacity_tokens
+            or padded_rows * padded_tokens > PREFILL_GRAPH_MAX_TOKENS):
+        return rows, exact_tokens
+    return padded_rows, padded_tokens

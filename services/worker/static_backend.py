@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,22 @@ log = logging.getLogger(__name__)
 
 STOP_CHECK_EVERY_STEPS = 16  # host syncs to test "all rows stopped": rare enough to be free
 PREFILL_CHUNK_TOKENS = 16_384  # bounds prefill activations: rows are prefilled in chunks
+# Joiner prefills of up to this many (padded) tokens replay as CUDA graphs: eagerly a 40-token
+# prefill of a 7B model took 10-12 ms of kernel launches (15-25 ms at a new shape) for ~5 ms of GPU
+# work (reports/gpu/continuous_steps/run2_prefill.log); larger ones are compute-bound anyway
+PREFILL_GRAPH_MAX_TOKENS = 4096
+PREFILL_GRAPH_ROWS = (1, 2, 4, 8)  # joiner counts captured at warm-up (callers pad to these)
+
+
+@dataclass
+class _PrefillGraph:
+    """One captured joiner prefill of fixed (rows, prompt tokens) and its static buffers."""
+
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # [J, P] long, left-padded prompts
+    pad_tokens: torch.Tensor  # [J] long
+    rows: torch.Tensor  # [J] long, the cache rows written
+    first: torch.Tensor  # [J] long output: each prompt's next token
 
 
 class KVCacheFull(Exception):
@@ -71,6 +88,9 @@ class StaticCacheBackend:
         self._states: dict[tuple[int, bool], DecodeState] = {}  # by (batch size, is_ragged)
         self._graphs: OrderedDict[tuple[int, int, bool], torch.cuda.CUDAGraph] = OrderedDict()
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
+        self._prefill_graphs: OrderedDict[tuple[int, int], _PrefillGraph] = OrderedDict()  # by (J, P)
+        # their own pool: prefill activations are larger than a step's and need not share its addresses
+        self._prefill_graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
         self.num_graph_captures = 0
         self.graph_capture_s = 0.0  # wall time spent capturing (warm-up step included), seconds
 
@@ -220,6 +240,66 @@ class StaticCacheBackend:
             self._graphs.popitem(last=False)
         return graph
 
+    # ---- joiner prefills (continuous batching) ----------------------------------------------
+    def prefill_rows(self, state: DecodeState, tokens: torch.Tensor, pad_tokens: torch.Tensor,
+                     rows: torch.Tensor) -> torch.Tensor:
+        """Prefill left-padded prompts [J, P] into cache rows `rows` of `state`; next ids [J] (valid
+        until the next call). Replayed as a graph per (J, P) up to PREFILL_GRAPH_MAX_TOKENS, so
+        callers should round shapes to a few buckets; eager otherwise and on the CPU."""
+        joiners, prompt_tokens = tokens.shape
+        if not self.use_cuda_graphs or joiners * prompt_tokens > PREFILL_GRAPH_MAX_TOKENS:
+            return self.decoder.prefill(tokens, pad_tokens, state.k_views, state.v_views, rows=rows)
+        entry = self._prefill_graphs.get((joiners, prompt_tokens))
+        if entry is None:
+            entry = self._capture_prefill(state, tokens, pad_tokens, rows)
+        else:
+            self._prefill_graphs.move_to_end((joiners, prompt_tokens))
+            entry.tokens.copy_(tokens)
+            entry.pad_tokens.copy_(pad_tokens)
+            entry.rows.copy_(rows)
+        entry.graph.replay()
+        return entry.first
+
+    def _capture_prefill(self, state: DecodeState, tokens: torch.Tensor, pad_tokens: torch.Tensor,
+                         rows: torch.Tensor) -> _PrefillGraph:
+        """Capture a prefill on buffers holding these inputs: the warm-up run writes the very K/V the
+        replay will, into the rows the caller owns, so rows in use elsewhere are never touched."""
+        started_s = time.perf_counter()
+        tokens, pad_tokens, rows = tokens.clone(), pad_tokens.clone(), rows.clone()
+        decoder = self.decoder
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            decoder.prefill(tokens, pad_tokens, state.k_views, state.v_views, rows=rows)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._prefill_graph_pool):
+            first = decoder.prefill(tokens, pad_tokens, state.k_views, state.v_views, rows=rows)
+        entry = _PrefillGraph(graph, tokens, pad_tokens, rows, first)
+        self._prefill_graphs[tuple(tokens.shape)] = entry
+        self.num_graph_captures += 1
+        self.graph_capture_s += time.perf_counter() - started_s
+        if len(self._prefill_graphs) > self.max_graphs:
+            self._prefill_graphs.popitem(last=False)
+        return entry
+
+    @torch.inference_mode()
+    def capture_prefill_buckets(self, state: DecodeState, prompt_buckets: Sequence[int]) -> int:
+        """Before serving (every row of `state` free): capture the joiner prefills of PREFILL_GRAPH_ROWS
+        rows at each prompt length in `prompt_buckets` that fits the graph limit. Returns the count."""
+        if not self.use_cuda_graphs:
+            return 0
+        before, device = self.num_graph_captures, self.decoder.device
+        for joiners in PREFILL_GRAPH_ROWS:
+            for prompt_tokens in prompt_buckets:
+                if (joiners * prompt_tokens > PREFILL_GRAPH_MAX_TOKENS or joiners > state.tokens.shape[0]
+                        or (joiners, prompt_tokens) in self._prefill_graphs):
+                    continue
+                tokens = torch.ones(joiners, prompt_tokens, dtype=torch.long, device=device)
+                zeros = torch.zeros(joiners, dtype=torch.long, device=device)
+                self._capture_prefill(state, tokens, zeros, torch.arange(joiners, device=device))
+        return self.num_graph_captures - before
+
     def warm_up(self, max_rows: int, prompt_tokens: int = 16, new_tokens: int = 2, on_bucket=None,
                 max_attend_tokens: int = 0) -> list[int]:
         """Run a short batch at every bucket up to max_rows rows that the pool holds, so that compiling
@@ -256,9 +336,11 @@ class StaticCacheBackend:
         if self.use_cuda_graphs:
             torch.cuda.synchronize()
         self._graphs.clear()
+        self._prefill_graphs.clear()
         self._states.clear()
         if self.use_cuda_graphs:  # a pool whose graphs were freed must not be captured into again
             self._graph_pool = torch.cuda.graph_pool_handle()
+            self._prefill_graph_pool = torch.cuda.graph_pool_handle()
 
 
 def bucket_rows(batch: int, granularity: int) -> int:

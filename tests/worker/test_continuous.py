@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from services.worker.continuous import ContinuousBatcher
-from services.worker.continuous_plan import join_group_rows, prefill_groups, step_sizes
+from services.worker.continuous_plan import (
+    PREFILL_BUCKET_TOKENS,
+    join_group_rows,
+    prefill_buckets,
+    prefill_groups,
+    prefill_shape,
+    step_sizes,
+)
 from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchRejected, EngineItem, StaticBatchEngine
 
 SLOTS = 3
@@ -170,7 +177,7 @@ def test_out_of_memory_in_prefill_fails_that_request_only(batcher, static_engine
     prefill = static_engine.static.decoder.prefill
 
     def prefill_out_of_memory_on_long_prompts(tokens, *args, **kwargs):
-        if tokens.shape[1] > 20:
+        if tokens.shape[1] > PREFILL_BUCKET_TOKENS:  # short prompts are padded up to the first bucket
             raise torch.OutOfMemoryError("simulated: 40 prompt tokens")
         return prefill(tokens, *args, **kwargs)
 
@@ -223,6 +230,35 @@ def test_prefill_groups_pad_little_and_keep_every_row_within_its_capacity():
         assert padded * len(group) <= 100 or len(group) == 1
     assert groups[0] == [1, 2, 3]  # the short prompts share one prefill; 5 + 50 rules out the 30-token one
     assert prefill_groups([], [], 64, 100) == []
+
+
+def test_joiner_prefills_round_to_few_shapes_unless_a_row_or_a_graph_would_overflow():
+    assert prefill_buckets(300) == [32, 64, 96, 128, 160, 192, 224, 256]
+    assert prefill_buckets(1024)[-5:] == [512, 640, 768, 896, 1024]  # coarser when longer
+    # (rows, padded prompt tokens) for prompt lengths, max_new_tokens, row capacity
+    assert prefill_shape([5], [10], 1024) == (1, 32)
+    assert prefill_shape([40, 300], [10, 5], 1024) == (2, 320)
+    assert prefill_shape([3, 4, 5], [1, 1, 1], 1024) == (4, 32)  # a copy of a member pads the group
+    assert prefill_shape([40], [1000], 1024) == (1, 40)  # 64 + 1000 tokens would overflow the row
+    assert prefill_shape([600] * 7, [10] * 7, 1024) == (7, 600)  # 8 x 640 tokens: no graph, no padding
+    for shape in [prefill_shape([n], [1], 4096) for n in range(1, 1025, 37)]:
+        assert shape[1] in prefill_buckets(1024)  # what the worker's warm-up captures
+
+
+def test_padded_prefill_shapes_give_every_request_its_tokens_alone(batcher, static_engine, alone, monkeypatch):
+    prefill, shapes = static_engine.static.decoder.prefill, []
+
+    def recording_prefill(tokens, *args, **kwargs):
+        shapes.append(tuple(tokens.shape))
+        return prefill(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(static_engine.static.decoder, "prefill", recording_prefill)
+    futures = [batcher.submit(item) for item in ITEMS[:3]]  # queued before the start: one group of 3
+    batcher.start()
+    futures += [batcher.submit(item) for item in ITEMS[3:]]
+    assert [r.output for r in results_of(futures)] == [alone[item.request_id] for item in ITEMS]
+    assert shapes[0] == (4, PREFILL_BUCKET_TOKENS)  # 3 joiners and a copy, padded to the first bucket
+    assert all(rows in (1, 2, 4) for rows, _ in shapes)
 
 
 def test_a_nearly_full_batch_defers_a_joiner_a_bounded_number_of_steps(static_engine, alone):
