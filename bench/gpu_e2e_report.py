@@ -124,19 +124,27 @@ def diagnose(policies: dict) -> dict:
             "lost_to_underprediction_s": sum(max(0.0, m - p) for m, p in zip(model, planned, strict=True)),
             "padding_share_of_token_slots": 1 - sum(b["valid_tokens"] or 0 for b in batches)
             / max(1, sum(b["total_tokens"] or 0 for b in batches)),
+            "mean_batch_size": statistics.fmean(b["size"] for b in batches) if batches else 0.0,
+            "largest_batch": max((b["size"] for b in batches), default=0),
+            # the batch's longest request as planned and as it ran: under-prediction lets the KV cap admit more
+            "mean_predicted_gen_max": statistics.fmean(b["predicted_gen_tokens_max"] for b in batches) if batches else 0.0,
+            "mean_actual_gen_max": statistics.fmean(b["actual_gen_tokens_max"] for b in batches) if batches else 0.0,
         }
     return out
 
 
 def diagnosis_table(diagnosis: dict) -> str:
     lines = [
-        "| policy | batches | sizes | measured s | engine model s | overhead s | lost to under-prediction s | padding share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| policy | batches | sizes | mean / largest batch | longest request predicted / actual | measured s "
+        "| engine model s | overhead s | lost to under-prediction s | padding share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, d in diagnosis.items():
         lines.append(
-            f"| {name} | {d['batches']} | {d['distinct_batch_sizes']} | {d['measured_s']:.1f} | {d['engine_model_s']:.1f} "
-            f"| {d['overhead_s']:.1f} | {d['lost_to_underprediction_s']:.1f} | {d['padding_share_of_token_slots']:.2f} |"
+            f"| {name} | {d['batches']} | {d['distinct_batch_sizes']} | {d['mean_batch_size']:.1f} / {d['largest_batch']} "
+            f"| {d['mean_predicted_gen_max']:.0f} / {d['mean_actual_gen_max']:.0f} | {d['measured_s']:.1f} "
+            f"| {d['engine_model_s']:.1f} | {d['overhead_s']:.1f} | {d['lost_to_underprediction_s']:.1f} "
+            f"| {d['padding_share_of_token_slots']:.2f} |"
         )
     return "\n".join(lines)
 

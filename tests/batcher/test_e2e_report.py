@@ -1,10 +1,11 @@
-"""bench/gpu_e2e_report.py's latency floor: each request alone at a one-row step, one prefill, the RPC path."""
+"""bench/gpu_e2e_report.py: the latency floor (each request alone at a one-row step, one prefill, the RPC
+path) and the saturation diagnosis."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.gpu_e2e_report import latency_floor
+from bench.gpu_e2e_report import diagnose, latency_floor
 
 
 def record(gen_tokens: int, latency_s: float, queue_s: float, run_s: float, status: str = "OK") -> dict:
@@ -25,3 +26,25 @@ def test_the_floor_is_each_request_decoding_alone_plus_prefill_and_the_measured_
     assert at_8["vs_mean_latency_s"] == pytest.approx(1.0)
     assert at_8["floor_x_vs"] == pytest.approx(0.185)
     assert latency_floor({"ccb": policies["ccb"]}, 5.0, 0.01) == {}  # no vs to compare with
+
+
+def batch(size: int, predicted_max: int, actual_max: int, outcome: str = "ok") -> dict:
+    return dict(size=size, input_tokens_max=50, predicted_gen_tokens_max=predicted_max,
+                actual_gen_tokens_max=actual_max, actual_s=1.0, outcome=outcome, valid_tokens=10, total_tokens=20)
+
+
+def test_the_saturation_diagnosis_shows_batch_sizes_and_the_longest_request_planned_and_run():
+    policies = {
+        "magnus": {"rates": {"8.0": {"batches": [batch(99, 1, 1)]},  # not the highest rate: ignored
+                             "400.0": {"batches": [batch(10, 50, 90), batch(30, 70, 110),
+                                                   batch(500, 1, 1, outcome="out_of_memory")]}}},
+        "ccb": {"rates": {"400.0": {"batches": [batch(1, 5, 5)]}}},  # continuous: no batch sums
+    }
+    diagnosis = diagnose(policies)
+    assert list(diagnosis) == ["magnus"]
+    magnus = diagnosis["magnus"]
+    assert (magnus["rate_per_s"], magnus["batches"], magnus["largest_batch"]) == (400.0, 2, 30)
+    assert magnus["mean_batch_size"] == pytest.approx(20.0)
+    assert (magnus["mean_predicted_gen_max"], magnus["mean_actual_gen_max"]) == (60.0, 100.0)
+    assert magnus["lost_to_underprediction_s"] > 0  # each batch ran longer than planned
+    assert magnus["padding_share_of_token_slots"] == pytest.approx(0.5)
