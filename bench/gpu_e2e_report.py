@@ -59,7 +59,20 @@ def summarize_rate(rate: float, measured: dict) -> dict:
         "predictor_mae_tokens": statistics.fmean(abs(r["predicted_tokens"] - r["true_gen_tokens"]) for r in ok)
         if ok else float("nan"),
         "generated_equals_true": all(r["generated_tokens"] == r["true_gen_tokens"] for r in ok),
+        "mean_latency_by_arrival_quarter_s": latency_by_arrival_quarter(ok),
     }
+
+
+def latency_by_arrival_quarter(ok: list[dict]) -> list[float]:
+    """Mean latency of the first, second, third and last quarter of a phase's answered requests in
+    arrival order: a queue that keeps growing shows as a rising last quarter, one that has settled
+    as a plateau (whether a policy sustains a rate, beyond its answered share)."""
+    ordered = [r["latency_s"] for r in sorted(ok, key=lambda r: r["sent_s"])]
+    quarter = len(ordered) // 4
+    if quarter == 0:
+        return []
+    bounds = [0, quarter, 2 * quarter, 3 * quarter, len(ordered)]
+    return [statistics.fmean(ordered[start:end]) for start, end in zip(bounds, bounds[1:])]
 
 
 def merge_raw(paths: list[Path]) -> tuple[dict, list[str], dict]:
@@ -196,14 +209,16 @@ def latency_floor(policies: dict, step_ms: float, prefill_s: float) -> dict:
 
 def table(summary: dict) -> str:
     lines = [
-        "| policy | rate /s | req/s | mean s | p99 s | valid tok/s | total tok/s | batches | mean size | OOM | pred MAE | est MAE s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| policy | rate /s | req/s | mean s | by arrival quarter s | p99 s | valid tok/s | total tok/s | batches "
+        "| mean size | OOM | pred MAE | est MAE s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, result in summary.items():
         for rate, s in result["rates"].items():
             est = f"{s['estimator_mae_s']:.2f}" if s["estimator_mae_s"] is not None else "-"
             lines.append(
-                f"| {name} | {rate} | {s['requests_per_s']:.1f} | {s['mean_latency_s']:.2f} | {s['p99_latency_s']:.2f} "
+                f"| {name} | {rate} | {s['requests_per_s']:.1f} | {s['mean_latency_s']:.2f} "
+                f"| {' / '.join(f'{q:.2f}' for q in s['mean_latency_by_arrival_quarter_s'])} | {s['p99_latency_s']:.2f} "
                 f"| {s['valid_tokens_per_s']:.0f} | {s['total_tokens_per_s']:.0f} | {s['batches']} "
                 f"| {s['mean_batch_size']:.1f} | {s['oom_batches']} | {s['predictor_mae_tokens']:.1f} | {est} |"
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.gpu_e2e_report import diagnose, latency_floor
+from bench.gpu_e2e_report import diagnose, latency_by_arrival_quarter, latency_floor
 
 
 def record(gen_tokens: int, latency_s: float, queue_s: float, run_s: float, status: str = "OK") -> dict:
@@ -48,3 +48,12 @@ def test_the_saturation_diagnosis_shows_batch_sizes_and_the_longest_request_plan
     assert (magnus["mean_predicted_gen_max"], magnus["mean_actual_gen_max"]) == (60.0, 100.0)
     assert magnus["lost_to_underprediction_s"] > 0  # each batch ran longer than planned
     assert magnus["padding_share_of_token_slots"] == pytest.approx(0.5)
+
+
+def test_latency_by_arrival_quarter_orders_by_arrival_and_shows_a_growing_queue():
+    # sent in reverse of list order; latency grows with arrival, as when a queue keeps growing
+    ok = [dict(sent_s=float(8 - i), latency_s=float(8 - i)) for i in range(8)]
+    assert latency_by_arrival_quarter(ok) == [1.5, 3.5, 5.5, 7.5]  # latencies 1..8 in arrival order
+    assert latency_by_arrival_quarter(ok[:3]) == []  # under one request a quarter: nothing to say
+    five = [dict(sent_s=float(i), latency_s=1.0 if i < 4 else 9.0) for i in range(5)]
+    assert latency_by_arrival_quarter(five) == [1.0, 1.0, 1.0, 5.0]  # the remainder joins the last quarter
