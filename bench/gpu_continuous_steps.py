@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.worker import continuous, continuous_plan, static_backend  # noqa: E402
+from services.worker import continuous, continuous_plan  # noqa: E402
 from services.worker.continuous import ContinuousBatcher  # noqa: E402
 from services.worker.engine import EngineItem, StaticBatchEngine  # noqa: E402
 from services.shared.tokenizer import join_prompt  # noqa: E402
@@ -96,7 +96,7 @@ def prefill_graph_check(batcher: ContinuousBatcher) -> list[dict]:
         eager = static.decoder.prefill(tokens, pad_tokens, state.k_views, state.v_views, rows=rows).clone()
         k_eager = state.k_views[-1][rows, :, :prompt_tokens].clone()
         state.k_views[-1][rows] = 0
-        graphed = static.prefill_rows(state, tokens, pad_tokens, rows).clone()
+        graphed = static.prefill_rows(state, tokens, pad_tokens, rows, use_graph=True).clone()
         k_graphed = state.k_views[-1][rows, :, :prompt_tokens]
         out.append(dict(joiners=joiners, prompt_tokens=prompt_tokens,
                         same_tokens=bool(torch.equal(eager, graphed)),
@@ -139,7 +139,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     continuous.STATS_LOG_EVERY_S = 5.0
-    graph_max_tokens = static_backend.PREFILL_GRAPH_MAX_TOKENS
+    graph_max_tokens = continuous_plan.PREFILL_GRAPH_MAX_TOKENS
 
     rows = [json.loads(line) for line in args.workload.read_text().splitlines() if line.strip()]
     model_dir = args.model or write_random_shape_folder(Path("/tmp/magnus-steps/llama2-7b-shape"))
@@ -180,11 +180,11 @@ def main() -> int:
         result["rate"] = serve(batcher, items(0, args.rate_requests, "rate"), arrivals_s)
         result["burst"] = serve(batcher, items(args.rate_requests, args.burst, "burst"), [0.0] * args.burst)
         if args.eager_prefill_too:  # the same again with joiner prefills at exact shapes, eagerly (as before)
-            static_backend.PREFILL_GRAPH_MAX_TOKENS = continuous_plan.PREFILL_GRAPH_MAX_TOKENS = 0
+            continuous_plan.PREFILL_GRAPH_MAX_TOKENS = 0
             result["rate_eager_prefill"] = serve(batcher, items(0, args.rate_requests, "rate-eager"), arrivals_s)
             result["burst_eager_prefill"] = serve(batcher, items(args.rate_requests, args.burst, "burst-eager"),
                                                   [0.0] * args.burst)
-            static_backend.PREFILL_GRAPH_MAX_TOKENS = continuous_plan.PREFILL_GRAPH_MAX_TOKENS = graph_max_tokens
+            continuous_plan.PREFILL_GRAPH_MAX_TOKENS = graph_max_tokens
         batcher.stop(timeout_s=60)
         report["slots"][str(slots)] = result
         summary = {k: v for k, v in result.items() if k != "bare_steps"}

@@ -340,10 +340,11 @@ class ContinuousBatcher:
         Returns each one's first token (one host sync) and the cache positions written."""
         state, static = self._state, self.engine.static
         device = static.decoder.device
-        padded_rows, prompt_tokens = prefill_shape([len(p) for p in prompts], max_new_tokens, self.row_capacity_tokens)
+        shape = prefill_shape([len(p) for p in prompts], max_new_tokens, self.row_capacity_tokens)
+        prompt_tokens = shape.tokens
         # copies of the last joiner pad the group to a captured shape: they write the same K/V to its row
-        members = [*range(len(prompts))] + [len(prompts) - 1] * (padded_rows - len(prompts))
-        tokens = torch.full((padded_rows, prompt_tokens), self.engine.pad_token_id, dtype=torch.long)
+        members = [*range(len(prompts))] + [len(prompts) - 1] * (shape.rows - len(prompts))
+        tokens = torch.full((shape.rows, prompt_tokens), self.engine.pad_token_id, dtype=torch.long)
         for i, member in enumerate(members):
             prompt = prompts[member]
             tokens[i, prompt_tokens - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
@@ -352,7 +353,8 @@ class ContinuousBatcher:
         tokens, padded_pad_tokens, padded_row_ids = (t.to(device) for t in (tokens, padded_pad_tokens, padded_row_ids))
         rows, pad_tokens = padded_row_ids[:len(prompts)], padded_pad_tokens[:len(prompts)]
         try:
-            first = static.prefill_rows(state, tokens, padded_pad_tokens, padded_row_ids)[:len(prompts)]
+            first = static.prefill_rows(state, tokens, padded_pad_tokens, padded_row_ids,
+                                        use_graph=shape.is_graphed)[:len(prompts)]
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_out_of_memory(error):
                 raise

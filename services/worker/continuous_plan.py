@@ -3,6 +3,8 @@ and how joiners are grouped for one prefill (no device, no state: unit-tested al
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from services.worker.static_backend import PREFILL_GRAPH_MAX_TOKENS, PREFILL_GRAPH_ROWS, bucket_rows
 
 # A joiner may wait this many steps (~16 x 10 ms on a GPU) for others to share its prefill: on an
@@ -56,15 +58,23 @@ def prefill_buckets(max_padded_tokens: int) -> list[int]:
     return buckets
 
 
-def prefill_shape(prompt_tokens: list[int], max_new_tokens: list[int], row_capacity_tokens: int) -> tuple[int, int]:
-    """(rows, padded prompt tokens) a group's prefill runs as: rows up to the next of PREFILL_GRAPH_ROWS
-    (the caller repeats a member), tokens up to the next bucket (the rounding of batch buckets, at
-    least PREFILL_BUCKET_TOKENS). The exact shape where the padding would overflow a member's row, or
-    the prefill is too large for a graph (then it is compute-bound: padding would only cost)."""
+@dataclass(frozen=True)
+class PrefillShape:
+    rows: int  # the group's joiners, or more: the caller repeats a member
+    tokens: int  # padded prompt tokens
+    is_graphed: bool  # one of the shapes warm-up captures (prefill_buckets x PREFILL_GRAPH_ROWS)
+
+
+def prefill_shape(prompt_tokens: list[int], max_new_tokens: list[int], row_capacity_tokens: int) -> PrefillShape:
+    """The shape a group's prefill runs as: rows up to the next of PREFILL_GRAPH_ROWS, tokens up to
+    the next bucket (the rounding of batch buckets, at least PREFILL_BUCKET_TOKENS), replayed as a
+    graph. The exact shape, eagerly, where the padding would overflow a member's row or the group is
+    too large for the captured shapes (then it is compute-bound: padding would only cost, and a
+    capture while serving would stall every row for a shape that seldom recurs)."""
     rows, exact_tokens = len(prompt_tokens), max(prompt_tokens)
-    padded_rows = next((size for size in PREFILL_GRAPH_ROWS if size >= rows), rows)
+    padded_rows = next((size for size in PREFILL_GRAPH_ROWS if size >= rows), 0)
     padded_tokens = bucket_rows(max(exact_tokens, PREFILL_BUCKET_TOKENS), PREFILL_BUCKET_TOKENS)
-    if (padded_tokens + max(max_new_tokens) > row_capacity_tokens
+    if (not padded_rows or padded_tokens + max(max_new_tokens) > row_capacity_tokens
             or padded_rows * padded_tokens > PREFILL_GRAPH_MAX_TOKENS):
-        return rows, exact_tokens
-    return padded_rows, padded_tokens
+        return PrefillShape(rows, exact_tokens, is_graphed=False)
+    return PrefillShape(padded_rows, padded_tokens, is_graphed=True)

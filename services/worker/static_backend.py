@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 STOP_CHECK_EVERY_STEPS = 16  # host syncs to test "all rows stopped": rare enough to be free
 PREFILL_CHUNK_TOKENS = 16_384  # bounds prefill activations: rows are prefilled in chunks
-# Joiner prefills of up to this many (padded) tokens replay as CUDA graphs: eagerly a 40-token
+# Joiner prefills of up to this many (padded) tokens are captured as CUDA graphs: eagerly a 40-token
 # prefill of a 7B model took 10-12 ms of kernel launches (15-25 ms at a new shape) for ~5 ms of GPU
 # work (reports/gpu/continuous_steps/run2_prefill.log); larger ones are compute-bound anyway
 PREFILL_GRAPH_MAX_TOKENS = 4096
@@ -242,18 +242,19 @@ class StaticCacheBackend:
 
     # ---- joiner prefills (continuous batching) ----------------------------------------------
     def prefill_rows(self, state: DecodeState, tokens: torch.Tensor, pad_tokens: torch.Tensor,
-                     rows: torch.Tensor) -> torch.Tensor:
+                     rows: torch.Tensor, use_graph: bool) -> torch.Tensor:
         """Prefill left-padded prompts [J, P] into cache rows `rows` of `state`; next ids [J] (valid
-        until the next call). Replayed as a graph per (J, P) up to PREFILL_GRAPH_MAX_TOKENS, so
-        callers should round shapes to a few buckets; eager otherwise and on the CPU."""
-        joiners, prompt_tokens = tokens.shape
-        if not self.use_cuda_graphs or joiners * prompt_tokens > PREFILL_GRAPH_MAX_TOKENS:
+        until the next call). use_graph: replay the graph of (J, P), captured at warm-up (or here,
+        once, after drop_graphs): callers pass it only for the few shapes warm-up captures. Eager
+        otherwise and on the CPU."""
+        if not (use_graph and self.use_cuda_graphs):
             return self.decoder.prefill(tokens, pad_tokens, state.k_views, state.v_views, rows=rows)
-        entry = self._prefill_graphs.get((joiners, prompt_tokens))
+        key = tuple(tokens.shape)
+        entry = self._prefill_graphs.get(key)
         if entry is None:
             entry = self._capture_prefill(state, tokens, pad_tokens, rows)
         else:
-            self._prefill_graphs.move_to_end((joiners, prompt_tokens))
+            self._prefill_graphs.move_to_end(key)
             entry.tokens.copy_(tokens)
             entry.pad_tokens.copy_(pad_tokens)
             entry.rows.copy_(rows)

@@ -11,6 +11,7 @@ import torch
 from services.worker.continuous import ContinuousBatcher
 from services.worker.continuous_plan import (
     PREFILL_BUCKET_TOKENS,
+    PrefillShape,
     join_group_rows,
     prefill_buckets,
     prefill_groups,
@@ -235,14 +236,17 @@ def test_prefill_groups_pad_little_and_keep_every_row_within_its_capacity():
 def test_joiner_prefills_round_to_few_shapes_unless_a_row_or_a_graph_would_overflow():
     assert prefill_buckets(300) == [32, 64, 96, 128, 160, 192, 224, 256]
     assert prefill_buckets(1024)[-5:] == [512, 640, 768, 896, 1024]  # coarser when longer
-    # (rows, padded prompt tokens) for prompt lengths, max_new_tokens, row capacity
-    assert prefill_shape([5], [10], 1024) == (1, 32)
-    assert prefill_shape([40, 300], [10, 5], 1024) == (2, 320)
-    assert prefill_shape([3, 4, 5], [1, 1, 1], 1024) == (4, 32)  # a copy of a member pads the group
-    assert prefill_shape([40], [1000], 1024) == (1, 40)  # 64 + 1000 tokens would overflow the row
-    assert prefill_shape([600] * 7, [10] * 7, 1024) == (7, 600)  # 8 x 640 tokens: no graph, no padding
+    # for prompt lengths, max_new_tokens, row capacity
+    assert prefill_shape([5], [10], 1024) == PrefillShape(1, 32, is_graphed=True)
+    assert prefill_shape([40, 300], [10, 5], 1024) == PrefillShape(2, 320, is_graphed=True)
+    assert prefill_shape([3, 4, 5], [1, 1, 1], 1024) == PrefillShape(4, 32, is_graphed=True)  # a member repeated
+    # exact and eager: 64 + 1000 tokens would overflow the row; 8 x 640 tokens is beyond the graphs;
+    # 9 rows is more than any captured shape (a capture while serving would stall every row)
+    assert prefill_shape([40], [1000], 1024) == PrefillShape(1, 40, is_graphed=False)
+    assert prefill_shape([600] * 7, [10] * 7, 1024) == PrefillShape(7, 600, is_graphed=False)
+    assert prefill_shape([20] * 9, [10] * 9, 1024) == PrefillShape(9, 20, is_graphed=False)
     for shape in [prefill_shape([n], [1], 4096) for n in range(1, 1025, 37)]:
-        assert shape[1] in prefill_buckets(1024)  # what the worker's warm-up captures
+        assert shape.is_graphed and shape.tokens in prefill_buckets(1024)  # what the worker's warm-up captures
 
 
 def test_padded_prefill_shapes_give_every_request_its_tokens_alone(batcher, static_engine, alone, monkeypatch):
