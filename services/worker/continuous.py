@@ -43,8 +43,8 @@ from services.worker import metrics
 from services.worker.fast_decoder import DecodeState
 from services.worker.continuous_plan import (
     JOIN_DEFER_MAX_STEPS,
+    graphed_prefill_shapes,
     join_group_rows,
-    prefill_buckets,
     prefill_groups,
     prefill_shape,
     step_sizes,
@@ -184,13 +184,13 @@ class ContinuousBatcher:
 
     def warm_up(self, max_attend_tokens: int) -> None:
         """Before start(): compile the step for `slots` rows and capture its graphs up to
-        max_attend_tokens, and the joiner prefills at every prompt bucket a row holds (CUDA only),
+        max_attend_tokens, and the joiner prefills of every graphed shape a row holds (CUDA only),
         so that no request waits for that."""
         started_s = time.monotonic()
         static = self.engine.static
         captured = sum(static.capture_attention_buckets(state, rows, max_attend_tokens)
                        for rows, state in self._step_states.items())
-        prefills = static.capture_prefill_buckets(self._state, prefill_buckets(self.row_capacity_tokens - 1))
+        prefills = static.capture_prefill_shapes(self._state, graphed_prefill_shapes(self.row_capacity_tokens))
         if captured or prefills:
             log.info("warmed steps of %s rows: %d graphs up to %d attended tokens, and %d joiner prefill graphs, "
                      "in %.1f s", sorted(self._step_states), captured, max_attend_tokens, prefills,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.worker.static_backend import PREFILL_GRAPH_MAX_TOKENS, PREFILL_GRAPH_ROWS, bucket_rows
+from services.worker.static_backend import bucket_rows
 
 # A joiner may wait this many steps (~16 x 10 ms on a GPU) for others to share its prefill: on an
 # H100 a prefill of ~2 joiners took ~34 ms against a ~10 ms step, and took half the thread's time
@@ -13,6 +13,11 @@ JOIN_DEFER_MAX_STEPS = 16
 # Joiner prompts are left-padded to a multiple of this (coarser when longer, as batch buckets are):
 # few prefill shapes recur, so each one replays as a captured graph (static_backend.prefill_rows)
 PREFILL_BUCKET_TOKENS = 32
+# Joiner prefills of up to this many (padded) tokens are captured as CUDA graphs: eagerly a 40-token
+# prefill of a 7B model took 10-12 ms of kernel launches (15-25 ms at a new shape) for ~5 ms of GPU
+# work (reports/gpu/continuous_steps/run2_prefill.log); larger ones are compute-bound anyway
+PREFILL_GRAPH_MAX_TOKENS = 4096
+PREFILL_GRAPH_ROWS = (1, 2, 4, 8)  # joiner counts captured at warm-up (groups are padded to these)
 
 
 def join_group_rows(slots: int) -> int:
@@ -58,11 +63,18 @@ def prefill_buckets(max_padded_tokens: int) -> list[int]:
     return buckets
 
 
+def graphed_prefill_shapes(row_capacity_tokens: int) -> list[tuple[int, int]]:
+    """The (rows, padded prompt tokens) the worker captures at warm-up: every shape prefill_shape
+    marks is_graphed for rows of row_capacity_tokens."""
+    return [(rows, tokens) for rows in PREFILL_GRAPH_ROWS for tokens in prefill_buckets(row_capacity_tokens - 1)
+            if rows * tokens <= PREFILL_GRAPH_MAX_TOKENS]
+
+
 @dataclass(frozen=True)
 class PrefillShape:
     rows: int  # the group's joiners, or more: the caller repeats a member
     tokens: int  # padded prompt tokens
-    is_graphed: bool  # one of the shapes warm-up captures (prefill_buckets x PREFILL_GRAPH_ROWS)
+    is_graphed: bool  # one of graphed_prefill_shapes: replayed as a graph captured at warm-up
 
 
 def prefill_shape(prompt_tokens: list[int], max_new_tokens: list[int], row_capacity_tokens: int) -> PrefillShape:

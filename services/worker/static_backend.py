@@ -27,11 +27,6 @@ log = logging.getLogger(__name__)
 
 STOP_CHECK_EVERY_STEPS = 16  # host syncs to test "all rows stopped": rare enough to be free
 PREFILL_CHUNK_TOKENS = 16_384  # bounds prefill activations: rows are prefilled in chunks
-# Joiner prefills of up to this many (padded) tokens are captured as CUDA graphs: eagerly a 40-token
-# prefill of a 7B model took 10-12 ms of kernel launches (15-25 ms at a new shape) for ~5 ms of GPU
-# work (reports/gpu/continuous_steps/run2_prefill.log); larger ones are compute-bound anyway
-PREFILL_GRAPH_MAX_TOKENS = 4096
-PREFILL_GRAPH_ROWS = (1, 2, 4, 8)  # joiner counts captured at warm-up (callers pad to these)
 
 
 @dataclass
@@ -285,20 +280,19 @@ class StaticCacheBackend:
         return entry
 
     @torch.inference_mode()
-    def capture_prefill_buckets(self, state: DecodeState, prompt_buckets: Sequence[int]) -> int:
-        """Before serving (every row of `state` free): capture the joiner prefills of PREFILL_GRAPH_ROWS
-        rows at each prompt length in `prompt_buckets` that fits the graph limit. Returns the count."""
+    def capture_prefill_shapes(self, state: DecodeState, shapes: Sequence[tuple[int, int]]) -> int:
+        """Before serving (every row of `state` free): capture the joiner prefill of each (rows, prompt
+        tokens) in `shapes`, writing rows 0.. of `state` (repeated where there are more than it has).
+        Returns the number captured."""
         if not self.use_cuda_graphs:
             return 0
-        before, device = self.num_graph_captures, self.decoder.device
-        for joiners in PREFILL_GRAPH_ROWS:
-            for prompt_tokens in prompt_buckets:
-                if (joiners * prompt_tokens > PREFILL_GRAPH_MAX_TOKENS or joiners > state.tokens.shape[0]
-                        or (joiners, prompt_tokens) in self._prefill_graphs):
-                    continue
-                tokens = torch.ones(joiners, prompt_tokens, dtype=torch.long, device=device)
-                zeros = torch.zeros(joiners, dtype=torch.long, device=device)
-                self._capture_prefill(state, tokens, zeros, torch.arange(joiners, device=device))
+        before, device, slots = self.num_graph_captures, self.decoder.device, state.tokens.shape[0]
+        for joiners, prompt_tokens in shapes:
+            if (joiners, prompt_tokens) in self._prefill_graphs:
+                continue
+            tokens = torch.ones(joiners, prompt_tokens, dtype=torch.long, device=device)
+            zeros = torch.zeros(joiners, dtype=torch.long, device=device)
+            self._capture_prefill(state, tokens, zeros, torch.arange(joiners, device=device) % slots)
         return self.num_graph_captures - before
 
     def warm_up(self, max_rows: int, prompt_tokens: int = 16, new_tokens: int = 2, on_bucket=None,

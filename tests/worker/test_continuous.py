@@ -12,6 +12,7 @@ from services.worker.continuous import ContinuousBatcher
 from services.worker.continuous_plan import (
     PREFILL_BUCKET_TOKENS,
     PrefillShape,
+    graphed_prefill_shapes,
     join_group_rows,
     prefill_buckets,
     prefill_groups,
@@ -246,7 +247,12 @@ def test_joiner_prefills_round_to_few_shapes_unless_a_row_or_a_graph_would_overf
     assert prefill_shape([600] * 7, [10] * 7, 1024) == PrefillShape(7, 600, is_graphed=False)
     assert prefill_shape([20] * 9, [10] * 9, 1024) == PrefillShape(9, 20, is_graphed=False)
     for shape in [prefill_shape([n], [1], 4096) for n in range(1, 1025, 37)]:
-        assert shape.is_graphed and shape.tokens in prefill_buckets(1024)  # what the worker's warm-up captures
+        assert shape.is_graphed and shape.tokens in prefill_buckets(1024)
+    captured = graphed_prefill_shapes(1027)  # warm-up's shapes for the H100 run's 1,027-token rows
+    assert len(captured) == 60 and (8, 512) in captured and (8, 640) not in captured  # 60: as its log says
+    for rows in range(1, 10):  # a prefill is graphed exactly when warm-up captured its shape
+        for shape in [prefill_shape([n] * rows, [1] * rows, 1027) for n in range(1, 1027, 37)]:
+            assert shape.is_graphed == ((shape.rows, shape.tokens) in captured)
 
 
 def test_padded_prefill_shapes_give_every_request_its_tokens_alone(batcher, static_engine, alone, monkeypatch):
