@@ -58,10 +58,13 @@ async def inprocess_batcher(
     auth: AuthSettings | None = None,
     tls: TlsSettings | None = None,
     with_worker: bool = True,
+    logged_result=None,
 ):
-    """Yields the started ServiceRunner (its `port` is bound, `.scheduler` set); stops everything after.
+    """Yields the started ServiceRunner (its `port` and `internal_port` are bound, `.scheduler` set);
+    stops everything after. As in the batcher, WorkerQueueService is served on the internal port only.
 
-    Without the echo worker, admitted requests stay queued (overload tests).
+    Without the echo worker, admitted requests stay queued (overload tests). `logged_result` stands
+    in for the log DB's answers to retried ids (services.batcher.logged_results).
     """
     settings = settings or BatcherSettings(port=0, metrics_port=-1)
     policy = make_policy(settings.policy, phi_token_reads=settings.phi_token_reads,
@@ -72,11 +75,14 @@ async def inprocess_batcher(
         lease_s=settings.lease_s,
     )
     scheduler = Scheduler(policy, limits, CLOCK, NullLogSink())
-    admission = Admission(scheduler, FallbackPredictor(), get_token_counter(), settings, CLOCK)
-    runner = ServiceRunner("batcher", settings, auth=auth or AuthSettings(), tls=tls or TlsSettings())
+    admission = Admission(scheduler, FallbackPredictor(), get_token_counter(), settings, CLOCK, logged_result)
+    runner = ServiceRunner(
+        "batcher", settings, auth=auth or AuthSettings(), tls=tls or TlsSettings(), internal_port=0
+    )
     runner.add(generation_pb2, "GenerationService", GenerationServicer(admission))
     runner.add(worker_queue_pb2, "WorkerQueueService",
-               WorkerQueueServicer(scheduler, lease_s=settings.lease_s, heartbeat_interval_s=1.0, max_wait_s=0.1))
+               WorkerQueueServicer(scheduler, lease_s=settings.lease_s, heartbeat_interval_s=1.0, max_wait_s=0.1),
+               is_internal=True)
     await runner.start()
     await runner.set_serving(True)
     runner.scheduler = scheduler

@@ -12,7 +12,14 @@ from services.shared.settings import ServiceSettings
 class BatcherSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MAGNUS_BATCHER_", extra="ignore", validate_by_name=True)
 
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port for clients and workers.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port of the client API (GenerationService).")
+    internal_port: int = Field(
+        50061,
+        ge=0,
+        le=65535,
+        description="gRPC port of the internal WorkerQueueService (workers only; keep it off the client network); "
+        "0 picks a free one and logs it. The client port does not serve the internal API at all.",
+    )
     predictor_target: str = Field("127.0.0.1:50052", description="host:port of the predictor.")
     estimator_target: str = Field("127.0.0.1:50053", description="host:port of the estimator.")
     policy: str = Field("magnus", description=f"Batching policy: one of {', '.join(SERVING_POLICY_NAMES)}.")

@@ -92,7 +92,9 @@ async def serve(settings: BatcherSettings) -> None:
         logged_result=make_logged_result_lookup(session_factory),
     )
 
-    runner = ServiceRunner("batcher", settings)
+    # Workers' API on its own listener: a forged worker on the client network cannot even reach
+    # it, whether or not auth is configured (README, "who may call what").
+    runner = ServiceRunner("batcher", settings, internal_port=settings.internal_port)
     runner.add(generation_pb2, "GenerationService", GenerationServicer(admission))
     runner.add(
         worker_queue_pb2,
@@ -103,6 +105,7 @@ async def serve(settings: BatcherSettings) -> None:
             heartbeat_interval_s=settings.heartbeat_interval_s,
             max_wait_s=settings.pull_wait_s,
         ),
+        is_internal=True,
     )
     await runner.start()
     tasks = [

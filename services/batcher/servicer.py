@@ -20,17 +20,19 @@ from services.batcher.domain import (
     WorkerInfo,
 )
 from services.batcher.scheduler import Scheduler
+from services.shared.auth import current_caller, tenant_for
 from services.shared.errors import InvalidArgument, Unavailable
 from services.shared.validation import check_range, check_text
 
 
 def _generation_input(prompt: generation_pb2.Prompt) -> GenerationInput:
+    """The domain request, accounted to the caller's tenant (auth.tenant_for: an API key's own)."""
     return GenerationInput(
         instruction=prompt.instruction,
         user_input=prompt.user_input,
         max_new_tokens=prompt.max_new_tokens,
         client_request_id=prompt.client_request_id,
-        tenant_id=prompt.tenant_id,
+        tenant_id=tenant_for(prompt.tenant_id, current_caller()),
     )
 
 

@@ -17,10 +17,10 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 
-from services.shared.auth import Authorizer
+from services.shared.auth import Authorizer, set_current_caller
 from services.shared.errors import RpcError
 from services.shared.metrics import instrument_stream, instrument_unary
-from services.shared.validation import explain_decode_error, find_unknown_field
+from services.shared.validation import explain_decode_error, find_unknown_field, find_wire_problem
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,13 @@ class MalformedRequest:
 def _tolerant_deserializer(message_class: type[Message]) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Message | MalformedRequest:
         try:
-            return message_class.FromString(data)
+            message = message_class.FromString(data)
         except DecodeError:
             return MalformedRequest(explain_decode_error(message_class, data))
+        # protobuf parses a known field sent with the wrong wire type as an unknown field and cuts an
+        # oversized varint down to 32 bits: both would be reported as something else further on
+        problem = find_wire_problem(message_class, data)
+        return message if problem is None else MalformedRequest(problem)
 
     return deserialize
 
@@ -63,11 +67,16 @@ async def _abort_for(error: Exception, method: str, context: grpc.aio.ServicerCo
 
 
 async def _authorize(authorizer: Authorizer | None, method: str, context: grpc.aio.ServicerContext) -> None:
-    """Before anything else looks at the request: unknown callers learn nothing about it."""
+    """Before anything else looks at the request: unknown callers learn nothing about it.
+
+    The caller (its role and, for an API key, its tenant) is then what `auth.current_caller()`
+    returns to the servicer.
+    """
     if authorizer is None:
+        set_current_caller(None)
         return
     try:
-        authorizer.check(method, context.invocation_metadata())
+        set_current_caller(authorizer.check(method, context.invocation_metadata()))
     except RpcError as error:
         await context.abort(error.code, error.message)
 

@@ -24,7 +24,10 @@ class WorkerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MAGNUS_WORKER_", extra="ignore", validate_by_name=True)
 
     port: int = Field(50055, ge=0, le=65535, description="Port of the worker's health server; 0 picks a free one.")
-    batcher_target: str = Field("127.0.0.1:50051", description="host:port of the batcher's WorkerQueueService.")
+    batcher_target: str = Field(
+        "127.0.0.1:50061",
+        description="host:port of the batcher's WorkerQueueService: its internal port (MAGNUS_BATCHER_INTERNAL_PORT).",
+    )
     worker_id: str = Field(
         default_factory=default_worker_id,
         min_length=1,

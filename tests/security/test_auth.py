@@ -1,4 +1,5 @@
-"""Who may call what: API keys, the service credential, and no credential, over real gRPC."""
+"""Who may call what: API keys (hashed, bound to tenants), the service credential, and no credential,
+over real gRPC; the batcher's worker API only on its internal port."""
 
 from __future__ import annotations
 
@@ -19,7 +20,17 @@ from magnus.v1 import (
     worker_queue_pb2_grpc,
 )
 from services.batcher.config import BatcherSettings
-from services.shared.auth import INTERNAL_METHODS, AuthSettings, Authorizer, Role, bearer_metadata
+from services.shared.auth import (
+    INTERNAL_METHODS,
+    AuthSettings,
+    Authorizer,
+    Caller,
+    Role,
+    api_key_entry,
+    bearer_metadata,
+    main,
+    make_authorizer,
+)
 from services.shared.channels import open_channel
 from services.shared.errors import InvalidArgument
 from services.shared.server import ServiceRunner
@@ -29,7 +40,9 @@ from tests.inprocess_batcher import inprocess_batcher
 
 SERVICE_TOKEN = "svc-token-7f3a9c"
 API_KEY = "client-key-51b2e0"
-AUTH = AuthSettings(service_token=SERVICE_TOKEN, api_keys=f"other-key, {API_KEY}")
+AUTH = AuthSettings(
+    service_token=SERVICE_TOKEN, api_keys=f"{api_key_entry('other', 'other-key')}, {api_key_entry('acme', API_KEY)}"
+)
 CLIENT = bearer_metadata(API_KEY)
 SERVICE = bearer_metadata(SERVICE_TOKEN)
 WRONG = bearer_metadata("not-a-key")
@@ -39,15 +52,20 @@ def test_authorizer_roles_and_internal_methods():
     authorizer = Authorizer(AUTH)
     assert authorizer.role_of(SERVICE) is Role.SERVICE
     assert authorizer.role_of(CLIENT) is Role.CLIENT
+    assert authorizer.identify(CLIENT) == Caller(Role.CLIENT, "acme"), "a key acts for its entry's tenant"
+    assert authorizer.identify(bearer_metadata("other-key")) == Caller(Role.CLIENT, "other")
+    assert authorizer.identify(SERVICE) == Caller(Role.SERVICE)
+    digest_as_key = bearer_metadata(api_key_entry("acme", API_KEY).rsplit(":", 1)[1])
+    assert authorizer.identify(digest_as_key) is None, "the configured digest is not itself a key"
     assert authorizer.role_of(WRONG) is None
     assert authorizer.role_of((("authorization", API_KEY),)) is None, "the Bearer scheme is required"
     assert authorizer.role_of(None) is None
     for method in INTERNAL_METHODS:
-        assert authorizer.check(method, SERVICE) is Role.SERVICE
+        assert authorizer.check(method, SERVICE) == Caller(Role.SERVICE)
         with pytest.raises(Exception) as denied:
             authorizer.check(method, CLIENT)
         assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
-    assert authorizer.check("/magnus.v1.GenerationService/Generate", CLIENT) is Role.CLIENT
+    assert authorizer.check("/magnus.v1.GenerationService/Generate", CLIENT) == Caller(Role.CLIENT, "acme")
 
 
 def test_secrets_never_show_in_settings_reprs():
@@ -57,8 +75,44 @@ def test_secrets_never_show_in_settings_reprs():
 
 def test_auth_is_off_by_default():
     assert not AuthSettings().is_enabled
+    assert make_authorizer(AuthSettings()) is None
     with pytest.raises(ValueError):
-        Authorizer(AuthSettings(service_token="same", api_keys="same"))
+        Authorizer(AuthSettings(service_token="same", api_keys=api_key_entry("t", "same")))
+
+
+@pytest.mark.parametrize(
+    ("api_keys", "says"),
+    [
+        ("raw-client-key-123", "python -m services.shared.auth hash-key"),  # a plain key: refused, command shown
+        ("acme:raw-client-key-123", "python -m services.shared.auth hash-key"),
+        (f"{api_key_entry('a', 'k')},acme:sha256:abc", "entry 2 (tenant 'acme'): the sha256 digest must be 64 hex"),
+        ("bad tenant:sha256:" + "0" * 64, "entry 1: tenant 'bad tenant' must be"),
+        (":sha256:" + "0" * 64, "entry 1: tenant '' must be"),
+        (f"{api_key_entry('a', 'k')},{api_key_entry('b', 'k')}", "same key is listed for tenants 'a' (entry 1) and 'b'"),
+    ],
+)
+def test_malformed_api_key_entries_are_refused_at_start_without_quoting_them(api_keys, says):
+    with pytest.raises(ValueError) as refused:
+        make_authorizer(AuthSettings(service_token=SERVICE_TOKEN, api_keys=api_keys))
+    assert says in str(refused.value)
+    assert "raw-client-key-123" not in str(refused.value), "a mistaken plain entry may be a real key"
+
+
+def test_api_keys_without_a_service_token_are_refused_rather_than_silently_ignored():
+    with pytest.raises(ValueError, match="MAGNUS_AUTH_SERVICE_TOKEN is empty"):
+        make_authorizer(AuthSettings(api_keys=api_key_entry("acme", API_KEY)))
+
+
+def test_hash_key_command_prints_a_new_key_and_the_entry_that_admits_it(capsys):
+    assert main(["hash-key", "--tenant", "acme"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    raw_key = lines["api key (give it to the client; the services never store it)"]
+    entry = lines["MAGNUS_AUTH_API_KEYS entry"]
+    assert len(raw_key) >= 40 and raw_key not in entry and entry.startswith("acme:sha256:")
+    authorizer = Authorizer(AuthSettings(service_token=SERVICE_TOKEN, api_keys=entry))
+    assert authorizer.identify(bearer_metadata(raw_key)) == Caller(Role.CLIENT, "acme")
+    assert main(["hash-key", "--tenant", "acme", "--key", API_KEY]) == 0
+    assert api_key_entry("acme", API_KEY) in capsys.readouterr().out
 
 
 def _code(call) -> grpc.StatusCode:
@@ -83,10 +137,12 @@ async def test_batcher_api_key_cannot_pull_batches_and_strangers_are_unauthentic
     caplog.set_level(logging.DEBUG)
     async with inprocess_batcher(BatcherSettings(port=0), auth=AUTH) as runner:
         target = f"127.0.0.1:{runner.port}"
+        internal = f"127.0.0.1:{runner.internal_port}"
 
         def calls() -> dict:
-            with grpc.insecure_channel(target) as channel:
-                queue = worker_queue_pb2_grpc.WorkerQueueServiceStub(channel)
+            with grpc.insecure_channel(target) as channel, grpc.insecure_channel(internal) as internal_channel:
+                queue = worker_queue_pb2_grpc.WorkerQueueServiceStub(internal_channel)
+                queue_on_client_port = worker_queue_pb2_grpc.WorkerQueueServiceStub(channel)
                 generation = generation_pb2_grpc.GenerationServiceStub(channel)
                 bad_prompt = generation_pb2.GenerateRequest(prompt=generation_pb2.Prompt(max_new_tokens=0))
                 good_prompt = generation_pb2.GenerateRequest(
@@ -97,6 +153,8 @@ async def test_batcher_api_key_cannot_pull_batches_and_strangers_are_unauthentic
                     for name, request in INTERNAL_CALLS.items():
                         rpc = getattr(queue, name)
                         codes[who, name] = _code(lambda: rpc(request, metadata=metadata, timeout=5))
+                        rpc = getattr(queue_on_client_port, name)
+                        codes[who, name, "client port"] = _code(lambda: rpc(request, metadata=metadata, timeout=5))
                     codes[who, "Generate(bad)"] = _code(lambda: generation.Generate(bad_prompt, metadata=metadata, timeout=5))
                     codes[who, "Generate"] = _code(lambda: generation.Generate(good_prompt, metadata=metadata, timeout=5))
                 health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -107,6 +165,8 @@ async def test_batcher_api_key_cannot_pull_batches_and_strangers_are_unauthentic
 
         codes = await asyncio.to_thread(calls)
     for name in INTERNAL_CALLS:
+        for who in ("client", "service", "wrong", "none"):
+            assert codes[who, name, "client port"] == grpc.StatusCode.UNIMPLEMENTED, (who, name)
         assert codes["client", name] == grpc.StatusCode.PERMISSION_DENIED, name
         assert codes["wrong", name] == grpc.StatusCode.UNAUTHENTICATED, name
         assert codes["none", name] == grpc.StatusCode.UNAUTHENTICATED, name

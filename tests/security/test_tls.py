@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from magnus.v1 import worker_queue_pb2 as wq
 from magnus.v1 import worker_queue_pb2_grpc
 from services.batcher.config import BatcherSettings
-from services.shared.auth import AuthSettings
+from services.shared.auth import AuthSettings, api_key_entry
 from services.shared.channels import open_channel
 from services.shared.tls import TlsSettings
 from tests.inprocess_batcher import inprocess_batcher
@@ -45,7 +45,7 @@ async def test_mutual_tls_needs_a_client_certificate_and_carries_the_service_cre
     server_tls = TlsSettings(
         cert_file=certs.server_cert, key_file=certs.server_key, ca_file=certs.ca, require_client_cert=True
     )
-    auth = AuthSettings(service_token="svc-secret", api_keys="client-key")
+    auth = AuthSettings(service_token="svc-secret", api_keys=api_key_entry("acme", "client-key"))
     async with inprocess_batcher(BatcherSettings(port=0), tls=server_tls, auth=auth) as runner:
         target = f"127.0.0.1:{runner.port}"
         async with open_channel(target, tls=TlsSettings(ca_file=certs.ca), auth=auth) as no_cert:
@@ -55,6 +55,10 @@ async def test_mutual_tls_needs_a_client_certificate_and_carries_the_service_cre
         )
         async with open_channel(target, tls=worker_tls, auth=auth) as channel:
             assert await _health(channel) == grpc.StatusCode.OK
+        internal = f"127.0.0.1:{runner.internal_port}"  # the workers' listener: TLS alike
+        async with open_channel(internal, tls=TlsSettings(ca_file=certs.ca), auth=auth) as no_cert:
+            assert await _health(no_cert) == grpc.StatusCode.UNAVAILABLE
+        async with open_channel(internal, tls=worker_tls, auth=auth) as channel:
             response = await worker_queue_pb2_grpc.WorkerQueueServiceStub(channel).RegisterWorker(
                 wq.RegisterWorkerRequest(worker_id="w1", kv_bytes_per_token=1, free_kv_bytes=1 << 30), timeout=5
             )
