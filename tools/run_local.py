@@ -15,7 +15,7 @@ from pathlib import Path
 
 from services.shared.settings import VAR_DIR, default_database_url
 from tools import demo
-from tools.stack import SERVICES, Stack
+from tools.stack import BATCHER_INTERNAL, SERVICES, Stack
 
 
 def main() -> int:
@@ -28,6 +28,7 @@ def main() -> int:
     args = parser.parse_args()
 
     ports = dict(zip(("batcher", "predictor", "estimator", "trainer", "worker"), range(50051, 50056)))
+    ports[BATCHER_INTERNAL] = 50061  # the batcher's worker-only listener, its default port
     stack = Stack(
         workdir=VAR_DIR / "run",
         database_url=os.environ.get("MAGNUS_DATABASE_URL", default_database_url()),

@@ -20,6 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("predictor", "estimator", "trainer", "batcher", "worker")
+# Key in `Stack.ports` of the batcher's internal listener (WorkerQueueService, workers only).
+BATCHER_INTERNAL = "batcher_internal"
 
 
 def free_port() -> int:
@@ -45,6 +47,7 @@ class Stack:
         for name in SERVICES:
             self.ports.setdefault(name, free_port())
             self.metrics_ports.setdefault(name, free_port())
+        self.ports.setdefault(BATCHER_INTERNAL, free_port())
 
     def target(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -61,7 +64,8 @@ class Stack:
                 "MAGNUS_MODEL_STORE_DIR": str(self.model_store_dir or self.workdir / "model-store"),
                 "MAGNUS_BATCHER_PREDICTOR_TARGET": self.target("predictor"),
                 "MAGNUS_BATCHER_ESTIMATOR_TARGET": self.target("estimator"),
-                "MAGNUS_WORKER_BATCHER_TARGET": self.target("batcher"),
+                "MAGNUS_BATCHER_INTERNAL_PORT": str(self.ports[BATCHER_INTERNAL]),
+                "MAGNUS_WORKER_BATCHER_TARGET": self.target(BATCHER_INTERNAL),
                 "MAGNUS_TRAINER_PREDICTOR_TARGETS": self.target("predictor"),
                 "MAGNUS_TRAINER_ESTIMATOR_TARGETS": self.target("estimator"),
             }
