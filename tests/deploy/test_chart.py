@@ -12,8 +12,17 @@ from prometheus_client import REGISTRY
 
 import services.batcher.metrics  # noqa: F401 - registers the batcher's metrics
 import services.worker.metrics  # noqa: F401 - registers the worker's metrics
-from deploy.check_chart import CHART_DIR, VALUE_SETS, load_values, render, validate_manifests
+from deploy.check_chart import (
+    CHART_DIR,
+    VALUE_SETS,
+    load_values,
+    render,
+    validate_manifests,
+    with_api_key,
+)
+from services.shared.auth import AuthSettings
 from services.shared.server import LIVENESS_SERVICE
+from services.shared.tls import TlsSettings
 
 COMPONENTS = ("batcher", "predictor", "estimator", "trainer", "worker")
 GPU = "nvidia.com/gpu"
@@ -77,14 +86,22 @@ def test_production_workers_get_gpu_scheduling_fields():
 
 
 def test_grpc_probes_on_the_standard_health_service(manifests):
-    _, documents = manifests
+    name, documents = manifests
+    is_tls = bool(load_values(VALUE_SETS[name]).get("tls", {}).get("secretName"))
     for component in COMPONENTS:
         workload = workloads(documents)[f"magnus-{component}"]
         container = container_of(workload)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        readiness, liveness = container["readinessProbe"]["grpc"], container["livenessProbe"]["grpc"]
-        assert readiness == {"port": ports["grpc"], "service": ""}, component
-        assert liveness == {"port": ports["grpc"], "service": LIVENESS_SERVICE}, component
+        if is_tls:  # the kubelet's gRPC probe speaks plaintext only: a TLS client runs in the pod
+            for probe, service in (("readinessProbe", ""), ("livenessProbe", LIVENESS_SERVICE)):
+                command = container[probe]["exec"]["command"]
+                assert command[:3] == ["python", "-m", "tools.health_probe"], component
+                assert command[command.index("--port") + 1] == str(ports["grpc"]), component
+                assert command[command.index("--service") + 1] == service, component
+        else:
+            readiness, liveness = container["readinessProbe"]["grpc"], container["livenessProbe"]["grpc"]
+            assert readiness == {"port": ports["grpc"], "service": ""}, component
+            assert liveness == {"port": ports["grpc"], "service": LIVENESS_SERVICE}, component
         env = env_of(container)
         prefix = f"MAGNUS_{component.upper()}_"
         assert env[f"{prefix}PORT"]["value"] == str(ports["grpc"])
@@ -112,7 +129,7 @@ def test_migration_runs_as_a_hook_before_the_pods(manifests):
 
 
 def test_worker_replicas_are_independent_of_the_other_services():
-    documents = render({"worker": {"replicas": 7}, "predictor": {"replicas": 3}})
+    documents = render(with_api_key({"worker": {"replicas": 7}, "predictor": {"replicas": 3}}))
     assert find(documents, "Deployment", "magnus-worker")["spec"]["replicas"] == 7
     assert find(documents, "StatefulSet", "magnus-predictor")["spec"]["replicas"] == 3
     assert find(documents, "Deployment", "magnus-batcher")["spec"]["replicas"] == 1
@@ -125,11 +142,11 @@ def test_worker_autoscaling_hands_replicas_to_keda():
     scaled = find(documents, "ScaledObject", "magnus-worker")
     assert scaled["spec"]["scaleTargetRef"]["name"] == "magnus-worker"
     assert "magnus_queue_requests" in scaled["spec"]["triggers"][0]["metadata"]["query"]
-    assert not [d for d in render() if d["kind"] == "ScaledObject"]  # off by default
+    assert not [d for d in render(with_api_key({})) if d["kind"] == "ScaledObject"]  # off by default
 
 
 def test_trainer_pushes_to_every_predictor_and_estimator_replica():
-    documents = render({"predictor": {"replicas": 3}, "estimator": {"replicas": 2}})
+    documents = render(with_api_key({"predictor": {"replicas": 3}, "estimator": {"replicas": 2}}))
     env = env_of(container_of(find(documents, "Deployment", "magnus-trainer")))
     for component, count in (("predictor", 3), ("estimator", 2)):
         stateful = find(documents, "StatefulSet", f"magnus-{component}")
@@ -149,6 +166,8 @@ def test_every_rendered_magnus_variable_is_a_real_setting():
         for c in COMPONENTS
     }
     shared = {"MAGNUS_DATABASE_URL", "MAGNUS_MODEL_STORE_DIR", "MAGNUS_MODEL"}
+    shared |= {f"MAGNUS_AUTH_{f.upper()}" for f in AuthSettings.model_fields}
+    shared |= {f"MAGNUS_TLS_{f.upper()}" for f in TlsSettings.model_fields}
     for name in VALUE_SETS:
         documents = render(load_values(VALUE_SETS[name]))
         configs = {d["metadata"]["name"]: d.get("data") or {} for d in documents if d["kind"] == "ConfigMap"}
@@ -175,12 +194,12 @@ def test_every_rendered_magnus_variable_is_a_real_setting():
 )
 def test_schema_refuses_bad_values(bad_values):
     with pytest.raises(helm.HelmValuesError):
-        render(bad_values)
+        render(with_api_key(bad_values))
 
 
 def test_no_database_configured_fails_with_a_clear_message():
     with pytest.raises(helm.HelmError, match="database.existingSecret"):
-        render({"database": {"existingSecret": ""}})
+        render(with_api_key({"database": {"existingSecret": ""}}))
 
 
 def test_grafana_dashboard_only_uses_exported_metrics():

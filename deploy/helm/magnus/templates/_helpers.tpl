@@ -66,6 +66,61 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* Auth: the chart's Secret (generated service token, API-key entries from values). */}}
+{{- define "magnus.authSecretName" -}}
+{{- printf "%s-auth" (include "magnus.fullname" .) -}}
+{{- end -}}
+
+{{/* Refuse an install with auth on and no client API keys: nobody could call the API. */}}
+{{- define "magnus.checkAuth" -}}
+{{- if and (not .Values.auth.insecure) (not .Values.auth.apiKeys) (not .Values.auth.apiKeysSecret.name) -}}
+{{- fail "auth: no client API keys, so no client could call Magnus. Give auth.apiKeys (TENANT:sha256:HEX entries from `python -m services.shared.auth hash-key --tenant TENANT`) or auth.apiKeysSecret.name (a Secret holding them), or set auth.insecure=true to run without auth (trials only)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* MAGNUS_AUTH_* and MAGNUS_TLS_* of every service container. */}}
+{{- define "magnus.securityEnv" -}}
+{{- $auth := .Values.auth -}}
+{{- if not $auth.insecure }}
+- name: MAGNUS_AUTH_SERVICE_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ default (include "magnus.authSecretName" .) $auth.serviceToken.existingSecret }}
+      key: {{ ternary $auth.serviceToken.existingSecretKey "service-token" (ne $auth.serviceToken.existingSecret "") }}
+- name: MAGNUS_AUTH_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ default (include "magnus.authSecretName" .) $auth.apiKeysSecret.name }}
+      key: {{ ternary $auth.apiKeysSecret.key "api-keys" (ne $auth.apiKeysSecret.name "") }}
+{{- end }}
+{{- if .Values.tls.secretName }}
+- name: MAGNUS_TLS_CERT_FILE
+  value: /etc/magnus/tls/tls.crt
+- name: MAGNUS_TLS_KEY_FILE
+  value: /etc/magnus/tls/tls.key
+- name: MAGNUS_TLS_CA_FILE
+  value: /etc/magnus/tls/ca.crt
+- name: MAGNUS_TLS_REQUIRE_CLIENT_CERT
+  value: {{ .Values.tls.requireClientCert | quote }}
+{{- with .Values.tls.serverName }}
+- name: MAGNUS_TLS_SERVER_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The name a component is called by, as its certificate must carry it (probes verify it). */}}
+{{- define "magnus.serviceHost" -}}
+{{- $full := include "magnus.fullname" .root -}}
+{{- if .root.Values.tls.serverName -}}
+{{- .root.Values.tls.serverName -}}
+{{- else if has .component (list "predictor" "estimator" "worker") -}}
+{{- printf "%s-%s-headless" $full .component -}}
+{{- else -}}
+{{- printf "%s-%s" $full .component -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "magnus.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
@@ -111,6 +166,7 @@ app.kubernetes.io/component: {{ .component }}
   value: /tmp
 - name: HF_HUB_OFFLINE
   value: "1"
+{{- include "magnus.securityEnv" .root }}
 {{- end -}}
 
 {{/* envFrom: the component's ConfigMap and the chart's secret env. */}}
@@ -124,8 +180,27 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* gRPC probes on the standard health service: "liveness" answers while the process does,
-     "" turns SERVING only when the service is ready (model loaded, worker registered). */}}
+     "" turns SERVING only when the service is ready (model loaded, worker registered). With TLS
+     the kubelet's gRPC probe (plaintext only) cannot connect, so a TLS client runs in the pod
+     (tools/health_probe.py; a Python start per probe, hence the longer periods).
+     (dict "root" $ "component" "batcher" "port" 50051) */}}
 {{- define "magnus.probes" -}}
+{{- if .root.Values.tls.secretName }}
+{{- $probe := list "python" "-m" "tools.health_probe" "--port" (toString .port) "--server-name" (include "magnus.serviceHost" .) }}
+readinessProbe:
+  exec:
+    command: {{ concat $probe (list "--service" "") | toJson }}
+  periodSeconds: 10
+  timeoutSeconds: 10
+  failureThreshold: 3
+livenessProbe:
+  exec:
+    command: {{ concat $probe (list "--service" "liveness") | toJson }}
+  initialDelaySeconds: 10
+  periodSeconds: 20
+  timeoutSeconds: 10
+  failureThreshold: 6
+{{- else }}
 readinessProbe:
   grpc:
     port: {{ .port }}
@@ -140,12 +215,18 @@ livenessProbe:
   periodSeconds: 10
   timeoutSeconds: 5
   failureThreshold: 6
+{{- end }}
 {{- end -}}
 
 {{- define "magnus.ports" -}}
 - name: grpc
   containerPort: {{ .port }}
   protocol: TCP
+{{- with .internalPort }}
+- name: grpc-internal
+  containerPort: {{ . }}
+  protocol: TCP
+{{- end }}
 - name: metrics
   containerPort: {{ .metricsPort }}
   protocol: TCP
@@ -163,6 +244,22 @@ livenessProbe:
   mountPath: /app/var
 - name: tmp
   mountPath: /tmp
+{{- end -}}
+
+{{- define "magnus.tlsVolume" -}}
+{{- with .Values.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+{{- define "magnus.tlsMount" -}}
+{{- if .Values.tls.secretName }}
+- name: tls
+  mountPath: /etc/magnus/tls
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "magnus.modelVolume" -}}
@@ -184,6 +281,7 @@ prometheus.io/scrape: "true"
 prometheus.io/port: {{ .root.Values.metrics.port | quote }}
 prometheus.io/path: /metrics
 checksum/config: {{ include (print .root.Template.BasePath "/configmaps.yaml") .root | sha256sum }}
+checksum/security: {{ list .root.Values.auth .root.Values.tls | toJson | sha256sum }}
 {{- with .values.podAnnotations }}
 {{ toYaml . }}
 {{- end }}

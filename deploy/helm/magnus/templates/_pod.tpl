@@ -32,7 +32,7 @@ spec:
       imagePullPolicy: {{ .pullPolicy }}
       args: ["python", "-m", "services.{{ .component }}"]
       ports:
-        {{- include "magnus.ports" (dict "port" $values.port "metricsPort" $root.Values.metrics.port) | nindent 8 }}
+        {{- include "magnus.ports" (dict "port" $values.port "internalPort" $values.internalPort "metricsPort" $root.Values.metrics.port) | nindent 8 }}
       env:
         {{- include "magnus.commonEnv" (dict "root" $root "component" .component) | nindent 8 }}
         {{- with .extraEnv }}
@@ -40,7 +40,7 @@ spec:
         {{- end }}
       envFrom:
         {{- include "magnus.envFrom" (dict "root" $root "component" .component) | nindent 8 }}
-      {{- include "magnus.probes" (dict "port" $values.port) | nindent 6 }}
+      {{- include "magnus.probes" (dict "root" $root "component" .component "port" $values.port) | nindent 6 }}
       securityContext:
         {{- toYaml $root.Values.securityContext | nindent 8 }}
       resources:
@@ -52,6 +52,9 @@ spec:
         {{- toYaml $resources | nindent 8 }}
       volumeMounts:
         {{- include "magnus.scratchMounts" . | nindent 8 }}
+        {{- with (include "magnus.tlsMount" $root | trim) }}
+        {{- . | nindent 8 }}
+        {{- end }}
         {{- if .mountStore }}
         - name: model-store
           mountPath: /var/lib/magnus/model-store
@@ -63,6 +66,9 @@ spec:
         {{- end }}
   volumes:
     {{- include "magnus.scratchVolumes" . | nindent 4 }}
+    {{- with (include "magnus.tlsVolume" $root | trim) }}
+    {{- . | nindent 4 }}
+    {{- end }}
     {{- if .mountStore }}
     - name: model-store
       persistentVolumeClaim:
