@@ -1,7 +1,9 @@
 """From a validated client request to its result: count, predict, admit, await.
 
 Also owns the idempotency index: a retry carrying the same (tenant, client_request_id) joins the
-first call's future instead of running again; finished results are kept in a bounded LRU.
+first call's future instead of running again; finished results are kept in a bounded LRU. A key is
+bound to its first request (GenerationInput.request_sha256): the same key with another prompt is
+ALREADY_EXISTS, never the first prompt's answer.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from services.batcher.config import BatcherSettings
 from services.batcher.domain import GenerationInput, PendingRequest, RequestResult
 from services.batcher.predictor_client import PredictionCoalescer
 from services.batcher.scheduler import Clock, Scheduler, new_id
-from services.shared.errors import InvalidArgument
+from services.shared.errors import AlreadyExists, InvalidArgument
 from services.shared.tokenizer import TokenCounter, join_prompt
 
 log = logging.getLogger(__name__)
@@ -47,24 +49,34 @@ class Admission:
         counter: TokenCounter,
         settings: BatcherSettings,
         clock: Clock,
-        logged_result: Callable[[str, str], Awaitable[RequestResult | None]] | None = None,
+        logged_result: Callable[[str, str], Awaitable[tuple[RequestResult, str] | None]] | None = None,
     ) -> None:
-        """logged_result(tenant, client_request_id): a result the log DB kept from before a restart."""
+        """logged_result(tenant, client_request_id): a result the log DB kept from before a restart,
+        with its request's request_sha256."""
         self._logged_result = logged_result
         self._scheduler = scheduler
         self._coalescer = coalescer
         self._counter = counter
         self._settings = settings
         self._clock = clock
-        self._in_flight: dict[tuple[str, str], asyncio.Future[RequestResult]] = {}
-        self._finished: OrderedDict[tuple[str, str], RequestResult] = OrderedDict()
+        # (tenant, client_request_id) -> (request_sha256 of the first call, its future / result)
+        self._in_flight: dict[tuple[str, str], tuple[str, asyncio.Future[RequestResult]]] = {}
+        self._finished: OrderedDict[tuple[str, str], tuple[str, RequestResult]] = OrderedDict()
 
     def existing(self, generation: GenerationInput) -> asyncio.Future[RequestResult] | RequestResult | None:
-        """The first call's future or result for a retried idempotency key, else None."""
+        """The first call's future or result for a retried idempotency key, else None.
+
+        Raises AlreadyExists when the key belongs to a different request.
+        """
         if not generation.client_request_id:
             return None
         key = (generation.tenant_id, generation.client_request_id)
-        return self._in_flight.get(key) or self._finished.get(key)
+        found = self._in_flight.get(key) or self._finished.get(key)
+        if found is None:
+            return None
+        first_sha256, answer = found
+        _check_same_request(generation, first_sha256)
+        return answer
 
     async def earlier_result(self, generation: GenerationInput) -> asyncio.Future[RequestResult] | RequestResult | None:
         """Like `existing`, and also asks the log DB, which outlives a batcher restart.
@@ -80,7 +92,12 @@ class Admission:
         except Exception:  # noqa: BLE001 - the log DB being down must not block serving
             log.warning("log DB lookup of a retried request id failed; running the request", exc_info=True)
             logged = None
-        return self.existing(generation) or logged
+        found = self.existing(generation)
+        if found is not None or logged is None:
+            return found
+        logged_result, logged_sha256 = logged
+        _check_same_request(generation, logged_sha256)
+        return logged_result
 
     async def submit(self, generation: GenerationInput, *, wants_events: bool) -> PendingRequest:
         """Validate against token limits, predict, and queue. Returns the pending request."""
@@ -126,14 +143,24 @@ class Admission:
 
     def _remember(self, generation: GenerationInput, future: asyncio.Future[RequestResult]) -> None:
         key = (generation.tenant_id, generation.client_request_id)
-        self._in_flight[key] = future
+        request_sha256 = generation.request_sha256()
+        self._in_flight[key] = (request_sha256, future)
 
         def on_done(done: asyncio.Future[RequestResult]) -> None:
             self._in_flight.pop(key, None)
             if done.cancelled() or done.exception() is not None:
                 return  # a failed request may be retried for real
-            self._finished[key] = done.result()
+            self._finished[key] = (request_sha256, done.result())
             while len(self._finished) > self._settings.idempotency_cache_size:
                 self._finished.popitem(last=False)
 
         future.add_done_callback(on_done)
+
+
+def _check_same_request(generation: GenerationInput, first_sha256: str) -> None:
+    """Raise AlreadyExists unless `generation` is the request its idempotency key was first used for."""
+    if generation.request_sha256() != first_sha256:
+        raise AlreadyExists(
+            f"prompt.client_request_id {generation.client_request_id!r} was already used for a different request "
+            "(instruction, user_input or max_new_tokens differ); a new request needs a new id"
+        )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -18,6 +20,19 @@ class GenerationInput:
     max_new_tokens: int
     client_request_id: str
     tenant_id: str
+
+    def request_sha256(self) -> str:
+        """Hex SHA-256 of what decides the answer, to tell a retry from another request under the same
+        idempotency key. The same function hashes a logged row (logged_results), so a field that
+        changes the answer must be added here and kept in the log.
+        """
+        return request_sha256(self.instruction, self.user_input, self.max_new_tokens)
+
+
+def request_sha256(instruction: str, user_input: str, max_new_tokens: int) -> str:
+    # JSON: an unambiguous encoding (no two field lists serialise alike)
+    canonical = json.dumps([instruction, user_input, max_new_tokens], ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,12 @@ class NotFound(RpcError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(RpcError):
+    """An idempotency key is already taken by a different request."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class FailedPrecondition(RpcError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
