@@ -99,8 +99,15 @@ class Admission:
         _check_same_request(generation, logged_sha256)
         return logged_result
 
-    async def submit(self, generation: GenerationInput, *, wants_events: bool) -> PendingRequest:
-        """Validate against token limits, predict, and queue. Returns the pending request."""
+    async def submit(
+        self, generation: GenerationInput, *, wants_events: bool, time_remaining_s: float | None = None
+    ) -> PendingRequest:
+        """Validate against token limits, predict, and queue. Returns the pending request.
+
+        time_remaining_s: the caller's gRPC deadline from now (None = none); a request that would not
+        be answered in time is refused with RESOURCE_EXHAUSTED instead of queued (Scheduler.check_wait).
+        """
+        deadline_s = None if time_remaining_s is None else self._clock.monotonic_s() + time_remaining_s
         validate_generation(generation, self._settings)
         self._scheduler.check_capacity(generation.tenant_id)  # fail fast, before spending a prediction
         prompt = join_prompt(generation.instruction, generation.user_input)
@@ -110,6 +117,8 @@ class Admission:
                 "prompt.user_input",
                 f"prompt is {input_tokens} tokens, the limit is {self._settings.max_input_tokens}",
             )
+        # a request longer than a worker's context would fail its whole batch: refuse it here
+        self._scheduler.check_context(input_tokens, generation.max_new_tokens)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[RequestResult] = loop.create_future()
         if generation.client_request_id:
@@ -127,6 +136,7 @@ class Admission:
                 queued_at=self._clock.wall(),
                 future=future,
                 events=asyncio.Queue() if wants_events else None,
+                deadline_s=deadline_s,
             )
             self._scheduler.admit(request)
         except BaseException as error:
@@ -137,9 +147,10 @@ class Admission:
         return request
 
     def cancel(self, request: PendingRequest) -> None:
-        """The caller left: drop the request if it has not started."""
-        if self._scheduler.cancel(request.request_id):
-            log.info("request %s cancelled by its caller before it started", request.request_id)
+        """The caller left: drop the request, queued or running (the worker is told to stop it)."""
+        stage = self._scheduler.cancel(request.request_id)
+        if stage is not None:
+            log.info("request %s dropped while %s: its caller left", request.request_id, stage)
 
     def _remember(self, generation: GenerationInput, future: asyncio.Future[RequestResult]) -> None:
         key = (generation.tenant_id, generation.client_request_id)

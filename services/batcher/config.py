@@ -66,7 +66,23 @@ class BatcherSettings(ServiceSettings):
     lease_s: float = Field(30.0, gt=0, description="A leased batch not renewed within this is requeued, s.")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="How often workers heartbeat, s.")
     worker_timeout_s: float = Field(90.0, gt=0, description="A worker silent this long is forgotten, s.")
-    max_batch_failures: int = Field(3, ge=1, description="Non-OOM failures of a batch before its requests fail.")
+    max_batch_failures: int = Field(
+        3, ge=1, description="A failed batch of several requests is split in two (halving until the failing request "
+        "runs alone, so its neighbours are answered); a request alone fails after this many failures, its "
+        "batches' included. Lost leases (worker died) count too: a batch lost this often fails.",
+    )
+    max_context_tokens: int = Field(
+        0, ge=0, description="Longest prompt + max_new_tokens admitted, tokens, besides the smallest context a "
+        "registered worker announced (the lower applies); longer requests get INVALID_ARGUMENT naming "
+        "prompt.max_new_tokens. Set it when workers may register after clients call; 0 = the workers' only.",
+    )
+    max_queue_wait_s: float = Field(
+        600.0, ge=0, description="A request whose estimated queue wait (queued batches' estimated run time / "
+        "lanes, policy/wait.py) exceeds this gets RESOURCE_EXHAUSTED with retry-after-s at once, as does one that "
+        "would be answered (queue wait + its own run time) after its gRPC deadline. 600 s: longer than the e2e "
+        "benchmarks' saturated queues take to drain, short enough that nobody waits ten minutes behind a "
+        "backlog that does not clear; 0 = only the caller's deadline.",
+    )
     preempt_share: float = Field(
         0.0, ge=0.0, le=0.5, description="Straggler preemption for policies that plan with predicted lengths: once "
         "a batch ran its planned G(B) steps and at most this share of its rows still runs, the worker cuts them "

@@ -80,6 +80,7 @@ class PendingRequest:
     queued_at: datetime  # wall clock, for responses and the log
     future: asyncio.Future[RequestResult]
     events: asyncio.Queue[str] | None = None  # only for GenerateStream callers
+    deadline_s: float | None = None  # monotonic clock: when the caller stops waiting (its gRPC deadline)
     started_at: datetime | None = None
     # straggler preemption: what earlier batches generated before they were cut
     output_so_far: str = ""
@@ -123,6 +124,8 @@ class WorkerInfo:
     model_name: str
     device: str
     last_seen_s: float
+    max_context_tokens: int = 0  # prompt + max_new_tokens it can run, tokens; 0 = unknown
+    incarnation_id: str = ""  # new at every process start; empty = an older worker that sends none
 
 
 @dataclass
@@ -137,6 +140,8 @@ class Lease:
     estimated_s: float
     items: list[PendingRequest] = field(default_factory=list)
     preempt_max_rows: int = 0  # the worker may cut this many stragglers after G(B) steps; 0 = never
+    # requests whose callers left while the batch ran: out of `items`, told to the worker by Heartbeat
+    cancelled_ids: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,18 @@ QUEUE_WAIT = Histogram(
 )
 BATCHES = Counter("magnus_batches_total", "Batches that ended, by outcome (ok, oom, failed, lost).", ["outcome"])
 OOM_SPLITS = Counter("magnus_oom_splits_total", "Batches split in two after a worker ran out of memory.")
+CANCELLED_REQUESTS = Counter(
+    "magnus_cancelled_requests_total",
+    "Requests dropped because their caller left (cancelled or past its deadline), by where they were: "
+    "queued (no worker time spent) or running (the worker is told to stop).",
+    ["stage"],
+)
+REJECTED_REQUESTS = Counter(
+    "magnus_rejected_requests_total",
+    "Requests refused at admission with RESOURCE_EXHAUSTED, by reason: queue_full, tenant_full, memory, "
+    "wait (estimated wait past the caller's deadline or MAGNUS_BATCHER_MAX_QUEUE_WAIT_S).",
+    ["reason"],
+)
 PREEMPTIONS = Counter("magnus_preemptions_total", "Requests cut from a batch as stragglers and requeued.")
 LENGTH_ERROR = Histogram(
     "magnus_length_prediction_error_tokens",

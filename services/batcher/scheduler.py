@@ -14,6 +14,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from services.batcher import metrics
 from services.batcher.domain import (
@@ -25,14 +26,16 @@ from services.batcher.domain import (
     RequestResult,
     WorkerInfo,
 )
+from services.batcher.lease_recovery import LeaseRecovery
 from services.batcher.log_rows import LogSink, batch_row, request_row
 from services.batcher.policy.assembler import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.batch_queue import BatchQueue
-from services.batcher.policy.config import ChooseMode, PolicyConfig
+from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES, ChooseMode, PolicyConfig
 from services.batcher.policy.hrrn import batch_estimate_s
 from services.batcher.policy.split import split_batch
-from services.shared.errors import Internal, ResourceExhausted, Unavailable
+from services.batcher.policy.wait import own_run_s, queue_wait_s, queued_work_s, wait_excess_s
+from services.shared.errors import Internal, InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,14 @@ class SchedulerLimits:
     preempt_share: float = 0.0  # straggler preemption (BatcherSettings.preempt_share); 0 = off
     # a request cut this often is planned at its whole remaining max_new_tokens: never cut again
     max_preemptions: int = 3
+    max_context_tokens: int = 0  # prompt + max_new_tokens cap besides the workers' own; 0 = none
+    max_queue_wait_s: float = 0.0  # refuse a request estimated to wait longer; 0 = only its deadline
+
+
+class HeartbeatReply(NamedTuple):
+    is_lease_valid: bool
+    is_registered: bool
+    cancelled_request_ids: list[str]  # of the heartbeated batch: their callers left
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-class Scheduler:
+class Scheduler(LeaseRecovery):
     def __init__(
         self,
         policy: PolicyConfig,
@@ -95,15 +106,53 @@ class Scheduler:
         if self.is_draining:
             raise Unavailable("batcher is shutting down; retry on another replica")
         if len(self.pending) >= self.limits.max_pending_requests:
+            metrics.REJECTED_REQUESTS.labels(reason="queue_full").inc()
             raise ResourceExhausted(
                 f"queue full: {len(self.pending)} requests pending (limit {self.limits.max_pending_requests})",
                 retry_after_s=self.limits.retry_after_s,
             )
         cap = self.limits.max_pending_per_tenant
         if cap and tenant_id is not None and self.pending_by_tenant[tenant_id] >= cap:
+            metrics.REJECTED_REQUESTS.labels(reason="tenant_full").inc()
             raise ResourceExhausted(
                 f"tenant {tenant_id!r} has {self.pending_by_tenant[tenant_id]} requests pending (limit {cap})",
                 retry_after_s=self.limits.retry_after_s,
+            )
+
+    def context_limit_tokens(self) -> int | None:
+        """Longest prompt + max_new_tokens every worker can run: the smallest context a live worker
+        announced, capped by MAGNUS_BATCHER_MAX_CONTEXT_TOKENS; None when neither is known."""
+        limits = [w.max_context_tokens for w in self.workers.values() if w.max_context_tokens > 0]
+        if self.limits.max_context_tokens > 0:
+            limits.append(self.limits.max_context_tokens)
+        return min(limits, default=None)
+
+    def check_context(self, input_tokens: int, max_new_tokens: int) -> None:
+        """Raise InvalidArgument if the request is longer than a worker can run: it would fail its batch."""
+        limit = self.context_limit_tokens()
+        if limit is not None and input_tokens + max_new_tokens > limit:
+            raise InvalidArgument(
+                "prompt.max_new_tokens",
+                f"prompt {input_tokens} + max_new_tokens {max_new_tokens} = {input_tokens + max_new_tokens} "
+                f"tokens exceeds the workers' context of {limit} tokens",
+            )
+
+    def check_wait(self, request: PendingRequest, gen_tokens: int) -> None:
+        """Raise ResourceExhausted if the request would be answered after its caller's deadline or queue
+        longer than MAGNUS_BATCHER_MAX_QUEUE_WAIT_S (the rule is policy/wait.py's)."""
+        remaining_s = None if request.deadline_s is None else request.deadline_s - self.clock.monotonic_s()
+        if remaining_s is None and not self.limits.max_queue_wait_s:
+            return
+        wait_s = queue_wait_s(queued_work_s(self.open_batches.columns), self._num_lanes())
+        run_s = own_run_s(request.input_tokens_now, gen_tokens)
+        excess_s = wait_excess_s(wait_s, run_s, remaining_s, self.limits.max_queue_wait_s)
+        if excess_s > 0:
+            metrics.REJECTED_REQUESTS.labels(reason="wait").inc()
+            deadline = "no deadline" if remaining_s is None else f"a deadline in {remaining_s:.1f} s"
+            raise ResourceExhausted(
+                f"estimated queue wait {wait_s:.1f} s + run {run_s:.1f} s is too long ({deadline}, queue wait "
+                f"limit {self.limits.max_queue_wait_s:.0f} s)",
+                retry_after_s=max(self.limits.retry_after_s, excess_s),
             )
 
     def memory_budget(self) -> MemoryBudget:
@@ -122,37 +171,59 @@ class Scheduler:
         gen_tokens = request.gen_tokens_for(self.policy.uses_true_lengths, self.policy.uses_upper_lengths)
         member = Member(request.request_id, request.prediction.input_tokens, gen_tokens, request.arrival_s)
         if not budget.fits(1, member.input_tokens, member.gen_tokens):
+            metrics.REJECTED_REQUESTS.labels(reason="memory").inc()
             raise ResourceExhausted(
                 f"request needs {(member.input_tokens + member.gen_tokens) * (budget.kv_bytes_per_token or 0)} "
                 f"bytes of KV memory; workers have {budget.free_kv_bytes}"
             )
+        self.check_wait(request, gen_tokens)
         self.pending[request.request_id] = request
         self.pending_by_tenant[request.generation.tenant_id] += 1
         if request.events is not None:
             request.events.put_nowait(Phase.QUEUED)
         self._enqueue(member, budget)
 
-    def cancel(self, request_id: str) -> bool:
-        """Drop a request whose caller went away, if its batch has not started. True if dropped."""
-        batch_id = self.batch_of.pop(request_id, None)
+    def cancel(self, request_id: str) -> str | None:
+        """Drop a request whose caller went away. Returns where it was ("queued", "running"), None if
+        it was no longer pending (answered already).
+
+        Queued, it leaves its batch. Running, it leaves its lease: the worker hears of it by its next
+        Heartbeat (continuous workers free its row); a lease left with no request is revoked, so the
+        worker stops the whole batch. Results for it that arrive later are ignored.
+        """
         request = self.pending.get(request_id)
-        if batch_id is None or request is None:
-            return False
-        self.open_batches.remove_member(batch_id, request_id)
+        if request is None:
+            return None
+        batch_id = self.batch_of.pop(request_id, None)
+        if batch_id is not None:
+            self.open_batches.remove_member(batch_id, request_id)
+            stage = "queued"
+        else:
+            stage = "running"
+            self._drop_from_lease(request_id)
         self._forget(request)
-        self.log_sink.add_request(request_row(request, status="cancelled", error="caller cancelled"))
+        metrics.CANCELLED_REQUESTS.labels(stage=stage).inc()
+        self.log_sink.add_request(request_row(request, status="cancelled", error=f"caller left while {stage}"))
         self.on_change()
-        return True
+        return stage
 
     # ---- workers ---------------------------------------------------------------------------
     def register(self, worker: WorkerInfo) -> None:
-        is_new = worker.worker_id not in self.workers
+        """Add or refresh a worker. A known id with a new incarnation is a restarted process: the old
+        one's leases are requeued ahead of new work now, not when they expire (its late reports then
+        name batches no longer leased, and are refused)."""
+        previous = self.workers.get(worker.worker_id)
+        is_restart = bool(previous and previous.incarnation_id and worker.incarnation_id
+                          and previous.incarnation_id != worker.incarnation_id)
         worker.last_seen_s = self.clock.monotonic_s()
         self.workers[worker.worker_id] = worker
-        if is_new:
+        if is_restart:
+            self._release_leases_of(worker.worker_id)
+        if previous is None or is_restart:
             log.info(
-                "worker %s registered: %s, Delta=%d B/token, Theta=%d B",
-                worker.worker_id, worker.device, worker.kv_bytes_per_token, worker.free_kv_bytes,
+                "worker %s registered%s: %s, Delta=%d B/token, Theta=%d B, context %d tokens",
+                worker.worker_id, " (restarted)" if is_restart else "", worker.device,
+                worker.kv_bytes_per_token, worker.free_kv_bytes, worker.max_context_tokens,
             )
 
     def pull(self, worker_id: str) -> Lease | asyncio.Future[Lease]:
@@ -169,17 +240,17 @@ class Scheduler:
         """Forget a long-poll that timed out or whose caller left (its lease, if any, will expire)."""
         self.waiting_pulls.pop(future, None)
 
-    def heartbeat(self, worker_id: str, batch_id: str) -> tuple[bool, bool]:
-        """Renew; returns (is_lease_valid, is_registered)."""
+    def heartbeat(self, worker_id: str, batch_id: str) -> HeartbeatReply:
+        """Renew the worker and the lease of `batch_id`; say which of its requests' callers left."""
         is_registered = worker_id in self.workers
         self._touch(worker_id)
         if not batch_id:
-            return True, is_registered
+            return HeartbeatReply(True, is_registered, [])
         lease = self.leases.get(batch_id)
         if lease is None or lease.worker_id != worker_id:
-            return False, is_registered
+            return HeartbeatReply(False, is_registered, [])
         lease.deadline_s = self.clock.monotonic_s() + self.limits.lease_s
-        return True, is_registered
+        return HeartbeatReply(True, is_registered, sorted(lease.cancelled_ids))
 
     def complete(self, worker_id: str, batch_id: str, report: BatchReport) -> bool:
         """Deliver a batch's results. False if the batch is not leased to this worker."""
@@ -221,44 +292,6 @@ class Scheduler:
             batch_row(lease, outcome="ok", finished_at=finished_at, report=report, actual_gen_tokens_max=actual_gen_max)
         )
         return True
-
-    def fail(self, worker_id: str, batch_id: str, *, is_out_of_memory: bool, message: str) -> bool:
-        """A leased batch failed: split it (OOM) or requeue it (bounded retries)."""
-        lease = self._take_lease(worker_id, batch_id)
-        if lease is None:
-            return False
-        outcome = "oom" if is_out_of_memory else "failed"
-        metrics.observe_failure(outcome, is_split=is_out_of_memory and lease.batch.size >= 2)
-        self.log_sink.add_batch(batch_row(lease, outcome=outcome, finished_at=self.clock.wall()))
-        log.warning("batch %s (%d requests) failed on %s: %s: %s", batch_id, lease.batch.size, worker_id, outcome, message)
-        if is_out_of_memory:
-            if lease.batch.size < 2:
-                for request in lease.items:
-                    self._fail_request(request, ResourceExhausted(f"request does not fit in worker memory: {message}"))
-                return True
-            for half in split_batch(lease.batch, (self.make_id(), self.make_id())):
-                self._requeue(half)
-        else:
-            self._retry_or_fail(lease, Internal(f"worker failed the batch {self.limits.max_batch_failures} times: {message}"))
-        self._schedule_dispatch()
-        return True
-
-    def expire(self) -> None:
-        """Requeue batches whose lease ran out and forget workers that went silent."""
-        now_s = self.clock.monotonic_s()
-        for batch_id, lease in list(self.leases.items()):
-            if lease.deadline_s < now_s:
-                log.warning("lease of batch %s on %s expired; requeueing", batch_id, lease.worker_id)
-                self.leases.pop(batch_id)
-                self.log_sink.add_batch(batch_row(lease, outcome="lost", finished_at=self.clock.wall()))
-                metrics.observe_failure("lost")
-                self._retry_or_fail(lease, Unavailable("batch lost by workers too many times"))
-        waiting_workers = set(self.waiting_pulls.values())
-        for worker_id, worker in list(self.workers.items()):
-            if worker_id not in waiting_workers and now_s - worker.last_seen_s > self.limits.worker_timeout_s:
-                log.warning("worker %s silent for %.0f s; forgetting it", worker_id, now_s - worker.last_seen_s)
-                del self.workers[worker_id]
-        self._schedule_dispatch()
 
     # ---- estimates -------------------------------------------------------------------------
     def stale_estimates(self) -> list[tuple[str, int, tuple[int, int, int]]]:
@@ -389,6 +422,12 @@ class Scheduler:
             batch = first
         return batch
 
+    def _num_lanes(self) -> int:
+        """Batches run at once: one per worker, or one per row for the continuous policies."""
+        if self.policy.name in CONTINUOUS_POLICY_NAMES:
+            return sum(max(1, w.max_batch_size) for w in self.workers.values())
+        return len(self.workers)
+
     def _take_lease(self, worker_id: str, batch_id: str) -> Lease | None:
         lease = self.leases.get(batch_id)
         if lease is None or lease.worker_id != worker_id:
@@ -399,20 +438,6 @@ class Scheduler:
         self.open_batches.push_front(batch)  # it is older than new arrivals
         for member in batch.members:
             self.batch_of[member.request_id] = batch.batch_id
-
-    def _retry_or_fail(self, lease: Lease, error: Exception) -> None:
-        batch = lease.batch
-        batch.num_failures += 1
-        if batch.num_failures >= self.limits.max_batch_failures:
-            for request in lease.items:
-                self._fail_request(request, error)
-            return
-        retry = QueuedBatch(batch_id=self.make_id(), is_sealed=True, parent_batch_id=batch.batch_id)
-        for member in batch.members:
-            retry.add(member)
-        retry.num_failures = batch.num_failures
-        self._requeue(retry)
-        self._schedule_dispatch()
 
     def _forget(self, request: PendingRequest) -> None:
         """The request left `pending` (answered or dropped): its tenant's share is free again."""

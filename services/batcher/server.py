@@ -73,6 +73,8 @@ async def serve(settings: BatcherSettings) -> None:
         lease_s=settings.lease_s,
         worker_timeout_s=settings.worker_timeout_s,
         max_batch_failures=settings.max_batch_failures,
+        max_context_tokens=settings.max_context_tokens,
+        max_queue_wait_s=settings.max_queue_wait_s,
         preempt_share=settings.preempt_share,
     )
     scheduler = Scheduler(policy, limits, SYSTEM_CLOCK, log_writer)

@@ -80,7 +80,9 @@ class GenerationServicer:
         generation, earlier = await self._earlier_call(request)
         if earlier is not None:
             return result_to_proto(earlier)
-        pending = await self._admission.submit(generation, wants_events=False)
+        pending = await self._admission.submit(
+            generation, wants_events=False, time_remaining_s=context.time_remaining()
+        )
         try:
             return result_to_proto(await asyncio.shield(pending.future))
         except asyncio.CancelledError:
@@ -94,7 +96,9 @@ class GenerationServicer:
         if earlier is not None:
             yield _finished_event(earlier)
             return
-        pending = await self._admission.submit(generation, wants_events=True)
+        pending = await self._admission.submit(
+            generation, wants_events=True, time_remaining_s=context.time_remaining()
+        )
         phases = {Phase.QUEUED: generation_pb2.REQUEST_PHASE_QUEUED, Phase.STARTED: generation_pb2.REQUEST_PHASE_STARTED}
         try:
             while not pending.future.done():
@@ -157,6 +161,8 @@ class WorkerQueueServicer:
         check_range("kv_bytes_per_token", request.kv_bytes_per_token, low=1, high=2**40)
         check_range("free_kv_bytes", request.free_kv_bytes, low=1, high=2**60)
         check_range("max_batch_size", request.max_batch_size, low=0, high=1_000_000)
+        check_range("max_context_tokens", request.max_context_tokens, low=0, high=2**31 - 1)
+        check_text("incarnation_id", request.incarnation_id, max_bytes=64, may_be_empty=True)
         self._scheduler.register(
             WorkerInfo(
                 worker_id=request.worker_id,
@@ -166,6 +172,8 @@ class WorkerQueueServicer:
                 model_name=request.model_name,
                 device=request.device,
                 last_seen_s=time.monotonic(),
+                max_context_tokens=request.max_context_tokens,
+                incarnation_id=request.incarnation_id,
             )
         )
         return worker_queue_pb2.RegisterWorkerResponse(
@@ -212,11 +220,16 @@ class WorkerQueueServicer:
             request.worker_id,
             request.batch_id,
             is_out_of_memory=request.kind == worker_queue_pb2.FAILURE_KIND_OUT_OF_MEMORY,
+            is_worker_stopping=request.kind == worker_queue_pb2.FAILURE_KIND_WORKER_STOPPING,
             message=request.message[:4096],
         )
         return worker_queue_pb2.ReportBatchFailureResponse(is_accepted=is_accepted)
 
     async def Heartbeat(self, request, context) -> worker_queue_pb2.HeartbeatResponse:
         check_text("worker_id", request.worker_id, max_bytes=128)
-        is_lease_valid, is_registered = self._scheduler.heartbeat(request.worker_id, request.batch_id)
-        return worker_queue_pb2.HeartbeatResponse(is_lease_valid=is_lease_valid, is_registered=is_registered)
+        reply = self._scheduler.heartbeat(request.worker_id, request.batch_id)
+        return worker_queue_pb2.HeartbeatResponse(
+            is_lease_valid=reply.is_lease_valid,
+            is_registered=reply.is_registered,
+            cancelled_request_ids=reply.cancelled_request_ids,
+        )

@@ -1,6 +1,12 @@
-"""OOM recovery: split a batch in two halves and requeue both (arrival times kept)."""
+"""Failure recovery: split a failed batch in two halves and requeue both (arrival times kept).
+
+Out of memory, the halves fit; on any other error, halving again and again isolates the request
+that breaks its batch, so only it fails.
+"""
 
 from __future__ import annotations
+
+import enum
 
 from services.batcher.policy.batch import Member, QueuedBatch
 
@@ -28,3 +34,32 @@ def split_batch(batch: QueuedBatch, new_ids: tuple[str, str]) -> tuple[QueuedBat
             half.add(member)
         halves.append(half)
     return halves[0], halves[1]
+
+
+class FailureAction(enum.Enum):
+    """What the scheduler does with a leased batch the worker reported as failed."""
+
+    SPLIT = "split"  # requeue both halves: the failing request ends up alone, its neighbours run
+    RETRY = "retry"  # requeue the batch whole (a lone request: the error may have been transient)
+    FAIL = "fail"  # answer its requests with the error
+    REQUEUE = "requeue"  # the worker stopped, not the batch's fault: requeue whole, count nothing
+
+
+def after_failure(
+    size: int, num_failures: int, max_failures: int, *, is_out_of_memory: bool, is_worker_stopping: bool = False
+) -> FailureAction:
+    """The decision for a batch of `size` requests that has now failed `num_failures` times (this one
+    included, its parent batches' failures inherited).
+
+    A batch of two or more is always split, OOM or not: splitting is bounded by log2(size) rounds,
+    and a request that breaks every batch it is in (a poison request) then fails alone while every
+    neighbour is answered. Alone, an OOM cannot shrink further and fails at once; another error is
+    retried until the request has failed `max_failures` times.
+    """
+    if is_worker_stopping:
+        return FailureAction.REQUEUE
+    if size >= 2:
+        return FailureAction.SPLIT
+    if is_out_of_memory or num_failures >= max_failures:
+        return FailureAction.FAIL
+    return FailureAction.RETRY

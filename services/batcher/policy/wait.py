@@ -1,0 +1,56 @@
+"""Deadline-aware admission: how long a new request would wait for its answer (pure).
+
+The rule, in seconds: wait = (run time of every queued batch) / (lanes that drain the queue), and
+the answer comes after wait + the new request's own run time. A queued batch's run time is the estimator's cached estimate, else the
+fallback guess (policy/fallback.py); the request's own is the fallback for a batch of one at its
+planned length. A lane is a worker for static batching, a row of a worker's running batch for the
+continuous policies (each row takes a lease of its own). Batches already running are left out:
+they are partly done and their time is not known here. Deliberately rough: it only has to tell a
+request that can make its deadline from one that cannot, and it errs towards admitting (a request
+admitted in vain is dropped from the queue when its caller leaves).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.batcher.policy.columns import BatchColumns
+from services.batcher.policy.fallback import fallback_estimate_s
+
+
+def queued_work_s(columns: BatchColumns) -> float:
+    """Sum of the queued batches' run-time estimates (cached, else the fallback guess), seconds."""
+    if len(columns.size) == 0:
+        return 0.0
+    fallback = fallback_estimate_s(columns.size, columns.input_max, columns.gen_max)
+    estimates = np.where(np.isfinite(columns.estimate_s), columns.estimate_s, fallback)
+    return float(estimates[columns.size > 0].sum())
+
+
+def queue_wait_s(queued_s: float, num_lanes: int) -> float:
+    """Seconds until a new request's batch starts: the queued work shared by the lanes.
+
+    num_lanes < 1 (no worker registered yet) counts as one: a worker is expected, and refusing
+    everything until one registers would turn a start-up race into errors.
+    """
+    return queued_s / max(1, num_lanes)
+
+
+def own_run_s(input_tokens: int, gen_tokens: int) -> float:
+    """The new request's own run time: the fallback guess for a batch of one, seconds."""
+    return float(fallback_estimate_s(1, input_tokens, gen_tokens))
+
+
+def wait_excess_s(wait_s: float, run_s: float, time_remaining_s: float | None, max_queue_wait_s: float) -> float:
+    """How much too long the request would take, seconds; <= 0 means admit it.
+
+    Too long: answered (wait + run) after the caller's deadline, or queued (wait) longer than
+    max_queue_wait_s (0 = no cap). The cap is on queueing alone, so that a long request is never
+    refused for its own length, only for the backlog ahead of it.
+    """
+    excess_s = float("-inf")
+    if time_remaining_s is not None:
+        excess_s = wait_s + run_s - time_remaining_s
+    if max_queue_wait_s > 0:
+        excess_s = max(excess_s, wait_s - max_queue_wait_s)
+    return excess_s
