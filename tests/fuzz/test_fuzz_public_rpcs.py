@@ -28,7 +28,11 @@ NUM_EXAMPLES = int(os.environ.get("MAGNUS_FUZZ_EXAMPLES", "1000"))
 CASES_PER_EXAMPLE = 10
 DEADLINE_S = 5.0
 # What a hostile or broken request may get. INTERNAL / UNKNOWN would mean an unhandled error.
-ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# ALREADY_EXISTS: a client_request_id drawn twice for two different prompts of one tenant.
+ALLOWED = {
+    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
 SETTINGS = BatcherSettings(
     port=0, max_instruction_bytes=256, max_user_input_bytes=1024, max_new_tokens_limit=64, max_input_tokens=512
 )
@@ -153,3 +157,50 @@ async def test_a_message_over_the_size_limit_is_refused():
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call(generation_pb2.GenerateRequest(prompt=prompt).SerializeToString(), timeout=5)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _in_prompt(prompt_fields: bytes) -> bytes:
+    """A GenerateRequest whose prompt (field 1) is the given raw field bytes after a valid user_input."""
+    inner = b"\x12\x05hello" + prompt_fields  # user_input = "hello"
+    return b"\x0a" + _varint(len(inner)) + inner
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("payload", "says"),
+    [
+        # max_new_tokens (#3, int32) sent length-delimited: protobuf would call it an unknown field
+        (_in_prompt(b"\x1a\x02ab"), "prompt.max_new_tokens: sent with wire type length-delimited, but the field is int32"),
+        # ... or as a fixed 32-bit value
+        (_in_prompt(b"\x1d\x04\x00\x00\x00"), "prompt.max_new_tokens: sent with wire type 32-bit"),
+        # 2**32 + 4 would be cut to 4 (and 2**32 to 0: "got 0"): the value sent is named
+        (_in_prompt(b"\x18" + _varint(2**32 + 4)), "prompt.max_new_tokens: 4294967300 does not fit in int32"),
+        (_in_prompt(b"\x18" + _varint(2**32)), "prompt.max_new_tokens: 4294967296 does not fit in int32"),
+        # tenant_id (#5, string) sent as a varint
+        (_in_prompt(b"\x18\x04\x28\x01"), "prompt.tenant_id: sent with wire type varint, but the field is string"),
+        # a field this version does not know is still called that
+        (_in_prompt(b"\x18\x04\xf8\x01\x01"), "unknown field prompt#31"),
+    ],
+    ids=["len-for-int32", "fixed32-for-int32", "overflow", "overflow-to-zero", "varint-for-string", "unknown"],
+)
+async def test_wire_errors_are_named_for_what_they_are(payload, says):
+    async with inprocess_batcher(SETTINGS) as runner:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+            for method in ("Generate", "GenerateStream"):
+                if method == "Generate":
+                    call = channel.unary_unary(f"/magnus.v1.GenerationService/{method}")(payload, timeout=5)
+                else:
+                    call = channel.unary_stream(f"/magnus.v1.GenerationService/{method}")(payload, timeout=5).read()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert says in refused.value.details(), refused.value.details()
