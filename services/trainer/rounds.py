@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -17,12 +18,22 @@ from typing import Any
 from services.shared.db.models import utc_now
 from services.shared.db.queries import get_state, set_state
 from services.shared.model_store import LoadedModel, ModelStore, ModelStoreError, VersionNotFound
+from services.trainer import metrics
 from services.trainer.config import TrainerSettings
 from services.trainer.push import catch_up, push_to_all, summarize
 from services.trainer.selection import keep_newest, should_push
 from services.trainer.specs import ModelSpec, make_specs
 
 log = logging.getLogger(__name__)
+
+
+class RoundOutcome:
+    """How a round ended (plain strings: stored in the trainer state, and metrics.OUTCOMES labels)."""
+
+    TRAINED = "trained"
+    NO_NEW_ROWS = "no_new_rows"
+    NO_BAD_MISSES = "no_bad_misses"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,8 @@ class RoundResult:
     new_version: int = 0
     is_pushed: bool = False
     note: str = ""
+    outcome: str = RoundOutcome.TRAINED
+    candidate_error: float | None = None  # the spec's error_metric on held-back rows; None = none held back
 
     def to_state(self) -> dict[str, Any]:
         return {**asdict(self), "finished_at": self.finished_at.isoformat()}
@@ -67,6 +80,7 @@ class Trainer:
         self.specs = make_specs(settings)
         self.last_rounds: dict[str, RoundResult] = {}
         self._locks = {kind: asyncio.Lock() for kind in self.specs}
+        metrics.declare_kinds(self.kinds)
 
     @property
     def kinds(self) -> list[str]:
@@ -83,13 +97,23 @@ class Trainer:
         """Run one round of `kind` now (waiting for a running one of the same kind)."""
         spec = self.specs[kind]
         async with self._locks[kind]:
+            started_s = time.monotonic()
             await self._catch_up_replicas(kind)
             try:
                 result = await self._round(spec)
             except ModelStoreError as error:
                 # e.g. the base artifact is gone: keep the watermark, so nothing is lost.
                 log.warning("%s round failed: %s", kind, error)
-                result = RoundResult(kind, utc_now(), note=f"failed: {error}")
+                result = RoundResult(kind, utc_now(), note=f"failed: {error}", outcome=RoundOutcome.FAILED)
+            except Exception:
+                metrics.observe_round(kind, RoundOutcome.FAILED, time.monotonic() - started_s)
+                raise
+            is_trained = result.outcome == RoundOutcome.TRAINED
+            metrics.observe_round(
+                kind, result.outcome, time.monotonic() - started_s, num_samples_added=result.num_samples_added,
+                is_pushed=result.is_pushed if is_trained else None, error_metric=spec.error_metric,
+                candidate_error=result.candidate_error,
+            )
             log.info(
                 "%s round: +%d samples, version %s, pushed=%s (%s)",
                 kind, result.num_samples_added, result.new_version or "-", result.is_pushed, result.note,
@@ -116,13 +140,14 @@ class Trainer:
             since_seq = int(((await get_state(session, watermark_key(kind))) or {}).get("seq", 0))
             rows = await spec.fetch(session, since_seq, self.settings.max_rows_per_round)
         if not rows:
-            return RoundResult(kind, utc_now(), note="no new log rows")
+            return RoundResult(kind, utc_now(), note="no new log rows", outcome=RoundOutcome.NO_NEW_ROWS)
         last_seq = rows[-1].seq
         new_samples = spec.select(rows)
         if not new_samples:
             async with self.store.session_factory() as session, session.begin():
                 await set_state(session, watermark_key(kind), {"seq": last_seq})
-            return RoundResult(kind, utc_now(), note=f"no bad misses among {len(rows)} new log rows")
+            note = f"no bad misses among {len(rows)} new log rows"
+            return RoundResult(kind, utc_now(), note=note, outcome=RoundOutcome.NO_BAD_MISSES)
         return await self._train(spec, rows, new_samples, last_seq)
 
     async def _train(self, spec: ModelSpec, rows: list, new_samples: list, last_seq: int) -> RoundResult:
@@ -159,7 +184,9 @@ class Trainer:
             await self.store.mark_pushed(kind, info.version, is_pushed=True, note=note)
         else:
             log.warning("%s v%d not pushed: %s", kind, info.version, note)
-        return RoundResult(kind, utc_now(), len(new_samples), info.version, is_pushed, note)
+        return RoundResult(
+            kind, utc_now(), len(new_samples), info.version, is_pushed, note, candidate_error=candidate_error
+        )
 
     @staticmethod
     def _fit_and_score(
