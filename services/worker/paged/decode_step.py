@@ -1,0 +1,253 @@
+"""One decode step of a Llama-family model over a paged KV cache, replayable as a CUDA graph.
+
+Written against plain weight tensors (`PagedWeights`), so a benchmark can build a 7B shape with
+random weights and a test can take them from a transformers model. A step advances every row by
+one token: embed -> per layer [RMSNorm, fused QKV projection, rotary at the row's own position and
+the new K/V written to the row's slot, ragged paged attention, O projection + residual, RMSNorm,
+fused gate/up projection, SiLU-and-mul, down projection + residual] -> final norm -> lm_head -> argmax.
+
+Everything a step reads per row lives in `StepInputs`, fixed-address device buffers: a graph is
+captured once per batch-size bucket (`GraphedDecode`) and replayed with new contents. Rows beyond
+the live ones in a bucket are padding: they write to and read from a scratch block past the pool
+(block index num_blocks), so they never touch a live row's blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from services.worker.fast_decoder import LayerWeights
+from services.worker.paged.attention import paged_decode_attention, paged_decode_attention_reference
+from services.worker.paged.fused_ops import rms_norm, rope_and_write_kv, silu_mul
+
+
+@dataclass(frozen=True)
+class PagedModelConfig:
+    """The shape of a Llama-family decoder (pre-norm RMSNorm, rotary, GQA, SwiGLU)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    has_qkv_bias: bool = False  # Qwen2 has biases on q/k/v, Llama none
+    max_positions: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"rotary needs an even head_dim, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over all layers, in bytes at 2 bytes an element (bf16)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+    @classmethod
+    def from_hf(cls, config) -> PagedModelConfig:
+        return cls(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            rms_norm_eps=config.rms_norm_eps, rope_theta=_rope_theta(config),
+            has_qkv_bias=config.model_type == "qwen2", max_positions=config.max_position_embeddings,
+        )
+
+
+def _rope_theta(config) -> float:
+    """transformers 5 keeps rope_theta in rope_parameters; older versions on the config. Only
+    plain rotary is built here, so a scaled one is refused rather than silently changed."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if parameters.get("rope_type", "default") != "default":
+        raise ValueError(f"only default rotary is supported, got {parameters.get('rope_type')}")
+    return float(parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+
+
+LLAMA2_7B = PagedModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                             num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5)
+QWEN2_7B = PagedModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                            num_heads=28, num_kv_heads=4, rope_theta=1e6, has_qkv_bias=True)
+
+
+@dataclass
+class PagedWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor  # [vocab, hidden]
+
+    @classmethod
+    def random(cls, config: PagedModelConfig, device, dtype=torch.bfloat16, seed: int = 0) -> PagedWeights:
+        """Random weights at std 0.02 (norms at 1): activations stay finite over many layers."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+        hidden, inner, dim = config.hidden_size, config.intermediate_size, config.head_dim
+        qkv_rows = (config.num_heads + 2 * config.num_kv_heads) * dim
+
+        def normal(*shape):
+            return (torch.randn(*shape, generator=gen, device=device, dtype=dtype) * 0.02)
+
+        def ones():
+            return torch.ones(hidden, device=device, dtype=dtype)
+
+        layers = [
+            LayerWeights(
+                input_norm=ones(), qkv=normal(qkv_rows, hidden),
+                qkv_bias=normal(qkv_rows) if config.has_qkv_bias else None, out=normal(hidden, config.num_heads * dim),
+                post_norm=ones(), gate_up=normal(2 * inner, hidden), down=normal(hidden, inner),
+            )
+            for _ in range(config.num_layers)
+        ]
+        return cls(embed=normal(config.vocab_size, hidden), layers=layers, final_norm=ones(),
+                   lm_head=normal(config.vocab_size, hidden))
+
+    @classmethod
+    def from_hf(cls, model) -> PagedWeights:
+        """Copies of a transformers Llama-family model's weights, q/k/v and gate/up fused."""
+        layers = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            biases = [p.bias for p in projections]
+            layers.append(LayerWeights(
+                input_norm=layer.input_layernorm.weight.detach().clone(),
+                qkv=torch.cat([p.weight.detach() for p in projections]),
+                qkv_bias=torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None,
+                out=attn.o_proj.weight.detach().clone(),
+                post_norm=layer.post_attention_layernorm.weight.detach().clone(),
+                gate_up=torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]),
+                down=mlp.down_proj.weight.detach().clone(),
+            ))
+        return cls(embed=model.model.embed_tokens.weight.detach().clone(), layers=layers,
+                   final_norm=model.model.norm.weight.detach().clone(), lm_head=model.lm_head.weight.detach().clone())
+
+    def step_read_bytes(self, batch: int) -> int:
+        """Weight bytes one decode step must read: every matrix and norm, but only `batch` rows of
+        the embedding table."""
+        tensors = [self.final_norm, self.lm_head]
+        for layer in self.layers:
+            tensors += [t for t in vars(layer).values() if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors) + batch * self.embed[0].numel() * self.embed.element_size()
+
+
+@dataclass
+class StepInputs:
+    """Per-row inputs of a decode step (device buffers; a captured graph reads them in place)."""
+
+    token_ids: torch.Tensor  # [B] int64: the token each row feeds this step
+    positions: torch.Tensor  # [B] int64: its rotary position (= tokens the row held before it)
+    slot_mapping: torch.Tensor  # [B] int64: cache slot its K/V is written to
+    block_tables: torch.Tensor  # [B, W] int32: the row's blocks, padded
+    context_lens: torch.Tensor  # [B] int32: tokens attended, the new one included (= positions + 1)
+
+    @property
+    def batch(self) -> int:
+        return self.token_ids.shape[0]
+
+
+class PagedDecoder:
+    """Owns the weights, the paged KV cache (all layers) and the rotary tables; `decode` runs one step."""
+
+    def __init__(self, config: PagedModelConfig, weights: PagedWeights, num_blocks: int, block_tokens: int = 16,
+                 *, use_triton: bool | None = None, attention_launch: dict | None = None) -> None:
+        self.config, self.weights = config, weights
+        self.num_blocks, self.block_tokens = num_blocks, block_tokens
+        self.use_triton = use_triton
+        self.attention_launch = attention_launch or {}
+        device, dtype = weights.embed.device, weights.embed.dtype
+        self.device, self.dtype = device, dtype
+        # num_blocks + 1: the last block is the padding rows' scratch
+        cache_shape = (num_blocks + 1, block_tokens, config.num_kv_heads, config.head_dim)
+        self.k_caches = [torch.zeros(cache_shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v_caches = [torch.zeros(cache_shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        dim = config.head_dim
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+        angles = torch.arange(config.max_positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None]
+        angles = torch.cat((angles, angles), dim=-1)
+        self.cos, self.sin = angles.cos().float().contiguous(), angles.sin().float().contiguous()
+        self.scale = dim**-0.5
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.num_blocks * self.block_tokens
+
+    def empty_inputs(self, batch: int, table_width: int) -> StepInputs:
+        """Inputs whose every row is padding (scratch slot, one attended token)."""
+        long = dict(dtype=torch.int64, device=self.device)
+        return StepInputs(
+            token_ids=torch.zeros(batch, **long), positions=torch.zeros(batch, **long),
+            slot_mapping=torch.full((batch,), self.scratch_slot, **long),
+            block_tables=torch.full((batch, table_width), self.num_blocks, dtype=torch.int32, device=self.device),
+            context_lens=torch.ones(batch, dtype=torch.int32, device=self.device),
+        )
+
+    def fill(self, inputs: StepInputs, token_ids, positions, slot_mapping, block_tables: torch.Tensor) -> None:
+        """Write live rows 0..n-1 into `inputs` in place and reset the rest to padding.
+        block_tables [n, <= W]; context_lens follow from positions."""
+        live = len(token_ids)
+        if live > inputs.batch:
+            raise ValueError(f"{live} rows do not fit a bucket of {inputs.batch}")
+        long = dict(dtype=torch.int64)
+        inputs.token_ids.zero_()[:live].copy_(torch.tensor(token_ids, **long))
+        inputs.positions.zero_()[:live].copy_(torch.tensor(positions, **long))
+        inputs.slot_mapping.fill_(self.scratch_slot)[:live].copy_(torch.tensor(slot_mapping, **long))
+        inputs.block_tables.fill_(self.num_blocks)[:live, : block_tables.shape[1]].copy_(block_tables)
+        inputs.context_lens.fill_(1)[:live].copy_(inputs.positions[:live] + 1)
+
+    def decode(self, inputs: StepInputs) -> torch.Tensor:
+        """One step for every row of `inputs`; returns logits [B, vocab] in the model's dtype.
+        No host sync unless use_triton is False (the reference attention): capturable."""
+        config, weights, use_triton = self.config, self.weights, self.use_triton
+        hidden = F.embedding(inputs.token_ids, weights.embed)
+        for layer, k_cache, v_cache in zip(weights.layers, self.k_caches, self.v_caches, strict=True):
+            normed = rms_norm(hidden, layer.input_norm, config.rms_norm_eps, use_triton=use_triton)
+            qkv = F.linear(normed, layer.qkv, layer.qkv_bias)
+            q = rope_and_write_kv(qkv, self.cos, self.sin, inputs.positions, inputs.slot_mapping, k_cache, v_cache,
+                                  config.num_heads, use_triton=use_triton)
+            if use_triton is False:
+                attended = paged_decode_attention_reference(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens, self.scale)
+            else:
+                attended = paged_decode_attention(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens,
+                                                  self.scale, **self.attention_launch)
+            hidden = torch.addmm(hidden, attended.view(inputs.batch, -1), layer.out.t())
+            normed = rms_norm(hidden, layer.post_norm, config.rms_norm_eps, use_triton=use_triton)
+            activated = silu_mul(F.linear(normed, layer.gate_up), use_triton=use_triton)
+            hidden = torch.addmm(hidden, activated, layer.down.t())
+        normed = rms_norm(hidden, weights.final_norm, config.rms_norm_eps, use_triton=use_triton)
+        return F.linear(normed, weights.lm_head)
+
+
+class GraphedDecode:
+    """A decode step captured as a CUDA graph for one batch-size bucket and table width.
+
+    Write the step's rows with `decoder.fill(graphed.inputs, ...)`, call `replay()`, read
+    `next_tokens` (greedy) or `logits`."""
+
+    def __init__(self, decoder: PagedDecoder, batch: int, table_width: int, pool=None) -> None:
+        self.inputs = decoder.empty_inputs(batch, table_width)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compiles the Triton kernels and warms cuBLAS outside the capture
+            for _ in range(2):
+                decoder.decode(self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = decoder.decode(self.inputs)
+            self.next_tokens = self.logits.argmax(dim=-1)
+
+    def replay(self) -> None:
+        self.graph.replay()

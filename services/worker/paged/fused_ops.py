@@ -1,0 +1,127 @@
+"""The decode step's elementwise work as single kernels: RMSNorm, rotary + KV-slot write, SiLU-and-mul.
+
+In a graph-replayed decode step at small batch every kernel costs a few microseconds whatever its
+size, and unfused, rotary alone is ~8 kernels a layer (slices, cat, mul, add, two scatters). Each
+function here is one Triton launch on a CUDA device (or under TRITON_INTERPRET=1) and plain torch
+otherwise; `use_triton=False` forces the torch version (the reference the kernels are tested against).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from services.worker.paged.attention import is_available, triton
+
+if triton is not None:
+    import triton.language as tl
+
+
+def _use_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
+    return is_available(x.device) if use_triton is None else use_triton
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, use_triton: bool | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim of x [B, hidden], computed in float32, returned in x's dtype."""
+    if not _use_triton(x, use_triton):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        return (normed * weight.float()).to(x.dtype)
+    out = torch.empty_like(x)
+    _rms_norm_kernel[(x.shape[0],)](x, weight, out, x.stride(0), out.stride(0), x.shape[1], eps,
+                                    BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor, *, use_triton: bool | None = None) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up for gate_up [B, 2I] (gate first) -> [B, I]."""
+    if not _use_triton(gate_up, use_triton):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return (F.silu(gate.float()) * up.float()).to(gate_up.dtype)
+    batch, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(batch, width, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(batch, triton.cdiv(width, block))](gate_up, out, gate_up.stride(0), out.stride(0), width,
+                                                         BLOCK=block)
+    return out
+
+
+def rope_and_write_kv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, *, use_triton: bool | None = None,
+) -> torch.Tensor:
+    """Split the fused projection qkv [B, (H + 2 Hkv) D] into q, k, v; rotate q and k at each row's
+    own position (HF's rotate-half rope; cos/sin [max_positions, D] float32); write k and v into
+    cache slot slot_mapping[b] of k_cache / v_cache [num_blocks, block_tokens, Hkv, D].
+    Returns the rotated q [B, H, D] in qkv's dtype."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    batch = qkv.shape[0]
+    if not _use_triton(qkv, use_triton):
+        q, k, v = qkv.float().split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+        c, s = cos[positions][:, None], sin[positions][:, None]
+        half = head_dim // 2
+
+        def rotate(x):
+            x = x.reshape(batch, -1, head_dim)
+            return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, rotate(k).to(k_cache.dtype))
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.reshape(batch, -1, head_dim).to(v_cache.dtype))
+        return rotate(q).to(qkv.dtype)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("rope_and_write_kv needs contiguous caches")
+    q = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _rope_write_kernel[(batch, num_heads + 2 * num_kv_heads)](
+        qkv, cos, sin, positions, slot_mapping, q, k_cache, v_cache, qkv.stride(0), q.stride(0),
+        num_heads, num_kv_heads, HEAD_DIM=head_dim, num_warps=1,
+    )
+    return q
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, out_stride, width, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        is_col = cols < width
+        x = tl.load(x_ptr + row * x_stride + cols, mask=is_col, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
+        w = tl.load(w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * out_stride + cols, (x * inv_rms * w).to(out_ptr.dtype.element_ty), mask=is_col)
+
+    @triton.jit
+    def _silu_mul_kernel(gate_up_ptr, out_ptr, in_stride, out_stride, width, BLOCK: tl.constexpr):
+        row, block = tl.program_id(0), tl.program_id(1)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        is_col = cols < width
+        gate = tl.load(gate_up_ptr + row * in_stride + cols, mask=is_col, other=0.0).to(tl.float32)
+        up = tl.load(gate_up_ptr + row * in_stride + width + cols, mask=is_col, other=0.0).to(tl.float32)
+        out = gate * tl.sigmoid(gate) * up
+        tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=is_col)
+
+    @triton.jit
+    def _rope_write_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_cache_ptr, v_cache_ptr, qkv_stride, q_stride,
+        num_heads, num_kv_heads, HEAD_DIM: tl.constexpr,
+    ):
+        # one program per (row, head of q, k or v): HEAD_DIM elements each
+        row, head = tl.program_id(0), tl.program_id(1)
+        dims = tl.arange(0, HEAD_DIM)
+        base = qkv_ptr + row * qkv_stride + head * HEAD_DIM
+        x = tl.load(base + dims).to(tl.float32)
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        kv_row = slot * num_kv_heads * HEAD_DIM
+        if head < num_heads + num_kv_heads:
+            partner = tl.load(base + (dims + HEAD_DIM // 2) % HEAD_DIM).to(tl.float32)
+            position = tl.load(pos_ptr + row).to(tl.int64)
+            c = tl.load(cos_ptr + position * HEAD_DIM + dims)
+            s = tl.load(sin_ptr + position * HEAD_DIM + dims)
+            rotated = x * c + tl.where(dims < HEAD_DIM // 2, -partner, partner) * s
+            if head < num_heads:
+                tl.store(q_ptr + row * q_stride + head * HEAD_DIM + dims, rotated.to(q_ptr.dtype.element_ty))
+            else:
+                tl.store(k_cache_ptr + kv_row + (head - num_heads) * HEAD_DIM + dims,
+                         rotated.to(k_cache_ptr.dtype.element_ty))
+        else:
+            tl.store(v_cache_ptr + kv_row + (head - num_heads - num_kv_heads) * HEAD_DIM + dims,
+                     x.to(v_cache_ptr.dtype.element_ty))
