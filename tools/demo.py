@@ -4,6 +4,9 @@ Requests come from the task files (the held-out split of the predictor's bootstr
 predictions are honest), arrive as a Poisson process, and are capped at their reference output
 length: the default model has random weights and never stops by itself, so the cap stands in for
 where a real model would stop (trace replay). The summary reads the answers and the log DB.
+
+With TLS on (MAGNUS_TLS_*), it verifies the batcher against MAGNUS_TLS_CA_FILE; with auth on it
+sends the API key from `--api-key` or MAGNUS_API_KEY as `authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -22,9 +26,14 @@ import grpc
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc
 from services.predictor.dataset import find_task_files, is_test_id, read_task_rows
+from services.shared.auth import bearer_metadata
+from services.shared.channels import channel_options
+from services.shared.tls import TlsSettings, channel_credentials
 from services.shared.tokenizer import get_token_counter
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+API_KEY_ENV = "MAGNUS_API_KEY"
+DEFAULT_TENANT = "demo"
 
 
 @dataclass(frozen=True)
@@ -63,32 +72,76 @@ def load_requests(source: Path, num_requests: int, max_new_tokens_cap: int, seed
     ]
 
 
-async def _send(stub, request: DemoRequest, delay_s: float, index: int) -> DemoOutcome:
+@dataclass(frozen=True)
+class ClientAccess:
+    """How the demo reaches the batcher: TLS (None = plaintext), API key (None = auth off), tenant.
+
+    An API key acts for its own tenant: `tenant_id` "" lets the batcher take the key's.
+    """
+
+    tls: TlsSettings | None = None
+    api_key: str | None = None
+    tenant_id: str = DEFAULT_TENANT
+
+    @classmethod
+    def from_env(cls, api_key: str | None = None, tenant_id: str | None = None) -> ClientAccess:
+        """TLS from MAGNUS_TLS_*, the key from `api_key` or MAGNUS_API_KEY; the tenant as given, else
+        the key's own (sent empty) with a key, "demo" without one."""
+        tls = TlsSettings()
+        api_key = api_key or os.environ.get(API_KEY_ENV) or None
+        return cls(
+            tls=tls if channel_credentials(tls) is not None else None,
+            api_key=api_key,
+            tenant_id=tenant_id if tenant_id is not None else ("" if api_key else DEFAULT_TENANT),
+        )
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        credentials = channel_credentials(self.tls) if self.tls is not None else None
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=channel_options())
+        options = channel_options()
+        if self.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        return grpc.aio.secure_channel(target, credentials, options=options)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer_metadata(self.api_key) if self.api_key else ()
+
+
+async def _send(stub, request: DemoRequest, delay_s: float, index: int, access: ClientAccess) -> DemoOutcome:
     await asyncio.sleep(delay_s)
     started_s = time.monotonic()
     prompt = generation_pb2.Prompt(
         instruction=request.instruction,
         user_input=request.user_input,
         max_new_tokens=request.max_new_tokens,
-        tenant_id="demo",
+        tenant_id=access.tenant_id,
         client_request_id=f"demo-{index}-{started_s}",
     )
     try:
-        response = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=600)
+        response = await stub.Generate(
+            generation_pb2.GenerateRequest(prompt=prompt), timeout=600, metadata=access.metadata
+        )
         return DemoOutcome(request, time.monotonic() - started_s, response, None)
     except grpc.aio.AioRpcError as error:
         return DemoOutcome(request, time.monotonic() - started_s, None, f"{error.code().name}: {error.details()}")
 
 
-async def run_workload(target: str, requests: list[DemoRequest], rate_per_s: float, seed: int) -> list[DemoOutcome]:
+async def run_workload(
+    target: str, requests: list[DemoRequest], rate_per_s: float, seed: int, access: ClientAccess | None = None
+) -> list[DemoOutcome]:
+    access = access or ClientAccess()
     rng = random.Random(seed)
     delays_s, at_s = [], 0.0
     for _ in requests:
         delays_s.append(at_s)
         at_s += rng.expovariate(rate_per_s)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with access.channel(target) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        return await asyncio.gather(*(_send(stub, r, d, i) for i, (r, d) in enumerate(zip(requests, delays_s))))
+        return await asyncio.gather(
+            *(_send(stub, r, d, i, access) for i, (r, d) in enumerate(zip(requests, delays_s)))
+        )
 
 
 def summarize(outcomes: list[DemoOutcome]) -> dict:
@@ -149,10 +202,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="cap on each request's length, tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument("--api-key", help=f"client API key when auth is on (default: ${API_KEY_ENV})")
+    parser.add_argument("--tenant", help="tenant_id of every request (default: the API key's, or 'demo' without one)")
     args = parser.parse_args()
+    access = ClientAccess.from_env(args.api_key, args.tenant)
     requests = load_requests(args.data, args.num_requests, args.max_new_tokens, args.seed)
     print(f"sending {len(requests)} requests at {args.rate:g}/s to {args.target} ...")
-    outcomes = asyncio.run(run_workload(args.target, requests, args.rate, args.seed))
+    outcomes = asyncio.run(run_workload(args.target, requests, args.rate, args.seed, access))
     summary = summarize(outcomes)
     print_summary(summary)
     if args.json:

@@ -2,6 +2,11 @@
 
 Expects the set-up steps of the Makefile to have run (environment, generated code, migrations,
 default model, first predictor and estimator versions). Ctrl-C stops everything cleanly.
+
+TLS and auth: the services and this launcher read the same MAGNUS_TLS_* / MAGNUS_AUTH_* variables.
+With auth on, the demo sends MAGNUS_API_KEY; without one, a key for tenant "demo" is made for this
+run and added to the services' MAGNUS_AUTH_API_KEYS. `--serve` supervises: a service that exits is
+restarted with exponential backoff (tools/supervise.py).
 """
 
 from __future__ import annotations
@@ -9,13 +14,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
 
+from services.shared.auth import api_key_entry
 from services.shared.settings import VAR_DIR, default_database_url
 from tools import demo
 from tools.stack import BATCHER_INTERNAL, SERVICES, Stack
+from tools.supervise import Supervisor
+
+
+def demo_credentials(env: dict[str, str]) -> tuple[dict[str, str], str | None, bool]:
+    """(extra service env, the demo's API key or None, whether the key was made here).
+
+    Auth off: nothing. Auth on and MAGNUS_API_KEY set: that key (its entry must be in
+    MAGNUS_AUTH_API_KEYS). Otherwise a fresh key for tenant "demo", its entry appended to the keys.
+    """
+    if not env.get("MAGNUS_AUTH_SERVICE_TOKEN"):
+        return {}, None, False
+    if env.get(demo.API_KEY_ENV):
+        return {}, env[demo.API_KEY_ENV], False
+    key = secrets.token_urlsafe(32)
+    entries = [e for e in env.get("MAGNUS_AUTH_API_KEYS", "").split(",") if e.strip()]
+    entries.append(api_key_entry(demo.DEFAULT_TENANT, key))
+    return {"MAGNUS_AUTH_API_KEYS": ",".join(entries)}, key, True
 
 
 def main() -> int:
@@ -29,31 +53,50 @@ def main() -> int:
 
     ports = dict(zip(("batcher", "predictor", "estimator", "trainer", "worker"), range(50051, 50056)))
     ports[BATCHER_INTERNAL] = 50061  # the batcher's worker-only listener, its default port
+    auth_env, api_key, is_key_made_here = demo_credentials(dict(os.environ))
     stack = Stack(
         workdir=VAR_DIR / "run",
         database_url=os.environ.get("MAGNUS_DATABASE_URL", default_database_url()),
         model_store_dir=Path(os.environ.get("MAGNUS_MODEL_STORE_DIR", VAR_DIR / "model-store")),
         ports=ports,
+        extra_env=auth_env,
     )
+    tls, auth = stack.tls_settings(), stack.auth_settings()
+    # a key given in MAGNUS_API_KEY acts for its own tenant, which the batcher takes from an empty tenant_id
+    tenant_id = "" if api_key and not is_key_made_here else demo.DEFAULT_TENANT
+    access = demo.ClientAccess(tls=tls if tls.is_enabled else None, api_key=api_key, tenant_id=tenant_id)
+    supervisor = Supervisor(stack) if args.serve else None
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        print(f"starting {', '.join(SERVICES)}; logs in {stack.workdir / 'logs'}")
+        print(
+            f"starting {', '.join(SERVICES)} ({'TLS' if tls.is_enabled else 'plaintext'}, "
+            f"auth {'on' if auth.is_enabled else 'off'}); logs in {stack.workdir / 'logs'}"
+        )
         stack.start_all()
+        for name in SERVICES:
+            internal = f" (workers: {stack.target(BATCHER_INTERNAL)})" if name == "batcher" else ""
+            print(f"  {name:9s} grpc {stack.target(name)}{internal}  metrics {stack.metrics_url(name)}")
         stack.wait_healthy(timeout_s=180)
-        print("all services SERVING: " + ", ".join(f"{n}={stack.target(n)}" for n in SERVICES))
+        print("all services SERVING")
+        if supervisor is not None:
+            supervisor.start()
         requests = demo.load_requests(args.data, args.num_requests, args.max_new_tokens, seed=0)
         print(f"sending {len(requests)} requests at {args.rate:g}/s ...")
-        outcomes = asyncio.run(demo.run_workload(stack.target("batcher"), requests, args.rate, seed=0))
+        outcomes = asyncio.run(demo.run_workload(stack.target("batcher"), requests, args.rate, seed=0, access=access))
         summary = demo.summarize(outcomes)
         demo.print_summary(summary)
         if args.serve:
-            print(f"\nstack running; batcher at {stack.target('batcher')}. Ctrl-C to stop.")
+            print(f"\nstack running and supervised; batcher at {stack.target('batcher')}. Ctrl-C to stop.")
+            if is_key_made_here:
+                print(f"API key of tenant {demo.DEFAULT_TENANT!r} for this run: {api_key}")
             signal.pause()
         return 0 if summary["num_failed"] == 0 else 1
     except KeyboardInterrupt:
         print("\nstopping ...")
         return 130
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         stack.stop_all()
         print("stopped.")
 

@@ -2,6 +2,10 @@
 
 Every service gets its port and its peers' addresses through the same environment variables a
 deployment would set, logs to its own file, and is stopped with SIGTERM (then SIGKILL).
+
+TLS and auth follow the MAGNUS_TLS_* / MAGNUS_AUTH_* variables the services get (the launcher's
+environment plus `extra_env`): health checks and `open_channel` speak TLS (presenting the client
+certificate for mutual TLS) and send the service token, exactly as the services do among themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.shared.auth import AuthSettings
+from services.shared.channels import channel_options, open_channel
+from services.shared.tls import TlsSettings, channel_credentials
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("predictor", "estimator", "trainer", "batcher", "worker")
@@ -76,6 +84,26 @@ class Stack:
         env.update(self.extra_env)
         return env
 
+    def tls_settings(self) -> TlsSettings:
+        """The TLS settings every service of this stack runs with (off unless MAGNUS_TLS_* is set)."""
+        return TlsSettings(**_prefixed(self.env(), "MAGNUS_TLS_"))
+
+    def auth_settings(self) -> AuthSettings:
+        """The auth settings every service of this stack runs with (off unless the service token is set)."""
+        return AuthSettings(**_prefixed(self.env(), "MAGNUS_AUTH_"))
+
+    def open_channel(self, name: str) -> grpc.aio.Channel:
+        """An aio channel to a service as another service would open it: TLS and the service token."""
+        return open_channel(self.target(name), tls=self.tls_settings(), auth=self.auth_settings())
+
+    def _sync_channel(self, name: str) -> grpc.Channel:
+        tls = self.tls_settings()
+        credentials = channel_credentials(tls)
+        if credentials is None:
+            return grpc.insecure_channel(self.target(name))
+        options = [*channel_options(), *([("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else [])]
+        return grpc.secure_channel(self.target(name), credentials, options=options)
+
     def log_path(self, name: str) -> Path:
         return self.workdir / "logs" / f"{name}.log"
 
@@ -100,7 +128,7 @@ class Stack:
     def health(self, name: str) -> int | None:
         """The health status of a service, or None if it does not answer."""
         try:
-            with grpc.insecure_channel(self.target(name)) as channel:
+            with self._sync_channel(name) as channel:
                 response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 return response.status
         except grpc.RpcError:
@@ -158,3 +186,8 @@ class Stack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _prefixed(env: dict[str, str], prefix: str) -> dict[str, str]:
+    """The `prefix`ed variables of `env` as settings fields (MAGNUS_TLS_CA_FILE -> ca_file)."""
+    return {k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix) and v != ""}
