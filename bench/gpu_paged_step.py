@@ -1,0 +1,354 @@
+"""GPU benchmark of the paged ragged decode step (issue 23) against its roofline.
+
+Run on an H100/H200 (the device tool):  PYTHONUNBUFFERED=1 python3 bench/gpu_paged_step.py --out $OUT
+On the CPU, `--smoke` runs the same code on a tiny shape, eagerly (set TRITON_INTERPRET=1 to run
+the Triton kernels in Triton's interpreter): it checks the script, not the speed.
+
+For the Llama-2-7B and Qwen2-7B shapes with random bf16 weights:
+  1. the ceilings: device-to-device copy bandwidth (bytes read + written, as bench/gpu_engine.py)
+     and the bf16 matrix rate (8192^3 products on random data);
+  2. the Triton paged attention against the torch reference on ragged lengths (max abs error);
+     the whole Triton step against the torch step (logits);
+  3. the attention kernel alone per launch shape (tokens per loop, warps, stages), graph-replayed,
+     as bandwidth over the KV bytes it must read: the best shape per batch is used in the step;
+  4. the decode step captured as a CUDA graph at 1, 16, 64 and 256 rows whose context lengths are
+     drawn uniformly from 32..512, against roofline = max(bytes / copy bandwidth, FLOPs / matrix
+     rate), bytes = weights read (only the batch's embedding rows) + KV of the tokens present;
+     with the step's GEMMs alone and the attention alone timed the same way, for where time goes.
+Writes paged_step.json, paged_step.md (and paged_step.png with matplotlib) under --out and prints
+the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.worker.paged import attention  # noqa: E402
+from services.worker.paged.decode_step import (  # noqa: E402
+    LLAMA2_7B, QWEN2_7B, GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights,
+)
+from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
+
+SHAPES = {"llama2-7b": LLAMA2_7B, "qwen2-7b": QWEN2_7B}
+SMOKE = PagedModelConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_layers=2, num_heads=4,
+                         num_kv_heads=2, has_qkv_bias=True)
+BLOCK_TOKENS = 16
+LAUNCHES = [dict(block_l=bl, num_warps=w, num_stages=s) for bl in (32, 64) for w in (4, 8) for s in (2, 3)]
+LOG: list[str] = []
+
+
+def say(message: str) -> None:
+    LOG.append(message)
+    print(message, flush=True)
+
+
+def copy_bandwidth_bytes_per_s(device: torch.device) -> float:
+    """As bench/gpu_engine.py: a 2 GiB device-to-device copy, bytes read + written, median of 20."""
+    if device.type != "cuda":
+        return 20e9
+    src = torch.randn(2**29, device=device)
+    dst = torch.empty_like(src)
+    times_s = [_event_time_s(lambda: dst.copy_(src)) for _ in range(25)][5:]
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * 2**31 / statistics.median(times_s)
+
+
+def matmul_flops_per_s(device: torch.device) -> float:
+    """bf16 8192^3 products on random data (never zeros: they run faster), median of 10 after 3."""
+    if device.type != "cuda":
+        return 1e11
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    times_s = [_event_time_s(lambda: torch.mm(a, b)) for _ in range(13)][3:]
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / statistics.median(times_s)
+
+
+def _event_time_s(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def graphed_time_s(fn, device: torch.device, *, calls: int = 1, replays: int = 20) -> float:
+    """Median seconds of one call of fn, captured `calls` times in one CUDA graph (eager on the CPU)."""
+    if device.type != "cuda":
+        started_s = time.perf_counter()
+        fn()
+        return time.perf_counter() - started_s
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    for _ in range(3):
+        graph.replay()
+    times_s = [_event_time_s(graph.replay) for _ in range(replays)]
+    del graph
+    return statistics.median(times_s) / calls
+
+
+class Case:
+    """One model shape: weights, a decoder whose pool holds `max_rows` rows of random context
+    lengths (K/V filled with random values), and the rows' bookkeeping."""
+
+    def __init__(self, config: PagedModelConfig, device, dtype, max_rows: int, lengths: list[int]) -> None:
+        self.config = config
+        self.weights = PagedWeights.random(config, device, dtype)
+        self.pool = BlockPool(sum(-(-n // BLOCK_TOKENS) for n in lengths) + 8, BLOCK_TOKENS)
+        self.decoder = PagedDecoder(config, self.weights, self.pool.num_blocks, BLOCK_TOKENS)
+        for row, length in enumerate(lengths):
+            self.pool.allocate(row, length)  # the step's own token is the last of `length`
+        for cache in self.decoder.k_caches + self.decoder.v_caches:
+            cache.normal_()
+        self.lengths = lengths
+        self.table_width = -(-max(lengths) // BLOCK_TOKENS)
+        self.device = device
+
+    def fill(self, inputs, batch: int) -> None:
+        rows = list(range(batch))
+        gen = torch.Generator().manual_seed(batch)
+        tokens = torch.randint(0, self.config.vocab_size, (batch,), generator=gen).tolist()
+        positions = [self.lengths[r] - 1 for r in rows]
+        slots = [self.pool.slot(r, p) for r, p in zip(rows, positions, strict=True)]
+        self.decoder.fill(inputs, tokens, positions, slots, self.pool.table_tensor(rows, width=self.table_width))
+
+    def roofline(self, batch: int, bw: float, flops_rate: float) -> dict:
+        config = self.config
+        tokens = sum(self.lengths[:batch])
+        weight_bytes = self.weights.step_read_bytes(batch)
+        kv_bytes = tokens * config.kv_bytes_per_token
+        matrix_params = sum(layer.qkv.numel() + layer.out.numel() + layer.gate_up.numel() + layer.down.numel()
+                            for layer in self.weights.layers) + self.weights.lm_head.numel()
+        flops = 2 * batch * matrix_params + 4 * tokens * config.num_heads * config.head_dim * config.num_layers
+        memory_s, compute_s = (weight_bytes + kv_bytes) / bw, flops / flops_rate
+        return dict(weight_bytes=weight_bytes, kv_bytes=kv_bytes, flops=flops, memory_roofline_ms=memory_s * 1e3,
+                    compute_roofline_ms=compute_s * 1e3, roofline_ms=max(memory_s, compute_s) * 1e3,
+                    bound="memory" if memory_s >= compute_s else "compute")
+
+
+def check_kernels(case: Case, dtype) -> dict:
+    """Triton attention vs the reference on 8 ragged rows (auto and forced splits), then the whole
+    Triton step vs the torch step on the same rows (logits, greedy tokens)."""
+    config, decoder, device = case.config, case.decoder, case.device
+    batch = 8
+    inputs = decoder.empty_inputs(batch, case.table_width)
+    case.fill(inputs, batch)
+    q = torch.randn(batch, config.num_heads, config.head_dim, device=device, dtype=dtype)
+    args = (q, decoder.k_caches[0], decoder.v_caches[0], inputs.block_tables, inputs.context_lens, decoder.scale)
+    ref = attention.paged_decode_attention_reference(*args).float()
+    result = {"context_lens": inputs.context_lens.tolist()}
+    for splits in (None, 1, 4):
+        out = attention.paged_decode_attention(*args, num_splits=splits).float()
+        key = f"attention_splits_{splits or 'auto'}"
+        result[key + "_max_abs_error"] = (out - ref).abs().max().item()
+        result[key + "_rel_error"] = ((out - ref).norm() / ref.norm()).item()
+    decoder.use_triton = False
+    torch_logits = decoder.decode(inputs).float()
+    decoder.use_triton = None
+    triton_logits = decoder.decode(inputs).float()
+    result["step_logits_rel_error"] = ((triton_logits - torch_logits).norm() / torch_logits.norm()).item()
+    result["step_greedy_agreement"] = (triton_logits.argmax(-1) == torch_logits.argmax(-1)).float().mean().item()
+    result["step_logits_finite"] = bool(torch.isfinite(triton_logits).all())
+    return result
+
+
+def tune_attention(case: Case, batch: int, bw: float, dtype) -> list[dict]:
+    """The kernel alone per launch shape over layer 0's cache (10 launches per graph)."""
+    config, decoder = case.config, case.decoder
+    inputs = decoder.empty_inputs(batch, case.table_width)
+    case.fill(inputs, batch)
+    q = torch.randn(batch, config.num_heads, config.head_dim, device=case.device, dtype=dtype)
+    kv_bytes = sum(case.lengths[:batch]) * config.kv_bytes_per_token / config.num_layers
+    rows = []
+    for launch in LAUNCHES if case.device.type == "cuda" else LAUNCHES[:1]:
+        def run(launch=launch):
+            attention.paged_decode_attention(q, decoder.k_caches[0], decoder.v_caches[0], inputs.block_tables,
+                                             inputs.context_lens, decoder.scale, **launch)
+        seconds = graphed_time_s(run, case.device, calls=10)
+        rows.append(dict(launch, batch=batch, us=seconds * 1e6, bandwidth_fraction=kv_bytes / seconds / bw))
+    return rows
+
+
+def gemms_time_s(case: Case, batch: int, dtype) -> float:
+    """The step's matrix products alone (every layer's four, and lm_head) at this batch."""
+    weights, hidden = case.weights, case.config.hidden_size
+    x = torch.randn(batch, hidden, device=case.device, dtype=dtype)
+    inner = torch.randn(batch, case.config.intermediate_size, device=case.device, dtype=dtype)
+    attended = torch.randn(batch, case.config.num_heads * case.config.head_dim, device=case.device, dtype=dtype)
+
+    def run():
+        for layer in weights.layers:
+            F.linear(x, layer.qkv, layer.qkv_bias)
+            torch.addmm(x, attended, layer.out.t())
+            F.linear(x, layer.gate_up)
+            torch.addmm(x, inner, layer.down.t())
+        F.linear(x, weights.lm_head)
+
+    return graphed_time_s(run, case.device)
+
+
+def time_step(case: Case, batch: int, launch: dict, pool) -> tuple[float, list[int]]:
+    decoder = case.decoder
+    decoder.attention_launch = launch
+    if case.device.type != "cuda":
+        inputs = decoder.empty_inputs(batch, case.table_width)
+        case.fill(inputs, batch)
+        return graphed_time_s(lambda: decoder.decode(inputs), case.device), []
+    graphed = GraphedDecode(decoder, batch, case.table_width, pool=pool)
+    case.fill(graphed.inputs, batch)
+    for _ in range(3):
+        graphed.replay()
+    times_s = [_event_time_s(graphed.replay) for _ in range(20)]
+    tokens = graphed.next_tokens[:4].tolist()
+    del graphed
+    return statistics.median(times_s), tokens
+
+
+def run_shape(name: str, config: PagedModelConfig, batches: list[int], lengths: list[int], bw: float,
+              flops_rate: float, device, dtype, result: dict, save) -> list[dict]:
+    started_s = time.monotonic()
+    case = Case(config, device, dtype, max(batches), lengths)
+    say(f"{name}: built in {time.monotonic() - started_s:.1f} s, {case.pool.num_blocks} blocks of {BLOCK_TOKENS}, "
+        f"{case.weights.step_read_bytes(1) / 1e9:.2f} GB read per step, {config.kv_bytes_per_token} KV B/token")
+    shape_result = result.setdefault("shapes", {}).setdefault(name, {})
+    shape_result["check"] = check = check_kernels(case, dtype)
+    say(f"{name}: check {json.dumps({k: v for k, v in check.items() if k != 'context_lens'})}")
+    save()
+    pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+    rows = []
+    for batch in batches:
+        tuning = tune_attention(case, batch, bw, dtype)
+        shape_result.setdefault("attention_tuning", []).extend(tuning)
+        best = min(tuning, key=lambda r: r["us"])
+        launch = {k: best[k] for k in ("block_l", "num_warps", "num_stages")}
+        step_s, tokens = time_step(case, batch, launch, pool)
+        gemm_s = gemms_time_s(case, batch, dtype)
+        roof = case.roofline(batch, bw, flops_rate)
+        row = dict(shape=name, rows=batch, mean_context=statistics.mean(lengths[:batch]), step_ms=step_s * 1e3,
+                   ratio=step_s * 1e3 / roof["roofline_ms"], gemms_ms=gemm_s * 1e3,
+                   attention_ms=best["us"] * config.num_layers / 1e3, attention_launch=launch,
+                   attention_bandwidth_fraction=best["bandwidth_fraction"], sample_tokens=tokens, **roof)
+        rows.append(row)
+        say(_format_row(row))
+        shape_result["rows"] = rows
+        save()
+    del case
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _format_row(row: dict) -> str:
+    return (f"{row['shape']:10s} rows {row['rows']:4d} mean_context {row['mean_context']:6.1f} "
+            f"step {row['step_ms']:7.3f} ms roofline {row['roofline_ms']:7.3f} ms ({row['bound']}) "
+            f"ratio {row['ratio']:5.2f}x | gemms {row['gemms_ms']:7.3f} ms attention {row['attention_ms']:6.3f} ms "
+            f"({row['attention_bandwidth_fraction']:.0%} of copy bw)")
+
+
+def markdown(result: dict, rows: list[dict]) -> str:
+    lines = [
+        f"Device {result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}.",
+        f"Copy bandwidth {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"bf16 matrix rate {result['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; context lengths uniform "
+        f"{result['min_context']}..{result['max_context']}, blocks of {BLOCK_TOKENS} tokens.",
+        "",
+        "| shape | rows | mean_context | step_ms | roofline_ms | bound | ratio | gemms_ms | attention_ms | attention bw |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {r['shape']} | {r['rows']} | {r['mean_context']:.1f} | {r['step_ms']:.3f} | {r['roofline_ms']:.3f} | "
+              f"{r['bound']} | {r['ratio']:.2f} | {r['gemms_ms']:.3f} | {r['attention_ms']:.3f} | "
+              f"{r['attention_bandwidth_fraction']:.0%} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for shape in sorted({r["shape"] for r in rows}):
+        mine = [r for r in rows if r["shape"] == shape]
+        line = ax.plot([r["rows"] for r in mine], [r["step_ms"] for r in mine], "o-", label=f"{shape} step")[0]
+        ax.plot([r["rows"] for r in mine], [r["roofline_ms"] for r in mine], "--", color=line.get_color(),
+                label=f"{shape} roofline")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows (context lengths uniform 32..512)")
+    ax.set_ylabel("decode step (ms)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, eager, any device: checks the script")
+    parser.add_argument("--shapes", default="llama2-7b,qwen2-7b")
+    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--min-context", type=int, default=32)
+    parser.add_argument("--max-context", type=int, default=512)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batches = [int(b) for b in args.batches.split(",")] if not args.smoke else [2, 4]
+    gen = torch.Generator().manual_seed(0)
+    max_context = args.max_context if not args.smoke else 40
+    lengths = torch.randint(args.min_context, max_context + 1, (max(*batches, 8),), generator=gen).tolist()
+    triton_version = getattr(attention.triton, "__version__", None)
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "triton": triton_version, "command": " ".join(sys.argv),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "block_tokens": BLOCK_TOKENS,
+        "min_context": args.min_context, "max_context": max_context, "context_lens": lengths,
+    }
+    result["copy_bandwidth_bytes_per_s"] = bw = copy_bandwidth_bytes_per_s(device)
+    result["matmul_flops_per_s"] = flops_rate = matmul_flops_per_s(device)
+    say(f"device {result['device']}, torch {torch.__version__}, triton {triton_version}; copy bandwidth "
+        f"{bw / 1e12:.2f} TB/s, bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s")
+
+    def save() -> None:  # after every stage: a run cut off by its time limit keeps what it measured
+        (args.out / "paged_step.json").write_text(json.dumps(result, indent=2))
+        (args.out / "paged_step_log.txt").write_text("\n".join(LOG) + "\n")
+
+    rows: list[dict] = []
+    shapes = {"smoke": SMOKE} if args.smoke else {name: SHAPES[name] for name in args.shapes.split(",")}
+    for name, config in shapes.items():
+        rows += run_shape(name, config, batches, lengths, bw, flops_rate, device, dtype, result, save)
+        result["rows"] = rows
+        save()
+    (args.out / "paged_step.md").write_text(markdown(result, rows))
+    plot(rows, args.out / "paged_step.png")
+    save()
+    print("\n" + markdown(result, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
