@@ -100,6 +100,7 @@ class GenerationServicer:
             generation, wants_events=True, time_remaining_s=context.time_remaining()
         )
         phases = {Phase.QUEUED: generation_pb2.REQUEST_PHASE_QUEUED, Phase.STARTED: generation_pb2.REQUEST_PHASE_STARTED}
+        next_event: asyncio.Future[str] | None = None
         try:
             while not pending.future.done():
                 next_event = asyncio.ensure_future(pending.events.get())
@@ -113,9 +114,12 @@ class GenerationServicer:
                     predicted_tokens=pending.prediction.predicted_tokens,
                 )
             yield _finished_event(pending.future.result())
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: the caller left while a message was sent
             self._admission.cancel(pending)
             raise
+        finally:
+            if next_event is not None:
+                next_event.cancel()  # else its Queue.get task is logged as "destroyed but it is pending"
 
 
 def _finished_event(result: RequestResult) -> generation_pb2.GenerateStreamResponse:

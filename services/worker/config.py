@@ -50,6 +50,11 @@ class WorkerSettings(ServiceSettings):
         1 * GIB, ge=0, description="On CUDA, free memory after loading kept out of Theta for activations, bytes."
     )
     max_batch_size: int = Field(0, ge=0, description="Largest batch accepted, requests; 0 = no limit of its own.")
+    max_context_tokens: int = Field(
+        0, ge=0, le=2**31 - 1, description="Longest prompt + max_new_tokens announced to the batcher, tokens, which "
+        "refuses longer requests at admission; 0 = the model's max_position_embeddings (lower it when the "
+        "device cannot hold a request that long alone).",
+    )
     pull_wait_s: float = Field(5.0, gt=0, description="Long-poll time of one PullBatch, seconds.")
     rpc_timeout_s: float = Field(5.0, gt=0, description="Deadline of every RPC except PullBatch's wait, seconds.")
     heartbeat_interval_s: float = Field(

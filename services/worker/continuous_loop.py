@@ -118,8 +118,20 @@ class ContinuousWorkerLoop(WorkerLoop):
     async def _serve_batch(self, batch: pb.Batch, futures: list[Future]) -> None:
         lease_s = batch.lease_s or self.lease_s
         lease_lost = asyncio.Event()
+        future_of = {item.request_id: future for item, future in zip(batch.items, futures, strict=True)}
+        dropped: set[str] = set()  # requests whose callers left: their rows free, their results are not sent
+
+        def drop(request_ids: Sequence[str]) -> None:
+            for request_id in set(request_ids) - dropped:
+                future = future_of.get(request_id)
+                if future is not None:
+                    dropped.add(request_id)
+                    _cancel([future])  # the engine thread frees its row before its next step
+
         # the heartbeat's cancel event is for WorkerLoop's blocking runner; here a lost lease cancels futures
-        heartbeats = asyncio.create_task(self._heartbeat_while_running(batch.batch_id, lease_lost, threading.Event()))
+        heartbeats = asyncio.create_task(
+            self._heartbeat_while_running(batch.batch_id, lease_lost, threading.Event(), on_cancelled=drop)
+        )
         results = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         lost = asyncio.ensure_future(lease_lost.wait())
         try:
@@ -134,7 +146,11 @@ class ContinuousWorkerLoop(WorkerLoop):
             _cancel(futures)  # the batch was requeued: finishing it would only waste the device
             log.info("batch %s: lease lost (requeued by the batcher); result dropped", batch.batch_id)
             return
-        outcome = batch_outcome(results.result())
+        kept = [r for item, r in zip(batch.items, results.result(), strict=True) if item.request_id not in dropped]
+        if not kept:  # every caller left; the batcher has revoked the lease already
+            log.info("batch %s: every request's caller left; nothing to report", batch.batch_id)
+            return
+        outcome = batch_outcome(kept)
         _observe(outcome, busy_s=0.0)
         await self._report(batch.batch_id, outcome, lease_s)
         self.num_batches_done += 1
@@ -146,7 +162,7 @@ def batch_outcome(results: Sequence[ContinuousResult | BaseException]) -> BatchO
     if any(isinstance(e, BatchOutOfMemory) for e in errors):
         return _Failure(pb.FAILURE_KIND_OUT_OF_MEMORY, next(str(e) for e in errors if isinstance(e, BatchOutOfMemory)))
     if any(isinstance(e, (BatchCancelled, asyncio.CancelledError)) for e in errors):
-        return _Failure(pb.FAILURE_KIND_OTHER, SHUTTING_DOWN_MESSAGE)
+        return _Failure(pb.FAILURE_KIND_WORKER_STOPPING, SHUTTING_DOWN_MESSAGE)
     if errors:
         return _Failure(pb.FAILURE_KIND_OTHER, f"{type(errors[0]).__name__}: {errors[0]}")
     if not results:
@@ -162,8 +178,8 @@ def batch_outcome(results: Sequence[ContinuousResult | BaseException]) -> BatchO
 
 
 def _cancel(futures: list[Future]) -> None:
-    for future in futures:
-        future.cancel()
+    """Stop the requests of `futures` that have not ended (counted: decoding nobody will read saved)."""
+    metrics.CANCELLED_REQUESTS.inc(sum(future.cancel() for future in futures))
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:

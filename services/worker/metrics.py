@@ -18,6 +18,11 @@ SLOT_TOKENS = Counter(
 RUN_TIME = Histogram("magnus_worker_batch_run_seconds", "Engine time of each batch, seconds.", buckets=RUN_BUCKETS_S)
 BUSY_SECONDS = Counter("magnus_worker_busy_seconds_total", "Seconds spent running batches.")
 IS_BUSY = Gauge("magnus_worker_busy", "1 while this worker runs a batch, else 0.")
+CANCELLED_REQUESTS = Counter(
+    "magnus_worker_cancelled_requests_total",
+    "Continuous mode: requests stopped before their end because the batcher said their callers left or "
+    "their lease moved on (or the worker abandoned them at shutdown).",
+)
 
 
 def observe_batch(outcome: str, busy_s: float, *, run_s: float = 0.0, valid_tokens: int = 0, total_tokens: int = 0) -> None:

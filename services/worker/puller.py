@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,6 +52,10 @@ class WorkerIdentity:
     model_name: str
     device: str
     max_batch_size: int = 0  # requests; 0 = no limit of its own
+    max_context_tokens: int = 0  # prompt + max_new_tokens it can run, tokens; 0 = unknown
+    # new for every process (every identity built at start-up): tells the batcher a restart from a
+    # repeat registration, so it requeues a dead process's leases at once
+    incarnation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,8 @@ class WorkerLoop:
             model_name=ident.model_name,
             device=ident.device,
             max_batch_size=ident.max_batch_size,
+            max_context_tokens=ident.max_context_tokens,
+            incarnation_id=ident.incarnation_id,
         )
         try:
             response = await self.stub.RegisterWorker(request, timeout=self.timing.rpc_timeout_s)
@@ -259,14 +266,21 @@ class WorkerLoop:
             log.warning("batch ran out of memory: %s", error)
             return _Failure(pb.FAILURE_KIND_OUT_OF_MEMORY, str(error))
         except BatchCancelled:
-            return _Failure(pb.FAILURE_KIND_OTHER, SHUTTING_DOWN_MESSAGE)
+            return _Failure(pb.FAILURE_KIND_WORKER_STOPPING, SHUTTING_DOWN_MESSAGE)
         except Exception as error:  # noqa: BLE001 - any engine error becomes a report, the worker lives on
             log.exception("batch failed")
             return _Failure(pb.FAILURE_KIND_OTHER, f"{type(error).__name__}: {error}")
 
     async def _heartbeat_while_running(
-        self, batch_id: str, lease_lost: asyncio.Event, cancel: threading.Event
+        self,
+        batch_id: str,
+        lease_lost: asyncio.Event,
+        cancel: threading.Event,
+        on_cancelled: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
+        """Renew the lease until cancelled. on_cancelled(request ids): requests of the batch whose
+        callers left, as the batcher repeats them on every renewal (a static batch keeps running
+        them: its rows cannot leave early; every caller gone, the lease is refused and it stops)."""
         request = pb.HeartbeatRequest(worker_id=self.identity.worker_id, batch_id=batch_id)
         while True:
             await asyncio.sleep(self.heartbeat_interval_s)
@@ -280,8 +294,10 @@ class WorkerLoop:
                 self.is_registered = False
             if not response.is_lease_valid:
                 lease_lost.set()
-                cancel.set()  # the batch was requeued: finishing it would only waste the device
+                cancel.set()  # the batch was requeued or abandoned: finishing it would only waste the device
                 return
+            if on_cancelled is not None and response.cancelled_request_ids:
+                on_cancelled(response.cancelled_request_ids)
 
     async def _report(self, batch_id: str, outcome: BatchOutput | _Failure, lease_s: float) -> None:
         """Send the result, retrying while the lease could still be alive."""

@@ -43,7 +43,22 @@ def load_engine(settings: WorkerSettings) -> StaticBatchEngine:
     )
 
 
-def identity_of(settings: WorkerSettings, engine: StaticBatchEngine) -> WorkerIdentity:
+MAX_PROTO_INT32 = 2**31 - 1
+
+
+def context_tokens_of(settings: WorkerSettings, engine: StaticBatchEngine, pool_tokens: int | None = None) -> int:
+    """Longest prompt + max_new_tokens this worker runs, tokens, as announced (0 = unknown): the
+    model's context, lowered by the setting, and in continuous mode by the KV pool (a longer request
+    would be refused by the engine)."""
+    limits = [engine.max_context_tokens, settings.max_context_tokens or MAX_PROTO_INT32]
+    if pool_tokens is not None:
+        limits.append(pool_tokens)
+    context_tokens = min(limits)
+    return context_tokens if context_tokens < MAX_PROTO_INT32 else 0  # a model without a stated context
+
+
+def identity_of(settings: WorkerSettings, engine: StaticBatchEngine, pool_tokens: int | None = None) -> WorkerIdentity:
+    """What this worker process registers as (a new incarnation id every call: once per start)."""
     return WorkerIdentity(
         worker_id=settings.worker_id,
         kv_bytes_per_token=engine.kv_bytes_per_token,
@@ -51,6 +66,7 @@ def identity_of(settings: WorkerSettings, engine: StaticBatchEngine) -> WorkerId
         model_name=settings.model or engine.model_dir.name,
         device=engine.device_name,
         max_batch_size=settings.max_batch_size,
+        max_context_tokens=context_tokens_of(settings, engine, pool_tokens),
     )
 
 
@@ -99,7 +115,8 @@ async def serve(
         await asyncio.to_thread(continuous.warm_up, settings.warmup_attend_tokens)
         continuous.start()
         # a request holds one row, or the whole pool (Theta, as announced) alone once the rows drained
-        identity = replace(identity_of(settings, engine), max_batch_size=settings.continuous_slots)
+        identity = replace(identity_of(settings, engine, engine.static.capacity_tokens),
+                           max_batch_size=settings.continuous_slots)
         loop: WorkerLoop = ContinuousWorkerLoop(stub, continuous, identity, timing_of(settings), on_registered=on_registered)
     else:
         loop = WorkerLoop(

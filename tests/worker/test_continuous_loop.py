@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Future
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ from magnus.v1 import worker_queue_pb2_grpc as pb_grpc
 from services.worker.continuous import ContinuousBatcher, ContinuousResult
 from services.worker.continuous_loop import ContinuousWorkerLoop
 from services.worker.engine import BatchOutOfMemory, EngineItem, ItemOutput, StaticBatchEngine
-from services.worker.puller import SHUTTING_DOWN_MESSAGE
+from services.worker.puller import SHUTTING_DOWN_MESSAGE, WorkerIdentity
 from tests.worker.test_worker_loop import FAST, IDENTITY, FakeQueue, make_batch, next_report, start_fake
 
 pytestmark = pytest.mark.asyncio
@@ -174,6 +175,37 @@ async def test_lost_lease_cancels_the_items_and_reports_nothing(fake):
     assert queue.reports.empty()
 
 
+async def test_a_request_whose_caller_left_frees_its_row_and_the_rest_of_its_batch_is_reported(fake):
+    queue, stub = fake
+    batcher = FakeBatcher(slots=3)
+    loop = ContinuousWorkerLoop(stub, batcher, IDENTITY, FAST)
+    loop.start()
+    await queue.batches.put(make_batch("b", [("stay", "abc", 3), ("gone", "def", 3), ("stay2", "ghi", 3)]))
+    await eventually(lambda: len(batcher.submitted) == 3)
+    queue.cancelled_request_ids = ["gone"]  # the batcher's next heartbeat reply names it
+    await eventually(lambda: batcher.submitted[1][1].cancelled())  # its row frees at the next step
+    assert not batcher.submitted[0][1].done() and not batcher.submitted[2][1].done()
+    await batcher.finish(0)
+    await batcher.finish(2)
+    name, report = await next_report(queue)
+    await loop.stop(1.0)
+    assert name == "CompleteBatch" and [r.request_id for r in report.results] == ["stay", "stay2"]
+
+
+async def test_registration_announces_the_context_and_a_new_incarnation(fake):
+    queue, stub = fake
+    identity = replace(IDENTITY, max_context_tokens=4096)
+    loop = ContinuousWorkerLoop(stub, FakeBatcher(slots=1), identity, FAST)
+    loop.start()
+    await eventually(lambda: "RegisterWorker" in queue.names())
+    await loop.stop(1.0)
+    request = next(r for n, r in queue.calls if n == "RegisterWorker")
+    assert request.max_context_tokens == 4096 and request.incarnation_id == identity.incarnation_id
+    assert len(request.incarnation_id) == 32
+    # a new identity (a new process) is a new incarnation; replace() keeps it (the continuous server's)
+    assert WorkerIdentity("w", 1, 1, "m", "cpu").incarnation_id != WorkerIdentity("w", 1, 1, "m", "cpu").incarnation_id
+
+
 async def test_shutdown_hands_back_batches_that_outlive_the_grace(fake):
     queue, stub = fake
     batcher = FakeBatcher(slots=2)
@@ -188,7 +220,7 @@ async def test_shutdown_hands_back_batches_that_outlive_the_grace(fake):
     reports = {report.batch_id: (name, report) for name, report in [await next_report(queue) for _ in range(2)]}
     assert reports["quick"][0] == "CompleteBatch"
     name, failure = reports["long"]
-    assert name == "ReportBatchFailure" and failure.kind == pb.FAILURE_KIND_OTHER
+    assert name == "ReportBatchFailure" and failure.kind == pb.FAILURE_KIND_WORKER_STOPPING
     assert failure.message == SHUTTING_DOWN_MESSAGE
     assert batcher.submitted[1][1].cancelled()
     assert queue.names().count("PullBatch") >= 2 and not loop._batches

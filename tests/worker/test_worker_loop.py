@@ -37,6 +37,7 @@ class FakeQueue:
         self.reports: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
         self.heartbeat_interval_s = heartbeat_interval_s
         self.is_lease_valid = True
+        self.cancelled_request_ids: list[str] = []  # told in every heartbeat of a batch
         self.known_workers: set[str] = set()
 
     def names(self) -> list[str]:
@@ -68,7 +69,9 @@ class FakeQueue:
     async def Heartbeat(self, request, context):
         self.calls.append(("Heartbeat", request))
         return pb.HeartbeatResponse(
-            is_lease_valid=self.is_lease_valid, is_registered=request.worker_id in self.known_workers
+            is_lease_valid=self.is_lease_valid,
+            is_registered=request.worker_id in self.known_workers,
+            cancelled_request_ids=self.cancelled_request_ids if request.batch_id else [],
         )
 
 
@@ -237,7 +240,7 @@ async def test_shutdown_hands_back_a_batch_that_outlives_the_grace(fake):
     await loop.stop(0.2)
     name, report = await next_report(queue, 1.0)
     assert time.monotonic() - started_s < 2.0
-    assert name == "ReportBatchFailure" and report.kind == pb.FAILURE_KIND_OTHER
+    assert name == "ReportBatchFailure" and report.kind == pb.FAILURE_KIND_WORKER_STOPPING
     assert report.message == SHUTTING_DOWN_MESSAGE
 
 
@@ -266,6 +269,7 @@ async def test_server_health_serving_after_registration(fake):
 class _FakeEngine(FakeRunner):
     kv_bytes_per_token = 512
     free_kv_bytes = 1 << 20
+    max_context_tokens = 4096
     device_name = "cpu"
 
     class model_dir:  # noqa: N801 - stands in for a Path
