@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from services.batcher.domain import BatchReport, GenerationInput, ItemOutput, Lease, PendingRequest, Prediction, WorkerInfo
 from services.batcher.policy.config import make_policy
 from services.batcher.policy.split import FailureAction, after_failure
-from services.batcher.policy.wait import own_run_s, queue_wait_s, wait_excess_s
+from services.batcher.policy.wait import MAX_SCALE, own_run_s, queue_wait_s, updated_scale, wait_excess_s
 from services.batcher.scheduler import Clock, Scheduler, SchedulerLimits
 from services.shared.errors import Internal, InvalidArgument, ResourceExhausted
 
@@ -97,6 +97,28 @@ def test_wait_rule():
     assert wait_excess_s(5.0, 2.0, 6.0, 0.0) == pytest.approx(1.0)  # answered 1 s after the deadline
     assert wait_excess_s(5.0, 200.0, None, 10.0) < 0  # the cap is on queueing, not on its own length
     assert wait_excess_s(15.0, 0.0, 600.0, 10.0) == pytest.approx(5.0)
+
+
+def test_the_run_time_scale_follows_completed_batches_and_ignores_nonsense():
+    scale = 1.0
+    for _ in range(30):  # a device 3x slower than estimated
+        scale = updated_scale(scale, 1.0, 3.0)
+    assert scale == pytest.approx(3.0, rel=0.01)
+    assert updated_scale(scale, 0.0, 5.0) == scale and updated_scale(scale, 1.0, 0.0) == scale
+    assert updated_scale(1.0, 1e-9, 1e9) <= MAX_SCALE
+
+
+def test_deadline_admission_learns_a_slow_device(loop):
+    fake = FakeClock()
+    scheduler, _ = scheduler_with(fake, "vs")
+    scheduler.register(worker())
+    for i in range(10):  # batches estimated (fallback) at ~0.33 s run 2 s: the device is 6x slower
+        scheduler.admit(make_request(i, loop))
+        held = lease(scheduler)
+        scheduler.complete("w", held.batch.batch_id, BatchReport([ItemOutput(f"r{i}", "ok", 16)], 2.0, 16, 16))
+    assert scheduler.run_time_scale > 4.0
+    with pytest.raises(ResourceExhausted):  # 0.33 s by the fallback, but ~2 s on this device
+        scheduler.admit(make_request(99, loop, deadline_s=fake.now_s + 1.0))
 
 
 # ---- poison isolation ----------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 The rule, in seconds: wait = (run time of every queued batch) / (lanes that drain the queue), and
 the answer comes after wait + the new request's own run time. A queued batch's run time is the estimator's cached estimate, else the
 fallback guess (policy/fallback.py); the request's own is the fallback for a batch of one at its
-planned length. A lane is a worker for static batching, a row of a worker's running batch for the
+planned length. Both are multiplied by the run-time scale: how much longer than estimated the
+batches that completed lately took (an average, so a device slower or faster than the estimates
+corrects them after a few batches). A lane is a worker for static batching, a row of a worker's running batch for the
 continuous policies (each row takes a lease of its own). Batches already running are left out:
 they are partly done and their time is not known here. Deliberately rough: it only has to tell a
 request that can make its deadline from one that cannot, and it errs towards admitting (a request
@@ -16,6 +18,10 @@ import numpy as np
 
 from services.batcher.policy.columns import BatchColumns
 from services.batcher.policy.fallback import fallback_estimate_s
+
+# the run-time scale: each completed batch moves it a fifth of the way; one odd batch moves it little
+SCALE_WEIGHT = 0.2
+MIN_SCALE, MAX_SCALE = 0.1, 10.0
 
 
 def queued_work_s(columns: BatchColumns) -> float:
@@ -54,3 +60,13 @@ def wait_excess_s(wait_s: float, run_s: float, time_remaining_s: float | None, m
     if max_queue_wait_s > 0:
         excess_s = max(excess_s, wait_s - max_queue_wait_s)
     return excess_s
+
+
+def updated_scale(scale: float, estimated_s: float, actual_s: float) -> float:
+    """The run-time scale after a batch estimated at `estimated_s` ran `actual_s` seconds: a moving
+    average of actual / estimated, each ratio clamped to [MIN_SCALE, MAX_SCALE]. Unchanged when either
+    time is not positive (nothing to learn)."""
+    if estimated_s <= 0 or actual_s <= 0:
+        return scale
+    ratio = min(MAX_SCALE, max(MIN_SCALE, actual_s / estimated_s))
+    return (1.0 - SCALE_WEIGHT) * scale + SCALE_WEIGHT * ratio
