@@ -22,14 +22,17 @@ from services.worker.engine import BatchOutOfMemory, StaticBatchEngine, describe
 
 log = logging.getLogger(__name__)
 
-# (batch sizes, prompt tokens, new tokens). small: 27 shapes, < 60 s on 2 CPU cores with the tiny model.
+# (batch sizes, prompt tokens, new tokens). small: 27 shapes, < 60 s on 2 idle CPU cores with the tiny
+# model. first: the corners of small, timed once (a few seconds): `make run`'s prior, which the trainer
+# refines from the served batches' times (continuous learning) and `make calibrate` widens.
 GRIDS: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
+    "first": ((1, 8), (16, 128), (8, 32)),
     "small": ((1, 4, 8), (16, 64, 128), (8, 16, 32)),
     "full": ((1, 2, 4, 8, 16, 32, 64), (32, 128, 512, 1024, 2048), (16, 64, 128, 256, 512)),
     # a 7B shape on one H100/H200 in about a minute (timed once each): the paper tasks' range
     "gpu": ((1, 16, 64, 256), (32, 128, 384), (16, 64, 256)),
 }
-REPEATS = {"small": 3, "full": 3, "gpu": 1}
+REPEATS = {"first": 1, "small": 3, "full": 3, "gpu": 1}
 SEED = 0
 
 

@@ -33,7 +33,7 @@ def prepare_models(workdir: Path, database_url: str) -> Path:
         "--database-url", database_url,
         "--model-store-dir", str(store),
     )
-    run_cli("services.worker.calibrate", "--grid", "small", "--database-url", database_url)
+    run_cli("services.worker.calibrate", "--grid", "first", "--database-url", database_url)
     return store
 
 
