@@ -204,3 +204,16 @@ async def test_wire_errors_are_named_for_what_they_are(payload, says):
                     await call
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert says in refused.value.details(), refused.value.details()
+
+
+def test_valid_encodings_are_not_wire_problems():
+    """Negative int32s (10-byte varints), packed and unpacked repeated scalars and nested messages pass."""
+    from magnus.v1 import predictor_pb2
+    from services.shared.validation import find_wire_problem
+
+    request = generation_pb2.GenerateRequest(prompt=generation_pb2.Prompt(user_input="x", max_new_tokens=-(2**31)))
+    assert find_wire_problem(generation_pb2.GenerateRequest, request.SerializeToString()) is None
+    packed = predictor_pb2.PredictLengthsResponse(predicted_tokens=[1, 2**31 - 1, -5]).SerializeToString()
+    assert find_wire_problem(predictor_pb2.PredictLengthsResponse, packed) is None
+    unpacked = b"".join(b"\x08" + _varint(v) for v in (1, 2, 3))
+    assert find_wire_problem(predictor_pb2.PredictLengthsResponse, unpacked) is None
