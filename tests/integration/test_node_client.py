@@ -1,7 +1,8 @@
 """The Node.js client (clients/node) against the running batcher: the polyglot API, tested.
 
 `make test` installs its packages first (`make node-deps`, i.e. `npm ci`); a missing `node` or
-missing packages fail this test rather than skip it.
+missing packages fail this test rather than skip it. Its TLS and API-key options are tested
+against the TLS stack in tests/security/test_tls_stack.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ CLIENT_DIR = REPO_ROOT / "clients" / "node"
 INSTRUCTION = "Correct the grammatical errors in the following text:"
 
 
-def run_client(stack, *args: str) -> subprocess.CompletedProcess[str]:
+def run_client(stack, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """generate.js against the stack's batcher; `env` replaces the environment (MAGNUS_API_KEY)."""
     node = shutil.which("node")
     assert node, "node is not installed (the client test needs Node.js >= 18)"
     assert (CLIENT_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir(), "run `make node-deps` first"
@@ -30,6 +32,7 @@ def run_client(stack, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=180,
+        env=env,
     )
 
 

@@ -8,6 +8,8 @@ back to SERVING.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import secrets
 import shutil
 import time
@@ -18,6 +20,7 @@ from grpc_health.v1 import health_pb2
 from magnus.v1 import model_admin_pb2, model_admin_pb2_grpc
 from services.shared.auth import api_key_entry
 from services.shared.tls import TlsSettings
+from tests.integration.test_node_client import INSTRUCTION, run_client
 from tests.security.certs import make_certs
 from tools import demo
 from tools.stack import SERVICES, Stack
@@ -78,6 +81,21 @@ def test_without_a_key_or_over_plaintext_nothing_is_answered(secure_stack):
     assert all(e.startswith("UNAVAILABLE") for e in plaintext["errors"]), plaintext["errors"]
     other_tenant = demo.ClientAccess(tls=TlsSettings(ca_file=certs.ca), api_key=api_key, tenant_id="someone-else")
     assert run_demo(stack, other_tenant, num_requests=1)["num_answered"] == 0
+
+
+def test_node_client_with_tls_ca_and_an_api_key(secure_stack):
+    stack, certs, api_key = secure_stack
+    prompt = ("--instruction", INSTRUCTION, "--input", "She go to school yesterday .", "--max-new-tokens", "4")
+    answered = run_client(stack, *prompt, "--tls-ca", str(certs.ca), "--api-key", api_key)
+    assert answered.returncode == 0, answered.stderr
+    assert 1 <= json.loads(answered.stdout)["generated_tokens"] <= 4
+    from_env = run_client(stack, *prompt, "--tls-ca", str(certs.ca), env={**os.environ, "MAGNUS_API_KEY": api_key})
+    assert from_env.returncode == 0, from_env.stderr
+    no_key = run_client(stack, *prompt, "--tls-ca", str(certs.ca), env={k: v for k, v in os.environ.items() if k != "MAGNUS_API_KEY"})
+    assert no_key.returncode == 1, (no_key.stdout, no_key.stderr)
+    assert json.loads(no_key.stderr)["error"]["code"] == "UNAUTHENTICATED"
+    plaintext = run_client(stack, *prompt, "--api-key", api_key)
+    assert json.loads(plaintext.stderr)["error"]["code"] == "UNAVAILABLE"
 
 
 def test_stack_channel_carries_tls_and_the_service_token(secure_stack):
