@@ -102,3 +102,12 @@ def test_every_service_exports_rpc_and_domain_metrics_that_move(full_stack):
 
     # trainer: its own RPCs are counted like everyone's
     assert moved("trainer", "magnus_rpc_requests_total", grpc_method="GetStatus", grpc_code="OK") == 1
+
+    # trainer: its training metrics are exported from the start, for both kinds
+    names = {n for n, _ in after["trainer"]}
+    for name in ("magnus_trainer_rounds_total", "magnus_trainer_samples_added_total", "magnus_trainer_versions_total"):
+        assert name in names, name
+    for kind in ("predictor", "estimator"):
+        assert (
+            "magnus_trainer_rounds_total", frozenset({"kind": kind, "outcome": "trained"}.items())
+        ) in after["trainer"], kind
