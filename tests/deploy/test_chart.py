@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 import services.batcher.metrics  # noqa: F401 - registers the batcher's metrics
+import services.trainer.metrics  # noqa: F401 - registers the trainer's metrics
 import services.worker.metrics  # noqa: F401 - registers the worker's metrics
 from deploy.check_chart import (
     CHART_DIR,

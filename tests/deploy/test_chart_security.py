@@ -139,3 +139,8 @@ def test_workers_reach_the_batcher_on_its_internal_service_and_only_they_may():
     assert all("grpc-internal" not in {p["port"] for p in r["ports"]} for r in policy["spec"]["ingress"] if "from" not in r)
 
     assert not [d for d in render(with_api_key({"networkPolicy": {"enabled": False}})) if d["kind"] == "NetworkPolicy"]
+
+
+def test_api_keys_given_twice_are_refused():
+    with pytest.raises(helm.HelmError, match="not both"):
+        render({"auth": {"apiKeys": [EXAMPLE_API_KEY_ENTRY], "apiKeysSecret": {"name": "my-keys"}}})

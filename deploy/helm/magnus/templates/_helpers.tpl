@@ -76,6 +76,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (not .Values.auth.insecure) (not .Values.auth.apiKeys) (not .Values.auth.apiKeysSecret.name) -}}
 {{- fail "auth: no client API keys, so no client could call Magnus. Give auth.apiKeys (TENANT:sha256:HEX entries from `python -m services.shared.auth hash-key --tenant TENANT`) or auth.apiKeysSecret.name (a Secret holding them), or set auth.insecure=true to run without auth (trials only)" -}}
 {{- end -}}
+{{- if and .Values.auth.apiKeys .Values.auth.apiKeysSecret.name -}}
+{{- fail "auth: give the API keys once: auth.apiKeys or auth.apiKeysSecret.name, not both" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* MAGNUS_AUTH_* and MAGNUS_TLS_* of every service container. */}}
