@@ -9,7 +9,7 @@ STAMP := .venv/.installed
 
 help:
 	@echo "make run       set up everything, start all services, send the demo workload, stop"
-	@echo "make serve     the same, but keep the stack running until Ctrl-C"
+	@echo "make serve     the same, but keep the stack running (supervised: crashed services restart) until Ctrl-C"
 	@echo "make test      the test suite (needs PostgreSQL on 127.0.0.1:5432)"
 	@echo "make calibrate time the worker over a grid of batch shapes into the log DB"
 	@echo "make simulate  the paper's ablation in the simulator (reports/simulation/), then the Phi sweep"
