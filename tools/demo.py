@@ -177,12 +177,36 @@ def summarize(outcomes: list[DemoOutcome]) -> dict:
     }
 
 
+def machine_load() -> dict:
+    """The machine's 1-minute load average and core count: a demo's latency means little without it."""
+    return {"load_avg_1m": os.getloadavg()[0], "num_cpus": os.cpu_count() or 1}
+
+
+def what_latency_measures(load_before: dict, load_after: dict) -> str:
+    """One honest line on what the demo's latency measures, read from the settings and the load."""
+    model = os.environ.get("MAGNUS_MODEL") or "the tiny random-weight Qwen2 (meaningless text, trace-replay lengths)"
+    device = os.environ.get("MAGNUS_WORKER_DEVICE", "auto (a GPU if the worker has one, else the CPU)")
+    cpus = load_after["num_cpus"]
+    load = max(load_before["load_avg_1m"], load_after["load_avg_1m"])
+    busy = (
+        f"the machine was busy (load {load:.1f} on {cpus} cores): other processes competed with the stack"
+        if load > cpus
+        else f"load {load:.1f} on {cpus} cores"
+    )
+    return (
+        f"latency = queue + batch run of {model} on device {device}, with every service and this client "
+        f"on one machine; {busy}. A serving benchmark is reports/gpu/, not this demo."
+    )
+
+
 def print_summary(summary: dict) -> None:
     print(
         f"\nrequests {summary['num_answered']}/{summary['num_requests']} answered, "
         f"{summary['num_batches']} batches (mean size {summary['mean_batch_size']:.1f}), "
         f"latency mean {summary['mean_latency_s']:.2f} s, p99 {summary['p99_latency_s']:.2f} s"
     )
+    if "latency_note" in summary:
+        print(f"  ({summary['latency_note']})")
     for error in summary["errors"]:
         print(f"  error: {error}")
     print(f"\n{'task':22s} {'n':>4s} {'predicted':>10s} {'actual':>8s} {'MAE':>7s}  (tokens, means)")
@@ -208,8 +232,10 @@ def main() -> None:
     access = ClientAccess.from_env(args.api_key, args.tenant)
     requests = load_requests(args.data, args.num_requests, args.max_new_tokens, args.seed)
     print(f"sending {len(requests)} requests at {args.rate:g}/s to {args.target} ...")
+    load_before = machine_load()
     outcomes = asyncio.run(run_workload(args.target, requests, args.rate, args.seed, access))
     summary = summarize(outcomes)
+    summary["latency_note"] = what_latency_measures(load_before, machine_load())
     print_summary(summary)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -82,8 +82,10 @@ def main() -> int:
             supervisor.start()
         requests = demo.load_requests(args.data, args.num_requests, args.max_new_tokens, seed=0)
         print(f"sending {len(requests)} requests at {args.rate:g}/s ...")
+        load_before = demo.machine_load()
         outcomes = asyncio.run(demo.run_workload(stack.target("batcher"), requests, args.rate, seed=0, access=access))
         summary = demo.summarize(outcomes)
+        summary["latency_note"] = demo.what_latency_measures(load_before, demo.machine_load())
         demo.print_summary(summary)
         if args.serve:
             print(f"\nstack running and supervised; batcher at {stack.target('batcher')}. Ctrl-C to stop.")
