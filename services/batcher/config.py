@@ -54,8 +54,8 @@ class BatcherSettings(ServiceSettings):
     max_pending_per_tenant: int = Field(
         2_000,
         ge=0,
-        description="Requests one tenant (prompt.tenant_id; empty = the anonymous tenant) may have pending; beyond "
-        "it that tenant gets RESOURCE_EXHAUSTED with a retry-after-s trailer while others are still admitted. 0 = off.",
+        description="Requests one tenant (with auth on, the API key's tenant; off, prompt.tenant_id, empty = the "
+        "anonymous tenant) may have pending; beyond it that tenant gets RESOURCE_EXHAUSTED with a retry-after-s trailer while others are still admitted. 0 = off.",
     )
     max_instruction_bytes: int = Field(4096, ge=0, description="Largest instruction, UTF-8 bytes.")
     max_user_input_bytes: int = Field(65_536, ge=1, description="Largest user input, UTF-8 bytes.")
