@@ -34,7 +34,14 @@ from services.batcher.policy.batch_queue import BatchQueue
 from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES, ChooseMode, PolicyConfig
 from services.batcher.policy.hrrn import batch_estimate_s
 from services.batcher.policy.split import split_batch
-from services.batcher.policy.wait import own_run_s, queue_wait_s, queued_work_s, updated_scale, wait_excess_s
+from services.batcher.policy.wait import (
+    own_run_s,
+    queue_wait_s,
+    queued_work_s,
+    running_left_s,
+    updated_scale,
+    wait_excess_s,
+)
 from services.shared.errors import Internal, InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -94,6 +101,7 @@ class Scheduler(LeaseRecovery):
         self.waiting_pulls: OrderedDict[asyncio.Future[Lease], str] = OrderedDict()  # -> worker id
         self.is_draining = False
         self.run_time_scale = 1.0  # actual / estimated run time of completed batches (policy/wait.py)
+        self.num_scale_samples = 0
         self._is_dispatch_scheduled = False
         self.on_change: Callable[[], None] = lambda: None  # e.g. wake the estimate refresher
         metrics.track_scheduler(self)
@@ -141,11 +149,14 @@ class Scheduler(LeaseRecovery):
     def check_wait(self, request: PendingRequest, gen_tokens: int) -> None:
         """Raise ResourceExhausted if the request would be answered after its caller's deadline or queue
         longer than MAGNUS_BATCHER_MAX_QUEUE_WAIT_S (the rule is policy/wait.py's)."""
-        remaining_s = None if request.deadline_s is None else request.deadline_s - self.clock.monotonic_s()
+        now_s = self.clock.monotonic_s()
+        remaining_s = None if request.deadline_s is None else request.deadline_s - now_s
         if remaining_s is None and not self.limits.max_queue_wait_s:
             return
         scale = self.run_time_scale
-        wait_s = queue_wait_s(scale * queued_work_s(self.open_batches.columns), self._num_lanes())
+        leases = list(self.leases.values())
+        running_s = running_left_s([scale * x.estimated_s for x in leases], [now_s - x.started_s for x in leases])
+        wait_s = queue_wait_s(running_s + scale * queued_work_s(self.open_batches.columns), self._num_lanes())
         run_s = scale * own_run_s(request.input_tokens_now, gen_tokens)
         excess_s = wait_excess_s(wait_s, run_s, remaining_s, self.limits.max_queue_wait_s)
         if excess_s > 0:
@@ -289,7 +300,9 @@ class Scheduler(LeaseRecovery):
             if not request.future.done():
                 request.future.set_result(result)
         metrics.observe_completion(lease, report, results)
-        self.run_time_scale = updated_scale(self.run_time_scale, lease.estimated_s, report.run_s)
+        self.run_time_scale = updated_scale(self.run_time_scale, lease.estimated_s, report.run_s,
+                                            self.num_scale_samples)
+        self.num_scale_samples += 1
         actual_gen_max = max((o.generated_tokens for o in report.outputs), default=0)
         self.log_sink.add_batch(
             batch_row(lease, outcome="ok", finished_at=finished_at, report=report, actual_gen_tokens_max=actual_gen_max)

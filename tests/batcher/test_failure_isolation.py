@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 from services.batcher.domain import BatchReport, GenerationInput, ItemOutput, Lease, PendingRequest, Prediction, WorkerInfo
 from services.batcher.policy.config import make_policy
 from services.batcher.policy.split import FailureAction, after_failure
-from services.batcher.policy.wait import MAX_SCALE, own_run_s, queue_wait_s, updated_scale, wait_excess_s
+from services.batcher.policy.wait import (
+    MAX_SCALE,
+    own_run_s,
+    queue_wait_s,
+    running_left_s,
+    updated_scale,
+    wait_excess_s,
+)
 from services.batcher.scheduler import Clock, Scheduler, SchedulerLimits
 from services.shared.errors import Internal, InvalidArgument, ResourceExhausted
 
@@ -97,15 +104,17 @@ def test_wait_rule():
     assert wait_excess_s(5.0, 2.0, 6.0, 0.0) == pytest.approx(1.0)  # answered 1 s after the deadline
     assert wait_excess_s(5.0, 200.0, None, 10.0) < 0  # the cap is on queueing, not on its own length
     assert wait_excess_s(15.0, 0.0, 600.0, 10.0) == pytest.approx(5.0)
+    assert running_left_s([10.0, 2.0], [4.0, 5.0]) == 6.0  # the overrun batch counts as done
 
 
 def test_the_run_time_scale_follows_completed_batches_and_ignores_nonsense():
-    scale = 1.0
-    for _ in range(30):  # a device 3x slower than estimated
-        scale = updated_scale(scale, 1.0, 3.0)
-    assert scale == pytest.approx(3.0, rel=0.01)
-    assert updated_scale(scale, 0.0, 5.0) == scale and updated_scale(scale, 1.0, 0.0) == scale
-    assert updated_scale(1.0, 1e-9, 1e9) <= MAX_SCALE
+    assert updated_scale(1.0, 1.0, 3.0, num_samples=0) == 3.0  # the first batch sets it
+    scale = 3.0
+    for n in range(1, 40):  # then the device turns 2x slower than estimated
+        scale = updated_scale(scale, 1.0, 2.0, n)
+    assert scale == pytest.approx(2.0, rel=0.01)
+    assert updated_scale(scale, 0.0, 5.0, 9) == scale and updated_scale(scale, 1.0, 0.0, 9) == scale
+    assert updated_scale(1.0, 1e-9, 1e9, 0) <= MAX_SCALE
 
 
 def test_deadline_admission_learns_a_slow_device(loop):
@@ -116,7 +125,7 @@ def test_deadline_admission_learns_a_slow_device(loop):
         scheduler.admit(make_request(i, loop))
         held = lease(scheduler)
         scheduler.complete("w", held.batch.batch_id, BatchReport([ItemOutput(f"r{i}", "ok", 16)], 2.0, 16, 16))
-    assert scheduler.run_time_scale > 4.0
+    assert scheduler.run_time_scale == pytest.approx(2.0 / 0.3306, rel=0.01)
     with pytest.raises(ResourceExhausted):  # 0.33 s by the fallback, but ~2 s on this device
         scheduler.admit(make_request(99, loop, deadline_s=fake.now_s + 1.0))
 
@@ -198,6 +207,18 @@ def test_a_request_that_cannot_make_its_deadline_is_refused_at_once_with_retry_a
     assert len(scheduler.pending) == queued, "a refused request is not queued"
     scheduler.admit(make_request(11, loop, max_new=16, deadline_s=fake.now_s + 60.0))
     scheduler.admit(make_request(12, loop, max_new=16))  # no deadline, no cap: admitted
+
+
+def test_the_running_batches_left_count_as_wait(loop):
+    fake = FakeClock()
+    scheduler, _ = scheduler_with(fake, "vs")
+    scheduler.register(worker())
+    scheduler.admit(make_request(0, loop, max_new=500))  # ~10 s by the fallback
+    lease(scheduler)
+    fake.now_s += 4.0  # ~6 s left of it
+    with pytest.raises(ResourceExhausted):
+        scheduler.admit(make_request(1, loop, max_new=16, deadline_s=fake.now_s + 5.0))
+    scheduler.admit(make_request(2, loop, max_new=16, deadline_s=fake.now_s + 7.0))
 
 
 def test_max_queue_wait_caps_callers_without_a_deadline(loop):

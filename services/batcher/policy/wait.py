@@ -1,13 +1,13 @@
 """Deadline-aware admission: how long a new request would wait for its answer (pure).
 
-The rule, in seconds: wait = (run time of every queued batch) / (lanes that drain the queue), and
-the answer comes after wait + the new request's own run time. A queued batch's run time is the estimator's cached estimate, else the
+The rule, in seconds: wait = (what is left of every running batch + run time of every queued batch)
+/ (lanes that drain the queue), and the answer comes after wait + the new request's own run time. A queued batch's run time is the estimator's cached estimate, else the
 fallback guess (policy/fallback.py); the request's own is the fallback for a batch of one at its
 planned length. Both are multiplied by the run-time scale: how much longer than estimated the
 batches that completed lately took (an average, so a device slower or faster than the estimates
 corrects them after a few batches). A lane is a worker for static batching, a row of a worker's running batch for the
-continuous policies (each row takes a lease of its own). Batches already running are left out:
-they are partly done and their time is not known here. Deliberately rough: it only has to tell a
+continuous policies (each row takes a lease of its own). What is left of a running batch is its
+scaled estimate less the time it has run (never below 0). Deliberately rough: it only has to tell a
 request that can make its deadline from one that cannot, and it errs towards admitting (a request
 admitted in vain is dropped from the queue when its caller leaves).
 """
@@ -62,11 +62,18 @@ def wait_excess_s(wait_s: float, run_s: float, time_remaining_s: float | None, m
     return excess_s
 
 
-def updated_scale(scale: float, estimated_s: float, actual_s: float) -> float:
-    """The run-time scale after a batch estimated at `estimated_s` ran `actual_s` seconds: a moving
-    average of actual / estimated, each ratio clamped to [MIN_SCALE, MAX_SCALE]. Unchanged when either
-    time is not positive (nothing to learn)."""
+def updated_scale(scale: float, estimated_s: float, actual_s: float, num_samples: int) -> float:
+    """The run-time scale after a batch estimated at `estimated_s` ran `actual_s` seconds, given
+    `num_samples` batches learned from before: their plain mean at first (the first batch sets it),
+    then a moving average with weight SCALE_WEIGHT; each ratio actual / estimated clamped to
+    [MIN_SCALE, MAX_SCALE]. Unchanged when either time is not positive (nothing to learn)."""
     if estimated_s <= 0 or actual_s <= 0:
         return scale
     ratio = min(MAX_SCALE, max(MIN_SCALE, actual_s / estimated_s))
-    return (1.0 - SCALE_WEIGHT) * scale + SCALE_WEIGHT * ratio
+    weight = max(SCALE_WEIGHT, 1.0 / (num_samples + 1))
+    return (1.0 - weight) * scale + weight * ratio
+
+
+def running_left_s(scaled_estimates_s: list[float], elapsed_s: list[float]) -> float:
+    """What is left of the running batches, seconds: each one's estimate less its time so far, >= 0."""
+    return sum(max(0.0, estimate_s - ran_s) for estimate_s, ran_s in zip(scaled_estimates_s, elapsed_s, strict=True))
