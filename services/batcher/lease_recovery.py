@@ -39,22 +39,13 @@ class LeaseRecovery:
         action = after_failure(batch.size, batch.num_failures, self.limits.max_batch_failures,
                                is_out_of_memory=is_out_of_memory, is_worker_stopping=is_worker_stopping)
         outcome = "oom" if is_out_of_memory else "failed"
-        metrics.observe_failure(outcome, is_split=action is FailureAction.SPLIT)
+        metrics.observe_failure(outcome, is_split=is_out_of_memory and action is FailureAction.SPLIT)
         self.log_sink.add_batch(batch_row(lease, outcome=outcome, finished_at=self.clock.wall()))
         log.warning("batch %s (%d requests) failed on %s: %s: %s; %s", batch_id, batch.size, worker_id, outcome,
                     message, action.value)
-        if action is FailureAction.SPLIT:
-            for half in split_batch(batch, (self.make_id(), self.make_id())):
-                half.num_failures = batch.num_failures
-                self._requeue(half)
-        elif action is FailureAction.FAIL:
-            error = (ResourceExhausted(f"request does not fit in worker memory: {message}") if is_out_of_memory
-                     else Internal(f"the worker failed this request {batch.num_failures} times: {message}"))
-            for request in lease.items:
-                self._fail_request(request, error)
-        else:
-            self._requeue(self._sealed_copy(batch))
-        self._schedule_dispatch()
+        error = (ResourceExhausted(f"request does not fit in worker memory: {message}") if is_out_of_memory
+                 else Internal(f"the worker failed this request {batch.num_failures} times: {message}"))
+        self._act(action, lease, batch, error)
         return True
 
     def expire(self) -> None:
@@ -120,15 +111,26 @@ class LeaseRecovery:
             self._retry_or_fail(lease, Unavailable("batch lost by workers too many times"))
 
     def _retry_or_fail(self, lease: Lease, error: Exception) -> None:
-        """A lost lease (its worker died): requeue the batch whole, or fail it after too many losses."""
+        """A lost lease (its worker died or restarted): requeue the batch whole, split it if it is lost
+        again, fail it when a lone request was lost too often (policy.split.after_failure)."""
         batch = self._live_batch(lease)
         if batch is None:
             return
         batch.num_failures += 1
-        if batch.num_failures >= self.limits.max_batch_failures:
+        action = after_failure(batch.size, batch.num_failures, self.limits.max_batch_failures,
+                               is_out_of_memory=False, is_lost=True)
+        self._act(action, lease, batch, error)
+
+    def _act(self, action: FailureAction, lease: Lease, batch: QueuedBatch, error: Exception) -> None:
+        """Carry out the decision for a lease's (live) batch; `error` answers its requests on FAIL."""
+        if action is FailureAction.SPLIT:
+            for half in split_batch(batch, (self.make_id(), self.make_id())):
+                half.num_failures = batch.num_failures
+                self._requeue(half)
+        elif action is FailureAction.FAIL:
             for request in lease.items:
                 self._fail_request(request, error)
-            return
-        self._requeue(self._sealed_copy(batch))
+        else:
+            self._requeue(self._sealed_copy(batch))
         self._schedule_dispatch()
 

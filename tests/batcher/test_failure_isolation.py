@@ -95,6 +95,11 @@ def test_after_failure_splits_any_batch_of_two_or_more_and_bounds_a_lone_request
     assert after_failure(size, failures, max_failures, is_out_of_memory=oom, is_worker_stopping=True) is (
         FailureAction.REQUEUE
     )
+    lost = after_failure(size, failures, max_failures, is_out_of_memory=False, is_lost=True)
+    if failures == 1 and max_failures > 1:
+        assert lost is FailureAction.RETRY  # a first loss is retried whole: usually the worker's fault
+    else:
+        assert lost is after_failure(size, failures, max_failures, is_out_of_memory=False)
 
 
 def test_wait_rule():
@@ -172,6 +177,28 @@ def test_a_lone_request_is_retried_before_it_fails_and_a_stopping_worker_costs_n
     held = lease(scheduler)
     scheduler.fail("w", held.batch.batch_id, is_out_of_memory=False, message="flaky again")
     assert isinstance(request.future.exception(), Internal)
+
+
+def test_a_request_that_kills_its_workers_is_split_out_after_a_second_loss(loop):
+    fake = FakeClock()
+    scheduler, _ = scheduler_with(fake, max_batch_failures=3, lease_s=10.0)
+    scheduler.register(worker())
+    requests = [make_request(i, loop) for i in range(4)]
+    for r in requests:
+        scheduler.admit(r)
+    sizes = []
+    while scheduler.pending:
+        held = lease(scheduler)
+        sizes.append(held.batch.size)
+        if any(r.request_id == "r2" for r in held.items):  # the worker dies whenever it runs r2
+            fake.now_s += 11.0
+            scheduler.expire()
+        else:
+            ids = [r.request_id for r in held.items]
+            scheduler.complete("w", held.batch.batch_id, BatchReport([ItemOutput(i, "ok", 1) for i in ids], 0.1, 1, 1))
+    assert sizes[:2] == [4, 4], "a first loss reruns the batch whole"
+    assert [r.future.done() and r.future.exception() is None for r in requests] == [True, True, False, True]
+    assert requests[2].future.exception() is not None
 
 
 # ---- context ------------------------------------------------------------------------------------

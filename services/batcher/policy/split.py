@@ -46,18 +46,28 @@ class FailureAction(enum.Enum):
 
 
 def after_failure(
-    size: int, num_failures: int, max_failures: int, *, is_out_of_memory: bool, is_worker_stopping: bool = False
+    size: int,
+    num_failures: int,
+    max_failures: int,
+    *,
+    is_out_of_memory: bool,
+    is_worker_stopping: bool = False,
+    is_lost: bool = False,
 ) -> FailureAction:
     """The decision for a batch of `size` requests that has now failed `num_failures` times (this one
     included, its parent batches' failures inherited).
 
-    A batch of two or more is always split, OOM or not: splitting is bounded by log2(size) rounds,
-    and a request that breaks every batch it is in (a poison request) then fails alone while every
+    A batch of two or more is split, OOM or not: splitting is bounded by log2(size) rounds, and a
+    request that breaks every batch it is in (a poison request) then fails alone while every
     neighbour is answered. Alone, an OOM cannot shrink further and fails at once; another error is
-    retried until the request has failed `max_failures` times.
+    retried until the request has failed `max_failures` times. A lost lease (the worker died or
+    restarted) is retried whole the first time, as that is usually the worker's fault, not the
+    batch's; lost again, it is split like a failure, in case one request is what kills workers.
     """
     if is_worker_stopping:
         return FailureAction.REQUEUE
+    if is_lost and num_failures <= 1 < max_failures:
+        return FailureAction.RETRY
     if size >= 2:
         return FailureAction.SPLIT
     if is_out_of_memory or num_failures >= max_failures:
