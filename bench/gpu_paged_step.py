@@ -39,12 +39,18 @@ from services.worker.paged.decode_step import (  # noqa: E402
     LLAMA2_7B, QWEN2_7B, GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights,
 )
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
+from services.worker.paged.skinny_gemm import MAX_ROWS, linear  # noqa: E402
 
 SHAPES = {"llama2-7b": LLAMA2_7B, "qwen2-7b": QWEN2_7B}
 SMOKE = PagedModelConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_layers=2, num_heads=4,
                          num_kv_heads=2, has_qkv_bias=True)
 BLOCK_TOKENS = 16
-LAUNCHES = [dict(block_l=bl, num_warps=w, num_stages=s) for bl in (32, 64) for w in (4, 8) for s in (2, 3)]
+# measured in run 1 (reports/gpu/paged_step): 8 warps and num_stages 3 never helped; smaller chunks did
+LAUNCHES = [dict(block_l=bl, num_warps=w, prefetch=p, use_dot=d)
+            for bl in (16, 32, 64) for w in (2, 4) for p in (True, False) for d in (False, True)]
+SPLITS = (1, 2, 4, 8)
+GEMM_LAUNCHES = [dict(block_n=n, block_k=k, num_stages=st, num_warps=4)
+                 for n in (32, 64, 128) for k in (128, 256) for st in (3, 5)]
 LOG: list[str] = []
 
 
@@ -112,18 +118,17 @@ class Case:
     """One model shape: weights, a decoder whose pool holds `max_rows` rows of random context
     lengths (K/V filled with random values), and the rows' bookkeeping."""
 
-    def __init__(self, config: PagedModelConfig, device, dtype, max_rows: int, lengths: list[int]) -> None:
-        self.config = config
-        self.weights = PagedWeights.random(config, device, dtype)
+    def __init__(self, config: PagedModelConfig, weights: PagedWeights, lengths: list[int], kv_layout: str) -> None:
+        self.config, self.weights = config, weights
         self.pool = BlockPool(sum(-(-n // BLOCK_TOKENS) for n in lengths) + 8, BLOCK_TOKENS)
-        self.decoder = PagedDecoder(config, self.weights, self.pool.num_blocks, BLOCK_TOKENS)
+        self.decoder = PagedDecoder(config, self.weights, self.pool.num_blocks, BLOCK_TOKENS, kv_layout=kv_layout)
         for row, length in enumerate(lengths):
             self.pool.allocate(row, length)  # the step's own token is the last of `length`
         for cache in self.decoder.k_caches + self.decoder.v_caches:
             cache.normal_()
         self.lengths = lengths
         self.table_width = -(-max(lengths) // BLOCK_TOKENS)
-        self.device = device
+        self.device = weights.embed.device
 
     def fill(self, inputs, batch: int) -> None:
         rows = list(range(batch))
@@ -173,25 +178,82 @@ def check_kernels(case: Case, dtype) -> dict:
     return result
 
 
-def tune_attention(case: Case, batch: int, bw: float, dtype) -> list[dict]:
-    """The kernel alone per launch shape over layer 0's cache (10 launches per graph)."""
+def tune_attention(case: Case, batch: int, bw: float, dtype, sweep: bool) -> list[dict]:
+    """The kernel alone over layer 0's cache (10 launches per graph). sweep: every launch shape with
+    the automatic split count, then the best of them at each split count; else the defaults."""
     config, decoder = case.config, case.decoder
     inputs = decoder.empty_inputs(batch, case.table_width)
     case.fill(inputs, batch)
     q = torch.randn(batch, config.num_heads, config.head_dim, device=case.device, dtype=dtype)
     kv_bytes = sum(case.lengths[:batch]) * config.kv_bytes_per_token / config.num_layers
     rows = []
-    for launch in LAUNCHES if case.device.type == "cuda" else LAUNCHES[:1]:
-        def run(launch=launch):
+
+    def measure(launch):
+        def run():
             attention.paged_decode_attention(q, decoder.k_caches[0], decoder.v_caches[0], inputs.block_tables,
                                              inputs.context_lens, decoder.scale, **launch)
         seconds = graphed_time_s(run, case.device, calls=10)
-        rows.append(dict(launch, batch=batch, us=seconds * 1e6, bandwidth_fraction=kv_bytes / seconds / bw))
+        rows.append(dict(launch, batch=batch, kv_layout=decoder.kv_layout, us=seconds * 1e6,
+                         bandwidth_fraction=kv_bytes / seconds / bw))
+
+    if not sweep or case.device.type != "cuda":
+        measure({})
+        return rows
+    for launch in LAUNCHES:
+        measure(launch)
+    best = min(rows, key=lambda r: r["us"])
+    for splits in SPLITS:
+        measure(dict({k: best[k] for k in LAUNCHES[0]}, num_splits=splits))
     return rows
 
 
-def gemms_time_s(case: Case, batch: int, dtype) -> float:
-    """The step's matrix products alone (every layer's four, and lm_head) at this batch."""
+def tune_gemms(case: Case, batch: int, dtype) -> tuple[dict, list[dict]]:
+    """Each of the step's products alone, cuBLAS (as torch runs it) against the skinny Triton GEMM
+    per launch shape; every layer's matrix in turn (32 distinct weights per graph, so the smaller
+    ones are not served from L2). Returns {weight shape: best launch, where faster than cuBLAS}."""
+    weights, device = case.weights, case.device
+    kinds = {
+        "qkv": ([(l.qkv, l.qkv_bias) for l in weights.layers], False),
+        "out": ([(l.out, None) for l in weights.layers], True),
+        "gate_up": ([(l.gate_up, None) for l in weights.layers], False),
+        "down": ([(l.down, None) for l in weights.layers], True),
+        "lm_head": ([(weights.lm_head, None)], False),
+    }
+    chosen, rows = {}, []
+    for kind, (matrices, has_residual) in kinds.items():
+        width, depth = matrices[0][0].shape
+        x = torch.randn(batch, depth, device=device, dtype=dtype)
+        residual = torch.randn(batch, width, device=device, dtype=dtype) if has_residual else None
+
+        def run(launch=None, matrices=matrices, x=x, residual=residual):
+            for weight, bias in matrices:
+                linear(x, weight, bias, residual, launch=launch)
+
+        cublas_s = graphed_time_s(run, device) / len(matrices)
+        rows.append(dict(kind=kind, batch=batch, launch="cublas", us=cublas_s * 1e6))
+        best_s, best = cublas_s, None
+        smoke_launches = [dict(block_n=32, block_k=64, num_stages=2)] if attention.IS_INTERPRETED else []
+        for launch in GEMM_LAUNCHES if device.type == "cuda" else smoke_launches:
+            if depth % launch["block_k"]:
+                continue
+            try:
+                seconds = graphed_time_s(lambda launch=launch: run(launch), device) / len(matrices)
+            except Exception as error:  # e.g. a pipeline deeper than shared memory holds
+                rows.append(dict(kind=kind, batch=batch, launch=launch, error=type(error).__name__))
+                continue
+            rows.append(dict(kind=kind, batch=batch, launch=launch, us=seconds * 1e6))
+            if seconds < best_s:
+                best_s, best = seconds, launch
+        rows.append(dict(kind=kind, batch=batch, launch="best", chosen=best, us=best_s * 1e6,
+                         cublas_us=cublas_s * 1e6, calls=len(matrices)))
+        if best is not None:
+            chosen[(width, depth)] = best
+    return chosen, rows
+
+
+def gemms_time_s(case: Case, batch: int, dtype, library: str | None = None) -> float:
+    """The step's matrix products alone (every layer's four, and lm_head) at this batch, through
+    torch's default BLAS library or `library` ("cublaslt", "cublas")."""
     weights, hidden = case.weights, case.config.hidden_size
     x = torch.randn(batch, hidden, device=case.device, dtype=dtype)
     inner = torch.randn(batch, case.config.intermediate_size, device=case.device, dtype=dtype)
@@ -205,17 +267,25 @@ def gemms_time_s(case: Case, batch: int, dtype) -> float:
             torch.addmm(x, inner, layer.down.t())
         F.linear(x, weights.lm_head)
 
-    return graphed_time_s(run, case.device)
+    if library is None or case.device.type != "cuda":
+        return graphed_time_s(run, case.device)
+    default = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        return graphed_time_s(run, case.device)
+    finally:
+        torch.backends.cuda.preferred_blas_library(default)
 
 
-def time_step(case: Case, batch: int, launch: dict, pool) -> tuple[float, list[int]]:
+def time_step(case: Case, batch: int, launch: dict, gemm_launch: dict) -> tuple[float, list[int]]:
     decoder = case.decoder
-    decoder.attention_launch = launch
+    decoder.attention_launch, decoder.gemm_launch = launch, gemm_launch
     if case.device.type != "cuda":
         inputs = decoder.empty_inputs(batch, case.table_width)
         case.fill(inputs, batch)
         return graphed_time_s(lambda: decoder.decode(inputs), case.device), []
-    graphed = GraphedDecode(decoder, batch, case.table_width, pool=pool)
+    # a private memory pool per graph: a pool shared with a graph already freed fails to capture
+    graphed = GraphedDecode(decoder, batch, case.table_width)
     case.fill(graphed.inputs, batch)
     for _ in range(3):
         graphed.replay()
@@ -226,43 +296,55 @@ def time_step(case: Case, batch: int, launch: dict, pool) -> tuple[float, list[i
 
 
 def run_shape(name: str, config: PagedModelConfig, batches: list[int], lengths: list[int], bw: float,
-              flops_rate: float, device, dtype, result: dict, save) -> list[dict]:
-    started_s = time.monotonic()
-    case = Case(config, device, dtype, max(batches), lengths)
-    say(f"{name}: built in {time.monotonic() - started_s:.1f} s, {case.pool.num_blocks} blocks of {BLOCK_TOKENS}, "
-        f"{case.weights.step_read_bytes(1) / 1e9:.2f} GB read per step, {config.kv_bytes_per_token} KV B/token")
+              flops_rate: float, device, dtype, result: dict, save, args) -> list[dict]:
+    weights = PagedWeights.random(config, device, dtype)
     shape_result = result.setdefault("shapes", {}).setdefault(name, {})
-    shape_result["check"] = check = check_kernels(case, dtype)
-    say(f"{name}: check {json.dumps({k: v for k, v in check.items() if k != 'context_lens'})}")
-    save()
-    pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
     rows = []
-    for batch in batches:
-        tuning = tune_attention(case, batch, bw, dtype)
-        shape_result.setdefault("attention_tuning", []).extend(tuning)
-        best = min(tuning, key=lambda r: r["us"])
-        launch = {k: best[k] for k in ("block_l", "num_warps", "num_stages")}
-        step_s, tokens = time_step(case, batch, launch, pool)
-        gemm_s = gemms_time_s(case, batch, dtype)
-        roof = case.roofline(batch, bw, flops_rate)
-        row = dict(shape=name, rows=batch, mean_context=statistics.mean(lengths[:batch]), step_ms=step_s * 1e3,
-                   ratio=step_s * 1e3 / roof["roofline_ms"], gemms_ms=gemm_s * 1e3,
-                   attention_ms=best["us"] * config.num_layers / 1e3, attention_launch=launch,
-                   attention_bandwidth_fraction=best["bandwidth_fraction"], sample_tokens=tokens, **roof)
-        rows.append(row)
-        say(_format_row(row))
-        shape_result["rows"] = rows
+    for kv_layout in args.kv_layouts.split(","):
+        started_s = time.monotonic()
+        case = Case(config, weights, lengths, kv_layout)
+        say(f"{name} {kv_layout}: built in {time.monotonic() - started_s:.1f} s, {case.pool.num_blocks} blocks of "
+            f"{BLOCK_TOKENS}, {weights.step_read_bytes(1) / 1e9:.2f} GB read per step, "
+            f"{config.kv_bytes_per_token} KV B/token")
+        shape_result[f"check_{kv_layout}"] = check = check_kernels(case, dtype)
+        say(f"{name} {kv_layout}: check {json.dumps({k: v for k, v in check.items() if k != 'context_lens'})}")
         save()
-    del case
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        for batch in batches:
+            tuning = tune_attention(case, batch, bw, dtype, args.sweep_attention)
+            shape_result.setdefault("attention_tuning", []).extend(tuning)
+            best = min(tuning, key=lambda r: r["us"])
+            launch = {k: best[k] for k in (*LAUNCHES[0], "num_splits") if k in best}
+            gemm_launch, gemm_rows = tune_gemms(case, batch, dtype) if batch <= MAX_ROWS else ({}, [])
+            shape_result.setdefault("gemm_tuning", []).extend(gemm_rows)
+            cublas_s, tokens = time_step(case, batch, launch, {})
+            skinny_s, skinny_tokens = time_step(case, batch, launch, gemm_launch) if gemm_launch else (None, [])
+            step_s = min(cublas_s, skinny_s or cublas_s)
+            best_gemms = [r for r in gemm_rows if r["launch"] == "best"]
+            roof = case.roofline(batch, bw, flops_rate)
+            row = dict(shape=name, kv_layout=kv_layout, rows=batch, mean_context=statistics.mean(lengths[:batch]),
+                       step_ms=step_s * 1e3, ratio=step_s * 1e3 / roof["roofline_ms"],
+                       step_cublas_ms=cublas_s * 1e3, step_skinny_gemm_ms=skinny_s and skinny_s * 1e3,
+                       gemms_ms=gemms_time_s(case, batch, dtype) * 1e3,
+                       gemms_best_ms=sum(r["us"] * r["calls"] for r in best_gemms) / 1e3 if best_gemms else None,
+                       gemm_launch={f"{n}x{k}": v for (n, k), v in gemm_launch.items()},
+                       attention_ms=best["us"] * config.num_layers / 1e3, attention_launch=launch,
+                       attention_bandwidth_fraction=best["bandwidth_fraction"], sample_tokens=tokens,
+                       sample_tokens_skinny_gemm=skinny_tokens, **roof)
+            rows.append(row)
+            say(_format_row(row))
+            shape_result["rows"] = rows
+            save()
+        del case
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
 def _format_row(row: dict) -> str:
-    return (f"{row['shape']:10s} rows {row['rows']:4d} mean_context {row['mean_context']:6.1f} "
+    return (f"{row['shape']:10s} {row['kv_layout']:11s} rows {row['rows']:4d} mean_context {row['mean_context']:6.1f} "
             f"step {row['step_ms']:7.3f} ms roofline {row['roofline_ms']:7.3f} ms ({row['bound']}) "
-            f"ratio {row['ratio']:5.2f}x | gemms {row['gemms_ms']:7.3f} ms attention {row['attention_ms']:6.3f} ms "
+            f"ratio {row['ratio']:5.2f}x | cublas step {row['step_cublas_ms']:7.3f} gemms {row['gemms_ms']:7.3f} ms "
+            f"(best {row['gemms_best_ms'] or float('nan'):7.3f}) attention {row['attention_ms']:6.3f} ms "
             f"({row['attention_bandwidth_fraction']:.0%} of copy bw)")
 
 
@@ -273,11 +355,13 @@ def markdown(result: dict, rows: list[dict]) -> str:
         f"bf16 matrix rate {result['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; context lengths uniform "
         f"{result['min_context']}..{result['max_context']}, blocks of {BLOCK_TOKENS} tokens.",
         "",
-        "| shape | rows | mean_context | step_ms | roofline_ms | bound | ratio | gemms_ms | attention_ms | attention bw |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| shape | kv layout | rows | mean_context | step_ms | roofline_ms | bound | ratio | step_ms, cuBLAS only | "
+        "gemms_ms (cuBLAS) | gemms_ms (best) | attention_ms | attention bw |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines += [f"| {r['shape']} | {r['rows']} | {r['mean_context']:.1f} | {r['step_ms']:.3f} | {r['roofline_ms']:.3f} | "
-              f"{r['bound']} | {r['ratio']:.2f} | {r['gemms_ms']:.3f} | {r['attention_ms']:.3f} | "
+    lines += [f"| {r['shape']} | {r['kv_layout']} | {r['rows']} | {r['mean_context']:.1f} | {r['step_ms']:.3f} | "
+              f"{r['roofline_ms']:.3f} | {r['bound']} | {r['ratio']:.2f} | {r['step_cublas_ms']:.3f} | "
+              f"{r['gemms_ms']:.3f} | {r['gemms_best_ms'] or float('nan'):.3f} | {r['attention_ms']:.3f} | "
               f"{r['attention_bandwidth_fraction']:.0%} |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -292,7 +376,11 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for shape in sorted({r["shape"] for r in rows}):
-        mine = [r for r in rows if r["shape"] == shape]
+        by_rows = {}
+        for r in rows:  # the faster KV layout at each row count
+            if r["shape"] == shape and (r["rows"] not in by_rows or r["step_ms"] < by_rows[r["rows"]]["step_ms"]):
+                by_rows[r["rows"]] = r
+        mine = sorted(by_rows.values(), key=lambda r: r["rows"])
         line = ax.plot([r["rows"] for r in mine], [r["step_ms"] for r in mine], "o-", label=f"{shape} step")[0]
         ax.plot([r["rows"] for r in mine], [r["roofline_ms"] for r in mine], "--", color=line.get_color(),
                 label=f"{shape} roofline")
@@ -313,6 +401,9 @@ def main() -> int:
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--min-context", type=int, default=32)
     parser.add_argument("--max-context", type=int, default=512)
+    parser.add_argument("--kv-layouts", default="token_major", help="comma list: token_major,head_major")
+    parser.add_argument("--sweep-attention", action="store_true",
+                        help="time every attention launch shape and split count (run 2), else the defaults")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -340,7 +431,7 @@ def main() -> int:
     rows: list[dict] = []
     shapes = {"smoke": SMOKE} if args.smoke else {name: SHAPES[name] for name in args.shapes.split(",")}
     for name, config in shapes.items():
-        rows += run_shape(name, config, batches, lengths, bw, flops_rate, device, dtype, result, save)
+        rows += run_shape(name, config, batches, lengths, bw, flops_rate, device, dtype, result, save, args)
         result["rows"] = rows
         save()
     (args.out / "paged_step.md").write_text(markdown(result, rows))

@@ -69,13 +69,15 @@ def _triton_device():
 
 @pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (7, 1)])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_triton_kernel_equals_reference(heads, kv_heads, num_splits):
+@pytest.mark.parametrize("num_splits,prefetch,use_dot", [(1, False, True), (3, False, True), (1, True, True),
+                                                          (3, True, False), (1, False, False)])
+def test_triton_kernel_equals_reference(heads, kv_heads, num_splits, prefetch, use_dot):
     device = _triton_device()
     case = ragged_case(7, batch=4, heads=heads, kv_heads=kv_heads, head_dim=16, block_tokens=4,
                        max_tokens=70, dtype=torch.float32, device=device)
     args = (case["q"], case["k_cache"], case["v_cache"], case["tables"], case["lens"], 0.25)
-    out = attention.paged_decode_attention_triton(*args, num_splits=num_splits, block_l=16)
+    out = attention.paged_decode_attention_triton(*args, num_splits=num_splits, block_l=16, prefetch=prefetch,
+                                                  use_dot=use_dot)
     ref = attention.paged_decode_attention_reference(*args)
     # tl.dot may run at tf32 on a GPU: ~1e-3 relative
     torch.testing.assert_close(out, ref, rtol=3e-3, atol=3e-3)

@@ -58,12 +58,13 @@ def run_staggered(decoder: PagedDecoder, sequences: list[list[int]], starts: lis
     return [torch.stack(rows) for rows in logits]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_paged_step_logits_equal_transformers(kind):
+@pytest.mark.parametrize("kind,kv_layout", [("llama", "token_major"), ("qwen2", "token_major"), ("qwen2", "head_major")])
+def test_paged_step_logits_equal_transformers(kind, kv_layout):
     model = tiny_model(kind)
     config = PagedModelConfig.from_hf(model.config)
     assert config.has_qkv_bias == (kind == "qwen2")
-    decoder = PagedDecoder(config, PagedWeights.from_hf(model), num_blocks=40, block_tokens=4, use_triton=False)
+    decoder = PagedDecoder(config, PagedWeights.from_hf(model), num_blocks=40, block_tokens=4, use_triton=False,
+                           kv_layout=kv_layout)
     gen = torch.Generator().manual_seed(2)
     lengths, starts = [9, 3, 14, 6], [0, 2, 1, 5]
     sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
@@ -95,15 +96,17 @@ def _triton_device():
 
 
 @pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_triton_step_equals_torch_step(kind):
+@pytest.mark.parametrize("kind,kv_layout", [("llama", "token_major"), ("qwen2", "head_major")])
+def test_triton_step_equals_torch_step(kind, kv_layout):
     device = _triton_device()
     model = tiny_model(kind)
     config = PagedModelConfig.from_hf(model.config)
     weights = PagedWeights.from_hf(model.to(device))
     gen = torch.Generator().manual_seed(4)
     sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in (6, 4, 9)]
-    steps = [run_staggered(PagedDecoder(config, weights, 30, 4, use_triton=flag), sequences, [0, 2, 1], bucket=4)
-             for flag in (False, True)]
+    decoders = [PagedDecoder(config, weights, 30, 4, use_triton=flag, kv_layout=kv_layout) for flag in (False, True)]
+    matrices = [weights.lm_head] + [m for layer in weights.layers for m in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+    decoders[1].gemm_launch = {tuple(m.shape): dict(block_n=32, block_k=32, num_stages=2) for m in matrices}
+    steps = [run_staggered(decoder, sequences, [0, 2, 1], bucket=4) for decoder in decoders]
     for a, b in zip(*steps, strict=True):
         torch.testing.assert_close(b, a, rtol=3e-3, atol=3e-3)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from services.worker.fast_decoder import LayerWeights
 from services.worker.paged.attention import paged_decode_attention, paged_decode_attention_reference
 from services.worker.paged.fused_ops import rms_norm, rope_and_write_kv, silu_mul
+from services.worker.paged.skinny_gemm import linear
 
 
 @dataclass(frozen=True)
@@ -162,23 +163,37 @@ class PagedDecoder:
     """Owns the weights, the paged KV cache (all layers) and the rotary tables; `decode` runs one step."""
 
     def __init__(self, config: PagedModelConfig, weights: PagedWeights, num_blocks: int, block_tokens: int = 16,
-                 *, use_triton: bool | None = None, attention_launch: dict | None = None) -> None:
+                 *, use_triton: bool | None = None, attention_launch: dict | None = None,
+                 kv_layout: str = "token_major") -> None:
         self.config, self.weights = config, weights
         self.num_blocks, self.block_tokens = num_blocks, block_tokens
         self.use_triton = use_triton
         self.attention_launch = attention_launch or {}
+        # weight shape (N, K) -> skinny_gemm launch; shapes not in it (or use_triton False) use torch
+        self.gemm_launch: dict[tuple[int, int], dict] = {}
         device, dtype = weights.embed.device, weights.embed.dtype
         self.device, self.dtype = device, dtype
-        # num_blocks + 1: the last block is the padding rows' scratch
-        cache_shape = (num_blocks + 1, block_tokens, config.num_kv_heads, config.head_dim)
-        self.k_caches = [torch.zeros(cache_shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.v_caches = [torch.zeros(cache_shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        # num_blocks + 1: the last block is the padding rows' scratch. Every cache is indexed
+        # [block, token, kv_head, dim]; kv_layout says how it lies in memory: "token_major" as indexed
+        # (a token's heads together), "head_major" [block, kv_head, token, dim] (a block's tokens of
+        # one head together: one contiguous block_tokens * head_dim run per (block, head) read).
+        if kv_layout not in ("token_major", "head_major"):
+            raise ValueError(f"kv_layout must be token_major or head_major, got {kv_layout!r}")
+        self.kv_layout = kv_layout
+        self.k_caches = [self._new_cache() for _ in range(config.num_layers)]
+        self.v_caches = [self._new_cache() for _ in range(config.num_layers)]
         dim = config.head_dim
         inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
         angles = torch.arange(config.max_positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None]
         angles = torch.cat((angles, angles), dim=-1)
         self.cos, self.sin = angles.cos().float().contiguous(), angles.sin().float().contiguous()
         self.scale = dim**-0.5
+
+    def _new_cache(self) -> torch.Tensor:
+        blocks, kv_heads, dim = self.num_blocks + 1, self.config.num_kv_heads, self.config.head_dim
+        if self.kv_layout == "token_major":
+            return torch.zeros(blocks, self.block_tokens, kv_heads, dim, device=self.device, dtype=self.dtype)
+        return torch.zeros(blocks, kv_heads, self.block_tokens, dim, device=self.device, dtype=self.dtype).transpose(1, 2)
 
     @property
     def scratch_slot(self) -> int:
@@ -214,7 +229,7 @@ class PagedDecoder:
         hidden = F.embedding(inputs.token_ids, weights.embed)
         for layer, k_cache, v_cache in zip(weights.layers, self.k_caches, self.v_caches, strict=True):
             normed = rms_norm(hidden, layer.input_norm, config.rms_norm_eps, use_triton=use_triton)
-            qkv = F.linear(normed, layer.qkv, layer.qkv_bias)
+            qkv = linear(normed, layer.qkv, layer.qkv_bias, launch=self._gemm(layer.qkv))
             q = rope_and_write_kv(qkv, self.cos, self.sin, inputs.positions, inputs.slot_mapping, k_cache, v_cache,
                                   config.num_heads, use_triton=use_triton)
             if use_triton is False:
@@ -222,12 +237,16 @@ class PagedDecoder:
             else:
                 attended = paged_decode_attention(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens,
                                                   self.scale, **self.attention_launch)
-            hidden = torch.addmm(hidden, attended.view(inputs.batch, -1), layer.out.t())
+            hidden = linear(attended.view(inputs.batch, -1), layer.out, residual=hidden, launch=self._gemm(layer.out))
             normed = rms_norm(hidden, layer.post_norm, config.rms_norm_eps, use_triton=use_triton)
-            activated = silu_mul(F.linear(normed, layer.gate_up), use_triton=use_triton)
-            hidden = torch.addmm(hidden, activated, layer.down.t())
+            gate_up = linear(normed, layer.gate_up, launch=self._gemm(layer.gate_up))
+            activated = silu_mul(gate_up, use_triton=use_triton)
+            hidden = linear(activated, layer.down, residual=hidden, launch=self._gemm(layer.down))
         normed = rms_norm(hidden, weights.final_norm, config.rms_norm_eps, use_triton=use_triton)
-        return F.linear(normed, weights.lm_head)
+        return linear(normed, weights.lm_head, launch=self._gemm(weights.lm_head))
+
+    def _gemm(self, weight: torch.Tensor) -> dict | None:
+        return None if self.use_triton is False else self.gemm_launch.get(tuple(weight.shape))
 
 
 class GraphedDecode:

@@ -51,9 +51,10 @@ def rope_and_write_kv(
 ) -> torch.Tensor:
     """Split the fused projection qkv [B, (H + 2 Hkv) D] into q, k, v; rotate q and k at each row's
     own position (HF's rotate-half rope; cos/sin [max_positions, D] float32); write k and v into
-    cache slot slot_mapping[b] of k_cache / v_cache [num_blocks, block_tokens, Hkv, D].
+    cache slot slot_mapping[b] (block slot // block_tokens, offset slot % block_tokens) of k_cache /
+    v_cache, indexed [num_blocks, block_tokens, Hkv, D] whatever their memory layout.
     Returns the rotated q [B, H, D] in qkv's dtype."""
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    block_tokens, num_kv_heads, head_dim = k_cache.shape[1:]
     batch = qkv.shape[0]
     if not _use_triton(qkv, use_triton):
         q, k, v = qkv.float().split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
@@ -64,15 +65,17 @@ def rope_and_write_kv(
             x = x.reshape(batch, -1, head_dim)
             return x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
 
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, rotate(k).to(k_cache.dtype))
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.reshape(batch, -1, head_dim).to(v_cache.dtype))
+        blocks, offsets = slot_mapping // block_tokens, slot_mapping % block_tokens
+        k_cache[blocks, offsets] = rotate(k).to(k_cache.dtype)  # in place, whatever the cache's strides
+        v_cache[blocks, offsets] = v.reshape(batch, -1, head_dim).to(v_cache.dtype)
         return rotate(q).to(qkv.dtype)
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("rope_and_write_kv needs contiguous caches")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("rope_and_write_kv needs K and V caches of one layout, head_dim contiguous")
     q = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     _rope_write_kernel[(batch, num_heads + 2 * num_kv_heads)](
         qkv, cos, sin, positions, slot_mapping, q, k_cache, v_cache, qkv.stride(0), q.stride(0),
-        num_heads, num_kv_heads, HEAD_DIM=head_dim, num_warps=1,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_heads, num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_TOKENS=block_tokens, num_warps=1,
     )
     return q
 
@@ -102,7 +105,8 @@ if triton is not None:
     @triton.jit
     def _rope_write_kernel(
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_cache_ptr, v_cache_ptr, qkv_stride, q_stride,
-        num_heads, num_kv_heads, HEAD_DIM: tl.constexpr,
+        cache_stride_block, cache_stride_tok, cache_stride_h, num_heads, num_kv_heads,
+        HEAD_DIM: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
     ):
         # one program per (row, head of q, k or v): HEAD_DIM elements each
         row, head = tl.program_id(0), tl.program_id(1)
@@ -110,7 +114,7 @@ if triton is not None:
         base = qkv_ptr + row * qkv_stride + head * HEAD_DIM
         x = tl.load(base + dims).to(tl.float32)
         slot = tl.load(slot_ptr + row).to(tl.int64)
-        kv_row = slot * num_kv_heads * HEAD_DIM
+        kv_row = (slot // BLOCK_TOKENS) * cache_stride_block + (slot % BLOCK_TOKENS) * cache_stride_tok
         if head < num_heads + num_kv_heads:
             partner = tl.load(base + (dims + HEAD_DIM // 2) % HEAD_DIM).to(tl.float32)
             position = tl.load(pos_ptr + row).to(tl.int64)
@@ -120,8 +124,8 @@ if triton is not None:
             if head < num_heads:
                 tl.store(q_ptr + row * q_stride + head * HEAD_DIM + dims, rotated.to(q_ptr.dtype.element_ty))
             else:
-                tl.store(k_cache_ptr + kv_row + (head - num_heads) * HEAD_DIM + dims,
+                tl.store(k_cache_ptr + kv_row + (head - num_heads) * cache_stride_h + dims,
                          rotated.to(k_cache_ptr.dtype.element_ty))
         else:
-            tl.store(v_cache_ptr + kv_row + (head - num_heads - num_kv_heads) * HEAD_DIM + dims,
+            tl.store(v_cache_ptr + kv_row + (head - num_heads - num_kv_heads) * cache_stride_h + dims,
                      x.to(v_cache_ptr.dtype.element_ty))

@@ -1,0 +1,48 @@
+"""The skinny GEMM equals torch's product (with bias and residual) where Triton runs; torch otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.worker.paged import attention
+from services.worker.paged.skinny_gemm import linear
+
+
+def test_without_launch_is_torch():
+    gen = torch.Generator().manual_seed(0)
+    x, w, b, r = (torch.randn(*s, generator=gen) for s in ((3, 8), (5, 8), (5,), (3, 5)))
+    torch.testing.assert_close(linear(x, w, b, r), x @ w.T + b + r)
+    torch.testing.assert_close(linear(x, w), x @ w.T)
+
+
+def _triton_device():
+    if attention.triton is None:
+        return None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu") if attention.IS_INTERPRETED else None
+
+
+@pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+@pytest.mark.parametrize("has_bias,has_residual", [(False, False), (True, False), (False, True)])
+def test_triton_equals_torch(rows, has_bias, has_residual):
+    device = _triton_device()
+    gen = torch.Generator().manual_seed(rows)
+    width, depth = 72, 64  # width not a multiple of block_n: the column mask is exercised
+    x = torch.randn(rows, depth, generator=gen).to(device)
+    w = torch.randn(width, depth, generator=gen).to(device)
+    b = torch.randn(width, generator=gen).to(device) if has_bias else None
+    r = torch.randn(rows, width, generator=gen).to(device) if has_residual else None
+    out = linear(x, w, b, r, launch=dict(block_n=32, block_k=32, num_stages=2))
+    expected = x @ w.T + (b if b is not None else 0) + (r if r is not None else 0)
+    torch.testing.assert_close(out, expected, rtol=3e-3, atol=3e-2)  # tf32 products on a GPU
+
+
+def test_refuses_rows_it_was_not_built_for():
+    if _triton_device() is None:
+        pytest.skip("the Triton path only")
+    x = torch.randn(65, 32, device=_triton_device())
+    with pytest.raises(ValueError):
+        linear(x, torch.randn(8, 32, device=x.device), launch=dict(block_n=32, block_k=32))
