@@ -77,7 +77,8 @@ def matmul_flops_per_s(device: torch.device) -> float:
     if device.type != "cuda":
         return 1e11
     n = 8192
-    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     times_s = [_event_time_s(lambda: torch.mm(a, b)) for _ in range(13)][3:]
     del a, b
     torch.cuda.empty_cache()

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from services.worker.paged import attention
-from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, PagedWeights
+from services.worker.paged.decode_step import GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights
 from services.worker.paged.kv_blocks import BlockPool
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -58,7 +58,8 @@ def run_staggered(decoder: PagedDecoder, sequences: list[list[int]], starts: lis
     return [torch.stack(rows) for rows in logits]
 
 
-@pytest.mark.parametrize("kind,kv_layout", [("llama", "token_major"), ("qwen2", "token_major"), ("qwen2", "head_major")])
+@pytest.mark.parametrize("kind,kv_layout",
+                         [("llama", "token_major"), ("qwen2", "token_major"), ("qwen2", "head_major")])
 def test_paged_step_logits_equal_transformers(kind, kv_layout):
     model = tiny_model(kind)
     config = PagedModelConfig.from_hf(model.config)
@@ -105,8 +106,35 @@ def test_triton_step_equals_torch_step(kind, kv_layout):
     gen = torch.Generator().manual_seed(4)
     sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in (6, 4, 9)]
     decoders = [PagedDecoder(config, weights, 30, 4, use_triton=flag, kv_layout=kv_layout) for flag in (False, True)]
-    matrices = [weights.lm_head] + [m for layer in weights.layers for m in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+    matrices = [weights.lm_head]
+    matrices += [m for layer in weights.layers for m in (layer.qkv, layer.out, layer.gate_up, layer.down)]
     decoders[1].gemm_launch = {tuple(m.shape): dict(block_n=32, block_k=32, num_stages=2) for m in matrices}
     steps = [run_staggered(decoder, sequences, [0, 2, 1], bucket=4) for decoder in decoders]
     for a, b in zip(*steps, strict=True):
         torch.testing.assert_close(b, a, rtol=3e-3, atol=3e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or attention.triton is None, reason="CUDA graphs need a GPU")
+def test_graph_replay_follows_new_inputs():
+    model = tiny_model("qwen2").cuda()
+    decoder = PagedDecoder(PagedModelConfig.from_hf(model.config), PagedWeights.from_hf(model), 30, 4)
+    for cache in decoder.k_caches + decoder.v_caches:
+        cache.normal_()
+    pool = BlockPool(30, 4)
+    lengths = [5, 9, 2]
+    for row, length in enumerate(lengths):
+        pool.allocate(row, length)
+    graphed = GraphedDecode(decoder, batch=4, table_width=4)
+    for step in range(3):  # each step: every row one token longer, so new slots, lengths and blocks
+        rows = dict(token_ids=[3 + step, 7, 11 - step], positions=[pool.num_tokens(r) - 1 for r in range(3)],
+                    slot_mapping=[pool.slot(r, pool.num_tokens(r) - 1) for r in range(3)],
+                    block_tables=pool.table_tensor(range(3)))
+        decoder.fill(graphed.inputs, **rows)
+        graphed.replay()
+        eager_inputs = decoder.empty_inputs(4, 4)
+        decoder.fill(eager_inputs, **rows)
+        eager = decoder.decode(eager_inputs)
+        torch.testing.assert_close(graphed.logits[:3], eager[:3], rtol=1e-5, atol=1e-5)
+        assert graphed.next_tokens[:3].tolist() == eager[:3].argmax(-1).tolist()
+        for row in range(3):
+            pool.grow(row)

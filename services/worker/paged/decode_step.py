@@ -141,7 +141,8 @@ class PagedWeights:
         tensors = [self.final_norm, self.lm_head]
         for layer in self.layers:
             tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors) + batch * self.embed[0].numel() * self.embed.element_size()
+        embedding_rows = batch * self.embed.shape[1] * self.embed.element_size()
+        return sum(t.numel() * t.element_size() for t in tensors) + embedding_rows
 
 
 @dataclass
@@ -193,7 +194,8 @@ class PagedDecoder:
         blocks, kv_heads, dim = self.num_blocks + 1, self.config.num_kv_heads, self.config.head_dim
         if self.kv_layout == "token_major":
             return torch.zeros(blocks, self.block_tokens, kv_heads, dim, device=self.device, dtype=self.dtype)
-        return torch.zeros(blocks, kv_heads, self.block_tokens, dim, device=self.device, dtype=self.dtype).transpose(1, 2)
+        cache = torch.zeros(blocks, kv_heads, self.block_tokens, dim, device=self.device, dtype=self.dtype)
+        return cache.transpose(1, 2)
 
     @property
     def scratch_slot(self) -> int:
@@ -233,7 +235,8 @@ class PagedDecoder:
             q = rope_and_write_kv(qkv, self.cos, self.sin, inputs.positions, inputs.slot_mapping, k_cache, v_cache,
                                   config.num_heads, use_triton=use_triton)
             if use_triton is False:
-                attended = paged_decode_attention_reference(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens, self.scale)
+                attended = paged_decode_attention_reference(q, k_cache, v_cache, inputs.block_tables,
+                                                            inputs.context_lens, self.scale)
             else:
                 attended = paged_decode_attention(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens,
                                                   self.scale, **self.attention_launch)
