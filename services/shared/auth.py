@@ -49,6 +49,7 @@ INTERNAL_METHODS = frozenset(
         "/magnus.v1.WorkerQueueService/CompleteBatch",
         "/magnus.v1.WorkerQueueService/ReportBatchFailure",
         "/magnus.v1.WorkerQueueService/Heartbeat",
+        "/magnus.v1.WorkerQueueService/StreamTokens",
         "/magnus.v1.ModelAdminService/LoadModel",
         "/magnus.v1.TrainerService/Retrain",
     }

@@ -129,6 +129,7 @@ INTERNAL_CALLS = {
     "CompleteBatch": wq.CompleteBatchRequest(worker_id="w", batch_id="b"),
     "ReportBatchFailure": wq.ReportBatchFailureRequest(worker_id="w", batch_id="b", kind=wq.FAILURE_KIND_OTHER),
     "Heartbeat": wq.HeartbeatRequest(worker_id="w"),
+    "StreamTokens": wq.StreamTokensRequest(worker_id="w"),
 }
 
 

@@ -24,6 +24,7 @@ WORKER_CALLS = {
     "PullBatch": wq.PullBatchRequest(worker_id="forged", wait_s=0.01),
     "CompleteBatch": wq.CompleteBatchRequest(worker_id="forged", batch_id="b"),
     "Heartbeat": wq.HeartbeatRequest(worker_id="forged"),
+    "StreamTokens": wq.StreamTokensRequest(worker_id="forged"),
 }
 
 
