@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.predictor.dataset import find_task_files, is_test_id, read_task_rows  # noqa: E402
+from services.core.dataset import find_task_files, is_test_id, read_task_rows  # noqa: E402
 from services.shared.tokenizer import get_token_counter, join_prompt  # noqa: E402
 
 TEST_FRACTION = 0.2  # the predictor bootstrap's default split

@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc
-from services.predictor.dataset import find_task_files, is_test_id, read_task_rows
+from services.core.dataset import find_task_files, is_test_id, read_task_rows
 from services.shared.auth import bearer_metadata
 from services.shared.channels import channel_options
 from services.shared.tls import TlsSettings, channel_credentials

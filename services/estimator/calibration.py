@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.estimator.knn_model import BatchShape, KnnBatchTimeModel, TimeSample, cross_validated_mae_s
+from services.core.knn_model import BatchShape, KnnBatchTimeModel, TimeSample, cross_validated_mae_s
 from services.shared.db.queries import fetch_batch_time_samples
 from services.shared.model_store import ModelStore, VersionInfo
 

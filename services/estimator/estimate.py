@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.estimator.config import EstimatorSettings
-from services.estimator.knn_model import BatchShape
+from services.core.knn_model import BatchShape
 from services.shared.errors import InvalidArgument
 from services.shared.validation import check_range
 

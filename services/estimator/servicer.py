@@ -7,7 +7,7 @@ import asyncio
 from magnus.v1 import estimator_pb2
 from services.estimator.config import EstimatorSettings
 from services.estimator.estimate import validate_shapes
-from services.estimator.knn_model import BatchShape
+from services.core.knn_model import BatchShape
 from services.shared.model_store import ModelSlot
 
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from services.predictor.dataset import TaskRow
-from services.predictor.encoders import sentence_memo_set_aside
-from services.predictor.length_model import LengthModel
+from services.core.dataset import TaskRow
+from services.core.encoders import sentence_memo_set_aside
+from services.core.length_model import LengthModel
 from services.predictor.predict import LengthQuery, predict_lengths
 from services.shared.tokenizer import TokenCounter, get_token_counter
 
@@ -92,7 +92,7 @@ def benchmark(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from services.predictor.dataset import find_task_files, is_test_id, read_task_rows
+    from services.core.dataset import find_task_files, is_test_id, read_task_rows
     from services.shared.model_store import read_artifact, sha256_file
 
     parser = argparse.ArgumentParser(prog="python -m services.predictor.benchmark", description=__doc__)

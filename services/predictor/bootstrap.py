@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from services.predictor.config import PredictorSettings
-from services.predictor.dataset import TaskRow, find_task_files, is_test_id, read_task_rows, to_samples
-from services.predictor.length_model import LengthSample, length_model_names, make_length_model
-from services.predictor.metrics import length_metrics
+from services.core.dataset import TaskRow, find_task_files, is_test_id, read_task_rows, to_samples
+from services.core.length_model import LengthSample, length_model_names, make_length_model
+from services.core.length_metrics import length_metrics
 from services.shared.db import migrate
 from services.shared.db.engine import make_engine, make_session_factory
 from services.shared.model_store import ModelStore, VersionNotFound

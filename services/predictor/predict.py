@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.predictor.config import PredictorSettings
-from services.predictor.length_model import LengthModel
+from services.core.length_model import LengthModel
 from services.shared.errors import InvalidArgument
 from services.shared.tokenizer import TokenCounter, join_prompt
 from services.shared.validation import check_range, check_text

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from services.predictor.dataset import TaskRow, load_split
-from services.predictor.embedding_forest import SERVED_MODEL
-from services.predictor.length_model import LengthModel, LengthSample, length_model_names, make_length_model
-from services.predictor.metrics import report_metrics
+from services.core.dataset import TaskRow, load_split
+from services.core.embedding_forest import SERVED_MODEL
+from services.core.length_model import LengthModel, LengthSample, length_model_names, make_length_model
+from services.core.length_metrics import report_metrics
 from services.shared.model_store import write_artifact
 from services.shared.tokenizer import get_token_counter
 

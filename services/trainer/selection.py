@@ -17,8 +17,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from services.estimator.knn_model import BatchShape, TimeSample, shape_matrix
-from services.predictor.length_model import LengthSample
+from services.core.knn_model import BatchShape, TimeSample, shape_matrix
+from services.core.length_model import LengthSample
 
 T = TypeVar("T")
 

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.estimator.knn_model import KnnBatchTimeModel, TimeSample, mae_s
-from services.predictor.length_model import LengthSample, make_length_model
-from services.predictor.metrics import length_metrics
+from services.core.knn_model import KnnBatchTimeModel, TimeSample, mae_s
+from services.core.length_model import LengthSample, make_length_model
+from services.core.length_metrics import length_metrics
 from services.shared.db.queries import fetch_batches, fetch_requests
 from services.trainer.config import TrainerSettings
 from services.trainer.selection import (

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from services.estimator.config import EstimatorSettings
 from services.estimator.estimate import validate_shapes
-from services.estimator.knn_model import BatchShape, KnnBatchTimeModel, TimeSample, cross_validated_mae_s
+from services.core.knn_model import BatchShape, KnnBatchTimeModel, TimeSample, cross_validated_mae_s
 from services.shared.errors import InvalidArgument
 
 

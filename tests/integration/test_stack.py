@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc
-from services.predictor.dataset import read_task_rows
+from services.core.dataset import read_task_rows
 from services.shared.tokenizer import get_token_counter
 from tools.demo import DEFAULT_DATA_DIR as DATA_DIR
 from tools.stack import SERVICES

@@ -13,7 +13,7 @@ import grpc
 from sqlalchemy import select
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc, model_admin_pb2, model_admin_pb2_grpc
-from services.predictor.dataset import read_task_rows
+from services.core.dataset import read_task_rows
 from services.shared.db.engine import make_engine, make_session_factory
 from services.shared.db.models import BatchRow, ModelVersion, RequestRow
 from services.shared.db.queries import fetch_batches, fetch_requests, get_state

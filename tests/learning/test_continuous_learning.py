@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from magnus.v1 import model_admin_pb2, model_admin_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from services.estimator.knn_model import BatchShape
+from services.core.knn_model import BatchShape
 from services.shared.db.models import RequestRow, utc_now
 from services.trainer.config import TrainerSettings
 from services.trainer.selection import is_held_back

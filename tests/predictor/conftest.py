@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from services.predictor.length_model import LengthSample
-from services.predictor.per_app_linear import PerAppLinearModel
+from services.core.length_model import LengthSample
+from services.core.per_app_linear import PerAppLinearModel
 from services.shared.model_store import ModelStore
 
 
@@ -68,7 +68,7 @@ def fake_static_cache(tmp_path, monkeypatch):
     import numpy as np
     from tokenizers import Tokenizer
 
-    from services.predictor.encoders import _cache_path, bundled_minilm_dir
+    from services.core.encoders import _cache_path, bundled_minilm_dir
 
     cache_dir = tmp_path / "embedding-cache"
     model_dir = bundled_minilm_dir()

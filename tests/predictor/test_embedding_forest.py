@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from sklearn.ensemble import RandomForestRegressor
 
-from services.predictor.embedding_forest import CONFIGS, SERVED_MODEL, EmbeddingForestModel, ForestConfig
-from services.predictor.encoders import build_static_encoder
-from services.predictor.length_model import LengthSample, length_model_names, make_length_model
-from services.predictor.metrics import report_metrics
-from services.predictor.packed_forest import PackedForest
-from services.predictor.per_task_mean import PerTaskMeanModel
-from services.predictor.text_features import group_sum, surface_features
+from services.core.embedding_forest import CONFIGS, SERVED_MODEL, EmbeddingForestModel, ForestConfig
+from services.core.encoders import build_static_encoder
+from services.core.length_model import LengthSample, length_model_names, make_length_model
+from services.core.length_metrics import report_metrics
+from services.core.packed_forest import PackedForest
+from services.core.per_task_mean import PerTaskMeanModel
+from services.core.text_features import group_sum, surface_features
 
 
 def test_group_sum_divides_each_group_sum_by_sqrt_of_its_size() -> None:
@@ -158,7 +158,7 @@ def test_report_metrics() -> None:
 
 
 def test_benchmarks_set_the_transformer_memo_aside_and_restore_it() -> None:
-    from services.predictor import encoders
+    from services.core import encoders
 
     encoders._SENTENCE_MEMO["some-model"] = {"text": np.zeros(3, np.float32)}
     try:

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.predictor.length_model import LengthModel, LengthSample, length_model_names, make_length_model
-from services.predictor.metrics import acc_within, length_metrics, mae_tokens
-from services.predictor.per_app_linear import PerAppLinearModel, fit_line
+from services.core.length_model import LengthModel, LengthSample, length_model_names, make_length_model
+from services.core.length_metrics import acc_within, length_metrics, mae_tokens
+from services.core.per_app_linear import PerAppLinearModel, fit_line
 
 
 def on_line(instruction: str, intercept: float, slope: float, xs: list[int]) -> list[LengthSample]:

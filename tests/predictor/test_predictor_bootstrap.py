@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.predictor import bootstrap
-from services.predictor.dataset import find_task_files, is_test_id, read_task_rows
+from services.core.dataset import find_task_files, is_test_id, read_task_rows
 from services.shared.model_store import ModelStore
 
 DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from services.predictor import evaluate, train
-from services.predictor.embedding_forest import SERVED_MODEL
+from services.core.embedding_forest import SERVED_MODEL
 from services.shared.model_store import read_artifact, sha256_file
 
 DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -178,8 +178,8 @@ async def test_load_model_errors_keep_the_old_model(start_replica, make_model, s
 
 
 async def test_serves_the_static_embedding_forest(start_replica, store, fake_static_cache) -> None:
-    from services.predictor.embedding_forest import SERVED_MODEL
-    from services.predictor.length_model import LengthSample, make_length_model
+    from services.core.embedding_forest import SERVED_MODEL
+    from services.core.length_model import LengthSample, make_length_model
 
     model = make_length_model(SERVED_MODEL, num_trees=10)
     model.fit([LengthSample("A", f"text {i} " * i, 3 * i, 2 * i) for i in range(1, 60)])

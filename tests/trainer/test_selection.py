@@ -127,7 +127,7 @@ def test_keep_newest_drops_the_oldest() -> None:
 
 
 def test_new_time_samples_supersede_old_ones_of_a_similar_shape_only():
-    from services.estimator.knn_model import BatchShape, TimeSample
+    from services.core.knn_model import BatchShape, TimeSample
     from services.trainer.selection import supersede_similar_shapes
 
     old = [

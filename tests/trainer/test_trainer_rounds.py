@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from magnus.v1 import model_admin_pb2, model_admin_pb2_grpc
-from services.estimator.knn_model import BatchShape, KnnBatchTimeModel, TimeSample
-from services.predictor.length_model import LengthSample
-from services.predictor.per_app_linear import PerAppLinearModel
+from services.core.knn_model import BatchShape, KnnBatchTimeModel, TimeSample
+from services.core.length_model import LengthSample
+from services.core.per_app_linear import PerAppLinearModel
 from services.shared.model_store import ModelStore
 from services.trainer.config import TrainerSettings
 from services.trainer.rounds import Trainer

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from magnus.v1 import trainer_pb2, trainer_pb2_grpc
-from services.predictor.length_model import LengthSample
-from services.predictor.per_app_linear import PerAppLinearModel
+from services.core.length_model import LengthSample
+from services.core.per_app_linear import PerAppLinearModel
 from services.trainer import cli
 from services.trainer.config import TrainerSettings
 from services.trainer.server import TrainerServer

@@ -27,7 +27,7 @@ from services.batcher.policy.config import PolicyConfig
 from services.batcher.policy.split import split_batch
 from services.batcher.simulate.cost_model import CostModel
 from services.batcher.simulate.workload import Workload
-from services.estimator.knn_model import BatchShape, KnnBatchTimeModel, TimeSample
+from services.core.knn_model import BatchShape, KnnBatchTimeModel, TimeSample
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CALIBRATION_TOKENS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)

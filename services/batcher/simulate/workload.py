@@ -1,6 +1,6 @@
 """The simulated workload: real task rows, real token lengths, real predictions, arrival times.
 
-Rows come from the 8 task files (services.predictor.dataset); the split is by id, the predictor
+Rows come from the 8 task files (services.core.dataset); the split is by id, the predictor
 (`per_app_linear`, the default served family) is fitted on the train side and predicts the test
 side, and only test rows are replayed, so every prediction is out of sample. A request's true
 generation length is its reference output's token count, capped at `max_new_tokens` (trace replay:
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.predictor.dataset import find_task_files, is_test_id, read_task_rows, to_samples
-from services.predictor.length_model import make_length_model
+from services.core.dataset import find_task_files, is_test_id, read_task_rows, to_samples
+from services.core.length_model import make_length_model
 from services.shared.tokenizer import get_token_counter
 
 

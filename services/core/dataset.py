@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from services.predictor.length_model import LengthSample
+from services.core.length_model import LengthSample
 from services.shared.tokenizer import TokenCounter, join_prompt
 
 TASKS = (

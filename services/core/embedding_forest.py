@@ -1,0 +1,240 @@
+"""The paper's predictor and its variants: compressed sentence embeddings + input length -> trees.
+
+Features per request (see `ForestConfig`): the user input's sentence vector in `user_groups`
+group sums, the instruction's in `app_groups` (cached per distinct instruction), the prompt's
+token count, and optionally cheap surface counts of the user input. The regressor is a random
+forest (the paper) or gradient boosting; the target is the token count (the paper) or
+log((generated + 1) / (input + 1)), which lets trees predict lengths beyond those seen in
+training (a ratio extrapolates, a leaf mean cannot) and makes their mean closer to the median
+of a skewed task like code comments. An optional exact-match table answers repeated prompts
+with their observed length (greedy decoding makes a repeat generate the same output).
+
+Each named configuration is registered as a model family (`make_length_model(name)`), so the
+trainer refits the family it found serving with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+
+from services.core.encoders import SentenceEncoder, TextEncoder, build_static_encoder
+from services.core.length_model import LengthSample, register_length_model
+from services.core.packed_forest import AGGREGATES, PackedForest
+from services.core.text_features import surface_features
+
+DEFAULT_MAX_TOKENS = 8192
+MAX_CACHED_INSTRUCTIONS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ForestConfig:
+    """One model configuration. Lengths in tokens; `max_prefix_pieces` in encoder word pieces."""
+
+    encoder: str = "static"  # "static" (distilled table) or "sentence" (the transformer itself)
+    user_groups: int = 16
+    app_groups: int = 4
+    use_surface_features: bool = False
+    target: str = "tokens"  # "tokens" or "log_ratio"
+    regressor: str = "rf"  # "rf", "rf_leaf5" or "hgb_l1"
+    num_trees: int = 100
+    max_depth: int | None = None  # forest depth cap (bounds the packed forest's steps)
+    aggregate: str = "mean"  # forests: "mean" of trees (the paper) or "median"
+    use_exact_cache: bool = False
+    max_prefix_pieces: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ("static", "sentence"):
+            raise ValueError(f"encoder must be 'static' or 'sentence', got {self.encoder!r}")
+        if self.target not in ("tokens", "log_ratio"):
+            raise ValueError(f"target must be 'tokens' or 'log_ratio', got {self.target!r}")
+        if self.regressor not in ("rf", "rf_leaf5", "hgb_l1"):
+            raise ValueError(f"unknown regressor {self.regressor!r}")
+        if self.aggregate not in AGGREGATES or (self.aggregate == "median" and self.regressor == "hgb_l1"):
+            raise ValueError(f"aggregate {self.aggregate!r} does not apply to regressor {self.regressor!r}")
+        if min(self.user_groups, self.app_groups, self.num_trees, self.max_tokens, self.max_prefix_pieces) < 1:
+            raise ValueError("groups, trees, max_tokens and max_prefix_pieces must all be >= 1")
+
+
+def make_regressor(config: ForestConfig) -> Any:
+    if config.regressor == "hgb_l1":
+        return HistGradientBoostingRegressor(
+            loss="absolute_error", max_iter=3 * config.num_trees, random_state=config.seed
+        )
+    leaf = {"rf": {}, "rf_leaf5": {"min_samples_leaf": 5, "max_features": 0.5}}[config.regressor]
+    return RandomForestRegressor(
+        n_estimators=config.num_trees, max_depth=config.max_depth, n_jobs=-1, random_state=config.seed, **leaf
+    )
+
+
+def fit_predictor(config: ForestConfig, x: np.ndarray, target: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit the configured regressor; return its predict function (forests packed, see PackedForest)."""
+    regressor = make_regressor(config).fit(x, target)
+    if isinstance(regressor, RandomForestRegressor):
+        return _ForestPredict(PackedForest.from_sklearn(regressor), config.aggregate)
+    return regressor.predict
+
+
+@dataclass(frozen=True)
+class _ForestPredict:
+    # A picklable callable; the scikit-learn forest itself is dropped (it is 5x larger).
+    forest: PackedForest
+    aggregate: str
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.forest.predict(x, self.aggregate)
+
+
+def prompt_key(instruction: str, user_input: str) -> bytes:
+    """A 16-byte digest of the exact prompt, the exact-match table's key."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(instruction.encode("utf-8", "surrogatepass"))
+    digest.update(b"\x00")
+    digest.update(user_input.encode("utf-8", "surrogatepass"))
+    return digest.digest()
+
+
+class EmbeddingForestModel:
+    """A `LengthModel`: see the module docstring. Picklable (the encoder pickles its weights or path)."""
+
+    def __init__(self, name: str = "embedding_forest", config: ForestConfig | None = None, **overrides: Any) -> None:
+        self.name = name
+        self.config = replace(config or ForestConfig(), **overrides)
+        self.samples: list[LengthSample] = []
+        self.encoder: TextEncoder | None = None
+        self.regressor: Any = None
+        self.app_vectors: dict[str, np.ndarray] = {}
+        self.exact_lengths: dict[bytes, int] = {}
+
+    def _make_encoder(self) -> TextEncoder:
+        if self.config.encoder == "sentence":
+            return SentenceEncoder()
+        return build_static_encoder(
+            [self.config.user_groups, self.config.app_groups], max_prefix_pieces=self.config.max_prefix_pieces
+        )
+
+    def _app_features(self, instructions: Sequence[str]) -> np.ndarray:
+        assert self.encoder is not None
+        missing = sorted(set(instructions) - self.app_vectors.keys())
+        if missing:
+            vectors = self.encoder.encode_grouped(missing, self.config.app_groups)
+            if len(self.app_vectors) + len(missing) > MAX_CACHED_INSTRUCTIONS:
+                self.app_vectors = {}  # many distinct instructions: a cache this big no longer pays
+            # One dict replacement, not item by item: concurrent readers see the old or new map.
+            self.app_vectors = {**self.app_vectors, **dict(zip(missing, vectors, strict=True))}
+        table = self.app_vectors
+        known = [table.get(i) for i in instructions]
+        if any(v is None for v in known):  # evicted meanwhile by another call
+            return self.encoder.encode_grouped(list(instructions), self.config.app_groups)
+        return np.stack(known) if known else np.zeros((0, self.config.app_groups), np.float32)
+
+    def features(self, instructions: Sequence[str], inputs: Sequence[str], input_tokens: Sequence[int]) -> np.ndarray:
+        """(n, user_groups + app_groups + 1 [+ 4]) float32 feature rows."""
+        assert self.encoder is not None
+        parts = [
+            self.encoder.encode_grouped(list(inputs), self.config.user_groups),
+            self._app_features(instructions),
+            np.asarray(input_tokens, dtype=np.float32)[:, None],
+        ]
+        if self.config.use_surface_features:
+            parts.append(surface_features(inputs))
+        return np.hstack(parts)
+
+    def fit(self, samples: Sequence[LengthSample]) -> None:
+        if not samples:
+            raise ValueError(f"{self.name} needs at least one sample to fit")
+        if self.encoder is None:
+            self.encoder = self._make_encoder()
+        x = self.features(
+            [s.instruction for s in samples], [s.input_text for s in samples], [s.input_tokens for s in samples]
+        )
+        generated = np.array([s.generated_tokens for s in samples], dtype=np.float64)
+        input_tokens = np.array([s.input_tokens for s in samples], dtype=np.float64)
+        target = generated if self.config.target == "tokens" else np.log1p(generated) - np.log1p(input_tokens)
+        self.regressor = fit_predictor(self.config, x, target)
+        self.exact_lengths = self._exact_table(samples) if self.config.use_exact_cache else {}
+        self.samples = list(samples)
+
+    @staticmethod
+    def _exact_table(samples: Sequence[LengthSample]) -> dict[bytes, int]:
+        # The median, so a prompt logged with different lengths (different reference outputs)
+        # is answered by its typical one.
+        seen: dict[bytes, list[int]] = defaultdict(list)
+        for s in samples:
+            seen[prompt_key(s.instruction, s.input_text)].append(s.generated_tokens)
+        return {key: int(round(float(np.median(lengths)))) for key, lengths in seen.items()}
+
+    def predict(
+        self, instructions: Sequence[str], inputs: Sequence[str], input_tokens: Sequence[int]
+    ) -> np.ndarray:
+        return self.predict_with_upper(instructions, inputs, input_tokens, quantile=None)[0]
+
+    def predict_with_upper(
+        self,
+        instructions: Sequence[str],
+        inputs: Sequence[str],
+        input_tokens: Sequence[int],
+        quantile: float | None = 0.9,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(point predictions, upper estimates), tokens. The upper one is the forest's trees'
+        `quantile` where the regressor is a forest (a wide spread marks a request that may run
+        long), never below the point; the point itself otherwise, and for exact-match prompts."""
+        if not len(instructions) == len(inputs) == len(input_tokens):
+            raise ValueError("instructions, inputs and input_tokens must have the same length")
+        if self.regressor is None:
+            raise ValueError(f"{self.name} is not fitted")
+        if not len(inputs):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        x = self.features(instructions, inputs, input_tokens)
+        point = self._to_tokens(self.regressor(x), input_tokens)
+        has_spread = quantile is not None and isinstance(self.regressor, _ForestPredict)
+        upper = self._to_tokens(self.regressor.forest.quantile(x, quantile), input_tokens) if has_spread else point.copy()
+        if self.exact_lengths:
+            for i, (instruction, user_input) in enumerate(zip(instructions, inputs, strict=True)):
+                observed = self.exact_lengths.get(prompt_key(instruction, user_input))
+                if observed is not None:
+                    point[i] = upper[i] = observed
+        point = np.clip(np.rint(point), 1, self.config.max_tokens).astype(np.int64)
+        upper = np.clip(np.rint(upper), 1, self.config.max_tokens).astype(np.int64)
+        return point, np.maximum(upper, point)
+
+    def _to_tokens(self, raw: np.ndarray, input_tokens: Sequence[int]) -> np.ndarray:
+        if self.config.target == "log_ratio":
+            return np.expm1(raw + np.log1p(np.asarray(input_tokens, dtype=np.float64)))
+        return np.asarray(raw, dtype=np.float64)
+
+
+# The named configurations. Each step adds one change to the one above it, so the report shows
+# what each buys; `SERVED_MODEL` is what the bootstrap trains and the trainer keeps refitting.
+_TUNED = ForestConfig(target="log_ratio", use_surface_features=True, regressor="rf_leaf5")
+CONFIGS: dict[str, ForestConfig] = {
+    "paper_minilm": ForestConfig(encoder="sentence"),
+    "paper_static": ForestConfig(),
+    "static_log_ratio": ForestConfig(target="log_ratio"),
+    "static_log_ratio_surface": ForestConfig(target="log_ratio", use_surface_features=True),
+    "static_log_ratio_surface_leaf5": _TUNED,
+    "static_log_ratio_surface_hgb": replace(_TUNED, regressor="hgb_l1"),
+    "static_log_ratio_surface_leaf5_g32": replace(_TUNED, user_groups=32),
+    "static_log_ratio_surface_leaf5_median": replace(_TUNED, max_depth=16, aggregate="median"),
+    "magnus_static": replace(_TUNED, max_depth=16, aggregate="median", use_exact_cache=True),
+    "magnus_minilm": replace(_TUNED, encoder="sentence", max_depth=16, aggregate="median", use_exact_cache=True),
+}
+SERVED_MODEL = "magnus_static"
+
+
+def _register(name: str, config: ForestConfig) -> None:
+    @register_length_model(name)
+    def factory(**overrides: Any) -> EmbeddingForestModel:
+        return EmbeddingForestModel(name, config, **overrides)
+
+
+for _name, _config in CONFIGS.items():
+    _register(_name, _config)
