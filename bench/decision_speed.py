@@ -21,10 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.batcher.policy.assembler import MemoryBudget  # noqa: E402
+from services.batcher.policy.rules import MemoryBudget  # noqa: E402
 from services.batcher.policy.batch import Member, QueuedBatch  # noqa: E402
 from services.batcher.policy.batch_queue import BatchQueue  # noqa: E402
-from services.batcher.policy.config import ChooseMode, make_policy  # noqa: E402
+from services.batcher.policy.config import make_policy  # noqa: E402
 
 NUM_QUEUED = 10_000
 NUM_TIMED = 2_000
@@ -66,7 +66,7 @@ def time_scenario(name: str, policy, rng, num_timed: int = NUM_TIMED) -> dict:
         admit(queue, member, policy)
         admit_us.append(1e6 * (time.perf_counter() - started))
         started = time.perf_counter()
-        if policy.choose_mode is ChooseMode.PACK:
+        if policy.times_batches_itself:  # packing: the choice merges requests; take them and put them back
             taken = queue.take_next(policy, 200.0 + i * 1e-3, BUDGET, lambda: f"p{i}")
             choose_us.append(1e6 * (time.perf_counter() - started))
             for member in taken.members:  # back in the queue, untimed: it stays 10,000 deep

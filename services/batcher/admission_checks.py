@@ -1,7 +1,7 @@
 """The Scheduler's admission checks: may a request enter the queue now? Part of the Scheduler.
 
-Capacity (draining, the queue and a tenant's share), context (longer than a worker can run) and
-wait (answered too late for its caller, policy/wait.py). Each raises the error the caller gets;
+Capacity (draining, the queue and a tenant's share), context (longer than a worker can run),
+memory (its planned KV does not fit a worker alone, rules.fits_memory) and wait (answered too late for its caller, policy/wait.py). Each raises the error the caller gets;
 none changes state. Mixed into `Scheduler`, whose state it reads: kept apart only to keep each file
 readable.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from services.batcher import metrics
 from services.batcher.domain import PendingRequest
-from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES
+from services.batcher.policy.batch import Member
+from services.batcher.policy.rules import MemoryBudget, memory_bytes
 from services.batcher.policy.wait import (
     own_run_s,
     queue_wait_s,
@@ -63,6 +64,13 @@ class AdmissionChecks:
                 f"tokens exceeds the workers' context of {limit} tokens",
             )
 
+    def check_memory(self, member: Member, budget: MemoryBudget) -> None:
+        """Raise ResourceExhausted if the request alone, at its planned length, passes the KV cap."""
+        if not budget.fits(1, member.input_tokens, member.gen_tokens):
+            metrics.REJECTED_REQUESTS.labels(reason="memory").inc()
+            needed = memory_bytes(1, member.input_tokens, member.gen_tokens, budget.kv_bytes_per_token or 0)
+            raise ResourceExhausted(f"request needs {needed} bytes of KV memory; workers have {budget.free_kv_bytes}")
+
     def check_wait(self, request: PendingRequest, gen_tokens: int) -> None:
         """Raise ResourceExhausted if the request would be answered after its caller's deadline or queue
         longer than MAGNUS_BATCHER_MAX_QUEUE_WAIT_S (the rule is policy/wait.py's)."""
@@ -85,10 +93,9 @@ class AdmissionChecks:
                 retry_after_s=max(self.limits.retry_after_s, excess_s),
             )
 
-
     def _num_lanes(self) -> int:
         """Batches run at once: one per worker, or one per row for the continuous policies."""
-        if self.policy.name in CONTINUOUS_POLICY_NAMES:
+        if self.policy.is_continuous:
             return sum(max(1, w.max_batch_size) for w in self.workers.values())
         return len(self.workers)
 

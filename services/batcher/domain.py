@@ -100,20 +100,6 @@ class PendingRequest:
     def input_tokens_now(self) -> int:
         return self.prediction.input_tokens + self.tokens_so_far
 
-    def gen_tokens_for(self, uses_true_lengths: bool, uses_upper_lengths: bool = False) -> int:
-        """G(p) the policy plans with: a request never generates more than max_new_tokens.
-
-        uses_true_lengths (the oracle): max_new_tokens itself, the true length when a benchmark
-        replays recorded lengths (trace replay stops every request exactly there).
-        uses_upper_lengths: the predictor's upper estimate where it gave one (magnus_pack).
-        """
-        if uses_true_lengths:
-            return max(1, self.generation.max_new_tokens)
-        predicted = self.prediction.predicted_tokens
-        if uses_upper_lengths and self.prediction.upper_tokens is not None:
-            predicted = max(predicted, self.prediction.upper_tokens)
-        return max(1, min(predicted, self.generation.max_new_tokens))
-
 
 @dataclass
 class WorkerInfo:

@@ -20,8 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def fallback_prediction(input_tokens: int, max_new_tokens: int) -> Prediction:
-    """Input-length heuristic: predict as many tokens out as came in, within [1, max_new_tokens]."""
-    return Prediction(input_tokens, max(1, min(input_tokens, max_new_tokens)), 0, True)
+    """Input-length heuristic: predict as many tokens out as came in (at least 1), as a predictor would
+    without knowing the cap; the policy decides the planned length (Policy.planned_gen_tokens clamps
+    it to max_new_tokens). `max_new_tokens` is kept for the callers' signature; it does not change
+    the prediction."""
+    return Prediction(input_tokens, max(1, input_tokens), 0, True)
 
 
 @dataclass

@@ -31,14 +31,14 @@ from services.batcher.domain import (
 from services.batcher.admission_checks import AdmissionChecks
 from services.batcher.lease_recovery import LeaseRecovery
 from services.batcher.log_rows import LogSink, batch_row, request_row
-from services.batcher.policy.assembler import MemoryBudget
+from services.batcher.policy.base import Policy
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.batch_queue import BatchQueue
-from services.batcher.policy.config import ChooseMode, PolicyConfig
 from services.batcher.policy.hrrn import batch_estimate_s
+from services.batcher.policy.rules import MemoryBudget
 from services.batcher.policy.split import split_batch
 from services.batcher.policy.wait import updated_scale
-from services.shared.errors import Internal, ResourceExhausted
+from services.shared.errors import Internal
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def new_id() -> str:
 class Scheduler(AdmissionChecks, LeaseRecovery):
     def __init__(
         self,
-        policy: PolicyConfig,
+        policy: Policy,
         limits: SchedulerLimits,
         clock: Clock,
         log_sink: LogSink,
@@ -116,14 +116,13 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
         """Insert a predicted request into a queued batch (or a new one). Raises if it cannot."""
         self.check_capacity(request.generation.tenant_id)
         budget = self.memory_budget()
-        gen_tokens = request.gen_tokens_for(self.policy.uses_true_lengths, self.policy.uses_upper_lengths)
+        gen_tokens = self.policy.planned_gen_tokens(
+            predicted_tokens=request.prediction.predicted_tokens,
+            upper_tokens=request.prediction.upper_tokens,
+            max_new_tokens=request.generation.max_new_tokens,
+        )
         member = Member(request.request_id, request.prediction.input_tokens, gen_tokens, request.arrival_s)
-        if not budget.fits(1, member.input_tokens, member.gen_tokens):
-            metrics.REJECTED_REQUESTS.labels(reason="memory").inc()
-            raise ResourceExhausted(
-                f"request needs {(member.input_tokens + member.gen_tokens) * (budget.kv_bytes_per_token or 0)} "
-                f"bytes of KV memory; workers have {budget.free_kv_bytes}"
-            )
+        self.check_memory(member, budget)
         self.check_wait(request, gen_tokens)
         self.pending[request.request_id] = request
         self.pending_by_tenant[request.generation.tenant_id] += 1
@@ -248,9 +247,9 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
     def stale_estimates(self) -> list[tuple[str, int, tuple[int, int, int]]]:
         """(batch id, revision, (size, L, G)) of queued batches whose estimate is out of date.
 
-        None for packing: its queue holds single requests, and it times its batches itself.
+        None for a policy that times its batches itself (packing: its queue holds single requests).
         """
-        if self.policy.choose_mode is ChooseMode.PACK:
+        if self.policy.times_batches_itself:
             return []
         return [
             (b.batch_id, b.revision, (b.size, b.input_tokens_max, b.gen_tokens_max))
@@ -327,22 +326,23 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
 
     def _preempt_max_rows(self, batch: QueuedBatch) -> int:
         """Stragglers the worker may cut from `batch` (0 below 1 / preempt_share rows: a cut then frees
-        too little). Only for plans made with predictions: true lengths have no stragglers."""
-        if not self.policy.uses_predictions or self.policy.uses_true_lengths:
+        too little). Only where the policy allows it (plans made with predictions)."""
+        if not self.policy.can_preempt:
             return 0
         return int(self.limits.preempt_share * batch.size)
 
     def _continue_later(self, request: PendingRequest, output: ItemOutput) -> None:
         """Requeue a request its batch cut: its output so far joins its prompt, and it is planned to
-        generate as much again (its whole remaining budget once cut max_preemptions times)."""
+        generate the length its policy replans it with."""
         request.output_so_far += output.text
         request.tokens_so_far += output.generated_tokens
         request.num_preemptions += 1
-        remaining = request.remaining_new_tokens
-        planned = remaining if request.num_preemptions >= self.limits.max_preemptions else min(
-            remaining, request.tokens_so_far)
+        planned = self.policy.replanned_gen_tokens(
+            remaining_tokens=request.remaining_new_tokens, generated_tokens=request.tokens_so_far,
+            num_preemptions=request.num_preemptions, max_preemptions=self.limits.max_preemptions,
+        )
         metrics.PREEMPTIONS.inc()
-        self._enqueue(Member(request.request_id, request.input_tokens_now, max(1, planned), request.arrival_s),
+        self._enqueue(Member(request.request_id, request.input_tokens_now, planned, request.arrival_s),
                       self.memory_budget())
 
     def _enqueue(self, member: Member, budget: MemoryBudget) -> None:

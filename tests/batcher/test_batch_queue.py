@@ -7,11 +7,11 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.batcher.policy.assembler import MemoryBudget
-from services.batcher.policy.batch import Member, QueuedBatch, memory_bytes
+from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.batch_queue import BatchQueue
 from services.batcher.policy.config import make_policy
 from services.batcher.policy.hrrn import response_ratio
+from services.batcher.policy.rules import MemoryBudget, memory_bytes
 from services.batcher.policy.split import split_batch
 
 POLICIES = {
@@ -19,11 +19,19 @@ POLICIES = {
     for name in ("vs", "glp", "abp", "magnus")
 }
 BUDGET = MemoryBudget(kv_bytes_per_token=4, free_kv_bytes=4 * 6000)
+# the paper's table, written out: (insertion, memory cap, choice) of each family
+RULES = {
+    "vs": ("fcfs", False, "fcfs"),
+    "glp": ("wma", False, "fcfs"),
+    "abp": ("wma", True, "fcfs"),
+    "magnus": ("wma", True, "hrrn"),
+}
 
 
 def scan_insert(member, batches, policy, budget):
     """The reference: one loop over the batches in queue order, straight from the rules."""
-    if policy.insert_mode.value == "fcfs":
+    insertion, has_memory_cap, _ = RULES[policy.name]
+    if insertion == "fcfs":
         last = batches[-1] if batches else None
         if last is None or last.is_sealed or last.size >= policy.max_batch_size:
             return None
@@ -33,19 +41,19 @@ def scan_insert(member, batches, policy, budget):
         if b.is_sealed or (policy.max_batch_size and b.size >= policy.max_batch_size):
             continue
         size, l_max, g_max = b.size + 1, max(b.input_tokens_max, member.input_tokens), max(b.gen_tokens_max, member.gen_tokens)
-        if policy.use_memory_cap and memory_bytes(size, l_max, g_max, budget.kv_bytes_per_token) > budget.free_kv_bytes:
+        if has_memory_cap and memory_bytes(size, l_max, g_max, budget.kv_bytes_per_token) > budget.free_kv_bytes:
             continue
         members = b.members + [member]
         wma = max(m.gen_tokens * (l_max - m.input_tokens) + sum(g + l_max for g in range(m.gen_tokens, g_max + 1)) for m in members)
         if wma < best_wma:
             best, best_wma = b, wma
-    if best is None or (policy.phi_token_reads is not None and best_wma >= policy.phi_token_reads):
+    if best is None or best_wma >= policy.knobs.phi_token_reads:
         return None
     return best
 
 
 def scan_next(batches, policy, now_s):
-    if policy.choose_mode.value == "fcfs":
+    if RULES[policy.name][2] == "fcfs":
         return min(batches, key=lambda b: b.oldest_arrival_s, default=None)
     return max(batches, key=lambda b: response_ratio(b, now_s), default=None)
 

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import itertools
-from datetime import datetime, timezone
 
 import numpy as np
 import pytest
 
-from services.batcher.domain import GenerationInput, PendingRequest, Prediction
-from services.batcher.policy.assembler import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.batch_queue import BatchQueue
 from services.batcher.policy.config import make_policy
 from services.batcher.policy.pack_cost import LinearBatchCost
+from services.batcher.policy.rules import MemoryBudget
 
 COST = LinearBatchCost()
 
@@ -98,28 +96,24 @@ def test_sealed_split_halves_run_whole_and_are_never_merged():
     assert ids(take(queue, now_s=6.0)) == {"r0", "r1", "r2"}
 
 
-def test_pack_needs_single_insertion_and_a_cost_model():
-    from services.batcher.policy.config import ChooseMode, InsertMode, PolicyConfig
-
-    with pytest.raises(ValueError, match="go together"):
-        PolicyConfig("x", InsertMode.WMA, ChooseMode.PACK, None, 8, True, pack_cost=COST)
-    with pytest.raises(ValueError, match="pack_cost"):
-        PolicyConfig("x", InsertMode.SINGLE, ChooseMode.PACK, None, 8, True)
-
-
-def pending(prediction) -> PendingRequest:
-    generation = GenerationInput("Summarize:", "some text", 500, "", "")
-    return PendingRequest("r", generation, prediction, "Summarize:\nsome text", 0.0, datetime.now(timezone.utc), None)
+def test_pack_queues_every_request_alone_and_times_its_own_batches():
+    policy = pack_policy()
+    queue = BatchQueue()
+    batch = QueuedBatch("b")
+    queue.append(batch)
+    queue.add_member(batch, Member("r", 10, 10, 0.0))
+    assert policy.insert_row(queue.columns, Member("s", 10, 10, 0.0), MemoryBudget()) is None
+    assert policy.times_batches_itself and policy.merged_estimate_s(4, 10, 10) == pytest.approx(COST.batch_s(4, 10, 10))
 
 
 def test_magnus_pack_plans_with_the_upper_estimate_and_magnus_with_the_point():
     pack = pack_policy()
     magnus = make_policy("magnus", phi_token_reads=1e4, fixed_batch_size=8, max_batch_size=256)
-    request = pending(Prediction(40, 30, 1, False, upper_tokens=120))
-    assert request.gen_tokens_for(pack.uses_true_lengths, pack.uses_upper_lengths) == 120
-    assert request.gen_tokens_for(magnus.uses_true_lengths, magnus.uses_upper_lengths) == 30
-    older_predictor = pending(Prediction(40, 30, 1, False))  # sent no upper estimate
-    assert older_predictor.gen_tokens_for(pack.uses_true_lengths, pack.uses_upper_lengths) == 30
+    assert pack.planned_gen_tokens(predicted_tokens=30, upper_tokens=120, max_new_tokens=500) == 120
+    assert magnus.planned_gen_tokens(predicted_tokens=30, upper_tokens=120, max_new_tokens=500) == 30
+    # an older predictor sends no upper estimate; no plan passes max_new_tokens
+    assert pack.planned_gen_tokens(predicted_tokens=30, upper_tokens=None, max_new_tokens=500) == 30
+    assert pack.planned_gen_tokens(predicted_tokens=30, upper_tokens=900, max_new_tokens=500) == 500
 
 
 def test_window_sizes_cover_small_batches_fully_and_large_ones_geometrically():

@@ -6,10 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.batcher.policy.assembler import MemoryBudget, choose_batch_for
-from services.batcher.policy.batch import Member, QueuedBatch, memory_bytes
+from services.batcher.policy.assembler import choose_batch_for
+from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.config import make_policy
 from services.batcher.policy.hrrn import choose_next
+from services.batcher.policy.rules import MemoryBudget, memory_bytes
 from services.batcher.policy.split import split_batch
 
 members_st = st.lists(
@@ -82,7 +83,7 @@ def test_no_batch_exceeds_theta_by_predicted_lengths(members, delta):
         target.add(m)
     for b in batches:
         assert memory_bytes(b.size, b.input_tokens_max, b.gen_tokens_max, delta) <= theta
-        assert b.size == 1 or b.wma < MAGNUS.phi_token_reads
+        assert b.size == 1 or b.wma < MAGNUS.knobs.phi_token_reads
 
 
 def test_short_and_long_requests_go_to_different_batches():
@@ -198,4 +199,4 @@ def test_magnus_ccb_leases_single_requests_shortest_predicted_first():
         batches.remove(chosen)
     assert order == [20, 100, 500]
     ccb = make_policy("ccb", phi_token_reads=1, fixed_batch_size=4, max_batch_size=None)
-    assert not ccb.uses_predictions and policy.uses_predictions
+    assert not ccb.can_preempt and policy.can_preempt  # only a plan made with predictions has stragglers

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.batcher.policy.assembler import MemoryBudget
+from services.batcher.policy.rules import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.batch_queue import BatchQueue
 from services.batcher.policy.config import POLICY_NAMES, make_policy

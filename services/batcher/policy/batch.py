@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.batcher.policy.wma import member_term, wma_from_aggregates
+from services.batcher.policy.rules import member_term, wma_from_aggregates
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class QueuedBatch:
     members: list[Member] = field(default_factory=list)
     input_tokens_max: int = 0  # L(B)
     gen_tokens_max: int = 0  # G(B)
-    max_member_term: float = float("-inf")  # max_p h(p), see wma.member_term
+    max_member_term: float = float("-inf")  # max_p h(p), see rules.member_term
     oldest_arrival_s: float = float("inf")
     revision: int = 0
     is_sealed: bool = False  # no more insertions (e.g. halves of an OOM split)
@@ -71,7 +71,3 @@ class QueuedBatch:
         self.revision = revision + 1
         return removed
 
-
-def memory_bytes(size: int, input_tokens_max: int, gen_tokens_max: int, kv_bytes_per_token: int) -> int:
-    """MEM(B) = |B| (L(B) + G(B)) Delta: KV bytes a static batch holds at its last step."""
-    return size * (input_tokens_max + gen_tokens_max) * kv_bytes_per_token

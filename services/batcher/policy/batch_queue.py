@@ -3,7 +3,7 @@
 `BatchQueue` is plain bookkeeping (no I/O, no clock): it keeps every queued `QueuedBatch` and, per
 batch, one row of aggregates in dense numpy columns (a removed row is filled by the last one).
 Every change to a queued batch must go through the queue (`add_member`, `remove_member`,
-`set_estimate`) so its row stays in step; the decisions are `columns.insert_row` / `next_row`.
+`set_estimate`) so its row stays in step; the decisions are the policy's (`insert_row`, `next_rows`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from services.batcher.policy.assembler import MemoryBudget
+from services.batcher.policy.base import Policy
 from services.batcher.policy.batch import Member, QueuedBatch
-from services.batcher.policy.columns import BatchColumns, cached_estimate, insert_row, next_row
-from services.batcher.policy.config import ChooseMode, PolicyConfig
-from services.batcher.policy.pack import pack_rows
+from services.batcher.policy.columns import BatchColumns, cached_estimate
+from services.batcher.policy.rules import MemoryBudget
 
 _INITIAL_ROWS = 64
 _COLUMNS = (
@@ -120,30 +119,22 @@ class BatchQueue:
         return True
 
     # ---- decisions ---------------------------------------------------------------------------
-    def choose_for(self, member: Member, policy: PolicyConfig, budget: MemoryBudget) -> QueuedBatch | None:
-        """The queued batch `member` should join, or None to open a new one (columns.insert_row)."""
-        row = insert_row(self.columns, member, policy, budget.kv_bytes_per_token, budget.free_kv_bytes)
+    def choose_for(self, member: Member, policy: Policy, budget: MemoryBudget) -> QueuedBatch | None:
+        """The queued batch `member` should join, or None to open a new one (policy.insert_row)."""
+        row = policy.insert_row(self.columns, member, budget)
         return None if row is None else self._batches[row]
 
-    def choose_next(self, policy: PolicyConfig, now_s: float) -> QueuedBatch | None:
-        """The queued batch a free worker should run now (columns.next_row); it stays queued."""
-        row = next_row(self.columns, policy, now_s)
-        return None if row is None else self._batches[row]
+    def choose_next(self, policy: Policy, now_s: float, budget: MemoryBudget | None = None) -> QueuedBatch | None:
+        """The first batch of what a free worker would run now; it stays queued (benches, tests)."""
+        rows = policy.next_rows(self.columns, now_s, budget or MemoryBudget())
+        return self._batches[rows[0]] if rows else None
 
     def take_next(
-        self, policy: PolicyConfig, now_s: float, budget: MemoryBudget, new_batch_id: Callable[[], str]
+        self, policy: Policy, now_s: float, budget: MemoryBudget, new_batch_id: Callable[[], str]
     ) -> QueuedBatch | None:
-        """Remove and return what a free worker runs now: the chosen batch, or for PACK the chosen
-        queued requests merged into one new batch (`new_batch_id()` names it). None when empty."""
-        if policy.choose_mode is not ChooseMode.PACK:
-            batch = self.choose_next(policy, now_s)
-            return None if batch is None else self.pop(batch.batch_id)
-        free_kv_bytes = None if budget.free_kv_bytes is None else budget.free_kv_bytes * policy.memory_fill_fraction
-        rows = pack_rows(
-            self.columns, now_s, policy.pack_cost, max_batch_size=policy.max_batch_size,
-            kv_bytes_per_token=budget.kv_bytes_per_token, free_kv_bytes=free_kv_bytes,
-        )
-        chosen = [self._batches[row] for row in rows]  # before popping: popping moves rows
+        """Remove and return what a free worker runs now (policy.next_rows): the chosen batch, or the
+        chosen ones merged into one new batch (`new_batch_id()` names it). None when empty."""
+        chosen = [self._batches[row] for row in policy.next_rows(self.columns, now_s, budget)]  # before popping
         if not chosen:
             return None
         if len(chosen) == 1:
@@ -153,8 +144,8 @@ class BatchQueue:
             self.pop(batch.batch_id)
             for member in batch.members:
                 merged.add(member)
-        # the packing model's time is the estimate the lease and the log carry (no KNN call per pull)
-        merged.estimated_s = float(policy.pack_cost.batch_s(merged.size, merged.input_tokens_max, merged.gen_tokens_max))
+        # the policy's own time is the estimate the lease and the log carry (no KNN call per pull)
+        merged.estimated_s = policy.merged_estimate_s(merged.size, merged.input_tokens_max, merged.gen_tokens_max)
         merged.estimate_revision = merged.revision
         return merged
 

@@ -2,8 +2,8 @@
 
 Why arrays: with 10,000 requests queued there can be thousands of batches, and a Python loop over
 them costs milliseconds per decision; the same arithmetic over numpy columns costs tens of
-microseconds. Both the list-based helpers (`assembler.choose_batch_for`, `hrrn.choose_next`) and
-the indexed `queue.BatchQueue` call these kernels, so there is one implementation of each rule.
+microseconds. The policies (policy/families/) are built from these kernels, and the kernels from
+the rules (rules.py), so each rule has one definition whether it runs on one batch or on columns.
 
 Ties are broken by `seq` (smaller = earlier in queue order), as a scan in queue order would.
 """
@@ -15,16 +15,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.batcher.policy import rules
 from services.batcher.policy.batch import Member, QueuedBatch
-from services.batcher.policy.config import ChooseMode, InsertMode, PolicyConfig
 from services.batcher.policy.fallback import fallback_estimate_s
+from services.batcher.policy.rules import MemoryBudget
 
 
 @dataclass
 class BatchColumns:
     """Aggregates of `n` batches, row i = one batch. Views; the kernels never write to them.
 
-    input_max / gen_max: L(B), G(B) in tokens; term_max: max_p h(p) (wma.member_term), token reads;
+    input_max / gen_max: L(B), G(B) in tokens; term_max: max_p h(p) (rules.member_term), token reads;
     size: requests; oldest_arrival_s: arrival of the oldest member, s; estimate_s: cached batch
     time, s, NaN when none; is_sealed: no insertions; seq: queue order (requeued batches negative).
     """
@@ -68,54 +69,74 @@ def _first_best(key: np.ndarray, seq: np.ndarray, *, lowest: bool) -> int | None
     return int(ties[np.argmin(seq[ties])])
 
 
-def insert_row(
-    cols: BatchColumns, member: Member, policy: PolicyConfig, kv_bytes_per_token: int | None, free_kv_bytes: int | None
-) -> int | None:
-    """Row of the batch `member` should join, or None to open a new batch.
+def newest_row_with_room(cols: BatchColumns, *, max_batch_size: int) -> int | None:
+    """FCFS insertion: the newest batch (largest seq) if it is open and below max_batch_size."""
+    if len(cols.size) == 0:
+        return None
+    newest = int(np.argmax(cols.seq))
+    return newest if not cols.is_sealed[newest] and cols.size[newest] < max_batch_size else None
 
-    FCFS: the newest batch (largest seq) if it can take one more. WMA: the batch with the smallest
-    WMA after insertion among those it may join, if that WMA is below Phi. "May join": not sealed,
-    below max_batch_size, and with the memory cap MEM = |B| (L + G) Delta <= Theta (times the
-    policy's memory_fill_fraction) after insertion.
+
+def least_wma_row(
+    cols: BatchColumns,
+    member: Member,
+    *,
+    phi_token_reads: float | None,
+    max_batch_size: int | None,
+    budget: MemoryBudget | None,
+    fill_fraction: float = 1.0,
+) -> int | None:
+    """WMA insertion: the batch with the smallest WMA after `member` joins, among those it may join,
+    if that WMA is below Phi (None = no threshold). "May join": not sealed, below max_batch_size,
+    and, with a `budget`, within the KV cap (rules.fits_memory) at `fill_fraction` after joining.
     """
-    if len(cols.size) == 0 or policy.insert_mode is InsertMode.SINGLE:
+    if len(cols.size) == 0:
         return None
     new_input = np.maximum(cols.input_max, member.input_tokens)
     new_gen = np.maximum(cols.gen_max, member.gen_tokens)
     allowed = ~cols.is_sealed
-    if policy.max_batch_size is not None:
-        allowed &= cols.size < policy.max_batch_size
-    if policy.use_memory_cap and kv_bytes_per_token is not None and free_kv_bytes is not None:
-        allowed &= (cols.size + 1) * (new_input + new_gen) * kv_bytes_per_token <= free_kv_bytes * policy.memory_fill_fraction
-    if policy.insert_mode is InsertMode.FCFS:
-        newest = int(np.argmax(cols.seq))
-        return newest if allowed[newest] else None
-    term = -member.gen_tokens * member.input_tokens + (member.gen_tokens - member.gen_tokens**2) / 2
-    # WMA after insertion = C(L', G') + max(h_max, h(p)); see wma.py for the closed form.
-    wma = (new_gen + 1) * new_input + new_gen * (new_gen + 1) / 2 + np.maximum(cols.term_max, term)
+    if max_batch_size is not None:
+        allowed &= cols.size < max_batch_size
+    if budget is not None:
+        allowed &= rules.fits_memory(cols.size + 1, new_input, new_gen, budget.kv_bytes_per_token,
+                                     budget.free_kv_bytes, fill_fraction)
+    wma = rules.wma_after_insert(cols.input_max, cols.gen_max, cols.term_max, member.input_tokens, member.gen_tokens)
     wma = np.where(allowed, wma, np.inf)
     row = _first_best(wma, cols.seq, lowest=True)
-    if row is None or (policy.phi_token_reads is not None and wma[row] >= policy.phi_token_reads):
+    if row is None or (phi_token_reads is not None and wma[row] >= phi_token_reads):
         return None
     return row
 
 
-def next_row(cols: BatchColumns, policy: PolicyConfig, now_s: float) -> int | None:
-    """Row of the batch a free worker should run now, or None when there is none.
-
-    FCFS: the batch holding the oldest request. HRRN: the highest (wait + estimate) / estimate,
-    wait = now - oldest member's arrival (see hrrn.py), estimate = cached or the fallback guess.
-    HRRN_SIZE_WEIGHTED: that ratio times the batch's size.
-    """
+def oldest_row(cols: BatchColumns) -> int | None:
+    """FCFS choice: the batch holding the oldest request; None when nothing is queued."""
     nonempty = cols.size > 0
     if not nonempty.any():
         return None
-    if policy.choose_mode is ChooseMode.FCFS:
-        return _first_best(np.where(nonempty, cols.oldest_arrival_s, np.inf), cols.seq, lowest=True)
+    return _first_best(np.where(nonempty, cols.oldest_arrival_s, np.inf), cols.seq, lowest=True)
+
+
+def estimates_s(cols: BatchColumns) -> np.ndarray:
+    """Each batch's cached estimate, else the fallback guess, seconds."""
     fallback_s = fallback_estimate_s(cols.size, cols.input_max, cols.gen_max)
-    estimate_s = np.where(np.isnan(cols.estimate_s), fallback_s, cols.estimate_s)
+    return np.where(np.isnan(cols.estimate_s), fallback_s, cols.estimate_s)
+
+
+def highest_ratio_row(cols: BatchColumns, now_s: float, *, is_size_weighted: bool = False) -> int | None:
+    """HRRN choice: the highest response ratio (rules.response_ratio; times the size with
+    `is_size_weighted`, rules.size_weighted_ratio), wait = now - oldest member's arrival."""
+    nonempty = cols.size > 0
+    if not nonempty.any():
+        return None
     wait_s = np.maximum(0.0, now_s - cols.oldest_arrival_s)
-    ratio = (wait_s + estimate_s) / estimate_s
-    if policy.choose_mode is ChooseMode.HRRN_SIZE_WEIGHTED:
-        ratio = ratio * cols.size
+    run_s = estimates_s(cols)
+    if is_size_weighted:
+        ratio = rules.size_weighted_ratio(cols.size, wait_s, run_s)
+    else:
+        ratio = rules.response_ratio(wait_s, run_s)
     return _first_best(np.where(nonempty, ratio, -np.inf), cols.seq, lowest=False)
+
+
+def rows_of(row: int | None) -> list[int]:
+    """A single chosen row as the row list policies return; [] for none."""
+    return [] if row is None else [row]

@@ -6,7 +6,7 @@ many requests of similar predicted length. The paper's insertion-time grouping (
 decides each request's batch when it arrives, before the rest of the queue is known; packing
 decides from the whole queue. Requests queue alone; when a worker pulls, they are sorted by prompt
 length and, separately, by planned generation length (the predictor's upper estimate, see
-PolicyConfig.uses_upper_lengths), and the contiguous window with the highest score in either order
+families/magnus_pack.py), and the contiguous window with the highest score in either order
 is leased (its L(B) and G(B) are the window's maxima):
 
     score(W) = sum_{p in W} (wait(p) + T(W)) / T(W) = |W| + sum wait / T(W)
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from services.batcher.policy import rules
 from services.batcher.policy.columns import BatchColumns
 from services.batcher.policy.pack_cost import LinearBatchCost
 
@@ -53,7 +54,7 @@ def pack_rows(
     sealed = np.flatnonzero(cols.is_sealed)
     if sealed.size:
         t = cost.batch_s(cols.size[sealed], cols.input_max[sealed], cols.gen_max[sealed])
-        scores = cols.size[sealed] * (1.0 + wait_s[sealed] / t)
+        scores = rules.size_weighted_ratio(cols.size[sealed], wait_s[sealed], t)
         i = int(np.argmax(scores))
         best_rows, best_score = [int(sealed[i])], float(scores[i])
     loose = np.flatnonzero(~cols.is_sealed)
@@ -86,10 +87,8 @@ def _best_window(cols, order, wait_s, cost, max_batch_size, kv_bytes_per_token, 
     wait_sum = cumulative_wait[end + 1] - cumulative_wait[np.maximum(start, 0)]
     gen_max = trailing_max(gen, sizes)  # G(W)
     t = cost.batch_s(k, input_max, gen_max)
-    score = k + wait_sum / t
-    allowed = start >= 0
-    if kv_bytes_per_token is not None and free_kv_bytes is not None:
-        allowed &= k * (input_max + gen_max) * kv_bytes_per_token <= free_kv_bytes
+    score = rules.summed_ratio(k, wait_sum, t)
+    allowed = (start >= 0) & rules.fits_memory(k, input_max, gen_max, kv_bytes_per_token, free_kv_bytes)
     allowed[:, 0] = True  # a request alone always runs (admission checked that it fits)
     score = np.where(allowed, score, -np.inf)
     j, column = np.unravel_index(int(np.argmax(score)), score.shape)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.batcher.policy.assembler import MemoryBudget
+from services.batcher.policy.rules import MemoryBudget
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.batch_queue import BatchQueue
-from services.batcher.policy.config import PolicyConfig
+from services.batcher.policy.base import Policy
 from services.batcher.policy.split import split_batch
 from services.batcher.simulate.cost_model import CostModel
 from services.batcher.simulate.workload import Workload
@@ -74,12 +74,12 @@ class Simulation:
     def __init__(
         self,
         workload: Workload,
-        policy: PolicyConfig,
+        policy: Policy,
         cost: CostModel,
         hardware: Hardware,
         estimator: KnnBatchTimeModel | None,
     ) -> None:
-        if policy.choose_mode.uses_estimates and estimator is None:
+        if policy.uses_estimates and estimator is None:
             raise ValueError(f"{policy.name} uses HRRN and needs an estimator")
         self.workload = workload
         self.policy = policy
@@ -115,7 +115,7 @@ class Simulation:
 
     def _admit(self, index: int, now_s: float) -> None:
         w = self.workload
-        gen_tokens = w.true_gen_tokens[index] if self.policy.uses_true_lengths else w.predicted_gen_tokens[index]
+        gen_tokens = w.true_gen_tokens[index] if self.policy.plans_with_true_lengths else w.predicted_gen_tokens[index]
         member = Member(str(index), int(w.input_tokens[index]), int(gen_tokens), now_s)
         if not self.budget.fits(1, member.input_tokens, member.gen_tokens):
             self.result.num_rejected += 1
@@ -138,7 +138,7 @@ class Simulation:
 
     def _run_next(self, now_s: float) -> float:
         """Lease the next batch at `now_s`, run it, and return how long the worker is busy, s."""
-        if self.policy.choose_mode.uses_estimates:
+        if self.policy.uses_estimates:
             self._refresh_estimates()
         batch = self.queue.take_next(self.policy, now_s, self.budget, lambda: next(self.ids))
         rows = np.array([int(m.request_id) for m in batch.members])

@@ -1,0 +1,1 @@
+"""One batching policy per file; policy/registry.py names them."""
