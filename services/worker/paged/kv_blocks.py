@@ -102,6 +102,22 @@ class BlockPool:
         self._num_tokens[seq] = position + 1
         return self.slot(seq, position)
 
+    def blocks_to_grow(self, seq: SeqId, num_tokens: int) -> int:
+        """New blocks `seq` takes to hold `num_tokens` more tokens (0 while its last block has room)."""
+        return self.blocks_for(self._num_tokens[seq] + num_tokens) - len(self._tables[seq])
+
+    def can_extend(self, seq: SeqId, num_tokens: int) -> bool:
+        """Whether `seq` can take `num_tokens` more tokens from the free blocks."""
+        return self.blocks_to_grow(seq, num_tokens) <= len(self._free)
+
+    def extend(self, seq: SeqId, num_tokens: int) -> None:
+        """Append `num_tokens` tokens to `seq` (a chunk, or one decoded token), all or none."""
+        needed = self.blocks_to_grow(seq, num_tokens)
+        if needed > len(self._free):
+            raise PoolExhaustedError(f"{needed} blocks needed for sequence {seq!r} to grow, {len(self._free)} free")
+        self._tables[seq].extend(self._free.popleft() for _ in range(needed))
+        self._num_tokens[seq] += num_tokens
+
     def slot(self, seq: SeqId, position: int) -> int:
         """Flat cache slot of token `position` (0-based) of `seq`."""
         if not 0 <= position < self._num_tokens[seq]:

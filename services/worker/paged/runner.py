@@ -1,0 +1,164 @@
+"""The paged engine's ModelRunner: a step plan in, one greedy token per sampled chunk out (issue 23).
+
+Public verbs, as nano-vllm's ModelRunner: `prepare(plan)` turns a scheduler's plan into device
+inputs, `step(prepared)` runs the model and samples, `free()` releases the device memory. It sees
+chunks (token ids, positions, block tables), never requests, queues or the pool's bookkeeping.
+
+A plan of decode rows only runs `PagedDecoder.decode`, on a GPU replayed as a CUDA graph captured
+once per row bucket (block tables padded to a fixed width, so one graph serves every length); a
+plan with prefill chunks runs `mixed_step.mixed_forward` eagerly. Host-side, a step's integer
+inputs are packed into one pinned staging buffer and sent in one asynchronous copy; the only sync
+is reading the sampled tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from services.worker.paged.decode_step import GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights, StepInputs
+from services.worker.paged.mixed_step import MixedInputs, mixed_forward
+from services.worker.paged.scheduler import StepPlan
+
+DEFAULT_GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+@dataclass
+class PreparedStep:
+    """A plan's device inputs; `sampled_ids` name the rows of the logits the step returns."""
+
+    sampled_ids: list[Hashable]
+    decode: StepInputs | None = None  # decode rows only, eager
+    graphed: GraphedDecode | None = None  # decode rows only, inputs filled into this graph's buffers
+    mixed: MixedInputs | None = None
+    num_rows: int = 0
+
+
+class ModelRunner:
+    """Runs steps of a Llama-family model over a paged KV cache of `num_blocks` x `block_tokens`."""
+
+    def __init__(self, decoder: PagedDecoder, *, use_cuda_graphs: bool = False,
+                 graph_rows: Sequence[int] = DEFAULT_GRAPH_ROWS, max_model_tokens: int | None = None) -> None:
+        self.decoder = decoder
+        self.device = decoder.device
+        self.block_tokens = decoder.block_tokens
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.graph_rows = sorted(graph_rows)
+        max_model_tokens = max_model_tokens or decoder.config.max_positions
+        self.graph_table_width = -(-max_model_tokens // self.block_tokens)
+        self._graphs: dict[int, GraphedDecode] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
+        self._staging = torch.empty(0, dtype=torch.int64)
+        self.num_graph_captures = 0
+
+    @classmethod
+    def from_hf(cls, model, num_blocks: int, block_tokens: int = 16, **options) -> ModelRunner:
+        """Over copies of a transformers Llama-family model's weights (q/k/v and gate/up fused)."""
+        decoder_options = {k: options.pop(k) for k in ("use_triton", "kv_layout", "attention_launch") if k in options}
+        decoder = PagedDecoder(PagedModelConfig.from_hf(model.config), PagedWeights.from_hf(model), num_blocks,
+                               block_tokens, **decoder_options)
+        return cls(decoder, **options)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.decoder.num_blocks
+
+    # ---- prepare -------------------------------------------------------------------------------
+    def prepare(self, plan: StepPlan) -> PreparedStep:
+        """The plan's inputs on the device (asynchronously copied); no model work."""
+        chunks, block_tokens = plan.chunks, self.block_tokens
+        sampled_ids = [c.request_id for c in chunks if c.is_sampled]
+        token_ids, positions, slots, query_starts = [], [], [], [0]
+        for chunk in chunks:
+            token_ids += chunk.token_ids
+            span = range(chunk.start_position, chunk.context_tokens)
+            positions += span
+            slots += [chunk.block_table[p // block_tokens] * block_tokens + p % block_tokens for p in span]
+            query_starts.append(len(token_ids))
+        tables = [c.block_table for c in chunks]
+        if plan.is_decode_only:
+            return self._prepare_decode(sampled_ids, token_ids, positions, slots, tables)
+        is_decode = [len(c.token_ids) == 1 for c in chunks]
+        decode_chunks = [i for i, flag in enumerate(is_decode) if flag]
+        sample_indices = [query_starts[i + 1] - 1 for i, c in enumerate(chunks) if c.is_sampled]
+        width = max(len(t) for t in tables)
+        flat_tables = [b for t in tables for b in (*t, *(0,) * (width - len(t)))]
+        token_ids, positions, slots, flat_tables, context_lens, sample_indices, decode_chunks, decode_tokens = (
+            self._to_device(token_ids, positions, slots, flat_tables, [c.context_tokens for c in chunks],
+                            sample_indices, decode_chunks, [query_starts[i] for i in decode_chunks]))
+        mixed = MixedInputs(
+            token_ids=token_ids, positions=positions, slot_mapping=slots,
+            block_tables=flat_tables.to(torch.int32).view(len(chunks), width),
+            context_lens=context_lens.to(torch.int32), sample_indices=sample_indices, query_starts=query_starts,
+            decode_chunks=decode_chunks, decode_token_indices=decode_tokens,
+        )
+        return PreparedStep(sampled_ids, mixed=mixed, num_rows=len(chunks))
+
+    def _prepare_decode(self, sampled_ids, token_ids, positions, slots, tables) -> PreparedStep:
+        rows = len(token_ids)
+        bucket = next((size for size in self.graph_rows if size >= rows), None)
+        if self.use_cuda_graphs and bucket is not None and max(map(len, tables)) <= self.graph_table_width:
+            graphed = self._graph(bucket)
+            width = max(map(len, tables))
+            table = torch.tensor([(*t, *(0,) * (width - len(t))) for t in tables], dtype=torch.int32)
+            self.decoder.fill(graphed.inputs, token_ids, positions, slots, table.to(self.device, non_blocking=True))
+            return PreparedStep(sampled_ids, graphed=graphed, num_rows=rows)
+        width = max(map(len, tables))
+        inputs = self.decoder.empty_inputs(rows, width)
+        table = torch.tensor([(*t, *(0,) * (width - len(t))) for t in tables], dtype=torch.int32)
+        self.decoder.fill(inputs, token_ids, positions, slots, table.to(self.device))
+        return PreparedStep(sampled_ids, decode=inputs, num_rows=rows)
+
+    def _to_device(self, *lists: Sequence[int]) -> list[torch.Tensor]:
+        """int64 tensors of `lists` on the device: one host buffer (pinned on CUDA), one copy."""
+        sizes = [len(values) for values in lists]
+        flat = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
+        if self.device.type != "cuda":
+            return list(flat.split(sizes))
+        if self._staging.numel() < flat.numel():  # grows, never shrinks; reused while no copy is in flight
+            self._staging = torch.empty(max(flat.numel(), 2 * self._staging.numel()), dtype=torch.int64,
+                                        pin_memory=True)
+        staged = self._staging[:flat.numel()].copy_(flat)
+        return list(staged.to(self.device, non_blocking=True).split(sizes))
+
+    # ---- step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, prepared: PreparedStep) -> dict[Hashable, int]:
+        """Run the step; returns the greedy next token of every sampled chunk's request (one sync)."""
+        if prepared.graphed is not None:
+            prepared.graphed.replay()
+            tokens = prepared.graphed.next_tokens[:prepared.num_rows]
+        elif prepared.decode is not None:
+            tokens = self.decoder.decode(prepared.decode).argmax(dim=-1)
+        else:
+            tokens = mixed_forward(self.decoder, prepared.mixed).argmax(dim=-1)
+        return dict(zip(prepared.sampled_ids, tokens.tolist(), strict=True))
+
+    def warm_up(self, max_rows: int) -> int:
+        """CUDA graphs: capture the decode step of every row bucket up to `max_rows` now, so no
+        served step waits for a capture. Returns the number captured."""
+        if not self.use_cuda_graphs:
+            return 0
+        before = self.num_graph_captures
+        for rows in self.graph_rows:
+            if rows <= max(max_rows, self.graph_rows[0]):
+                self._graph(rows)
+        return self.num_graph_captures - before
+
+    def _graph(self, rows: int) -> GraphedDecode:
+        if rows not in self._graphs:
+            with torch.inference_mode():
+                self._graphs[rows] = GraphedDecode(self.decoder, rows, self.graph_table_width, pool=self._graph_pool)
+            self.num_graph_captures += 1
+        return self._graphs[rows]
+
+    # ---- free ----------------------------------------------------------------------------------
+    def free(self) -> None:
+        """Release the graphs and the KV cache; the runner cannot step afterwards."""
+        self._graphs.clear()
+        self.decoder.k_caches.clear()
+        self.decoder.v_caches.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,351 @@
+"""What each step of the paged continuous engine computes: admission, chunked prefill, preemption (issue 23).
+
+Pure: plain data in, a plan out, no device and no clock (steps count time), as vLLM v1's scheduler.
+One step's plan spends a token budget: first one token for every running request that decodes, then
+chunks of running requests still prefilling, then chunks of requests it admits (Sarathi-Serve's
+stall-free batching: a joiner never stops the running rows, a long prompt takes several steps).
+
+Block rule: the pool holds a slot for every token a running request knows (its prompt and every
+token generated so far), allocated whole at admission and one block at a time as it decodes.
+- Admission (`Admission`): GREEDY admits while the free blocks hold the request's known tokens
+  (vLLM's rule); PREDICTED also keeps room for its predicted output x `margin` and for what the
+  running requests are still predicted to need, so that a pool filled on predictions rarely has
+  to preempt. Admission is in strict order (no request overtakes the head): nothing starves.
+- Order among waiting requests (`WaitOrder`): FCFS keeps the order they came in (the batcher's
+  lease order); HRRN takes the highest (waited steps + predicted steps) / predicted steps first,
+  which ages every request. Preempted requests resume before any waiting one.
+- Preemption (`PreemptRule`): when the running requests' next tokens need more blocks than are
+  free, a running request is preempted, its blocks freed: MOST_WORK_LEFT picks the one with the
+  most predicted output left (it would hold its blocks longest; the youngest among equals),
+  YOUNGEST the one admitted last (vLLM's). It resumes by recompute: its prompt and the tokens it
+  generated are prefilled again. Preemptions and recomputed tokens are counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+from services.worker.paged.kv_blocks import BlockPool
+
+RequestId = Hashable
+
+
+class Admission(str, Enum):
+    PREDICTED = "predicted"
+    GREEDY = "greedy"
+
+
+class WaitOrder(str, Enum):
+    FCFS = "fcfs"
+    HRRN = "hrrn"
+
+
+class PreemptRule(str, Enum):
+    MOST_WORK_LEFT = "most_work_left"
+    YOUNGEST = "youngest"
+
+
+class RequestStatus(IntEnum):
+    """Ordered: every status from FINISHED_STOPPED on is final."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # a stop token (EOS), kept as the last output token
+    LENGTH = "length"  # max_new_tokens generated
+    ABORT = "abort"  # cancelled by its caller
+
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running: int = 256  # requests running at once (rows of a step)
+    token_budget: int = 2048  # tokens one step computes: decode rows plus prefill chunks
+    admission: Admission = Admission.PREDICTED
+    margin: float = 1.2  # predicted output tokens x this are reserved at admission (a quantile's stand-in)
+    order: WaitOrder = WaitOrder.FCFS
+    preempt_rule: PreemptRule = PreemptRule.MOST_WORK_LEFT
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.token_budget < self.max_running:  # every running request decodes in every step
+            raise ValueError(f"token_budget ({self.token_budget}) must be >= max_running ({self.max_running})")
+        if not self.margin > 0:
+            raise ValueError(f"margin must be > 0, got {self.margin}")
+        for name, kind in (("admission", Admission), ("order", WaitOrder), ("preempt_rule", PreemptRule)):
+            object.__setattr__(self, name, kind(getattr(self, name)))  # a string names its member
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's state; the scheduler owns it once added."""
+
+    request_id: RequestId
+    prompt_ids: list[int]
+    max_new_tokens: int
+    predicted_tokens: int = 0  # predicted output length, tokens; 0 = unknown (max_new_tokens assumed)
+    output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V is in the cache
+    num_preemptions: int = 0
+    num_recomputed_tokens: int = 0  # cached tokens thrown away by preemptions (computed again on resume)
+    arrival_step: int = 0
+    admitted_order: int = 0  # larger = admitted (or resumed) later
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens(self, start: int, end: int) -> tuple[int, ...]:
+        """Known tokens start..end-1 (prompt, then output)."""
+        prompt = len(self.prompt_ids)
+        return tuple(self.prompt_ids[start:end]) + tuple(self.output_ids[max(0, start - prompt):max(0, end - prompt)])
+
+    @property
+    def predicted_output_tokens(self) -> int:
+        return min(self.predicted_tokens, self.max_new_tokens) if self.predicted_tokens > 0 else self.max_new_tokens
+
+    def predicted_total_tokens(self, margin: float) -> int:
+        """Tokens it is predicted to hold at its end: prompt + predicted output x margin, capped at
+        max_new_tokens, and at least one more than it holds (an under-predicted request grows on)."""
+        output = min(self.max_new_tokens, max(math.ceil(self.predicted_output_tokens * margin),
+                                              len(self.output_ids) + 1))
+        return len(self.prompt_ids) + output
+
+    @property
+    def predicted_output_left(self) -> int:
+        return max(0, self.predicted_output_tokens - len(self.output_ids))
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return FINISH_REASONS.get(self.status)
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens of one request a step computes: token_ids at positions start_position.. of its sequence."""
+
+    request_id: RequestId
+    token_ids: tuple[int, ...]
+    start_position: int  # tokens already cached; the chunk attends them and itself (causally)
+    block_table: tuple[int, ...]  # the request's blocks, covering every position of the chunk
+    is_sampled: bool  # the chunk ends the request's known tokens: the step samples its next token
+
+    @property
+    def context_tokens(self) -> int:
+        return self.start_position + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    chunks: tuple[ScheduledChunk, ...]  # decode rows (one token) first, then prefill chunks
+    preempted: tuple[RequestId, ...]  # preempted while planning this step
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(len(c.token_ids) == 1 for c in self.chunks)
+
+
+class Scheduler:
+    """Owns the waiting, preempted and running requests and their blocks in `pool`."""
+
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, stop_ids: Iterable[int] = ()) -> None:
+        self.config = config
+        self.pool = pool
+        self.stop_ids = frozenset(stop_ids)
+        self.waiting: deque[Request] = deque()
+        self.preempted: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[RequestId, Request] = {}  # unfinished ones
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.num_recomputed_tokens = 0
+        self.max_running_seen = 0
+        self._num_admitted = 0
+
+    # ---- requests in and out -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a new request. ValueError if it could never run (longer than the whole pool)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request {request.request_id!r} is already scheduled")
+        if not request.prompt_ids or request.max_new_tokens < 1:
+            raise ValueError("a request needs a prompt of >= 1 token and max_new_tokens >= 1")
+        capacity_tokens = self.pool.num_blocks * self.pool.block_tokens
+        if len(request.prompt_ids) + request.max_new_tokens > capacity_tokens:
+            raise ValueError(f"prompt {len(request.prompt_ids)} + max_new_tokens {request.max_new_tokens} tokens "
+                             f"exceed the KV pool of {capacity_tokens} tokens")
+        request.status, request.arrival_step = RequestStatus.WAITING, self.num_steps
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: RequestId) -> Request | None:
+        """Drop an unfinished request wherever it is, freeing its blocks; None if unknown or finished."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for queue in (self.waiting, self.preempted):
+            if request in queue:
+                queue.remove(request)
+        if request in self.running:
+            self.running.remove(request)
+            self.pool.free(request_id)
+        request.status = RequestStatus.FINISHED_ABORTED
+        return request
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.preempted)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """Plan the next step (see the module docstring); applies its block changes to the pool."""
+        self.num_steps += 1
+        preempted = self._make_room_for_running()
+        budget = self.config.token_budget
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        chunks = [self._chunk(r, 1) for r in decodes]
+        budget -= len(chunks)
+        for request in prefilling:
+            if budget == 0:
+                break
+            chunks.append(self._chunk(request, budget))
+            budget -= len(chunks[-1].token_ids)
+        for request in self._admission_order():
+            if budget == 0 or len(self.running) >= self.config.max_running or not self._can_admit(request):
+                break  # strict order: nothing overtakes the head
+            self._admit(request)
+            chunks.append(self._chunk(request, budget))
+            budget -= len(chunks[-1].token_ids)
+        self.max_running_seen = max(self.max_running_seen, len(self.running))
+        return StepPlan(tuple(chunks), tuple(preempted), self.config.token_budget - budget)
+
+    def update(self, plan: StepPlan, sampled: Mapping[RequestId, int]) -> list[Request]:
+        """Apply a step's results: its chunks are cached, each sampled chunk's request gets its token
+        (sampled[request_id]). Returns the requests that finished (their blocks freed)."""
+        finished = []
+        for chunk in plan.chunks:
+            request = self.requests.get(chunk.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += len(chunk.token_ids)
+            if not chunk.is_sampled:
+                continue
+            token = sampled[chunk.request_id]
+            request.output_ids.append(token)
+            if token in self.stop_ids:
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+            elif len(request.output_ids) >= request.max_new_tokens:
+                self._finish(request, RequestStatus.FINISHED_LENGTH)
+            else:
+                continue
+            finished.append(request)
+        return finished
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _make_room_for_running(self) -> list[RequestId]:
+        """Give every running request slots for its known tokens (a decoder's new one), preempting
+        by the rule while the free blocks fall short (check, then act)."""
+        preempted = []
+        while True:
+            needed = sum(self.pool.blocks_to_grow(r.request_id, self._uncached(r)) for r in self.running)
+            if needed <= self.pool.num_free_blocks:
+                break
+            victim = self._victim()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+        for request in self.running:
+            self.pool.extend(request.request_id, self._uncached(request))
+        return preempted
+
+    def _uncached(self, request: Request) -> int:
+        """Known tokens without a slot yet: 1 after a decoded token, else 0."""
+        return request.num_tokens - self.pool.num_tokens(request.request_id)
+
+    def _victim(self) -> Request:
+        if self.config.preempt_rule is PreemptRule.YOUNGEST:
+            return max(self.running, key=lambda r: r.admitted_order)
+        return max(self.running, key=lambda r: (r.predicted_output_left, r.admitted_order))
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.pool.preempt(request.request_id)
+        request.num_recomputed_tokens += request.num_computed_tokens
+        self.num_recomputed_tokens += request.num_computed_tokens
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.preempted.append(request)
+
+    def _admission_order(self) -> list[Request]:
+        if self.config.order is WaitOrder.FCFS:
+            waiting = list(self.waiting)
+        else:
+            waiting = sorted(self.waiting, key=self._response_ratio, reverse=True)  # stable: ties stay FCFS
+        return [*self.preempted, *waiting]
+
+    def _response_ratio(self, request: Request) -> float:
+        """(waited + predicted work) / predicted work, in steps: a decode step per output token,
+        and the prompt's chunks."""
+        work_steps = request.predicted_output_tokens + math.ceil(len(request.prompt_ids) / self.config.token_budget)
+        return (self.num_steps - request.arrival_step + work_steps) / work_steps
+
+    def _can_admit(self, request: Request) -> bool:
+        if self.config.admission is Admission.GREEDY:
+            return self.pool.can_allocate(request.num_tokens)
+        margin = self.config.margin
+        reserved = sum(max(0, self.pool.blocks_for(r.predicted_total_tokens(margin))
+                           - len(self.pool.block_table(r.request_id))) for r in self.running)
+        return self.pool.blocks_for(request.predicted_total_tokens(margin)) + reserved <= self.pool.num_free_blocks
+
+    def _admit(self, request: Request) -> None:
+        queue = self.preempted if request.status == RequestStatus.PREEMPTED else self.waiting
+        queue.remove(request)
+        self.pool.allocate(request.request_id, request.num_tokens)
+        self._num_admitted += 1
+        request.admitted_order = self._num_admitted
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _chunk(self, request: Request, max_tokens: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        end = min(request.num_tokens, start + max_tokens)
+        return ScheduledChunk(request.request_id, request.tokens(start, end), start,
+                              self.pool.block_table(request.request_id), is_sampled=end == request.num_tokens)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.running.remove(request)
+        self.pool.free(request.request_id)
+        del self.requests[request.request_id]

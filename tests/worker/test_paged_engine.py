@@ -1,0 +1,133 @@
+"""The paged continuous engine on a tiny Llama / Qwen2 (float32, CPU): every request gets exactly the
+greedy tokens it gets alone (and that transformers' forward gives), in a continuous batch, with its
+prompt chunked over several steps, and after being preempted and resumed by recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.worker.paged.engine import PagedEngine
+from services.worker.paged.runner import ModelRunner
+from services.worker.paged.scheduler import Admission, FinishReason, PreemptRule, SchedulerConfig
+from tests.worker.test_paged_decode_step import TINY, tiny_model
+
+VOCAB = TINY["vocab_size"]
+
+
+def prompts(num: int, seed: int = 0, low: int = 3, high: int = 23) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (num,), generator=gen).tolist()
+    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def engine_for(model, num_blocks: int, block_tokens: int = 4, stop_ids=(), **config) -> PagedEngine:
+    runner = ModelRunner.from_hf(model, num_blocks=num_blocks, block_tokens=block_tokens)
+    return PagedEngine.build(runner, SchedulerConfig(**config), stop_ids)
+
+
+def run_all(engine: PagedEngine, requests) -> dict:
+    for request_id, (prompt, max_new, predicted) in enumerate(requests):
+        engine.add_request(request_id, prompt, max_new, predicted)
+    results = engine.run()
+    pool = engine.scheduler.pool
+    assert pool.num_free_blocks == pool.num_blocks and len(pool) == 0  # every block came back
+    return results
+
+
+def alone(model, requests, **config) -> list[list[int]]:
+    tokens = []
+    for prompt, max_new, predicted in requests:
+        engine = engine_for(model, num_blocks=64, **config)
+        tokens.append(run_all(engine, [(prompt, max_new, predicted)])[0].output_ids)
+    return tokens
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    """Ten requests: random prompts of 3-22 tokens, 4-19 new tokens, predictions off by up to 50 %."""
+    gen = torch.Generator().manual_seed(7)
+    max_new = torch.randint(4, 20, (10,), generator=gen).tolist()
+    return [(p, n, max(1, int(n * (0.5 + torch.rand(1, generator=gen).item())))) for p, n in zip(prompts(10), max_new)]
+
+
+@pytest.fixture(scope="module")
+def alone_tokens(model, workload):
+    return alone(model, workload)
+
+
+def test_alone_equals_transformers(model, workload, alone_tokens):
+    for (prompt, max_new, _), tokens in list(zip(workload, alone_tokens))[:3]:
+        assert tokens == hf_greedy(model, prompt, max_new)
+
+
+def test_continuous_batch_equals_alone(model, workload, alone_tokens):
+    engine = engine_for(model, num_blocks=64, max_running=4, token_budget=64)
+    results = run_all(engine, workload)
+    assert [results[i].output_ids for i in range(len(workload))] == alone_tokens
+    assert all(r.finish_reason is FinishReason.LENGTH and r.num_preemptions == 0 for r in results.values())
+    assert engine.scheduler.max_running_seen == 4
+    assert engine.stats.decode_only_steps > 0 and engine.stats.decode_only_steps < engine.stats.steps
+
+
+def test_chunked_prefill_equals_whole_prefill(model, workload, alone_tokens):
+    # a budget of 5 tokens for 2 rows: every prompt of > 4 tokens is prefilled over several steps,
+    # next to the other row's decode
+    engine = engine_for(model, num_blocks=64, max_running=2, token_budget=5)
+    results = run_all(engine, workload)
+    assert [results[i].output_ids for i in range(len(workload))] == alone_tokens
+    assert engine.stats.batched_tokens <= 5 * engine.stats.steps
+
+
+@pytest.mark.parametrize("rule", list(PreemptRule))
+@pytest.mark.parametrize("admission", list(Admission))
+def test_pool_too_small_preempts_and_resumes_with_the_same_tokens(model, workload, alone_tokens, rule, admission):
+    # 12 blocks of 4 tokens = 48 tokens; the longest request needs 41: most of the time one or two fit
+    engine = engine_for(model, num_blocks=12, max_running=6, token_budget=32, admission=admission,
+                        preempt_rule=rule, margin=0.5)
+    results = run_all(engine, workload)
+    assert [results[i].output_ids for i in range(len(workload))] == alone_tokens  # nothing failed, nothing lost
+    assert engine.scheduler.num_preemptions > 0
+    assert sum(r.num_preemptions for r in results.values()) == engine.scheduler.num_preemptions
+    assert sum(r.num_recomputed_tokens for r in results.values()) == engine.scheduler.num_recomputed_tokens > 0
+
+
+def test_stop_token_ends_a_request_and_is_kept(model, workload, alone_tokens):
+    prompt, max_new, predicted = workload[0]
+    stop = alone_tokens[0][2]
+    expected = alone_tokens[0][: alone_tokens[0].index(stop) + 1]
+    engine = engine_for(model, num_blocks=16, stop_ids=[stop])
+    result = run_all(engine, [(prompt, max_new, predicted)])[0]
+    assert result.output_ids == expected and result.finish_reason is FinishReason.STOP
+    assert result.total_s >= result.first_token_s >= result.queued_s >= 0
+
+
+def test_abort_frees_the_blocks(model, workload):
+    engine = engine_for(model, num_blocks=32, max_running=4)
+    for request_id, (prompt, max_new, predicted) in enumerate(workload[:4]):
+        engine.add_request(request_id, prompt, max_new, predicted)
+    engine.step()
+    assert engine.abort(1).finish_reason is FinishReason.ABORT
+    assert engine.abort(1) is None
+    results = engine.run()
+    assert sorted(results) == [0, 2, 3]
+    assert engine.scheduler.pool.num_free_blocks == 32
+
+
+def test_a_request_longer_than_the_pool_is_refused(model):
+    engine = engine_for(model, num_blocks=4)  # 16 tokens
+    with pytest.raises(ValueError, match="exceed the KV pool"):
+        engine.add_request("long", [1] * 10, 7)
