@@ -15,6 +15,7 @@ from services.batcher.domain import Lease
 from services.batcher.log_rows import batch_row
 from services.batcher.policy.batch import QueuedBatch
 from services.batcher.policy.split import FailureAction, after_failure, split_batch
+from services.shared.db.models import BatchOutcome
 from services.shared.errors import Internal, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class LeaseRecovery:
             batch.num_failures += 1
         action = after_failure(batch.size, batch.num_failures, self.limits.max_batch_failures,
                                is_out_of_memory=is_out_of_memory, is_worker_stopping=is_worker_stopping)
-        outcome = "oom" if is_out_of_memory else "failed"
+        outcome = BatchOutcome.OOM if is_out_of_memory else BatchOutcome.FAILED
         metrics.observe_failure(outcome, is_split=is_out_of_memory and action is FailureAction.SPLIT)
         self.log_sink.add_batch(batch_row(lease, outcome=outcome, finished_at=self.clock.wall()))
         log.warning("batch %s (%d requests) failed on %s: %s: %s; %s", batch_id, batch.size, worker_id, outcome,
@@ -55,8 +56,8 @@ class LeaseRecovery:
             if lease.deadline_s < now_s:
                 log.warning("lease of batch %s on %s expired; requeueing", batch_id, lease.worker_id)
                 self.leases.pop(batch_id)
-                self.log_sink.add_batch(batch_row(lease, outcome="lost", finished_at=self.clock.wall()))
-                metrics.observe_failure("lost")
+                self.log_sink.add_batch(batch_row(lease, outcome=BatchOutcome.LOST, finished_at=self.clock.wall()))
+                metrics.observe_failure(BatchOutcome.LOST)
                 self._retry_or_fail(lease, Unavailable("batch lost by workers too many times"))
         waiting_workers = set(self.waiting_pulls.values())
         for worker_id, worker in list(self.workers.items()):
@@ -106,8 +107,8 @@ class LeaseRecovery:
                 continue
             log.warning("worker %s restarted while running batch %s; requeueing it now", worker_id, batch_id)
             self.leases.pop(batch_id)
-            self.log_sink.add_batch(batch_row(lease, outcome="lost", finished_at=self.clock.wall()))
-            metrics.observe_failure("lost")
+            self.log_sink.add_batch(batch_row(lease, outcome=BatchOutcome.LOST, finished_at=self.clock.wall()))
+            metrics.observe_failure(BatchOutcome.LOST)
             self._retry_or_fail(lease, Unavailable("batch lost by workers too many times"))
 
     def _retry_or_fail(self, lease: Lease, error: Exception) -> None:

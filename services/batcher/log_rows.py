@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from services.batcher.domain import BatchReport, Lease, PendingRequest, RequestResult
+from services.shared.db.models import BatchOutcome, RequestStatus
 
 
 class LogSink(Protocol):
@@ -17,7 +18,7 @@ class LogSink(Protocol):
 
 
 def request_row(
-    request: PendingRequest, *, status: str, result: RequestResult | None = None, error: str | None = None
+    request: PendingRequest, *, status: RequestStatus, result: RequestResult | None = None, error: str | None = None
 ) -> dict[str, Any]:
     generation, prediction = request.generation, request.prediction
     return {
@@ -34,7 +35,7 @@ def request_row(
         "generated_tokens": result.generated_tokens if result else None,
         "output_text": result.text if result else None,
         "batch_id": result.batch_id if result else None,
-        "status": status,
+        "status": RequestStatus(status),
         "error": error,
         "arrived_at": request.queued_at,
         "started_at": request.started_at,
@@ -45,7 +46,7 @@ def request_row(
 def batch_row(
     lease: Lease,
     *,
-    outcome: str,
+    outcome: BatchOutcome,
     finished_at: datetime,
     report: BatchReport | None = None,
     actual_gen_tokens_max: int | None = None,
@@ -61,7 +62,7 @@ def batch_row(
         "actual_s": report.run_s if report else None,
         "worker_id": lease.worker_id,
         "estimator_version": batch.estimator_version or None,
-        "outcome": outcome,
+        "outcome": BatchOutcome(outcome),
         "parent_batch_id": batch.parent_batch_id,
         "valid_tokens": report.valid_tokens if report else None,
         "total_tokens": report.total_tokens if report else None,

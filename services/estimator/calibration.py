@@ -6,13 +6,14 @@ import asyncio
 import logging
 
 from services.core.knn_model import BatchShape, KnnBatchTimeModel, TimeSample, cross_validated_mae_s
+from services.shared.db.models import ModelKind, SampleSource
 from services.shared.db.queries import fetch_batch_time_samples
 from services.shared.model_store import ModelStore, VersionInfo
 
 log = logging.getLogger(__name__)
 
-KIND = "estimator"
-CALIBRATION_SOURCE = "calibration"
+KIND = ModelKind.ESTIMATOR
+CALIBRATION_SOURCE = SampleSource.CALIBRATION
 
 
 async def read_calibration_samples(store: ModelStore) -> list[TimeSample]:

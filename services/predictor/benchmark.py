@@ -93,6 +93,7 @@ def benchmark(
 
 def main(argv: list[str] | None = None) -> int:
     from services.core.dataset import find_task_files, is_test_id, read_task_rows
+    from services.shared.db.models import ModelKind
     from services.shared.model_store import read_artifact, sha256_file
 
     parser = argparse.ArgumentParser(prog="python -m services.predictor.benchmark", description=__doc__)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-single", type=int, default=300)
     parser.add_argument("--num-batches", type=int, default=60)
     args = parser.parse_args(argv)
-    model = read_artifact(args.model_file, "predictor", sha256_file(args.model_file))
+    model = read_artifact(args.model_file, ModelKind.PREDICTOR, sha256_file(args.model_file))
     rows = [r for p in find_task_files(args.data).values() for r in read_task_rows(p) if is_test_id(r.id, 0.2)]
     result = benchmark(model, rows, num_single=args.num_single, num_batches=args.num_batches)
     print(json.dumps({"model": model.name, "cpu_count": os.cpu_count(), **result}, indent=2))

@@ -24,10 +24,11 @@ from services.core.length_model import LengthSample, length_model_names, make_le
 from services.core.length_metrics import length_metrics
 from services.shared.db import migrate
 from services.shared.db.engine import make_engine, make_session_factory
+from services.shared.db.models import ModelKind
 from services.shared.model_store import ModelStore, VersionNotFound
 from services.shared.tokenizer import get_token_counter
 
-KIND = "predictor"
+KIND = ModelKind.PREDICTOR
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,12 +12,13 @@ import logging
 from magnus.v1 import predictor_pb2
 from services.predictor.config import PredictorSettings
 from services.predictor.servicer import PredictorServicer
+from services.shared.db.models import ModelKind
 from services.shared.model_server import VersionedModelServer
 from services.shared.tokenizer import get_token_counter
 
 log = logging.getLogger(__name__)
 
-KIND = "predictor"
+KIND = ModelKind.PREDICTOR
 
 
 class PredictorServer(VersionedModelServer):

@@ -23,6 +23,7 @@ from services.core.dataset import TaskRow, load_split
 from services.core.embedding_forest import SERVED_MODEL
 from services.core.length_model import LengthModel, LengthSample, length_model_names, make_length_model
 from services.core.length_metrics import report_metrics
+from services.shared.db.models import ModelKind
 from services.shared.model_store import write_artifact
 from services.shared.tokenizer import get_token_counter
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     fit_s = time.monotonic() - started_s
     result = score(predict_samples(model, split.test), split.test_rows, split.test)
     args.out.mkdir(parents=True, exist_ok=True)
-    sha256 = write_artifact(args.out / "model.joblib", "predictor", model.name, model)
+    sha256 = write_artifact(args.out / "model.joblib", ModelKind.PREDICTOR, model.name, model)
     metrics = {
         "model": model.name,
         "num_train_samples": len(train),

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.shared.db.models import ModelKind
 from services.shared.model_store import model_store_dir_field
 from services.shared.settings import ServiceSettings
 
@@ -77,4 +78,4 @@ class TrainerSettings(ServiceSettings):
         return value
 
     def targets(self, kind: str) -> list[str]:
-        return parse_targets(self.predictor_targets if kind == "predictor" else self.estimator_targets)
+        return parse_targets(self.predictor_targets if kind == ModelKind.PREDICTOR else self.estimator_targets)

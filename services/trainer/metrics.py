@@ -35,13 +35,10 @@ CANDIDATE_ERROR = Gauge(
 )
 
 
-OUTCOMES = ("trained", "no_new_rows", "no_bad_misses", "failed")
-
-
-def declare_kinds(kinds: list[str]) -> None:
+def declare_kinds(kinds: list[str], *, outcomes: list[str]) -> None:
     """Export zeros for every kind/outcome from the start, so rates exist before the first round."""
     for kind in kinds:
-        for outcome in OUTCOMES:
+        for outcome in outcomes:
             ROUNDS.labels(kind=kind, outcome=outcome)
         SAMPLES_ADDED.labels(kind=kind)
         for decision in ("pushed", "held_back"):

@@ -13,9 +13,10 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
-from services.shared.db.models import utc_now
+from services.shared.db.models import ModelKind, utc_now
 from services.shared.db.queries import get_state, set_state
 from services.shared.model_store import LoadedModel, ModelStore, ModelStoreError, VersionNotFound
 from services.trainer import metrics
@@ -27,8 +28,8 @@ from services.trainer.specs import ModelSpec, make_specs
 log = logging.getLogger(__name__)
 
 
-class RoundOutcome:
-    """How a round ended (plain strings: stored in the trainer state, and metrics.OUTCOMES labels)."""
+class RoundOutcome(StrEnum):
+    """How a round ended (stored in the trainer state by value; the `outcome` metric label)."""
 
     TRAINED = "trained"
     NO_NEW_ROWS = "no_new_rows"
@@ -40,13 +41,13 @@ class RoundOutcome:
 class RoundResult:
     """What one round did; `new_version` is 0 when nothing was trained."""
 
-    kind: str
+    kind: ModelKind
     finished_at: datetime
     num_samples_added: int = 0
     new_version: int = 0
     is_pushed: bool = False
     note: str = ""
-    outcome: str = RoundOutcome.TRAINED
+    outcome: RoundOutcome = RoundOutcome.TRAINED
     candidate_error: float | None = None  # the spec's error_metric on held-back rows; None = none held back
 
     def to_state(self) -> dict[str, Any]:
@@ -54,7 +55,9 @@ class RoundResult:
 
     @classmethod
     def from_state(cls, value: dict[str, Any]) -> RoundResult:
-        return cls(**{**value, "finished_at": datetime.fromisoformat(value["finished_at"])})
+        outcome = RoundOutcome(value.get("outcome", RoundOutcome.TRAINED))
+        finished_at = datetime.fromisoformat(value["finished_at"])
+        return cls(**{**value, "kind": ModelKind(value["kind"]), "finished_at": finished_at, "outcome": outcome})
 
 
 def watermark_key(kind: str) -> str:
@@ -80,7 +83,7 @@ class Trainer:
         self.specs = make_specs(settings)
         self.last_rounds: dict[str, RoundResult] = {}
         self._locks = {kind: asyncio.Lock() for kind in self.specs}
-        metrics.declare_kinds(self.kinds)
+        metrics.declare_kinds(self.kinds, outcomes=list(RoundOutcome))
 
     @property
     def kinds(self) -> list[str]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from services.core.knn_model import BatchShape, TimeSample, shape_matrix
 from services.core.length_model import LengthSample
+from services.shared.db.models import BatchOutcome, RequestStatus
 
 T = TypeVar("T")
 
@@ -40,7 +41,7 @@ class LoggedRequest:
     """The request-log columns the trainer reads. Lengths in tokens."""
 
     seq: int
-    status: str
+    status: RequestStatus
     instruction: str
     input_text: str
     input_tokens: int
@@ -54,7 +55,7 @@ class LoggedBatch:
     """The batch-log columns the trainer reads. Lengths in tokens, times in seconds."""
 
     seq: int
-    outcome: str
+    outcome: BatchOutcome
     size: int
     input_tokens_max: int
     actual_gen_tokens_max: int | None
@@ -69,7 +70,7 @@ def is_held_back(seq: int, holdout_every: int) -> bool:
 
 
 def _length_truth(row: LoggedRequest) -> LengthSample | None:
-    if row.status != "completed" or row.generated_tokens is None:
+    if row.status != RequestStatus.COMPLETED or row.generated_tokens is None:
         return None
     return LengthSample(row.instruction, row.input_text, row.input_tokens, row.generated_tokens)
 
@@ -99,13 +100,13 @@ def length_holdout(rows: Sequence[LoggedRequest], holdout_every: int) -> list[Le
 
 
 def _time_truth(row: LoggedBatch) -> TimeSample | None:
-    if row.outcome != "ok" or row.actual_s is None or row.actual_gen_tokens_max is None:
+    if row.outcome != BatchOutcome.OK or row.actual_s is None or row.actual_gen_tokens_max is None:
         return None
     return TimeSample(BatchShape(row.size, row.input_tokens_max, row.actual_gen_tokens_max), row.actual_s)
 
 
 def select_time_samples(rows: Sequence[LoggedBatch], rule: MissRule, holdout_every: int) -> list[TimeSample]:
-    """Batches that ran ("ok"), not held back, whose time estimate was a bad miss.
+    """Batches that ran (`BatchOutcome.OK`), not held back, whose time estimate was a bad miss.
 
     The sample's shape uses the actual G(B), not the predicted one: it is what the batch ran.
     Batches leased on the batcher's fallback guess (no estimator version) are skipped, like

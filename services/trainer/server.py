@@ -13,6 +13,7 @@ import logging
 
 from magnus.v1 import trainer_pb2
 from services.shared.db.engine import make_engine, make_session_factory
+from services.shared.db.models import ModelKind
 from services.shared.model_store import ModelStore
 from services.shared.server import ServiceRunner
 from services.trainer.config import TrainerSettings
@@ -49,8 +50,8 @@ class TrainerServer:
         port = await self.runner.start()
         if self.settings.is_schedule_enabled:
             periods_s = {
-                "predictor": self.settings.predictor_period_s,
-                "estimator": self.settings.estimator_period_s,
+                ModelKind.PREDICTOR: self.settings.predictor_period_s,
+                ModelKind.ESTIMATOR: self.settings.estimator_period_s,
             }
             self._tasks = [
                 asyncio.create_task(run_periodically(self.trainer, kind, period_s), name=f"trainer-{kind}")

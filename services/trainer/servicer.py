@@ -5,15 +5,16 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from magnus.v1 import trainer_pb2
+from services.shared.db.models import ModelKind
 from services.shared.errors import InvalidArgument
 from services.shared.model_admin import model_info_to_proto
 from services.shared.model_store import VersionNotFound
 from services.trainer.rounds import RoundResult, Trainer
 
 KINDS_BY_ENUM = {
-    trainer_pb2.MODEL_KIND_UNSPECIFIED: ("predictor", "estimator"),
-    trainer_pb2.MODEL_KIND_PREDICTOR: ("predictor",),
-    trainer_pb2.MODEL_KIND_ESTIMATOR: ("estimator",),
+    trainer_pb2.MODEL_KIND_UNSPECIFIED: (ModelKind.PREDICTOR, ModelKind.ESTIMATOR),
+    trainer_pb2.MODEL_KIND_PREDICTOR: (ModelKind.PREDICTOR,),
+    trainer_pb2.MODEL_KIND_ESTIMATOR: (ModelKind.ESTIMATOR,),
 }
 
 

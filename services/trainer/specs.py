@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.core.knn_model import KnnBatchTimeModel, TimeSample, mae_s
 from services.core.length_model import LengthSample, make_length_model
 from services.core.length_metrics import length_metrics
+from services.shared.db.models import ModelKind
 from services.shared.db.queries import fetch_batches, fetch_requests
 from services.trainer.config import TrainerSettings
 from services.trainer.selection import (
@@ -51,7 +52,7 @@ class ModelSpec(Protocol):
 
 
 class PredictorSpec:
-    kind = "predictor"
+    kind = ModelKind.PREDICTOR
     error_metric = "mae_tokens"
 
     def __init__(self, settings: TrainerSettings) -> None:
@@ -96,7 +97,7 @@ class PredictorSpec:
 
 
 class EstimatorSpec:
-    kind = "estimator"
+    kind = ModelKind.ESTIMATOR
     error_metric = "mae_s"
 
     def __init__(self, settings: TrainerSettings) -> None:
@@ -143,4 +144,4 @@ class EstimatorSpec:
 
 
 def make_specs(settings: TrainerSettings) -> dict[str, ModelSpec]:
-    return {"predictor": PredictorSpec(settings), "estimator": EstimatorSpec(settings)}
+    return {ModelKind.PREDICTOR: PredictorSpec(settings), ModelKind.ESTIMATOR: EstimatorSpec(settings)}

@@ -11,15 +11,19 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import event, func, inspect, select
+from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.pool import NullPool
 
 from services.shared.db import (
     Base,
+    BatchOutcome,
     BatchRow,
     BatchTimeSample,
     LogWriter,
+    ModelKind,
     RequestRow,
+    RequestStatus,
+    SampleSource,
     add_model_version,
     current,
     downgrade,
@@ -266,7 +270,35 @@ async def test_malformed_rows_fail_in_the_caller(session_factory) -> None:
         writer.add_batch({"id": "b1"})
     with pytest.raises(ValueError, match="naive datetime"):
         writer.add_request(request_row(0, arrived_at=datetime(2025, 1, 1)))
+    with pytest.raises(ValueError, match="requests.status must be one of"):
+        writer.add_request(request_row(0, status="done"))
+    with pytest.raises(ValueError, match="batches.outcome must be one of"):
+        writer.add_batch(dict(batch_row(0), outcome="OOM"))
     assert writer.num_buffered_rows == 0
+
+
+async def test_statuses_are_stored_as_their_strings_and_read_as_enums(engine, session_factory) -> None:
+    # The enums changed no stored value: rows written as plain strings before them and rows
+    # written as members are the same bytes, and both read back as members.
+    writer = LogWriter(session_factory)
+    writer.add_request(request_row(0, status="cancelled"))
+    writer.add_request(request_row(1, status=RequestStatus.COMPLETED))
+    writer.add_batch(dict(batch_row(0), outcome=BatchOutcome.OOM))
+    writer.add_batch_time_sample(sample_row(0, SampleSource.CALIBRATION))
+    assert await writer.flush() is True
+    async with engine.connect() as connection:
+        raw = (await connection.execute(text("SELECT status FROM requests ORDER BY seq"))).scalars().all()
+        assert [type(value) for value in raw] == [str, str]
+        assert raw == ["cancelled", "completed"]
+        assert (await connection.execute(text("SELECT outcome FROM batches"))).scalar_one() == "oom"
+    async with session_factory() as session:
+        statuses = [row.status for row in await fetch_requests(session)]
+        assert statuses == [RequestStatus.CANCELLED, RequestStatus.COMPLETED]
+        assert all(type(status) is RequestStatus for status in statuses)
+        assert (await session.scalar(select(BatchRow.outcome))) is BatchOutcome.OOM
+        assert (await fetch_batch_time_samples(session, source="calibration"))[0].source is SampleSource.CALIBRATION
+        with pytest.raises(ValueError, match="source must be one of"):
+            await fetch_batch_time_samples(session, source="bench")
 
 
 # -- queries ----------------------------------------------------------------------------------
@@ -298,6 +330,7 @@ async def test_model_versions_count_up_per_kind(session_factory) -> None:
         assert latest.metrics == {"mae_tokens": 12.5}
         assert latest.is_pushed is False
         assert (await latest_model_version(session, "estimator")).version == 2
+        assert latest.kind is ModelKind.PREDICTOR
         with pytest.raises(ValueError, match="kind"):
             await latest_model_version(session, "tokenizer")
 

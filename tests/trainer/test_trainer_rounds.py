@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -14,7 +16,8 @@ from services.core.length_model import LengthSample
 from services.core.per_app_linear import PerAppLinearModel
 from services.shared.model_store import ModelStore
 from services.trainer.config import TrainerSettings
-from services.trainer.rounds import Trainer
+from services.shared.db.models import ModelKind
+from services.trainer.rounds import RoundOutcome, RoundResult, Trainer
 
 pytestmark = pytest.mark.asyncio
 
@@ -145,3 +148,14 @@ async def test_round_first_catches_up_a_replica_that_missed_a_push(db_url, store
 
     assert result.note == "no new log rows"
     assert (await model_info(target)).version == 2
+
+
+async def test_a_round_is_stored_as_plain_strings_and_read_back_as_enums() -> None:
+    result = RoundResult(ModelKind.ESTIMATOR, datetime(2026, 1, 2, tzinfo=UTC), outcome=RoundOutcome.NO_BAD_MISSES)
+    state = json.loads(json.dumps(result.to_state()))
+    assert (state["kind"], state["outcome"]) == ("estimator", "no_bad_misses")
+    restored = RoundResult.from_state(state)
+    assert restored == result
+    assert restored.kind is ModelKind.ESTIMATOR and restored.outcome is RoundOutcome.NO_BAD_MISSES
+    with pytest.raises(ValueError):
+        RoundResult.from_state({**state, "outcome": "exploded"})

@@ -29,7 +29,7 @@ from sqlalchemy import insert
 from sqlalchemy.exc import CompileError, DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.shared.db.models import Base, BatchRow, BatchTimeSample, RequestRow
+from services.shared.db.models import Base, BatchRow, BatchTimeSample, EnumText, RequestRow
 
 logger = logging.getLogger(__name__)
 
@@ -315,8 +315,9 @@ class LogWriter:
 def checked_row(model: type[Base], row: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `row` after checking it can be inserted into `model`'s table.
 
-    Raises ValueError for unknown or missing required columns and for naive datetimes, so a
-    malformed row fails in the caller instead of poisoning a batch later.
+    Raises ValueError for unknown or missing required columns, naive datetimes and values outside
+    a column's enum (status, outcome, ...), so a malformed row fails in the caller instead of
+    poisoning a batch later.
     """
     columns = model.__table__.columns
     unknown = set(row) - set(columns.keys())
@@ -328,6 +329,10 @@ def checked_row(model: type[Base], row: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in row.items():
         if isinstance(value, datetime) and value.tzinfo is None:
             raise ValueError(f"{model.__tablename__}.{name} is a naive datetime; use aware UTC")
+        column_type = columns[name].type
+        if value is not None and isinstance(column_type, EnumText) and value not in set(column_type.enum_type):
+            choices = [member.value for member in column_type.enum_type]
+            raise ValueError(f"{model.__tablename__}.{name} must be one of {choices}, got {value!r}")
     return dict(row)
 
 

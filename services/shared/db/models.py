@@ -12,7 +12,8 @@ batcher's UUID lives in the unique `id` column.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -30,10 +31,45 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-REQUEST_STATUSES = ("completed", "failed", "cancelled", "rejected")
-BATCH_OUTCOMES = ("ok", "oom", "lost", "failed")
-MODEL_KINDS = ("predictor", "estimator")
-SAMPLE_SOURCES = ("calibration", "log")
+
+
+# The stored values are these strings, exactly as before the enums: no migration was needed.
+class RequestStatus(StrEnum):
+    """How a request ended (`requests.status`)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+
+class BatchOutcome(StrEnum):
+    """How one batch attempt ended (`batches.outcome`)."""
+
+    OK = "ok"
+    OOM = "oom"  # the worker ran out of memory; the batch is split or its requests fail
+    LOST = "lost"  # its lease ran out before the worker reported
+    FAILED = "failed"
+
+
+class ModelKind(StrEnum):
+    """Which model a `model_versions` row holds."""
+
+    PREDICTOR = "predictor"
+    ESTIMATOR = "estimator"
+
+
+class SampleSource(StrEnum):
+    """Where a `batch_time_samples` row was measured."""
+
+    CALIBRATION = "calibration"
+    LOG = "log"
+
+
+REQUEST_STATUSES = tuple(RequestStatus)
+BATCH_OUTCOMES = tuple(BatchOutcome)
+MODEL_KINDS = tuple(ModelKind)
+SAMPLE_SOURCES = tuple(SampleSource)
 
 # Fixed constraint names so the hand-written migration and the models agree on every backend.
 NAMING_CONVENTION = {
@@ -77,13 +113,34 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+E = TypeVar("E", bound=StrEnum)
+
+
+class EnumText(TypeDecorator[E]):
+    """A `StrEnum` stored as its value in a VARCHAR: writes refuse a value outside the enum, reads
+    return the member. Plain strings equal to a value are accepted (a `StrEnum` is a `str`)."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum_type: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum_type = enum_type
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum_type(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum_type(value)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {datetime: UtcDateTime(), dict[str, Any]: JSON()}
 
 
 class RequestRow(Base):
-    """One served request, written once it reaches a terminal `status` (REQUEST_STATUSES)."""
+    """One served request, written once it reaches a terminal `status`."""
 
     __tablename__ = "requests"
 
@@ -104,7 +161,7 @@ class RequestRow(Base):
     # the answer itself, kept so a client retrying its request id after a batcher restart gets it
     output_text: Mapped[str | None] = mapped_column(Text)
     batch_id: Mapped[str | None] = mapped_column(String(36), index=True)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[RequestStatus] = mapped_column(EnumText(RequestStatus, 16))
     error: Mapped[str | None] = mapped_column(Text)
     arrived_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
@@ -112,7 +169,7 @@ class RequestRow(Base):
 
 
 class BatchRow(Base):
-    """One executed batch attempt, written when it ends with an `outcome` (BATCH_OUTCOMES).
+    """One executed batch attempt, written when it ends with an `outcome`.
 
     Token maxima are per batch: `input_tokens_max` is L(B), `predicted_gen_tokens_max` is the
     predicted G(B). Durations are seconds.
@@ -130,7 +187,7 @@ class BatchRow(Base):
     actual_s: Mapped[float | None] = mapped_column(Float)
     worker_id: Mapped[str | None] = mapped_column(String(128))
     estimator_version: Mapped[int | None] = mapped_column(Integer)
-    outcome: Mapped[str] = mapped_column(String(8))
+    outcome: Mapped[BatchOutcome] = mapped_column(EnumText(BatchOutcome, 8))
     # Set when this batch was created by splitting an OOM'd batch.
     parent_batch_id: Mapped[str | None] = mapped_column(String(36))
     valid_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -147,7 +204,7 @@ class ModelVersion(Base):
     __table_args__ = (UniqueConstraint("kind", "version", name="uq_model_versions_kind_version"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[ModelKind] = mapped_column(EnumText(ModelKind, 16))
     version: Mapped[int] = mapped_column(Integer)
     artifact_uri: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -168,7 +225,7 @@ class BatchTimeSample(Base):
     input_tokens_max: Mapped[int] = mapped_column(Integer)
     gen_tokens_max: Mapped[int] = mapped_column(Integer)
     duration_s: Mapped[float] = mapped_column(Float)
-    source: Mapped[str] = mapped_column(String(16))
+    source: Mapped[SampleSource] = mapped_column(EnumText(SampleSource, 16))
     device: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
 

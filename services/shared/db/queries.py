@@ -5,7 +5,8 @@ None of them commit: the caller owns the transaction (`async with session.begin(
 
 from __future__ import annotations
 
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -13,15 +14,18 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.shared.db.models import (
-    MODEL_KINDS,
-    SAMPLE_SOURCES,
     BatchRow,
     BatchTimeSample,
+    ModelKind,
     ModelVersion,
     RequestRow,
+    RequestStatus,
+    SampleSource,
     TrainerState,
     utc_now,
 )
+
+E = TypeVar("E", bound=StrEnum)
 
 
 async def fetch_requests(
@@ -43,7 +47,7 @@ async def find_completed_request(
         .where(
             RequestRow.tenant_id == tenant_id,
             RequestRow.client_request_id == client_request_id,
-            RequestRow.status == "completed",
+            RequestRow.status == RequestStatus.COMPLETED,
         )
         .order_by(RequestRow.seq)
         .limit(1)
@@ -64,21 +68,20 @@ async def fetch_batches(
 async def fetch_batch_time_samples(
     session: AsyncSession,
     *,
-    source: str | None = None,
+    source: SampleSource | str | None = None,
     since_id: int | None = None,
     limit: int | None = None,
 ) -> list[BatchTimeSample]:
-    """Batch-time samples, oldest first, optionally only from `source` (SAMPLE_SOURCES)."""
+    """Batch-time samples, oldest first, optionally only from `source`."""
     query = select(BatchTimeSample)
     if source is not None:
-        _check_choice("source", source, SAMPLE_SOURCES)
-        query = query.where(BatchTimeSample.source == source)
+        query = query.where(BatchTimeSample.source == _member("source", source, SampleSource))
     return list(await session.scalars(_page(query, BatchTimeSample.id, since_id, limit)))
 
 
-async def latest_model_version(session: AsyncSession, kind: str) -> ModelVersion | None:
-    """The highest-numbered version of `kind` ("predictor" | "estimator"), or None."""
-    _check_choice("kind", kind, MODEL_KINDS)
+async def latest_model_version(session: AsyncSession, kind: ModelKind | str) -> ModelVersion | None:
+    """The highest-numbered version of `kind`, or None."""
+    kind = _member("kind", kind, ModelKind)
     query = (
         select(ModelVersion)
         .where(ModelVersion.kind == kind)
@@ -98,8 +101,7 @@ async def add_model_version(session: AsyncSession, **fields: Any) -> ModelVersio
     """
     if "version" in fields:
         raise ValueError("add_model_version allocates `version` itself; do not pass it")
-    kind = fields.get("kind")
-    _check_choice("kind", kind, MODEL_KINDS)
+    kind = fields["kind"] = _member("kind", fields.get("kind"), ModelKind)
     max_version = await session.scalar(
         select(func.max(ModelVersion.version)).where(ModelVersion.kind == kind)
     )
@@ -147,6 +149,10 @@ def _page(
     return query.order_by(order_column)
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+def _member(name: str, value: object, enum_type: type[E]) -> E:
+    """`value` as a member of `enum_type`; ValueError naming the field and the choices if it is none."""
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = tuple(member.value for member in enum_type)
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
