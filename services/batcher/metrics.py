@@ -77,6 +77,26 @@ ESTIMATE_ERROR = Histogram(
     buckets=SECONDS_BUCKETS,
 )
 
+# streamed requests (GenerateStream): what their callers see, measured where the events leave
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "magnus_time_to_first_token_seconds",
+    "Streamed requests: admission to the first token event sent to the caller, seconds.",
+    buckets=TTFT_BUCKETS,
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "magnus_time_per_output_token_seconds",
+    "Streamed requests: (finish - first token) / (generated tokens - 1), seconds per token.",
+    buckets=TPOT_BUCKETS,
+)
+STREAMED_TOKEN_REPORTS = Counter(
+    "magnus_streamed_token_deltas_total",
+    "Per-request token deltas from workers' StreamTokens, by outcome: relayed, or dropped (a resent or late "
+    "delta, a request whose caller left or that is not streamed).",
+    ["outcome"],
+)
+
 
 LOG_BUFFERED_ROWS = Gauge(
     "magnus_log_buffered_rows", "Log rows kept in memory until the log DB takes them (grows while it is down)."

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from magnus.v1 import generation_pb2, worker_queue_pb2
+from services.batcher import metrics
 from services.batcher.admission import Admission
 from services.batcher.domain import (
     BatchReport,
@@ -20,9 +22,12 @@ from services.batcher.domain import (
     WorkerInfo,
 )
 from services.batcher.scheduler import Scheduler
+from services.batcher.token_relay import RequestDelta, TokenEvent, TokenRelay
 from services.shared.auth import current_caller, tenant_for
 from services.shared.errors import InvalidArgument, Unavailable
 from services.shared.validation import check_range, check_text
+
+log = logging.getLogger(__name__)
 
 
 def _generation_input(prompt: generation_pb2.Prompt) -> GenerationInput:
@@ -99,27 +104,81 @@ class GenerationServicer:
         pending = await self._admission.submit(
             generation, wants_events=True, time_remaining_s=context.time_remaining()
         )
-        phases = {Phase.QUEUED: generation_pb2.REQUEST_PHASE_QUEUED, Phase.STARTED: generation_pb2.REQUEST_PHASE_STARTED}
-        next_event: asyncio.Future[str] | None = None
+        stream = _StreamedOutput(pending.request_id, pending.prediction.predicted_tokens, pending.arrival_s)
+        next_event: asyncio.Future[str | TokenEvent] | None = None
         try:
-            while not pending.future.done():
+            while True:  # every event queued before the answer is sent before it, in order
                 next_event = asyncio.ensure_future(pending.events.get())
                 await asyncio.wait({next_event, pending.future}, return_when=asyncio.FIRST_COMPLETED)
                 if not next_event.done():
                     next_event.cancel()
                     break
-                yield generation_pb2.GenerateStreamResponse(
-                    phase=phases[next_event.result()],
-                    request_id=pending.request_id,
-                    predicted_tokens=pending.prediction.predicted_tokens,
-                )
-            yield _finished_event(pending.future.result())
+                yield stream.event(next_event.result())
+            while not pending.events.empty():
+                yield stream.event(pending.events.get_nowait())
+            result = pending.future.result()
+            tail = stream.tail(result)
+            if tail is not None:
+                yield tail
+            stream.observe_finish(result)
+            yield _finished_event(result)
         except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: the caller left while a message was sent
             self._admission.cancel(pending)
             raise
         finally:
             if next_event is not None:
                 next_event.cancel()  # else its Queue.get task is logged as "destroyed but it is pending"
+
+
+_PHASES = {Phase.QUEUED: generation_pb2.REQUEST_PHASE_QUEUED, Phase.STARTED: generation_pb2.REQUEST_PHASE_STARTED}
+
+
+class _StreamedOutput:
+    """What one GenerateStream call sent: events out of the queue, the text and tokens streamed so far
+    (their last delta comes from the final answer), and its caller's first-token and per-token times."""
+
+    def __init__(self, request_id: str, predicted_tokens: int, arrival_s: float) -> None:
+        self.request_id = request_id
+        self.predicted_tokens = predicted_tokens
+        self.arrival_s = arrival_s
+        self.text = ""
+        self.num_tokens = 0
+        self.first_token_s: float | None = None
+
+    def event(self, event: str | TokenEvent) -> generation_pb2.GenerateStreamResponse:
+        if isinstance(event, TokenEvent):
+            return self._tokens(event.text_delta, event.num_tokens)
+        return generation_pb2.GenerateStreamResponse(
+            phase=_PHASES[event], request_id=self.request_id, predicted_tokens=self.predicted_tokens
+        )
+
+    def _tokens(self, text_delta: str, num_tokens: int) -> generation_pb2.GenerateStreamResponse:
+        if self.first_token_s is None:
+            self.first_token_s = time.monotonic()
+            metrics.TIME_TO_FIRST_TOKEN.observe(max(0.0, self.first_token_s - self.arrival_s))
+        self.text += text_delta
+        self.num_tokens += num_tokens
+        return generation_pb2.GenerateStreamResponse(
+            phase=generation_pb2.REQUEST_PHASE_TOKENS, request_id=self.request_id,
+            predicted_tokens=self.predicted_tokens, text_delta=text_delta, num_tokens=num_tokens,
+            generated_tokens=self.num_tokens,
+        )
+
+    def tail(self, result: RequestResult) -> generation_pb2.GenerateStreamResponse | None:
+        """The output not yet streamed (the worker's last few tokens, held bytes, or all of it when the
+        worker streams nothing), so that the deltas add up to the answer's text."""
+        if not result.text.startswith(self.text):  # cannot take back sent text (see README: a cut request)
+            log.warning("request %s: streamed text is not a prefix of its answer", self.request_id)
+            return None
+        delta, num_tokens = result.text[len(self.text):], max(0, result.generated_tokens - self.num_tokens)
+        if not delta and not num_tokens:
+            return None
+        return self._tokens(delta, num_tokens)
+
+    def observe_finish(self, result: RequestResult) -> None:
+        if self.first_token_s is not None and result.generated_tokens > 1:
+            per_token_s = (time.monotonic() - self.first_token_s) / (result.generated_tokens - 1)
+            metrics.TIME_PER_OUTPUT_TOKEN.observe(per_token_s)
 
 
 def _finished_event(result: RequestResult) -> generation_pb2.GenerateStreamResponse:
@@ -142,6 +201,7 @@ def lease_to_proto(lease: Lease) -> worker_queue_pb2.Batch:
                 max_new_tokens=r.remaining_new_tokens,
                 predicted_tokens=r.prediction.predicted_tokens,
                 input_tokens=r.input_tokens_now,
+                is_streamed=r.events is not None,
             )
             for r in lease.items
         ],
@@ -156,6 +216,7 @@ def lease_to_proto(lease: Lease) -> worker_queue_pb2.Batch:
 class WorkerQueueServicer:
     def __init__(self, scheduler: Scheduler, *, lease_s: float, heartbeat_interval_s: float, max_wait_s: float) -> None:
         self._scheduler = scheduler
+        self._relay = TokenRelay(scheduler)
         self._lease_s = lease_s
         self._heartbeat_interval_s = heartbeat_interval_s
         self._max_wait_s = max_wait_s
@@ -237,3 +298,12 @@ class WorkerQueueServicer:
             is_registered=reply.is_registered,
             cancelled_request_ids=reply.cancelled_request_ids,
         )
+
+    async def StreamTokens(self, request, context) -> worker_queue_pb2.StreamTokensResponse:
+        check_text("worker_id", request.worker_id, max_bytes=128)
+        stale: list[str] = []
+        for lease in request.leases:
+            deltas = [RequestDelta(r.request_id, r.token_offset, r.num_tokens, r.text_delta) for r in lease.requests]
+            if not self._relay.relay(request.worker_id, lease.batch_id, deltas):
+                stale.append(lease.batch_id)
+        return worker_queue_pb2.StreamTokensResponse(stale_batch_ids=stale)

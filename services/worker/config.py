@@ -110,6 +110,12 @@ class WorkerSettings(ServiceSettings):
         64, ge=1, description="Rows of the running batch in continuous mode; each holds KV for Theta / slots "
         "tokens (a longer request runs alone once the rows drained)."
     )
+    stream_interval_ms: float = Field(
+        50.0, ge=0, le=10_000,
+        description="Streamed requests (GenerateStream callers): their new tokens go to the batcher at most "
+        "this often, in one StreamTokens call for every batch in hand, milliseconds; 0 = never stream (the "
+        "answer still comes whole).",
+    )
     calibrate_grid: Literal["", "small", "full", "gpu"] = Field(
         "",
         description="Before registering, time the engine over this grid of batch shapes and store the samples "

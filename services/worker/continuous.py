@@ -50,6 +50,7 @@ from services.worker.continuous_plan import (
     step_sizes,
 )
 from services.worker.static_backend import PREFILL_CHUNK_TOKENS
+from services.worker.token_stream import RowStream
 
 log = logging.getLogger(__name__)
 
@@ -305,10 +306,14 @@ class ContinuousBatcher:
         metrics.CONTINUOUS_PREFILL_ROWS.inc(len(group))
         metrics.CONTINUOUS_PREFILL_SECONDS.inc(prefill_s)
         joined_s = time.monotonic()
+        streamed: dict[str, list[int]] = {}
         for (slot, pending, _), first in zip(group, firsts, strict=True):
             self._rows[slot] = row = _Row(pending, prefilled_tokens, joined_s, [first])
+            if pending.item.is_streamed:
+                streamed[pending.item.request_id] = [first]
             if self._is_finished(row):
                 self._finish(slot)
+        self._stream(streamed)
 
     def _fail_joiner(self, pending: _Pending, error: BaseException, is_logged: bool = False) -> None:
         if not is_logged:
@@ -383,7 +388,11 @@ class ContinuousBatcher:
         log.info("request %s (%d + %d tokens) is longer than a row of %d: running alone", item.request_id,
                  len(long.prompt), item.max_new_tokens, self.row_capacity_tokens)
         try:
-            ids = self.engine.run_ids([long.prompt], [item.max_new_tokens], stop_at_eos=not self.engine.trace_replay)
+            stop_at_eos = not self.engine.trace_replay
+            row_stream = RowStream.maybe(self.engine.token_sink, [item.request_id if item.is_streamed else None],
+                                         [item.max_new_tokens], self.engine.stop_ids(stop_at_eos))
+            ids = self.engine.run_ids([long.prompt], [item.max_new_tokens], stop_at_eos=stop_at_eos,
+                                      row_stream=row_stream)
         except (BatchRejected, BatchOutOfMemory) as error:
             self._fail_joiner(pending, error)
             return
@@ -420,11 +429,21 @@ class ContinuousBatcher:
         self.engine.static._step(self._step_states[rows], rows, attend_tokens)
         tokens = state.tokens.tolist()  # the one host sync per step
         self._count_step(time.perf_counter() - started_s, len(active), attend_tokens)
+        streamed: dict[str, list[int]] = {}
         for slot, row in enumerate(self._rows):
             if row is not None:
                 row.generated.append(tokens[slot])
+                if row.pending.item.is_streamed:
+                    streamed[row.pending.item.request_id] = [tokens[slot]]
                 if self._is_finished(row):
                     self._finish(slot)
+        self._stream(streamed)
+
+    def _stream(self, new_tokens: dict[str, list[int]]) -> None:
+        """Hand the streamed rows' new tokens to the engine's sink (once per step: a dict, one lock)."""
+        sink = self.engine.token_sink
+        if new_tokens and sink is not None:
+            sink.add_tokens(new_tokens)
 
     def _count_step(self, step_s: float, active_rows: int, attend_tokens: int) -> None:
         stats = self._stats

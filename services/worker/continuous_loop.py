@@ -19,7 +19,7 @@ from magnus.v1 import worker_queue_pb2 as pb
 from magnus.v1 import worker_queue_pb2_grpc as pb_grpc
 from services.worker import metrics
 from services.worker.continuous import ContinuousBatcher, ContinuousResult
-from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchOutput, EngineItem
+from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchOutput
 from services.worker.puller import (
     SHUTTING_DOWN_MESSAGE,
     LoopTiming,
@@ -28,6 +28,7 @@ from services.worker.puller import (
     _Failure,
     _observe,
 )
+from services.worker.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ class ContinuousWorkerLoop(WorkerLoop):
         identity: WorkerIdentity,
         timing: LoopTiming = DEFAULT_TIMING,
         on_registered: Callable[[], Awaitable[None]] | None = None,
+        token_stream: TokenStream | None = None,
     ) -> None:
-        super().__init__(stub, runner, identity, timing, on_registered)
+        super().__init__(stub, runner, identity, timing, on_registered, token_stream)
         self._slot_freed = asyncio.Event()
         self._batches: dict[asyncio.Task[None], list[Future]] = {}  # batch task -> its item futures
         self._busy_since_s = 0.0
@@ -96,7 +98,7 @@ class ContinuousWorkerLoop(WorkerLoop):
     # ---- one batch ------------------------------------------------------------------------------
 
     def _start_batch(self, batch: pb.Batch) -> None:
-        items = [EngineItem(i.request_id, i.prompt, i.max_new_tokens) for i in batch.items]
+        items = self._open_stream(batch)
         log.info("batch %s: %d requests, L=%d", batch.batch_id, len(items), batch.input_tokens_max)
         # submitted before the next free_slots() check, so the loop does not pull for these rows again
         futures = [self.runner.submit(item) for item in items]
@@ -142,6 +144,7 @@ class ContinuousWorkerLoop(WorkerLoop):
         finally:
             heartbeats.cancel()
             lost.cancel()
+            self._close_stream(batch.batch_id)
         if lease_lost.is_set():
             _cancel(futures)  # the batch was requeued: finishing it would only waste the device
             log.info("batch %s: lease lost (requeued by the batcher); result dropped", batch.batch_id)

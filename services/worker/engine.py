@@ -23,6 +23,7 @@ from services.worker.fast_decoder import is_supported
 from services.worker.model_builder import build_random_model, has_random_weights
 from services.worker.preemption import Preemption, running_rows, stop_tensor
 from services.worker.static_backend import KVCacheFull, StaticCacheBackend
+from services.worker.token_stream import RowStream, TokenSink
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class EngineItem:
     request_id: str
     prompt: str
     max_new_tokens: int
+    is_streamed: bool = False  # its tokens go to the engine's token_sink as they are decoded
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class _PerRowStop(StoppingCriteria):
     preemption cut (the rows still running then come back unfinished)."""
 
     def __init__(self, prompt_tokens: int, max_new_tokens: torch.Tensor, cancel: threading.Event | None,
-                 preemption: Preemption | None, stops: torch.Tensor):
+                 preemption: Preemption | None, stops: torch.Tensor, row_stream: RowStream | None = None):
+        self.row_stream = row_stream
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.cancel = cancel
@@ -87,6 +90,8 @@ class _PerRowStop(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         steps = input_ids.shape[1] - self.prompt_tokens
+        if self.row_stream is not None:  # called once per new token column, the first one included
+            self.row_stream.push([[token] for token in input_ids[:, -1].tolist()])
         # counting running rows scans the output: only once the cut may be due
         may_cut = self.preemption is not None and steps >= self.preemption.after_steps
         if (self.cancel is not None and self.cancel.is_set()) or (
@@ -178,6 +183,7 @@ class StaticBatchEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
         self.trace_replay = trace_replay
+        self.token_sink: TokenSink | None = None  # set by the worker to stream items' tokens as decoded
         started_s = time.monotonic()
         if loaded is None:
             self.tokenizer = load_tokenizer(self.model_dir)
@@ -270,9 +276,11 @@ class StaticBatchEngine:
         started_s = time.monotonic()
         prompt_ids = self.encode([item.prompt for item in items])
         stop_at_eos = not self.trace_replay
+        limits = [item.max_new_tokens for item in items]
+        row_stream = RowStream.maybe(self.token_sink, [i.request_id if i.is_streamed else None for i in items],
+                                     limits, self.stop_ids(stop_at_eos))
         ids = self.run_ids(
-            prompt_ids, [item.max_new_tokens for item in items], stop_at_eos=stop_at_eos, cancel=cancel,
-            preemption=preemption,
+            prompt_ids, limits, stop_at_eos=stop_at_eos, cancel=cancel, preemption=preemption, row_stream=row_stream,
         )
         texts = self.tokenizer.batch_decode(ids.generated_ids, skip_special_tokens=True)
         stops = self.stop_ids(stop_at_eos)
@@ -297,8 +305,11 @@ class StaticBatchEngine:
         stop_at_eos: bool = True,
         cancel: threading.Event | None = None,
         preemption: Preemption | None = None,
+        row_stream: RowStream | None = None,
     ) -> IdsOutput:
-        """Generate for pre-tokenized prompts. stop_at_eos=False runs every row to its limit (calibration)."""
+        """Generate for pre-tokenized prompts. stop_at_eos=False runs every row to its limit (calibration).
+        row_stream: gets each row's tokens as they are decoded (every step on `generate`, every few on
+        the static backend, where reading them costs a host sync)."""
         self._validate(prompt_ids, max_new_tokens)
         # An empty prompt gets EOS as its only token: a document boundary is what such a model saw
         # before text starts, and generate needs at least one position per row.
@@ -307,7 +318,7 @@ class StaticBatchEngine:
         self._maybe_simulate_oom(len(rows), prompt_tokens, max(max_new_tokens))
         started_s = time.monotonic()
         try:
-            output = self._generate(rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel, preemption)
+            output = self._generate(rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel, preemption, row_stream)
         except KVCacheFull as error:
             raise BatchOutOfMemory(str(error)) from error
         except torch.OutOfMemoryError as error:
@@ -352,7 +363,8 @@ class StaticBatchEngine:
         return set(self.eos_token_ids) if stop_at_eos else set()
 
     @torch.inference_mode()
-    def _generate(self, rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel, preemption=None) -> torch.Tensor:
+    def _generate(self, rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel, preemption=None,
+                  row_stream: RowStream | None = None) -> torch.Tensor:
         stops = self.stop_ids(stop_at_eos)
         input_ids = torch.full((len(rows), prompt_tokens), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), prompt_tokens), dtype=torch.long)
@@ -360,7 +372,8 @@ class StaticBatchEngine:
             input_ids[i, prompt_tokens - len(row):] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, prompt_tokens - len(row):] = 1
         if self.static is not None:
-            generated = self.static.generate(rows, self.pad_token_id, max_new_tokens, stops, cancel, preemption)
+            generated = self.static.generate(rows, self.pad_token_id, max_new_tokens, stops, cancel, preemption,
+                                             on_tokens=row_stream.push if row_stream else None)
             return torch.cat([input_ids, generated], dim=1)
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=self.device)
         config = GenerationConfig(
@@ -375,7 +388,7 @@ class StaticBatchEngine:
             attention_mask=attention_mask.to(self.device),
             generation_config=config,
             stopping_criteria=StoppingCriteriaList(
-                [_PerRowStop(prompt_tokens, limits, cancel, preemption, stop_tensor(stops, self.device))]
+                [_PerRowStop(prompt_tokens, limits, cancel, preemption, stop_tensor(stops, self.device), row_stream)]
             ),
         ).cpu()
 

@@ -23,6 +23,7 @@ from magnus.v1 import worker_queue_pb2_grpc as pb_grpc
 from services.worker import metrics
 from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchOutput, EngineItem
 from services.worker.preemption import Preemption
+from services.worker.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,11 @@ class WorkerLoop:
         identity: WorkerIdentity,
         timing: LoopTiming = LoopTiming(),
         on_registered: Callable[[], Awaitable[None]] | None = None,
+        token_stream: TokenStream | None = None,
     ) -> None:
+        """token_stream: where streamed items' tokens are collected (the runner's sink); None = not streamed."""
         self.stub = stub
+        self.token_stream = token_stream
         self.runner = runner
         self.identity = identity
         self.timing = timing
@@ -235,8 +239,20 @@ class WorkerLoop:
 
     # ---- one batch ------------------------------------------------------------------------------
 
+    def _open_stream(self, batch: pb.Batch) -> list[EngineItem]:
+        """The batch's engine items; its streamed ones start streaming (close_stream when it ends)."""
+        if self.token_stream is not None:
+            self.token_stream.open(batch.batch_id, [i.request_id for i in batch.items if i.is_streamed])
+        is_streamed = self.token_stream is not None
+        return [EngineItem(i.request_id, i.prompt, i.max_new_tokens, is_streamed and i.is_streamed)
+                for i in batch.items]
+
+    def _close_stream(self, batch_id: str) -> None:
+        if self.token_stream is not None:
+            self.token_stream.close(batch_id)
+
     async def _serve(self, batch: pb.Batch) -> None:
-        items = [EngineItem(i.request_id, i.prompt, i.max_new_tokens) for i in batch.items]
+        items = self._open_stream(batch)
         log.info("batch %s: %d requests, L=%d", batch.batch_id, len(items), batch.input_tokens_max)
         lease_s = batch.lease_s or self.lease_s
         cancel = self._cancel_batch = threading.Event()
@@ -250,6 +266,7 @@ class WorkerLoop:
             metrics.IS_BUSY.set(0)
             heartbeats.cancel()
             self._cancel_batch = None
+            self._close_stream(batch.batch_id)
         _observe(outcome, time.monotonic() - started_s)
         if lease_lost.is_set():
             log.info("batch %s: lease lost (requeued by the batcher); result dropped", batch.batch_id)

@@ -21,6 +21,7 @@ from services.worker.engine import StaticBatchEngine
 from services.worker.model_builder import resolve_model_dir
 from services.worker.puller import LoopTiming, WorkerIdentity, WorkerLoop
 from services.worker.slowdown import slow_down
+from services.worker.token_stream import TokenStream, TokenStreamer
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,13 @@ async def serve(
 
     channel = open_channel(settings.batcher_target, settings.max_message_bytes)
     stub = pb_grpc.WorkerQueueServiceStub(channel)
+    token_stream, streamer = None, None
+    if settings.stream_interval_ms > 0 and getattr(engine, "tokenizer", None) is not None:  # fakes have none
+        token_stream = TokenStream(engine.tokenizer)
+        engine.token_sink = token_stream
+        streamer = TokenStreamer(stub, token_stream, settings.worker_id, settings.stream_interval_ms / 1e3,
+                                 settings.rpc_timeout_s)
+        streamer.start()
     continuous: ContinuousBatcher | None = None
     if settings.mode == "continuous":
         continuous = ContinuousBatcher(engine, settings.continuous_slots)  # ValueError without the static backend
@@ -117,7 +125,8 @@ async def serve(
         # a request holds one row, or the whole pool (Theta, as announced) alone once the rows drained
         identity = replace(identity_of(settings, engine, engine.static.capacity_tokens),
                            max_batch_size=settings.continuous_slots)
-        loop: WorkerLoop = ContinuousWorkerLoop(stub, continuous, identity, timing_of(settings), on_registered=on_registered)
+        loop: WorkerLoop = ContinuousWorkerLoop(stub, continuous, identity, timing_of(settings),
+                                                on_registered=on_registered, token_stream=token_stream)
     else:
         loop = WorkerLoop(
             stub,
@@ -125,6 +134,7 @@ async def serve(
             identity_of(settings, engine),
             timing_of(settings),
             on_registered=on_registered,
+            token_stream=token_stream,
         )
     loop_task = loop.start()
     await asyncio.wait({loop_task, shutdown}, return_when=asyncio.FIRST_COMPLETED)
@@ -134,5 +144,7 @@ async def serve(
     await loop.stop(settings.shutdown_grace_s)
     if continuous is not None:  # the loop hands work back; the decode thread is the engine's
         await asyncio.to_thread(continuous.stop, True)
+    if streamer is not None:
+        await streamer.stop()
     await channel.close()
     await runner.stop()

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -131,9 +131,12 @@ class StaticCacheBackend:
         stop_ids: set[int],
         cancel: threading.Event | None = None,
         preemption: Preemption | None = None,
+        on_tokens: Callable[[list[list[int]]], None] | None = None,
     ) -> torch.Tensor:
         """Greedy tokens [B, steps] (on the CPU); steps = until every row hit a stop or its limit, or
-        until `preemption` cuts the few rows still running (checked every STOP_CHECK_EVERY_STEPS)."""
+        until `preemption` cuts the few rows still running (checked every STOP_CHECK_EVERY_STEPS).
+        on_tokens(per row, its tokens since the last call): at those checks (which sync with the host
+        anyway) and at the end, for streaming."""
         batch, prompt_tokens, limit_steps = len(rows), max(len(r) for r in rows), max(max_new_tokens)
         needed_tokens = prompt_tokens + limit_steps
         if needed_tokens > self.row_capacity_tokens(batch):
@@ -165,9 +168,12 @@ class StaticCacheBackend:
         generated[:, 0] = state.tokens[:batch]
         limits = torch.tensor(list(max_new_tokens), dtype=torch.long, device=device)
         stops = stop_tensor(stop_ids, device)
-        steps = 1
+        steps, streamed_steps = 1, 0
         while steps < limit_steps:
             if steps % STOP_CHECK_EVERY_STEPS == 0:
+                if on_tokens is not None:
+                    on_tokens(generated[:, streamed_steps:steps].tolist())
+                    streamed_steps = steps
                 running = running_rows(generated[:, :steps], limits, stops)
                 is_cut = preemption is not None and preemption.should_cut(steps, running)
                 if running == 0 or is_cut or (cancel is not None and cancel.is_set()):
@@ -175,6 +181,8 @@ class StaticCacheBackend:
             self._step(state, padded, prompt_tokens + steps)
             generated[:, steps] = state.tokens[:batch]
             steps += 1
+        if on_tokens is not None and streamed_steps < steps:
+            on_tokens(generated[:, streamed_steps:steps].tolist())
         return generated[:, :steps].cpu()
 
     @staticmethod

@@ -66,6 +66,10 @@ class FakeQueue:
         await self.reports.put(("ReportBatchFailure", request))
         return pb.ReportBatchFailureResponse(is_accepted=True)
 
+    async def StreamTokens(self, request, context):
+        self.calls.append(("StreamTokens", request))
+        return pb.StreamTokensResponse()
+
     async def Heartbeat(self, request, context):
         self.calls.append(("Heartbeat", request))
         return pb.HeartbeatResponse(
