@@ -14,7 +14,7 @@ from services.shared.channels import open_channel
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PushOutcome:
     target: str
     is_ok: bool
@@ -30,13 +30,13 @@ async def push_one(target: str, kind: str, version: int, timeout_s: float) -> Pu
         except grpc.aio.AioRpcError as error:
             detail = f"{error.code().name}: {error.details()}"
             log.warning("push of %s v%d to %s failed: %s", kind, version, target, detail)
-            return PushOutcome(target, False, detail)
+            return PushOutcome(target=target, is_ok=False, detail=detail)
     if response.model.version != version or response.model.kind != kind:
         detail = f"replica reports {response.model.kind} v{response.model.version}"
         log.warning("push of %s v%d to %s: %s", kind, version, target, detail)
-        return PushOutcome(target, False, detail)
+        return PushOutcome(target=target, is_ok=False, detail=detail)
     log.info("pushed %s v%d to %s", kind, version, target)
-    return PushOutcome(target, True, "ok")
+    return PushOutcome(target=target, is_ok=True, detail="ok")
 
 
 async def push_to_all(targets: list[str], kind: str, version: int, timeout_s: float) -> list[PushOutcome]:
