@@ -22,7 +22,7 @@ from pathlib import Path
 from services.shared.auth import api_key_entry
 from services.shared.settings import VAR_DIR, default_database_url
 from tools import demo
-from tools.stack import BATCHER_INTERNAL, SERVICES, Stack
+from tools.stack import BATCHER_INTERNAL, HTTP_SERVICES, SERVICES, Stack
 from tools.supervise import Supervisor
 
 
@@ -42,6 +42,14 @@ def demo_credentials(env: dict[str, str]) -> tuple[dict[str, str], str | None, b
     return {"MAGNUS_AUTH_API_KEYS": ",".join(entries)}, key, True
 
 
+def curl_example(base_url: str, api_key: str | None) -> str:
+    """A curl line that works against this stack (the README shows the same)."""
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    return (f"  curl -sN {base_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+            """    -d '{"messages": [{"role": "user", "content": "She go to school yesterday ."}], """
+            """"max_tokens": 16, "stream": true}'""")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=demo.DEFAULT_DATA_DIR, help="task folder or one JSONL file")
@@ -53,6 +61,7 @@ def main() -> int:
 
     ports = dict(zip(("batcher", "predictor", "estimator", "trainer", "worker"), range(50051, 50056)))
     ports[BATCHER_INTERNAL] = 50061  # the batcher's worker-only listener, its default port
+    ports["gateway"] = 8080  # the OpenAI-compatible HTTP API, its default port
     auth_env, api_key, is_key_made_here = demo_credentials(dict(os.environ))
     stack = Stack(
         workdir=VAR_DIR / "run",
@@ -75,7 +84,8 @@ def main() -> int:
         stack.start_all()
         for name in SERVICES:
             internal = f" (workers: {stack.target(BATCHER_INTERNAL)})" if name == "batcher" else ""
-            print(f"  {name:9s} grpc {stack.target(name)}{internal}  metrics {stack.metrics_url(name)}")
+            address = f"http {stack.url(name)}/v1" if name in HTTP_SERVICES else f"grpc {stack.target(name)}"
+            print(f"  {name:9s} {address}{internal}  metrics {stack.metrics_url(name)}")
         stack.wait_healthy(timeout_s=180)
         print("all services SERVING")
         if supervisor is not None:
@@ -87,6 +97,7 @@ def main() -> int:
         summary = demo.summarize(outcomes)
         summary["latency_note"] = demo.what_latency_measures(load_before, demo.machine_load())
         demo.print_summary(summary)
+        print(f"\nOpenAI-compatible API (while the stack runs: make serve):\n{curl_example(stack.url('gateway'), api_key)}")
         if args.serve:
             print(f"\nstack running and supervised; batcher at {stack.target('batcher')}. Ctrl-C to stop.")
             if is_key_made_here:

@@ -1,4 +1,4 @@
-"""Start the five services as real processes on localhost: used by `make run` and the tests.
+"""Start the services as real processes on localhost: used by `make run` and the tests.
 
 Every service gets its port and its peers' addresses through the same environment variables a
 deployment would set, logs to its own file, and is stopped with SIGTERM (then SIGKILL).
@@ -27,7 +27,9 @@ from services.shared.channels import channel_options, open_channel
 from services.shared.tls import TlsSettings, channel_credentials
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ("predictor", "estimator", "trainer", "batcher", "worker")
+SERVICES = ("predictor", "estimator", "trainer", "batcher", "worker", "gateway")
+# HTTP services: health is GET /health (200 = SERVING), /metrics on the same port
+HTTP_SERVICES = ("gateway",)
 # Key in `Stack.ports` of the batcher's internal listener (WorkerQueueService, workers only).
 BATCHER_INTERNAL = "batcher_internal"
 
@@ -54,7 +56,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for name in SERVICES:
             self.ports.setdefault(name, free_port())
-            self.metrics_ports.setdefault(name, free_port())
+            self.metrics_ports.setdefault(name, self.ports[name] if name in HTTP_SERVICES else free_port())
         self.ports.setdefault(BATCHER_INTERNAL, free_port())
 
     def target(self, name: str) -> str:
@@ -76,6 +78,7 @@ class Stack:
                 "MAGNUS_WORKER_BATCHER_TARGET": self.target(BATCHER_INTERNAL),
                 "MAGNUS_TRAINER_PREDICTOR_TARGETS": self.target("predictor"),
                 "MAGNUS_TRAINER_ESTIMATOR_TARGETS": self.target("estimator"),
+                "MAGNUS_GATEWAY_BATCHER_TARGET": self.target("batcher"),
             }
         )
         for name in SERVICES:
@@ -125,8 +128,14 @@ class Stack:
         for name in SERVICES:
             self.start(name)
 
+    def url(self, name: str) -> str:
+        """Base URL of an HTTP service (the gateway's OpenAI API is under /v1)."""
+        return f"http://127.0.0.1:{self.ports[name]}"
+
     def health(self, name: str) -> int | None:
         """The health status of a service, or None if it does not answer."""
+        if name in HTTP_SERVICES:
+            return _http_health(f"{self.url(name)}/health")
         try:
             with self._sync_channel(name) as channel:
                 response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
@@ -191,3 +200,18 @@ class Stack:
 def _prefixed(env: dict[str, str], prefix: str) -> dict[str, str]:
     """The `prefix`ed variables of `env` as settings fields (MAGNUS_TLS_CA_FILE -> ca_file)."""
     return {k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix) and v != ""}
+
+
+def _http_health(url: str) -> int | None:
+    """GET /health as a gRPC health status: 200 = SERVING, another status = NOT_SERVING."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    except OSError:
+        return None
+    return health_pb2.HealthCheckResponse.SERVING if status == 200 else health_pb2.HealthCheckResponse.NOT_SERVING

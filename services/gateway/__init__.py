@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP front of the batcher (services/gateway/server.py)."""
