@@ -7,6 +7,7 @@ Writes results.csv, PNG plots, summary.md and summary.json to --out.
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 import time
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.getLogger("services.batcher").setLevel(logging.ERROR)  # each simulated OOM would log a warning
     started_s = time.monotonic()
     cost = make_cost_model(args.cost_model)
     free_kv_bytes = int(args.memory_utilization * args.gpu_memory_gib * 2**30) - LLAMA2_7B_WEIGHT_BYTES

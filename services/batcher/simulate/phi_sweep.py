@@ -11,6 +11,7 @@ sweep below is for the 8 paper tasks (L, G mostly under 300 Qwen tokens, tails t
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import sys
 import time
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-fill", type=float, default=0.85)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    logging.getLogger("services.batcher").setLevel(logging.ERROR)  # each simulated OOM would log a warning
     started_s = time.monotonic()
     cost = make_cost_model(args.cost_model)
     free_kv_bytes = int(0.9 * 80 * 2**30) - LLAMA2_7B_WEIGHT_BYTES

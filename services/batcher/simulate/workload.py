@@ -45,6 +45,7 @@ class Workload:
     true_gen_tokens: np.ndarray
     predicted_gen_tokens: np.ndarray
     task_index: np.ndarray
+    max_new_tokens: int = 2**31 - 1  # every request's cap, tokens (the client's max_new_tokens)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -114,4 +115,5 @@ def sample_workload(
         true_gen_tokens=np.minimum(table.true_gen_tokens[rows], max_new_tokens),
         predicted_gen_tokens=np.clip(table.predicted_gen_tokens[rows], 1, max_new_tokens),
         task_index=task_choice,
+        max_new_tokens=max_new_tokens,
     )
