@@ -8,9 +8,13 @@ stall-free batching: a joiner never stops the running rows, a long prompt takes 
 Block rule: the pool holds a slot for every token a running request knows (its prompt and every
 token generated so far), allocated whole at admission and one block at a time as it decodes.
 - Admission (`Admission`): GREEDY admits while the free blocks hold the request's known tokens
-  (vLLM's rule); PREDICTED also keeps room for its predicted output x `margin` and for what the
-  running requests are still predicted to need, so that a pool filled on predictions rarely has
-  to preempt. Admission is in strict order (no request overtakes the head): nothing starves.
+  (vLLM's rule). PREDICTED admits only while the pool is predicted to hold every running request
+  and the joiner at every future step (`peak_blocks`): each grows a token a step until its
+  predicted output x `margin` and then frees its blocks, so what must fit is the peak of that
+  projection, not the sum of final sizes (S3's reservation of whole predicted lengths, which
+  admits fewer: the requests do not all reach their ends at once). With predictions that are
+  never short, nothing is preempted. Admission is in strict order (no request overtakes the
+  head): nothing starves.
 - Order among waiting requests (`WaitOrder`): FCFS keeps the order they came in (the batcher's
   lease order); HRRN takes the highest (waited steps + predicted steps) / predicted steps first,
   which ages every request. Preempted requests resume before any waiting one.
@@ -25,11 +29,16 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
-from services.worker.paged.kv_blocks import BlockPool
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # bookkeeping only: the scheduler itself needs no torch
+    from services.worker.paged.kv_blocks import BlockPool
 
 RequestId = Hashable
 
@@ -82,7 +91,7 @@ class SchedulerConfig:
     max_running: int = 256  # requests running at once (rows of a step)
     token_budget: int = 2048  # tokens one step computes: decode rows plus prefill chunks
     admission: Admission = Admission.PREDICTED
-    margin: float = 1.2  # predicted output tokens x this are reserved at admission (a quantile's stand-in)
+    margin: float = 1.2  # predicted admission plans for predicted output tokens x this (a quantile's stand-in)
     order: WaitOrder = WaitOrder.FCFS
     preempt_rule: PreemptRule = PreemptRule.MOST_WORK_LEFT
 
@@ -172,6 +181,19 @@ class StepPlan:
         return all(len(c.token_ids) == 1 for c in self.chunks)
 
 
+def peak_blocks(holding: Sequence[tuple[int, int]], block_tokens: int) -> int:
+    """Most blocks in use at any future step if request i holds tokens_i now, grows one token a step
+    for steps_i more steps and then frees its blocks: holding = [(tokens_i, steps_i)], steps_i >= 0.
+    Usage only grows between two ends, so the peak is at one: max over k of the blocks of every
+    request with steps_i >= steps_k, at t = steps_k (vectorised: n x n for n requests)."""
+    if not holding:
+        return 0
+    tokens, steps = np.array(holding, dtype=np.int64).reshape(-1, 2).T
+    is_alive = steps[None, :] >= steps[:, None]  # [k, i]: request i still holds blocks at t = steps_k
+    blocks = -(-(tokens[None, :] + steps[:, None]) // block_tokens)
+    return int((blocks * is_alive).sum(axis=1).max())
+
+
 class Scheduler:
     """Owns the waiting, preempted and running requests and their blocks in `pool`."""
 
@@ -241,7 +263,9 @@ class Scheduler:
                 break
             chunks.append(self._chunk(request, budget))
             budget -= len(chunks[-1].token_ids)
-        for request in self._admission_order():
+        # no admission in a step that preempted (as vLLM v1): the pool just proved too small for
+        # the running requests, and a victim resumed at once would only be preempted again
+        for request in self._admission_order() if not preempted else ():
             if budget == 0 or len(self.running) >= self.config.max_running or not self._can_admit(request):
                 break  # strict order: nothing overtakes the head
             self._admit(request)
@@ -325,9 +349,10 @@ class Scheduler:
         if self.config.admission is Admission.GREEDY:
             return self.pool.can_allocate(request.num_tokens)
         margin = self.config.margin
-        reserved = sum(max(0, self.pool.blocks_for(r.predicted_total_tokens(margin))
-                           - len(self.pool.block_table(r.request_id))) for r in self.running)
-        return self.pool.blocks_for(request.predicted_total_tokens(margin)) + reserved <= self.pool.num_free_blocks
+        holding = [(self.pool.num_tokens(r.request_id), r.predicted_total_tokens(margin) - r.num_tokens)
+                   for r in self.running]
+        holding.append((request.num_tokens, request.predicted_total_tokens(margin) - request.num_tokens))
+        return peak_blocks(holding, self.pool.block_tokens) <= self.pool.num_blocks
 
     def _admit(self, request: Request) -> None:
         queue = self.preempted if request.status == RequestStatus.PREEMPTED else self.waiting
