@@ -200,3 +200,20 @@ def test_magnus_ccb_leases_single_requests_shortest_predicted_first():
     assert order == [20, 100, 500]
     ccb = make_policy("ccb", phi_token_reads=1, fixed_batch_size=4, max_batch_size=None)
     assert not ccb.can_preempt and policy.can_preempt  # only a plan made with predictions has stragglers
+
+
+def test_the_registry_keeps_every_setting_name_and_each_family_answers_the_protocol():
+    from services.batcher.policy.base import Policy
+    from services.batcher.policy.columns import BatchColumns
+    from services.batcher.policy.registry import POLICIES, SERVING_POLICY_NAMES
+
+    assert SERVING_POLICY_NAMES == ("vs", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle",
+                                    "oracle_pack", "ccb", "magnus_ccb")  # MAGNUS_BATCHER_POLICY values
+    empty = BatchColumns.from_batches([])
+    for name in SERVING_POLICY_NAMES:
+        policy: Policy = make_policy(name, phi_token_reads=1e4, fixed_batch_size=4, max_batch_size=None)
+        assert policy.name == name and isinstance(policy, POLICIES[name])
+        planned = policy.planned_gen_tokens(predicted_tokens=900, upper_tokens=None, max_new_tokens=100)
+        assert planned == 100  # no plan passes max_new_tokens (the oracle's is max_new_tokens itself)
+        assert policy.insert_row(empty, Member("r", 10, 10, 0.0), MemoryBudget()) is None
+        assert policy.next_rows(empty, 0.0, MemoryBudget()) == []
