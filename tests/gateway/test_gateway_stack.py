@@ -17,7 +17,7 @@ import pytest
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc
 from services.shared.auth import api_key_entry, bearer_metadata
-from tools.stack import Stack
+from tools.stack import Stack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -190,3 +190,33 @@ def test_client_that_disconnects_cancels_its_request_and_frees_the_worker(stack)
     assert is_cancelled and not any(in_use.values()), f"not cancelled ({is_cancelled}) or still in use: {in_use}"
     assert metric(stack, "gateway", "magnus_gateway_client_disconnects_total") >= 1
     assert re.search(r"dropped while running: its caller left", stack.log_path("batcher").read_text())
+
+
+def _in_process_gateway(target: str, **settings):
+    """The gateway's ASGI app in this process (httpx calls it without a socket), against `target`."""
+    from services.gateway.config import GatewaySettings
+    from services.gateway.server import build
+
+    gateway, channel = build(GatewaySettings(batcher_target=target, **settings))
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app()), base_url="http://gateway",
+                             headers={"Authorization": f"Bearer {ACME_KEY}"}, timeout=60)
+    return http, channel
+
+
+def test_deadline_is_504_and_an_unreachable_batcher_is_503(stack):
+    async def calls():
+        http, channel = _in_process_gateway(stack.target("batcher"), request_timeout_s=0.5)
+        async with http:
+            late = await http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2500})
+        await channel.close()
+        http, channel = _in_process_gateway(f"127.0.0.1:{free_port()}")
+        async with http:
+            down = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            health = await http.get("/health")
+        await channel.close()
+        return late, down, health
+
+    late, down, health = asyncio.run(calls())
+    assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+    assert down.status_code == 503 and down.json()["error"]["type"] == "service_unavailable"
+    assert health.status_code == 503
