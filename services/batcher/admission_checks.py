@@ -76,14 +76,20 @@ class AdmissionChecks:
         longer than MAGNUS_BATCHER_MAX_QUEUE_WAIT_S (the rule is policy/wait.py's)."""
         now_s = self.clock.monotonic_s()
         remaining_s = None if request.deadline_s is None else request.deadline_s - now_s
+        planned_s = None if remaining_s is None else remaining_s * (1.0 - self.limits.deadline_headroom)
         if remaining_s is None and not self.limits.max_queue_wait_s:
             return
-        scale = self.run_time_scale
+        scale, learned = self.run_time_scale, self.run_time_model
         leases = list(self.leases.values())
-        running_s = running_left_s([scale * x.estimated_s for x in leases], [now_s - x.started_s for x in leases])
-        wait_s = queue_wait_s(running_s + scale * queued_work_s(self.open_batches.columns), self._num_lanes())
-        run_s = scale * own_run_s(request.input_tokens_now, gen_tokens)
-        excess_s = wait_excess_s(wait_s, run_s, remaining_s, self.limits.max_queue_wait_s)
+        running_s = running_left_s([self.expected_run_s(x.batch) for x in leases], [now_s - x.started_s for x in leases])
+        queued_s = learned.predict_total_s(self.open_batches.columns)
+        if queued_s is None:
+            queued_s = scale * queued_work_s(self.open_batches.columns)
+        wait_s = queue_wait_s(running_s + queued_s, self._num_lanes())
+        run_s = learned.predict_s(1, request.input_tokens_now, gen_tokens)
+        if run_s is None:
+            run_s = scale * own_run_s(request.input_tokens_now, gen_tokens)
+        excess_s = wait_excess_s(wait_s, run_s, planned_s, self.limits.max_queue_wait_s)
         if excess_s > 0:
             metrics.REJECTED_REQUESTS.labels(reason="wait").inc()
             deadline = "no deadline" if remaining_s is None else f"a deadline in {remaining_s:.1f} s"

@@ -37,7 +37,8 @@ from services.batcher.policy.batch_queue import BatchQueue
 from services.batcher.policy.hrrn import batch_estimate_s
 from services.batcher.policy.rules import MemoryBudget
 from services.batcher.policy.split import split_batch
-from services.batcher.policy.wait import updated_scale
+from services.batcher.policy.run_time import RunTimeModel
+from services.batcher.policy.wait import misses_deadline, updated_scale
 from services.shared.errors import Internal
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class SchedulerLimits:
     max_preemptions: int = 3
     max_context_tokens: int = 0  # prompt + max_new_tokens cap besides the workers' own; 0 = none
     max_queue_wait_s: float = 0.0  # refuse a request estimated to wait longer; 0 = only its deadline
+    deadline_headroom: float = 0.0  # plan to answer this share of the caller's time early (estimates err)
 
 
 class HeartbeatReply(NamedTuple):
@@ -98,6 +100,7 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
         self.is_draining = False
         self.run_time_scale = 1.0  # actual / estimated run time of completed batches (policy/wait.py)
         self.num_scale_samples = 0
+        self.run_time_model = RunTimeModel()  # run time by batch shape, learned from completions
         self._is_dispatch_scheduled = False
         self.on_change: Callable[[], None] = lambda: None  # e.g. wake the estimate refresher
         metrics.track_scheduler(self)
@@ -238,6 +241,7 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
                                             self.num_scale_samples)
         self.num_scale_samples += 1
         actual_gen_max = max((o.generated_tokens for o in report.outputs), default=0)
+        self.run_time_model.observe(lease.batch.size, lease.batch.input_tokens_max, actual_gen_max, report.run_s)
         self.log_sink.add_batch(
             batch_row(lease, outcome="ok", finished_at=finished_at, report=report, actual_gen_tokens_max=actual_gen_max)
         )
@@ -360,18 +364,29 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
         return self.memory_budget() if worker is None else MemoryBudget(worker.kv_bytes_per_token, worker.free_kv_bytes)
 
     def _fit_for_worker(self, batch: QueuedBatch, worker: WorkerInfo | None) -> QueuedBatch:
-        """Split a batch assembled before this worker's limits were known until it fits."""
-        if worker is None:
-            return batch
+        """Split a batch assembled before this worker's limits were known until it fits, and until it
+        would answer before its tightest member's deadline (at the run-time-scaled estimate)."""
         budget = self._budget_of(worker)
-        max_size = worker.max_batch_size or batch.size
-        while batch.size > 1 and (
-            batch.size > max_size or not budget.fits(batch.size, batch.input_tokens_max, batch.gen_tokens_max)
-        ):
+        max_size = (worker.max_batch_size if worker is not None else 0) or batch.size
+
+        def is_too_big(batch: QueuedBatch) -> bool:
+            if batch.size > max_size or (
+                worker is not None and not budget.fits(batch.size, batch.input_tokens_max, batch.gen_tokens_max)
+            ):
+                return True
+            deadlines_s = [self.pending[m.request_id].deadline_s for m in batch.members]
+            return misses_deadline(self.expected_run_s(batch), self.clock.monotonic_s(), deadlines_s)
+
+        while batch.size > 1 and is_too_big(batch):
             first, second = split_batch(batch, (self.make_id(), self.make_id()))
             self._requeue(second)
             batch = first
         return batch
+
+    def expected_run_s(self, batch: QueuedBatch) -> float:
+        """A batch's run time for deadline decisions: the learned model's, else the scaled estimate."""
+        learned_s = self.run_time_model.predict_s(batch.size, batch.input_tokens_max, batch.gen_tokens_max)
+        return learned_s if learned_s is not None else self.run_time_scale * batch_estimate_s(batch)
 
     def _take_lease(self, worker_id: str, batch_id: str) -> Lease | None:
         lease = self.leases.get(batch_id)

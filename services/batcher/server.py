@@ -75,6 +75,7 @@ async def serve(settings: BatcherSettings) -> None:
         max_batch_failures=settings.max_batch_failures,
         max_context_tokens=settings.max_context_tokens,
         max_queue_wait_s=settings.max_queue_wait_s,
+        deadline_headroom=settings.deadline_headroom,
         preempt_share=settings.preempt_share,
     )
     scheduler = Scheduler(policy, limits, SYSTEM_CLOCK, log_writer)

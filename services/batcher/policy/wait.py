@@ -77,3 +77,11 @@ def updated_scale(scale: float, estimated_s: float, actual_s: float, num_samples
 def running_left_s(scaled_estimates_s: list[float], elapsed_s: list[float]) -> float:
     """What is left of the running batches, seconds: each one's estimate less its time so far, >= 0."""
     return sum(max(0.0, estimate_s - ran_s) for estimate_s, ran_s in zip(scaled_estimates_s, elapsed_s, strict=True))
+
+
+def misses_deadline(run_s: float, now_s: float, deadlines_s: list[float | None]) -> bool:
+    """Whether a batch starting at `now_s` and running `run_s` seconds answers after the tightest of
+    its members' deadlines (monotonic seconds; None = no deadline). The scheduler then splits it at
+    lease time: a batch grows after each member's admission check, so only the lease sees its size."""
+    tightest_s = min((d for d in deadlines_s if d is not None), default=None)
+    return tightest_s is not None and now_s + run_s > tightest_s
