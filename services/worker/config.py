@@ -73,10 +73,38 @@ class WorkerSettings(ServiceSettings):
     simulate_oom_above_tokens: int = Field(
         0, ge=0, description="Test hook: report OOM for batches with size x (L + max new) above this, tokens; 0 = off."
     )
-    backend: Literal["auto", "hf", "static"] = Field(
+    backend: Literal["auto", "hf", "static", "paged"] = Field(
         "auto",
         description="Generation backend: hf = plain transformers generate; static = preallocated KV pool with "
-        "decode steps replayed as CUDA graphs (Llama-family models); auto = static on CUDA when supported.",
+        "decode steps replayed as CUDA graphs (Llama-family models); auto = static on CUDA when supported; "
+        "paged = the paged continuous engine (issue 23: KV in blocks, admission by predicted length, chunked "
+        "prefill in every step; Llama-family models, continuous mode only).",
+    )
+    paged_block_tokens: int = Field(16, ge=1, description="Paged backend: tokens per KV block (a power of two).")
+    paged_max_running: int = Field(
+        256, ge=1, description="Paged backend: requests running at once (rows of a step); the worker keeps this "
+        "many in hand, so it is also the batch size it announces.",
+    )
+    paged_token_budget: int = Field(
+        2048, ge=1, description="Paged backend: tokens one step computes, decode rows plus prefill chunks; a "
+        "longer prompt is prefilled over several steps. At least paged_max_running.",
+    )
+    admission: Literal["predicted", "greedy"] = Field(
+        "predicted", description="Paged backend: predicted = a request joins while the KV pool is predicted to "
+        "hold it and the running requests to their predicted ends (x admission_margin); greedy = while the "
+        "pool holds its prompt (vLLM's), preempting later when blocks run out.",
+    )
+    admission_margin: float = Field(
+        1.2, gt=0, description="Paged backend, predicted admission: predicted output tokens are planned for at "
+        "this multiple (a stand-in for a quantile of the predictor's error).",
+    )
+    paged_order: Literal["fcfs", "hrrn"] = Field(
+        "fcfs", description="Paged backend: order among waiting requests: fcfs = as leased (the batcher's "
+        "policy order), hrrn = highest (waited + predicted steps) / predicted steps first.",
+    )
+    paged_preempt_rule: Literal["most_work_left", "youngest"] = Field(
+        "most_work_left", description="Paged backend: which running request is preempted when blocks run out "
+        "(it resumes later by recompute): the most predicted output left, or the last admitted.",
     )
     use_cuda_graphs: bool = Field(True, description="Capture and replay decode steps (static backend, CUDA only).")
     max_cuda_graphs: int = Field(
@@ -131,6 +159,13 @@ class WorkerSettings(ServiceSettings):
     def _check_continuous(self) -> WorkerSettings:
         if self.mode == "continuous" and (self.slowdown_factor != 1.0 or self.slowdown_step_s):
             raise ValueError("the slowdown test hooks wrap static batches; they do not apply in continuous mode")
+        if self.backend == "paged":
+            if self.mode != "continuous":
+                raise ValueError("backend 'paged' serves continuous leases: set MAGNUS_WORKER_MODE=continuous")
+            if self.paged_token_budget < self.paged_max_running:
+                raise ValueError(f"paged_token_budget ({self.paged_token_budget}) must be >= paged_max_running "
+                                 f"({self.paged_max_running}): every running request decodes in every step")
+            return self
         if self.mode == "continuous" and self.backend == "hf":
             raise ValueError("continuous mode runs on the static backend (KV pool); backend 'hf' cannot")
         if self.mode == "continuous":

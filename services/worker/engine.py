@@ -49,6 +49,7 @@ class EngineItem:
     prompt: str
     max_new_tokens: int
     is_streamed: bool = False  # its tokens go to the engine's token_sink as they are decoded
+    predicted_tokens: int = 0  # the batcher's predicted output length, tokens (0 = none); the paged engine admits by it
 
 
 @dataclass(frozen=True)

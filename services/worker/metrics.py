@@ -50,3 +50,10 @@ CONTINUOUS_PREFILL_SECONDS = Counter(
 CONTINUOUS_LONG_RUNS = Counter(
     "magnus_worker_continuous_long_runs_total", "Requests too long for a row, run alone after the rows drained."
 )
+# paged engine (MAGNUS_WORKER_BACKEND=paged); its steps count in the continuous_* counters above
+PAGED_PREEMPTIONS = Counter(
+    "magnus_worker_paged_preemptions_total", "Running requests preempted because the KV blocks ran out."
+)
+PAGED_RECOMPUTED_TOKENS = Counter(
+    "magnus_worker_paged_recomputed_tokens_total", "Cached tokens thrown away by preemptions (prefilled again)."
+)

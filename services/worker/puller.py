@@ -244,7 +244,7 @@ class WorkerLoop:
         if self.token_stream is not None:
             self.token_stream.open(batch.batch_id, [i.request_id for i in batch.items if i.is_streamed])
         is_streamed = self.token_stream is not None
-        return [EngineItem(i.request_id, i.prompt, i.max_new_tokens, is_streamed and i.is_streamed)
+        return [EngineItem(i.request_id, i.prompt, i.max_new_tokens, is_streamed and i.is_streamed, i.predicted_tokens)
                 for i in batch.items]
 
     def _close_stream(self, batch_id: str) -> None:

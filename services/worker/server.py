@@ -19,6 +19,8 @@ from services.worker.continuous import ContinuousBatcher
 from services.worker.continuous_loop import ContinuousWorkerLoop
 from services.worker.engine import StaticBatchEngine
 from services.worker.model_builder import resolve_model_dir
+from services.worker.paged.scheduler import SchedulerConfig
+from services.worker.paged.serving import PagedBatcher, build_paged_engine
 from services.worker.puller import LoopTiming, WorkerIdentity, WorkerLoop
 from services.worker.slowdown import slow_down
 from services.worker.token_stream import TokenStream, TokenStreamer
@@ -35,13 +37,26 @@ def load_engine(settings: WorkerSettings) -> StaticBatchEngine:
         cpu_kv_budget_bytes=settings.kv_budget_bytes,
         cuda_reserve_bytes=settings.cuda_reserve_bytes,
         simulate_oom_above_tokens=settings.simulate_oom_above_tokens,
-        backend=settings.backend,
+        backend="hf" if settings.backend == "paged" else settings.backend,  # paged: its own runner, built later
         use_cuda_graphs=settings.use_cuda_graphs,
         trace_replay=settings.trace_replay,
         max_cuda_graphs=settings.max_cuda_graphs,
         graph_length_bucket_tokens=settings.graph_length_bucket_tokens,
         batch_bucket_rows=settings.batch_bucket_rows,
     )
+
+
+def paged_batcher(settings: WorkerSettings, engine: StaticBatchEngine) -> PagedBatcher:
+    """Blocking: the paged engine over `engine`'s model (weights copied, KV pool allocated)."""
+    config = SchedulerConfig(
+        max_running=settings.paged_max_running, token_budget=settings.paged_token_budget,
+        admission=settings.admission, margin=settings.admission_margin, order=settings.paged_order,
+        preempt_rule=settings.paged_preempt_rule,
+    )
+    paged = build_paged_engine(engine, config, block_tokens=settings.paged_block_tokens,
+                               cpu_kv_budget_bytes=settings.kv_budget_bytes,
+                               cuda_reserve_bytes=settings.cuda_reserve_bytes, use_cuda_graphs=settings.use_cuda_graphs)
+    return PagedBatcher(engine, paged)
 
 
 MAX_PROTO_INT32 = 2**31 - 1
@@ -117,14 +132,23 @@ async def serve(
         streamer = TokenStreamer(stub, token_stream, settings.worker_id, settings.stream_interval_ms / 1e3,
                                  settings.rpc_timeout_s)
         streamer.start()
-    continuous: ContinuousBatcher | None = None
-    if settings.mode == "continuous":
+    continuous: ContinuousBatcher | PagedBatcher | None = None
+    if settings.mode == "continuous" and settings.backend == "paged":
+        continuous = await asyncio.to_thread(paged_batcher, settings, engine)
+        await asyncio.to_thread(continuous.warm_up)
+        continuous.start()
+        # Theta = the block pool, which one request may fill alone
+        identity = replace(identity_of(settings, engine, continuous.capacity_tokens),
+                           free_kv_bytes=continuous.capacity_tokens * engine.kv_bytes_per_token,
+                           max_batch_size=continuous.slots)
+    elif settings.mode == "continuous":
         continuous = ContinuousBatcher(engine, settings.continuous_slots)  # ValueError without the static backend
         await asyncio.to_thread(continuous.warm_up, settings.warmup_attend_tokens)
         continuous.start()
         # a request holds one row, or the whole pool (Theta, as announced) alone once the rows drained
         identity = replace(identity_of(settings, engine, engine.static.capacity_tokens),
                            max_batch_size=settings.continuous_slots)
+    if continuous is not None:
         loop: WorkerLoop = ContinuousWorkerLoop(stub, continuous, identity, timing_of(settings),
                                                 on_registered=on_registered, token_stream=token_stream)
     else:

@@ -55,10 +55,12 @@ class PagedEngine:
             raise ValueError("the runner's cache and the scheduler's pool must have the same blocks")
         self.runner, self.scheduler, self.clock = runner, scheduler, clock
         self.stats = EngineStats()
+        self.on_tokens: Callable[[dict[Hashable, int]], None] | None = None  # each step's sampled tokens
         self._timings: dict[Hashable, _Timing] = {}
 
     @classmethod
-    def build(cls, runner: ModelRunner, config: SchedulerConfig, stop_ids: Iterable[int] = (), **options) -> PagedEngine:
+    def build(cls, runner: ModelRunner, config: SchedulerConfig, stop_ids: Iterable[int] = (),
+              **options) -> PagedEngine:
         """A scheduler over a fresh BlockPool of the runner's blocks."""
         pool = BlockPool(runner.num_blocks, runner.block_tokens)
         return cls(runner, Scheduler(config, pool, stop_ids), **options)
@@ -85,6 +87,8 @@ class PagedEngine:
         sampled = self.runner.step(self.runner.prepare(plan)) if not plan.is_empty else {}
         finished = self.scheduler.update(plan, sampled)
         self._account(plan, sampled, started_s)
+        if self.on_tokens is not None and sampled:
+            self.on_tokens(sampled)
         return [self._result(request) for request in finished]
 
     def run(self) -> dict[Hashable, RequestResult]:

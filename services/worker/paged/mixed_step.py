@@ -80,8 +80,8 @@ def mixed_attention(decoder: PagedDecoder, q: torch.Tensor, k_cache: torch.Tenso
     for chunk, context_tokens in enumerate(context_lens):
         begin, end = starts[chunk], starts[chunk + 1]
         if end - begin > 1:
-            out[begin:end] = paged_prefill_attention_reference(q[begin:end], k_cache, v_cache,
-                                                               inputs.block_tables[chunk], context_tokens, decoder.scale)
+            out[begin:end] = paged_prefill_attention_reference(
+                q[begin:end], k_cache, v_cache, inputs.block_tables[chunk], context_tokens, decoder.scale)
     return out
 
 

@@ -1,0 +1,85 @@
+"""The paged engine serving the worker's continuous leases (MAGNUS_WORKER_BACKEND=paged), on the tiny
+Qwen2 in float32: PagedBatcher answers what transformers' generate answers alone, with a pool small
+enough to preempt; and a paged worker in-process answers Generate calls through the real batcher."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from magnus.v1 import generation_pb2, generation_pb2_grpc
+from services.batcher.config import BatcherSettings
+from services.shared.server import ServiceRunner
+from services.worker.config import WorkerSettings
+from services.worker.engine import BatchRejected, EngineItem, StaticBatchEngine
+from services.worker.paged.scheduler import SchedulerConfig
+from services.worker.paged.serving import PagedBatcher, build_paged_engine
+from services.worker.server import serve
+from tests.inprocess_batcher import inprocess_batcher
+
+TEXTS = ["the quick brown fox", "jumps over", "a lazy dog that sleeps all day long in the sun", "hello",
+         "one two three four five six", "what is the capital", "paged attention", "blocks"]
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model_dir) -> StaticBatchEngine:
+    return StaticBatchEngine(tiny_model_dir, device="cpu", dtype="float32", backend="hf")
+
+
+def alone(hf_engine: StaticBatchEngine, text: str, max_new_tokens: int):
+    return hf_engine.run([EngineItem("alone", text, max_new_tokens)]).items[0]
+
+
+def counter(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def test_paged_batcher_answers_as_generate_alone_with_a_pool_that_preempts(hf_engine):
+    # 24 blocks of 4 tokens (Delta = 512 bytes a token in float32): 96 tokens for 8 requests of up to ~40
+    config = SchedulerConfig(max_running=8, token_budget=16, admission="greedy")
+    engine = build_paged_engine(hf_engine, config, block_tokens=4, cpu_kv_budget_bytes=96 * 512, cuda_reserve_bytes=0)
+    batcher = PagedBatcher(hf_engine, engine)
+    batcher.start()
+    items = [EngineItem(f"r{i}", text, 24, predicted_tokens=4) for i, text in enumerate(TEXTS)]
+    futures = [batcher.submit(item) for item in items]
+    too_long = batcher.submit(EngineItem("long", "x " * 30, 90))
+    results = [future.result(timeout=120) for future in futures]
+    with pytest.raises(BatchRejected, match="KV pool"):
+        too_long.result(timeout=10)
+    batcher.stop(timeout_s=10)
+    for item, result in zip(items, results, strict=True):
+        expected = alone(hf_engine, item.prompt, item.max_new_tokens)
+        assert (result.output.text, result.output.generated_tokens) == (expected.text, expected.generated_tokens)
+    assert engine.scheduler.num_preemptions > 0  # predictions of 4 tokens for 24: greedy admission overfills
+    assert engine.scheduler.pool.num_free_blocks == engine.scheduler.pool.num_blocks
+    assert batcher.free_slots() == 8
+
+
+@pytest.mark.asyncio
+async def test_paged_worker_answers_through_the_batcher(hf_engine):
+    batcher_settings = BatcherSettings(port=0, metrics_port=-1, policy="magnus_ccb")
+    steps_before = counter("magnus_worker_continuous_steps_total")
+    async with inprocess_batcher(batcher_settings, with_worker=False) as batcher:
+        settings = WorkerSettings(
+            port=0, batcher_target=f"127.0.0.1:{batcher.internal_port}", worker_id="paged-worker", pull_wait_s=0.2,
+            mode="continuous", backend="paged", paged_block_tokens=4, paged_max_running=4, paged_token_budget=32,
+            kv_budget_bytes=128 * 512,
+        )
+        worker = ServiceRunner("worker", settings)
+        task = asyncio.create_task(serve(settings, engine=hf_engine, runner=worker))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{batcher.port}") as channel:
+                stub = generation_pb2_grpc.GenerationServiceStub(channel)
+                calls = [stub.Generate(generation_pb2.GenerateRequest(
+                    prompt=generation_pb2.Prompt(user_input=text, max_new_tokens=12)), timeout=120) for text in TEXTS]
+                responses = await asyncio.gather(*calls)
+        finally:
+            worker.request_shutdown()
+            await asyncio.wait_for(task, 30)
+    for text, response in zip(TEXTS, responses, strict=True):
+        expected = alone(hf_engine, text, 12)
+        assert (response.text, response.generated_tokens) == (expected.text, expected.generated_tokens)
+    assert counter("magnus_worker_continuous_steps_total") > steps_before
