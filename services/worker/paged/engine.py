@@ -44,15 +44,16 @@ class EngineStats:
     decode_only_steps: int = 0
     batched_tokens: int = 0  # summed over steps
     rows: int = 0  # chunks summed over steps
-    step_s: float = 0.0  # prepare + run + sample, summed
+    step_s: float = 0.0  # prepare + run + sample (+ scheduling), summed
+    decode_only_step_s: float = 0.0  # the same, steps of decode rows only
 
 
 class PagedEngine:
     """Add requests, call `step` until `has_unfinished` is False; results come back from `step`."""
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, clock: Callable[[], float] = time.monotonic) -> None:
-        if runner.num_blocks != scheduler.pool.num_blocks or runner.block_tokens != scheduler.pool.block_tokens:
-            raise ValueError("the runner's cache and the scheduler's pool must have the same blocks")
+        if scheduler.pool.num_blocks > runner.num_blocks or runner.block_tokens != scheduler.pool.block_tokens:
+            raise ValueError("the scheduler's pool must be blocks of the runner's cache (as many or fewer)")
         self.runner, self.scheduler, self.clock = runner, scheduler, clock
         self.stats = EngineStats()
         self.on_tokens: Callable[[dict[Hashable, int]], None] | None = None  # each step's sampled tokens
@@ -108,6 +109,8 @@ class PagedEngine:
         stats.batched_tokens += plan.num_batched_tokens
         stats.rows += len(plan.chunks)
         stats.step_s += now_s - started_s
+        if plan.is_decode_only:
+            stats.decode_only_step_s += now_s - started_s
         for chunk in plan.chunks:
             timing = self._timings.get(chunk.request_id)
             if timing is not None and timing.scheduled_s is None:

@@ -35,6 +35,7 @@ class MixedInputs:
     context_lens: torch.Tensor  # [S] int32: tokens a chunk's last token attends (its prefix, itself included)
     sample_indices: torch.Tensor  # [R] int64: flat indices of the tokens whose logits are wanted
     query_starts: list[int]  # S + 1 offsets (host)
+    chunk_context_tokens: list[int]  # context_lens on the host (no sync per layer)
     decode_chunks: torch.Tensor  # [Sd] int64: chunks of one token (their token index = query_starts[i])
     decode_token_indices: torch.Tensor  # [Sd] int64
 
@@ -76,8 +77,7 @@ def mixed_attention(decoder: PagedDecoder, q: torch.Tensor, k_cache: torch.Tenso
             out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, tables, lens, decoder.scale,
                                                **decoder.attention_launch)
     starts = inputs.query_starts
-    context_lens = inputs.context_lens.tolist() if inputs.num_chunks > len(inputs.decode_chunks) else []
-    for chunk, context_tokens in enumerate(context_lens):
+    for chunk, context_tokens in enumerate(inputs.chunk_context_tokens):
         begin, end = starts[chunk], starts[chunk + 1]
         if end - begin > 1:
             out[begin:end] = paged_prefill_attention_reference(

@@ -92,6 +92,7 @@ class ModelRunner:
             token_ids=token_ids, positions=positions, slot_mapping=slots,
             block_tables=flat_tables.to(torch.int32).view(len(chunks), width),
             context_lens=context_lens.to(torch.int32), sample_indices=sample_indices, query_starts=query_starts,
+            chunk_context_tokens=[c.context_tokens for c in chunks],
             decode_chunks=decode_chunks, decode_token_indices=decode_tokens,
         )
         return PreparedStep(sampled_ids, mixed=mixed, num_rows=len(chunks))

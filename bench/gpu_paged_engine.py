@@ -1,0 +1,136 @@
+"""A first burst through the paged continuous engine (issue 23) with the Llama-2-7B shape, random weights.
+
+Run on an H200 (the device tool):  PYTHONUNBUFFERED=1 python3 bench/gpu_paged_engine.py --out $OUT
+On the CPU, `--smoke` runs the same code with a tiny shape: it checks the script, not the speed.
+
+Requests shaped like issue 23's 8-task mix (prompts 20-100 random tokens, mean ~60; outputs drawn
+log-normally around ~38 tokens, 1-200), no stop token (each runs to its recorded length, as trace
+replay), predictions = true length x exp(N(0, 0.35)). All requests arrive at once; the engine steps
+until every one finished. Cases, each while the time budget lasts: a pool that does not bind
+(predicted admission), then a pool that binds with predicted and greedy admission (preemptions and
+recomputed tokens). Writes paged_engine.json under --out and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.worker.paged.decode_step import LLAMA2_7B, PagedDecoder, PagedModelConfig, PagedWeights  # noqa: E402
+from services.worker.paged.engine import PagedEngine  # noqa: E402
+from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
+from services.worker.paged.runner import ModelRunner  # noqa: E402
+from services.worker.paged.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+
+SMOKE = PagedModelConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_positions=512)
+BLOCK_TOKENS = 16
+
+
+def workload(num: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int, int]]:
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(num):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(20, 100))]
+        output = max(1, min(200, round(math.exp(rng.gauss(math.log(30), 0.7)))))
+        predicted = max(1, round(output * math.exp(rng.gauss(0, 0.35))))
+        requests.append((prompt, output, predicted))
+    return requests
+
+
+def burst(runner: ModelRunner, requests, pool_blocks: int, config: SchedulerConfig) -> dict:
+    scheduler = Scheduler(config, BlockPool(pool_blocks, runner.block_tokens), stop_ids=())
+    engine = PagedEngine(runner, scheduler)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    started_s = time.monotonic()
+    for request_id, (prompt, output, predicted) in enumerate(requests):
+        engine.add_request(request_id, prompt, output, predicted)
+    results = engine.run()
+    wall_s = time.monotonic() - started_s
+    stats = engine.stats
+    assert len(results) == len(requests) and all(len(results[i].output_ids) == requests[i][1] for i in results)
+    output_tokens = sum(len(r.output_ids) for r in results.values())
+    latencies = sorted(r.total_s for r in results.values())
+    mixed_steps = stats.steps - stats.decode_only_steps
+    return dict(
+        pool_blocks=pool_blocks, admission=config.admission.value, max_running=config.max_running,
+        token_budget=config.token_budget, requests=len(requests), wall_s=round(wall_s, 3),
+        requests_per_s=round(len(requests) / wall_s, 1), output_tokens_per_s=round(output_tokens / wall_s, 1),
+        mean_latency_s=round(sum(latencies) / len(latencies), 3),
+        p99_latency_s=round(latencies[max(0, math.ceil(0.99 * len(latencies)) - 1)], 3),
+        steps=stats.steps, decode_only_steps=stats.decode_only_steps,
+        decode_only_step_ms=round(1e3 * stats.decode_only_step_s / max(1, stats.decode_only_steps), 2),
+        mixed_step_ms=round(1e3 * (stats.step_s - stats.decode_only_step_s) / max(1, mixed_steps), 2),
+        mean_rows=round(stats.rows / stats.steps, 1), max_running_seen=scheduler.max_running_seen,
+        preemptions=scheduler.num_preemptions, recomputed_tokens=scheduler.num_recomputed_tokens,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--budget-s", type=float, default=150.0, help="stop starting cases after this, seconds")
+    args = parser.parse_args()
+    started_s = time.monotonic()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    shape, dtype = (SMOKE, torch.float32) if args.smoke else (LLAMA2_7B, torch.bfloat16)
+    num_requests = 40 if args.smoke else args.requests
+    cache_blocks = 600 if args.smoke else 4000  # 4,000 x 16 tokens x 512 KiB = 32 GiB for the 7B shape
+    weights = PagedWeights.random(shape, device, dtype)
+    decoder = PagedDecoder(shape, weights, cache_blocks, BLOCK_TOKENS)
+    runner = ModelRunner(decoder, use_cuda_graphs=not args.smoke, max_model_tokens=512)
+    max_running = 32 if args.smoke else 256
+    warm_s = time.monotonic()
+    captured = runner.warm_up(max_running)
+    warm_s = time.monotonic() - warm_s
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {captured} graphs in "
+          f"{warm_s:.1f} s", flush=True)
+    requests = workload(num_requests, shape.vocab_size)
+    need = sum(-(-(len(p) + o) // BLOCK_TOKENS) for p, o, _ in requests) / len(requests)
+    binding_blocks = int(need * max_running * 0.35)  # about a third of what max_running average requests hold
+    cases = [(cache_blocks, "predicted"), (binding_blocks, "predicted"), (binding_blocks, "greedy")]
+    rows = []
+    for pool_blocks, admission in cases:
+        if time.monotonic() - started_s > args.budget_s:
+            print(f"time budget spent: skipping pool {pool_blocks} {admission}", flush=True)
+            continue
+        config = SchedulerConfig(max_running=max_running, token_budget=2048, admission=admission, margin=1.2)
+        row = burst(runner, requests, pool_blocks, config)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_report(args, device, dtype, captured, warm_s, need, cache_blocks, rows)
+    write_report(args, device, dtype, captured, warm_s, need, cache_blocks, rows)
+    keys = ["pool_blocks", "admission", "requests_per_s", "output_tokens_per_s", "mean_latency_s", "p99_latency_s",
+            "steps", "decode_only_steps", "decode_only_step_ms", "mixed_step_ms", "mean_rows", "max_running_seen",
+            "preemptions", "recomputed_tokens"]
+    print("| " + " | ".join(keys) + " |")
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+
+
+def write_report(args, device, dtype, captured, warm_s, need, cache_blocks, rows) -> None:
+    report = dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", date=datetime.now(UTC).isoformat(),
+        command=" ".join(sys.argv), shape="smoke" if args.smoke else "llama2-7b", dtype=str(dtype),
+        block_tokens=BLOCK_TOKENS, cache_blocks=cache_blocks, graphs_captured=captured, warm_up_s=round(warm_s, 1),
+        mean_blocks_per_request=round(need, 2), cases=rows,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "paged_engine.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
