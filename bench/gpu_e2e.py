@@ -62,8 +62,9 @@ def arrival_offsets_s(count: int, rate_per_s: float, seed: int) -> list[float]:
     return offsets
 
 
-async def send_all(target: str, rows: list[dict], offsets_s: list[float], tag: str) -> list[dict]:
-    """Send each row at its offset; one record per request, answered or not."""
+async def send_all(target: str, rows: list[dict], offsets_s: list[float], tag: str, stream: bool = False) -> list[dict]:
+    """Send each row at its offset; one record per request, answered or not. stream: as GenerateStream
+    callers reading every token event (time to first token and per-token gaps recorded)."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         started_s = time.monotonic()
@@ -78,7 +79,10 @@ async def send_all(target: str, rows: list[dict], offsets_s: list[float], tag: s
             record = dict(task=row["task"], input_tokens=row["input_tokens"], true_gen_tokens=row["gen_tokens"],
                           sent_s=sent_s - started_s)
             try:
-                response = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=900)
+                if stream:
+                    response = await streamed(stub, prompt, record, sent_s)
+                else:
+                    response = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=900)
             except grpc.aio.AioRpcError as error:
                 record.update(status=error.code().name, error=error.details(), latency_s=time.monotonic() - sent_s)
                 return record
@@ -96,6 +100,20 @@ async def send_all(target: str, rows: list[dict], offsets_s: list[float], tag: s
             return record
 
         return await asyncio.gather(*(one(i, r, o) for i, (r, o) in enumerate(zip(rows, offsets_s, strict=True))))
+
+
+async def streamed(stub, prompt, record: dict, sent_s: float):
+    """GenerateStream: the FINISHED result; records time to the first TOKENS event and the token events."""
+    result, token_events = None, 0
+    async for event in stub.GenerateStream(generation_pb2.GenerateStreamRequest(prompt=prompt), timeout=900):
+        if event.phase == generation_pb2.REQUEST_PHASE_TOKENS:
+            token_events += 1
+            if token_events == 1:
+                record["ttft_s"] = time.monotonic() - sent_s
+        elif event.phase == generation_pb2.REQUEST_PHASE_FINISHED:
+            result = event.result
+    record["token_events"] = token_events
+    return result
 
 
 def phases(args: argparse.Namespace, workload: list[dict]) -> list[tuple[float, list[dict]]]:
@@ -215,7 +233,7 @@ class Bench:
             "MAGNUS_MODEL": self.model_dir,
             "MAGNUS_WORKER_DEVICE": "cpu" if self.args.tiny else "cuda",
             "MAGNUS_WORKER_TRACE_REPLAY": "true",
-            "MAGNUS_WORKER_CALIBRATE_GRID": "small" if self.args.tiny else "gpu",
+            "MAGNUS_WORKER_CALIBRATE_GRID": "" if self.args.skip_calibration else "small" if self.args.tiny else "gpu",
             "MAGNUS_WORKER_BACKOFF_MAX_S": "1",
             "MAGNUS_WORKER_PULL_WAIT_S": "2",
             "MAGNUS_WORKER_CUDA_RESERVE_BYTES": str(int(self.args.reserve_gib * 2**30)),
@@ -296,17 +314,23 @@ class Bench:
         result = self.raw["policies"].setdefault(policy, {"fixed_batch_size": size, "rates": {}})
         for index, (rate, rows) in enumerate(phases(self.args, workload)):
             offsets = arrival_offsets_s(len(rows), rate, ARRIVAL_SEED + index)
-            started_s = time.monotonic()
-            records = asyncio.run(send_all(self.stack.target("batcher"), rows, offsets, f"{policy}-{rate}"))
-            wall_s = time.monotonic() - started_s
-            batches = self.logged_batches({r["batch_id"] for r in records if r.get("batch_id")})
-            result["rates"][str(rate)] = {"wall_s": wall_s, "requests": records, "batches": batches}
-            ok = [r for r in records if r["status"] == "OK"]
-            mean_s = sum(r["latency_s"] for r in ok) / max(1, len(ok))
-            say(f"{policy:9s} rate {rate:6.1f}/s: {len(ok)}/{len(records)} ok, "
-                f"{len(ok) / max(r['done_s'] for r in ok) if ok else 0:.1f} req/s done, mean {mean_s:.2f} s, "
-                f"{len(batches)} batches")
-            self.save()
+            for stream in self.args.stream_modes:  # the same requests and arrivals, unstreamed then streamed
+                started_s = time.monotonic()
+                records = asyncio.run(send_all(self.stack.target("batcher"), rows, offsets,
+                                               f"{policy}-{rate}{'-stream' if stream else ''}", stream=stream))
+                wall_s = time.monotonic() - started_s
+                batches = self.logged_batches({r["batch_id"] for r in records if r.get("batch_id")})
+                rates = result["rates"] if not stream else result.setdefault("streamed_rates", {})
+                rates[str(rate)] = {"wall_s": wall_s, "requests": records, "batches": batches}
+                ok = [r for r in records if r["status"] == "OK"]
+                mean_s = sum(r["latency_s"] for r in ok) / max(1, len(ok))
+                ttft = sorted(r["ttft_s"] for r in ok if "ttft_s" in r)
+                ttft_line = (f", TTFT p50 {ttft[len(ttft) // 2]:.3f} s p99 {ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))]:.3f} s"
+                             if ttft else "")
+                say(f"{policy:9s} rate {rate:6.1f}/s{' streamed' if stream else ''}: {len(ok)}/{len(records)} ok, "
+                    f"{len(ok) / max(r['done_s'] for r in ok) if ok else 0:.1f} req/s done, mean {mean_s:.2f} s, "
+                    f"{len(batches)} batches{ttft_line}")
+                self.save()
 
     def logged_batches(self, batch_ids: set[str], timeout_s: float = 15.0) -> list[dict]:
         """The batches' log rows, once the batcher's log writer (it batches rows) has flushed them all."""
@@ -364,8 +388,15 @@ def main() -> int:
     parser.add_argument("--graph-length-bucket-tokens", type=int, default=32,
                         help="the worker's attention-length bucket: fewer graph captures when larger")
     parser.add_argument("--tiny", action="store_true", help="tiny CPU model: a smoke test of the driver")
+    parser.add_argument("--stream", choices=("off", "on", "both"), default="off",
+                        help="clients call Generate (off), GenerateStream reading every token event (on), or both "
+                        "one after the other on the same arrivals (both: streamed results under streamed_rates)")
+    parser.add_argument("--skip-calibration", action="store_true",
+                        help="the worker does not calibrate (the estimator fits --calibration's samples, whatever "
+                        "their device): for runs that compare something else than static policies")
     args = parser.parse_args()
     args.rate_list = [float(r) for r in args.rates.split(",") if r]
+    args.stream_modes = {"off": [False], "on": [True], "both": [False, True]}[args.stream]
     policies = [p for p in args.policies.split(",") if p]
     policies.sort(key=lambda p: p in CONTINUOUS_POLICY_NAMES)  # the continuous worker last: one worker restart
     workload = load_workload(args.workload)
