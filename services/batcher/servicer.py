@@ -301,9 +301,7 @@ class WorkerQueueServicer:
 
     async def StreamTokens(self, request, context) -> worker_queue_pb2.StreamTokensResponse:
         check_text("worker_id", request.worker_id, max_bytes=128)
-        stale: list[str] = []
-        for lease in request.leases:
-            deltas = [RequestDelta(r.request_id, r.token_offset, r.num_tokens, r.text_delta) for r in lease.requests]
-            if not self._relay.relay(request.worker_id, lease.batch_id, deltas):
-                stale.append(lease.batch_id)
+        leases = [(lease.batch_id, [RequestDelta(r.request_id, r.token_offset, r.num_tokens, r.text_delta)
+                                    for r in lease.requests]) for lease in request.leases]
+        stale = self._relay.relay_report(request.worker_id, leases)
         return worker_queue_pb2.StreamTokensResponse(stale_batch_ids=stale)

@@ -40,9 +40,14 @@ class TokenRelay:
         self.num_relayed = 0
         self.num_dropped = 0
 
+    def relay_report(self, worker_id: str, leases: Iterable[tuple[str, list[RequestDelta]]]) -> list[str]:
+        """Relay one StreamTokens report: (batch id, its deltas) per lease. Returns the batch ids no
+        longer leased to this worker (their deltas were dropped)."""
+        self._forget_ended_leases()
+        return [batch_id for batch_id, deltas in leases if not self.relay(worker_id, batch_id, deltas)]
+
     def relay(self, worker_id: str, batch_id: str, deltas: Iterable[RequestDelta]) -> bool:
         """Relay one lease's deltas; False when the batch is not (any more) leased to this worker."""
-        self._forget_ended_leases()
         lease = self._scheduler.leases.get(batch_id)
         if lease is None or lease.worker_id != worker_id:
             return False
