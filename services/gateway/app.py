@@ -35,7 +35,6 @@ from services.gateway.responses import ChunkWriter, finish_reason, full_response
 from services.gateway.stops import StopMatcher
 
 log = logging.getLogger(__name__)
-PHASE = generation_pb2
 
 
 class Gateway:
@@ -199,7 +198,7 @@ class _Answer:
         """The text to send, delta by delta; ends at FINISHED or at a stop sequence (cancelling the call)."""
         event = first
         while True:
-            if event.phase == PHASE.REQUEST_PHASE_TOKENS:
+            if event.phase == generation_pb2.REQUEST_PHASE_TOKENS:
                 self.num_tokens = event.generated_tokens
                 text = self.matcher.feed(event.text_delta)
                 if text:
@@ -209,7 +208,7 @@ class _Answer:
                     metrics.STOPPED_BY_SEQUENCE.inc()
                     call.cancel()
                     return
-            elif event.phase == PHASE.REQUEST_PHASE_FINISHED:
+            elif event.phase == generation_pb2.REQUEST_PHASE_FINISHED:
                 self.result = event.result
                 self.num_tokens = event.result.generated_tokens
                 break
