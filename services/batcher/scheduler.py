@@ -35,6 +35,7 @@ from services.batcher.policy.base import Policy
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.batch_queue import BatchQueue
 from services.batcher.policy.hrrn import batch_estimate_s
+from services.batcher.policy.placement import WorkerLoad, free_kv_now, pick_worker
 from services.batcher.policy.rules import MemoryBudget
 from services.batcher.policy.split import split_batch
 from services.batcher.policy.run_time import RunTimeModel
@@ -294,15 +295,44 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
     def _dispatch(self) -> None:
         self._is_dispatch_scheduled = False
         while self.waiting_pulls and self.open_batches:
-            future, worker_id = self.waiting_pulls.popitem(last=False)
-            if future.done():
-                continue
-            lease = self._lease_next(worker_id)
-            if lease is None:
-                self.waiting_pulls[future] = worker_id
-                self.waiting_pulls.move_to_end(future, last=False)
+            for done in [f for f in self.waiting_pulls if f.done()]:
+                del self.waiting_pulls[done]
+            if not self.waiting_pulls:
                 return
+            future = self._pick_waiting_pull()
+            lease = self._lease_next(self.waiting_pulls[future])
+            if lease is None:  # the pull keeps its place in line
+                return
+            del self.waiting_pulls[future]
             future.set_result(lease)
+
+    def _pick_waiting_pull(self) -> asyncio.Future[Lease]:
+        """The waiting pull the next batch goes to (policy/placement.py: fits whole, most free KV,
+        fewest leased rows, longest waiting). One waiting pull: that one, with no policy call."""
+        futures = list(self.waiting_pulls)
+        if len(futures) == 1:
+            return futures[0]
+        leased: dict[str, list[Lease]] = {}
+        for lease in self.leases.values():
+            leased.setdefault(lease.worker_id, []).append(lease)
+        loads = [self._load_of(worker_id, leased.get(worker_id, []), rank)
+                 for rank, worker_id in enumerate(self.waiting_pulls.values())]
+        roomiest = max(loads, key=lambda load: -1 if load.free_kv_bytes is None else load.free_kv_bytes)
+        head = self.open_batches.choose_next(self.policy, self.clock.monotonic_s(),
+                                             MemoryBudget(roomiest.kv_bytes_per_token, roomiest.free_kv_bytes))
+        shape = None if head is None else (head.size, head.input_tokens_max, head.gen_tokens_max)
+        return futures[loads.index(pick_worker(loads, shape))]
+
+    def _load_of(self, worker_id: str, leases: list[Lease], rank: int) -> WorkerLoad:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return WorkerLoad(worker_id, None, None, sum(lease.batch.size for lease in leases), rank)
+        shapes = [(lease.batch.size, lease.batch.input_tokens_max, lease.batch.gen_tokens_max) for lease in leases]
+        return WorkerLoad(
+            worker_id, worker.kv_bytes_per_token,
+            free_kv_now(worker.free_kv_bytes, worker.kv_bytes_per_token, shapes),
+            sum(shape[0] for shape in shapes), rank,
+        )
 
     def _lease_next(self, worker_id: str) -> Lease | None:
         worker = self.workers.get(worker_id)
