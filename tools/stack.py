@@ -32,6 +32,12 @@ SERVICES = ("predictor", "estimator", "trainer", "batcher", "worker", "gateway")
 HTTP_SERVICES = ("gateway",)
 # Key in `Stack.ports` of the batcher's internal listener (WorkerQueueService, workers only).
 BATCHER_INTERNAL = "batcher_internal"
+WORKER = "worker"
+
+
+def worker_name(index: int) -> str:
+    """Name of a stack's index-th worker: "worker", then "worker-1", "worker-2", ..."""
+    return WORKER if index == 0 else f"{WORKER}-{index}"
 
 
 def free_port() -> int:
@@ -51,13 +57,31 @@ class Stack:
     metrics_ports: dict[str, int] = field(default_factory=dict)  # Prometheus /metrics per service
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Workers pulling from the one batcher: "worker", "worker-1", ... (worker_names), each with its
+    # own worker id, health port and metrics port. With more than one, each announces its name as id.
+    num_workers: int = 1
+    # CUDA_VISIBLE_DEVICES of the i-th worker (one GPU each, e.g. ("0", "1")); empty = inherited
+    worker_devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.worker_devices and len(self.worker_devices) != self.num_workers:
+            raise ValueError(f"worker_devices names {len(self.worker_devices)} devices for {self.num_workers} workers")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for name in SERVICES:
+        for name in (*SERVICES, *self.worker_names[1:]):
             self.ports.setdefault(name, free_port())
             self.metrics_ports.setdefault(name, self.ports[name] if name in HTTP_SERVICES else free_port())
         self.ports.setdefault(BATCHER_INTERNAL, free_port())
+
+    @property
+    def worker_names(self) -> tuple[str, ...]:
+        return tuple(worker_name(i) for i in range(self.num_workers))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every service start_all starts: SERVICES, then the workers after the first."""
+        return (*SERVICES, *self.worker_names[1:])
 
     def target(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -113,10 +137,14 @@ class Stack:
     def start(self, name: str, extra_env: dict[str, str] | None = None) -> None:
         self.log_path(name).parent.mkdir(parents=True, exist_ok=True)
         env = self.env()
+        module = name
+        if name in self.worker_names:
+            module = WORKER
+            env.update(self._worker_env(name))
         env.update(extra_env or {})
         with open(self.log_path(name), "ab") as log_file:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"],
+                [sys.executable, "-m", f"services.{module}"],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=log_file,
@@ -125,8 +153,17 @@ class Stack:
             )
 
     def start_all(self) -> None:
-        for name in SERVICES:
+        for name in self.names:
             self.start(name)
+
+    def _worker_env(self, name: str) -> dict[str, str]:
+        """What sets one worker of several apart: its ports, its id, its GPU."""
+        env = {"MAGNUS_WORKER_PORT": str(self.ports[name]), "MAGNUS_WORKER_METRICS_PORT": str(self.metrics_ports[name])}
+        if self.num_workers > 1:
+            env["MAGNUS_WORKER_WORKER_ID"] = name
+        if self.worker_devices:
+            env["CUDA_VISIBLE_DEVICES"] = self.worker_devices[self.worker_names.index(name)]
+        return env
 
     def url(self, name: str) -> str:
         """Base URL of an HTTP service (the gateway's OpenAI API is under /v1)."""
