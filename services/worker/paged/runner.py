@@ -150,7 +150,7 @@ class ModelRunner:
 
     def _graph(self, rows: int) -> GraphedDecode:
         if rows not in self._graphs:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: prepare() refills the graph's inputs in place, outside it
                 self._graphs[rows] = GraphedDecode(self.decoder, rows, self.graph_table_width, pool=self._graph_pool)
             self.num_graph_captures += 1
         return self._graphs[rows]
