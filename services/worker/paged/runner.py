@@ -6,7 +6,8 @@ chunks (token ids, positions, block tables), never requests, queues or the pool'
 
 A plan of decode rows only runs `PagedDecoder.decode`, on a GPU replayed as a CUDA graph captured
 once per row bucket (block tables padded to a fixed width, so one graph serves every length); a
-plan with prefill chunks runs `mixed_step.mixed_forward` eagerly. Host-side, a step's integer
+plan with prefill chunks runs `mixed_step.mixed_forward` eagerly, all its chunks of more than one
+token attended in one padded call (`mixed_step.PrefillBatch`). Host-side, a step's integer
 inputs are packed into one pinned staging buffer and sent in one asynchronous copy; the only sync
 is reading the sampled tokens.
 """
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.paged.decode_step import GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights, StepInputs
-from services.worker.paged.mixed_step import MixedInputs, mixed_forward
-from services.worker.paged.scheduler import StepPlan
+from services.worker.paged.mixed_step import MixedInputs, PrefillBatch, mixed_forward
+from services.worker.paged.scheduler import ScheduledChunk, StepPlan
 
 DEFAULT_GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
@@ -92,10 +93,37 @@ class ModelRunner:
             token_ids=token_ids, positions=positions, slot_mapping=slots,
             block_tables=flat_tables.to(torch.int32).view(len(chunks), width),
             context_lens=context_lens.to(torch.int32), sample_indices=sample_indices, query_starts=query_starts,
-            chunk_context_tokens=[c.context_tokens for c in chunks],
             decode_chunks=decode_chunks, decode_token_indices=decode_tokens,
+            prefill=self._prefill_batch([(c, query_starts[i]) for i, c in enumerate(chunks) if not is_decode[i]])
+            if not all(is_decode) else None,
         )
         return PreparedStep(sampled_ids, mixed=mixed, num_rows=len(chunks))
+
+    def _prefill_batch(self, chunks: list[tuple[ScheduledChunk, int]]) -> PrefillBatch:
+        """The chunks of > 1 token (with the flat index of their first token), padded for one attention call."""
+        block_tokens, scratch = self.block_tokens, self.decoder.num_blocks
+        num_queries = max(len(c.token_ids) for c, _ in chunks)
+        num_positions = max(c.context_tokens for c, _ in chunks)
+        token_index, blocks, offsets, valid_rows, valid_tokens, starts, lengths = [], [], [], [], [], [], []
+        for p, (chunk, first) in enumerate(chunks):
+            n, context = len(chunk.token_ids), chunk.context_tokens
+            token_index += [*range(first, first + n), *(0,) * (num_queries - n)]
+            blocks += [chunk.block_table[j // block_tokens] for j in range(context)]
+            blocks += [scratch] * (num_positions - context)
+            offsets += [j % block_tokens for j in range(context)] + [0] * (num_positions - context)
+            valid_rows += range(p * num_queries, p * num_queries + n)
+            valid_tokens += range(first, first + n)
+            starts.append(chunk.start_position)
+            lengths.append(n)
+        token_index, blocks, offsets, valid_rows, valid_tokens, starts, lengths = self._to_device(
+            token_index, blocks, offsets, valid_rows, valid_tokens, starts, lengths)
+        query = torch.arange(num_queries, device=self.device)[None, :, None]
+        position = torch.arange(num_positions, device=self.device)[None, None, :]
+        is_query = query < lengths[:, None, None]
+        mask = ((position <= starts[:, None, None] + query) & is_query) | (~is_query & (position == 0))
+        shape = (len(chunks), -1)
+        return PrefillBatch(token_index.view(shape), blocks.view(shape), offsets.view(shape), mask[:, None],
+                            valid_rows, valid_tokens)
 
     def _prepare_decode(self, sampled_ids, token_ids, positions, slots, tables) -> PreparedStep:
         rows = len(token_ids)
