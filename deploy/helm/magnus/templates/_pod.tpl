@@ -91,4 +91,15 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- with $values.spread }}
+  {{- if ne .mode "off" }}
+  topologySpreadConstraints:
+    - maxSkew: {{ .maxSkew | default 1 }}
+      topologyKey: {{ .topologyKey | default "kubernetes.io/hostname" }}
+      whenUnsatisfiable: {{ ternary "DoNotSchedule" "ScheduleAnyway" (eq .mode "hard") }}
+      labelSelector:
+        matchLabels:
+          {{- include "magnus.selectorLabels" (dict "root" $root "component" $.component) | nindent 10 }}
+  {{- end }}
+  {{- end }}
 {{- end -}}
