@@ -138,3 +138,19 @@ def test_graph_replay_follows_new_inputs():
         assert graphed.next_tokens[:3].tolist() == eager[:3].argmax(-1).tolist()
         for row in range(3):
             pool.grow(row)
+
+
+def test_shared_weights_store_each_matrix_once_and_keep_the_model_s_forward():
+    model = tiny_model("qwen2")
+    tokens = torch.tensor([[5, 17, 3, 60, 2]])
+    with torch.no_grad():
+        before = model(tokens).logits
+    weights = PagedWeights.from_hf(model, share=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, before)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == weights.layers[0].qkv[attn.q_proj.weight.shape[0]:].data_ptr()
+    assert attn.o_proj.weight.data_ptr() == weights.layers[0].out.data_ptr()
+    assert model.lm_head.weight.data_ptr() == weights.lm_head.data_ptr()
+    copied = PagedWeights.from_hf(model)
+    assert copied.lm_head.data_ptr() != model.lm_head.weight.data_ptr()

@@ -116,24 +116,31 @@ class PagedWeights:
                    lm_head=normal(config.vocab_size, hidden))
 
     @classmethod
-    def from_hf(cls, model) -> PagedWeights:
-        """Copies of a transformers Llama-family model's weights, q/k/v and gate/up fused."""
+    def from_hf(cls, model, *, share: bool = False) -> PagedWeights:
+        """A transformers Llama-family model's weights, q/k/v and gate/up fused. share=False: copies;
+        share=True: no weight stored twice (a served 7B model would otherwise hold ~13 GB of bf16
+        weights twice): the fused matrices are new and the model's q/k/v and gate/up projections
+        become views of their rows; every other tensor is the model's own (its forward is unchanged)."""
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.detach() if share else t.detach().clone()
+
         layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             projections = (attn.q_proj, attn.k_proj, attn.v_proj)
             biases = [p.bias for p in projections]
+            qkv = torch.cat([p.weight.detach() for p in projections])
+            qkv_bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+            gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+            if share:
+                _view_rows_of(projections, qkv, qkv_bias)
+                _view_rows_of((mlp.gate_proj, mlp.up_proj), gate_up, None)
             layers.append(LayerWeights(
-                input_norm=layer.input_layernorm.weight.detach().clone(),
-                qkv=torch.cat([p.weight.detach() for p in projections]),
-                qkv_bias=torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None,
-                out=attn.o_proj.weight.detach().clone(),
-                post_norm=layer.post_attention_layernorm.weight.detach().clone(),
-                gate_up=torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]),
-                down=mlp.down_proj.weight.detach().clone(),
+                input_norm=own(layer.input_layernorm.weight), qkv=qkv, qkv_bias=qkv_bias, out=own(attn.o_proj.weight),
+                post_norm=own(layer.post_attention_layernorm.weight), gate_up=gate_up, down=own(mlp.down_proj.weight),
             ))
-        return cls(embed=model.model.embed_tokens.weight.detach().clone(), layers=layers,
-                   final_norm=model.model.norm.weight.detach().clone(), lm_head=model.lm_head.weight.detach().clone())
+        return cls(embed=own(model.model.embed_tokens.weight), layers=layers, final_norm=own(model.model.norm.weight),
+                   lm_head=own(model.lm_head.weight))
 
     def step_read_bytes(self, batch: int) -> int:
         """Weight bytes one decode step must read: every matrix and norm, but only `batch` rows of
@@ -143,6 +150,17 @@ class PagedWeights:
             tensors += [t for t in vars(layer).values() if t is not None]
         embedding_rows = batch * self.embed.shape[1] * self.embed.element_size()
         return sum(t.numel() * t.element_size() for t in tensors) + embedding_rows
+
+
+def _view_rows_of(modules, fused: torch.Tensor, fused_bias: torch.Tensor | None) -> None:
+    """Make each linear module's weight (and bias) a view of its rows of `fused`, freeing its own."""
+    start = 0
+    for module in modules:
+        rows = module.weight.shape[0]
+        module.weight = torch.nn.Parameter(fused[start:start + rows], requires_grad=False)
+        if fused_bias is not None:
+            module.bias = torch.nn.Parameter(fused_bias[start:start + rows], requires_grad=False)
+        start += rows
 
 
 @dataclass

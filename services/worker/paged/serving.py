@@ -50,11 +50,11 @@ class _Pending:
 
 def build_paged_engine(hf_engine: StaticBatchEngine, config: SchedulerConfig, *, block_tokens: int = 16,
                        cpu_kv_budget_bytes: int, cuda_reserve_bytes: int, use_cuda_graphs: bool = True) -> PagedEngine:
-    """A PagedEngine over copies of `hf_engine`'s model weights (its tokenizer and stop tokens stay
-    there). The KV pool takes `cpu_kv_budget_bytes` on a CPU; on CUDA what is free once the weights
-    are copied, less `cuda_reserve_bytes` (activations of a step, allocator slack)."""
+    """A PagedEngine over `hf_engine`'s model weights, shared (its tokenizer and stop tokens stay
+    there). The KV pool takes `cpu_kv_budget_bytes` on a CPU; on CUDA what is free once q/k/v and
+    gate/up are fused, less `cuda_reserve_bytes` (activations of a step, allocator slack)."""
     model = hf_engine.model
-    weights = PagedWeights.from_hf(model)
+    weights = PagedWeights.from_hf(model, share=True)  # the model's forward still works (calibration runs it)
     if hf_engine.device.type == "cuda":
         kv_bytes = torch.cuda.mem_get_info(hf_engine.device)[0] - cuda_reserve_bytes
     else:
