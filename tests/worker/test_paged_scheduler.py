@@ -18,6 +18,7 @@ from services.worker.paged.scheduler import (
     Scheduler,
     SchedulerConfig,
     StepPlan,
+    BlockProjection,
     WaitOrder,
     peak_blocks,
 )
@@ -77,6 +78,17 @@ def test_peak_blocks_equals_stepping_the_projection(holding, block_tokens):
         alive = [tokens + t for tokens, steps in holding if steps >= t]
         brute = max(brute, sum(-(-n // block_tokens) for n in alive))
     assert peak_blocks(holding, block_tokens) == brute
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 30)), max_size=10),
+       st.lists(st.tuples(st.integers(0, 50), st.integers(0, 30)), min_size=1, max_size=6), st.integers(1, 8))
+def test_block_projection_checks_and_adds_as_peak_blocks(running, joiners, block_tokens):
+    projection = BlockProjection(running, block_tokens)
+    holding = list(running)
+    for joiner in joiners:
+        assert projection.peak_with(*joiner) == peak_blocks([*holding, joiner], block_tokens)
+        projection.add(*joiner)
+        holding.append(joiner)
 
 
 class SchedulerMachine(RuleBasedStateMachine):

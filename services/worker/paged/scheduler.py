@@ -194,6 +194,37 @@ def peak_blocks(holding: Sequence[tuple[int, int]], block_tokens: int) -> int:
     return int((blocks * is_alive).sum(axis=1).max())
 
 
+class BlockProjection:
+    """`peak_blocks` of a set of requests kept as the blocks in use at each one's end, so that checking
+    and adding one more request costs O(n) (a step may admit many against hundreds running)."""
+
+    def __init__(self, holding: Sequence[tuple[int, int]], block_tokens: int) -> None:
+        self.block_tokens = block_tokens
+        tokens, steps = np.array(holding, dtype=np.int64).reshape(-1, 2).T
+        self.tokens, self.steps = tokens, steps
+        self.usage = self._usage_at(steps)  # [n]: blocks held at t = steps_k, request k's last step
+
+    def _usage_at(self, times: np.ndarray) -> np.ndarray:
+        is_alive = self.steps[None, :] >= times[:, None]
+        return (-(-(self.tokens[None, :] + times[:, None]) // self.block_tokens) * is_alive).sum(axis=1)
+
+    def _with(self, tokens: int, steps: int) -> tuple[np.ndarray, int]:
+        """Usage at the others' ends with the request added, and at its own end."""
+        extra = np.where(self.steps <= steps, -(-(tokens + self.steps) // self.block_tokens), 0)
+        own_end = int(self._usage_at(np.array([steps]))[0]) - (-(tokens + steps) // self.block_tokens)
+        return self.usage + extra, own_end
+
+    def peak_with(self, tokens: int, steps: int) -> int:
+        """peak_blocks of the requests and one more holding `tokens` now, for `steps` more steps."""
+        at_ends, own_end = self._with(tokens, steps)
+        return max(int(at_ends.max(initial=0)), own_end)
+
+    def add(self, tokens: int, steps: int) -> None:
+        at_ends, own_end = self._with(tokens, steps)
+        self.usage = np.append(at_ends, own_end)
+        self.tokens, self.steps = np.append(self.tokens, tokens), np.append(self.steps, steps)
+
+
 class Scheduler:
     """Owns the waiting, preempted and running requests and their blocks in `pool`."""
 
@@ -265,9 +296,19 @@ class Scheduler:
             budget -= len(chunks[-1].token_ids)
         # no admission in a step that preempted (as vLLM v1): the pool just proved too small for
         # the running requests, and a victim resumed at once would only be preempted again
+        projection = None  # of the running requests' block use, made on the first predicted check
         for request in self._admission_order() if not preempted else ():
-            if budget == 0 or len(self.running) >= self.config.max_running or not self._can_admit(request):
-                break  # strict order: nothing overtakes the head
+            if budget == 0 or len(self.running) >= self.config.max_running:
+                break
+            if self.config.admission is Admission.GREEDY:
+                if not self.pool.can_allocate(request.num_tokens):
+                    break  # strict order: nothing overtakes the head
+            else:
+                projection = projection or self._projection()
+                holding = self._predicted_holding(request, request.num_tokens)
+                if projection.peak_with(*holding) > self.pool.num_blocks:
+                    break
+                projection.add(*holding)
             self._admit(request)
             chunks.append(self._chunk(request, budget))
             budget -= len(chunks[-1].token_ids)
@@ -345,14 +386,13 @@ class Scheduler:
         work_steps = request.predicted_output_tokens + math.ceil(len(request.prompt_ids) / self.config.token_budget)
         return (self.num_steps - request.arrival_step + work_steps) / work_steps
 
-    def _can_admit(self, request: Request) -> bool:
-        if self.config.admission is Admission.GREEDY:
-            return self.pool.can_allocate(request.num_tokens)
-        margin = self.config.margin
-        holding = [(self.pool.num_tokens(r.request_id), r.predicted_total_tokens(margin) - r.num_tokens)
-                   for r in self.running]
-        holding.append((request.num_tokens, request.predicted_total_tokens(margin) - request.num_tokens))
-        return peak_blocks(holding, self.pool.block_tokens) <= self.pool.num_blocks
+    def _predicted_holding(self, request: Request, tokens: int) -> tuple[int, int]:
+        """(tokens held now, steps it is predicted to grow on)."""
+        return tokens, request.predicted_total_tokens(self.config.margin) - request.num_tokens
+
+    def _projection(self) -> BlockProjection:
+        holding = [self._predicted_holding(r, self.pool.num_tokens(r.request_id)) for r in self.running]
+        return BlockProjection(holding, self.pool.block_tokens)
 
     def _admit(self, request: Request) -> None:
         queue = self.preempted if request.status == RequestStatus.PREEMPTED else self.waiting
