@@ -3,17 +3,21 @@
 Run on an H200 (the device tool):  PYTHONUNBUFFERED=1 python3 bench/gpu_paged_engine.py --out $OUT
 On the CPU, `--smoke` runs the same code with a tiny shape: it checks the script, not the speed.
 
-Requests shaped like issue 23's 8-task mix (prompts 20-100 random tokens, mean ~60; outputs drawn
-log-normally around ~38 tokens, 1-200), no stop token (each runs to its recorded length, as trace
-replay), predictions = true length x exp(N(0, 0.35)). All requests arrive at once; the engine steps
-until every one finished. Cases, each while the time budget lasts: a pool that does not bind
-(predicted admission), then a pool that binds with predicted and greedy admission (preemptions and
-recomputed tokens). Writes paged_engine.json under --out and prints a table.
+--workload mix: requests shaped like issue 23's 8-task mix (prompts 20-100 random tokens, mean ~60;
+outputs drawn log-normally around ~38 tokens, 1-200); cases: a pool that does not bind (predicted
+admission), then a pool that binds with predicted and greedy admission.
+--workload azure_conv: the first --requests rows of ../shared/data/traces/azure2023_conv.csv (mean
+prompt ~1,155, output ~211 tokens) that fit 4,096 tokens, random prompt tokens of those lengths; the
+cache binds: predicted against greedy admission.
+No stop token (each request runs to its recorded length, as trace replay); predictions = true length x
+exp(N(0, --prediction-sigma)), a noisy oracle. All requests arrive at once; the engine steps until every
+one finished. Cases run while the time budget lasts; paged_engine.json under --out after each case.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import random
@@ -33,18 +37,36 @@ from services.worker.paged.runner import ModelRunner  # noqa: E402
 from services.worker.paged.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 SMOKE = PagedModelConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_layers=2, num_heads=4,
-                         num_kv_heads=2, max_positions=512)
+                         num_kv_heads=2, max_positions=4096)
 BLOCK_TOKENS = 16
 
 
-def workload(num: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int, int]]:
+def workload(num: int, vocab: int, sigma: float, seed: int = 0) -> list[tuple[list[int], int, int]]:
+    """Mix-shaped requests: (prompt token ids, true output tokens, predicted output tokens)."""
     rng = random.Random(seed)
     requests = []
     for _ in range(num):
         prompt = [rng.randrange(vocab) for _ in range(rng.randint(20, 100))]
         output = max(1, min(200, round(math.exp(rng.gauss(math.log(30), 0.7)))))
-        predicted = max(1, round(output * math.exp(rng.gauss(0, 0.35))))
-        requests.append((prompt, output, predicted))
+        requests.append((prompt, output, max(1, round(output * math.exp(rng.gauss(0, sigma))))))
+    return requests
+
+
+def trace_workload(path: Path, num: int, vocab: int, sigma: float, max_tokens: int, seed: int = 0):
+    """The first `num` requests of an Azure LLM inference trace (ContextTokens, GeneratedTokens) that fit
+    `max_tokens`: random prompt tokens of the recorded lengths (the trace has no text), predictions
+    from a noisy oracle, true length x exp(N(0, sigma))."""
+    rng = random.Random(seed)
+    requests = []
+    with path.open() as trace:
+        for row in csv.DictReader(trace):
+            prompt_tokens, output = int(row["ContextTokens"]), max(1, int(row["GeneratedTokens"]))
+            if prompt_tokens + output > max_tokens or prompt_tokens < 1:
+                continue
+            prompt = [rng.randrange(vocab) for _ in range(prompt_tokens)]
+            requests.append((prompt, output, max(1, round(output * math.exp(rng.gauss(0, sigma))))))
+            if len(requests) == num:
+                break
     return requests
 
 
@@ -83,6 +105,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--budget-s", type=float, default=150.0, help="stop starting cases after this, seconds")
+    parser.add_argument("--workload", choices=("mix", "azure_conv"), default="mix")
+    parser.add_argument("--trace", type=Path, default=Path(__file__).resolve().parents[2]
+                        / "shared/data/traces/azure2023_conv.csv", help="azure_conv: the trace CSV")
+    parser.add_argument("--prediction-sigma", type=float, default=0.35,
+                        help="predictions = true length x exp(N(0, sigma))")
     args = parser.parse_args()
     started_s = time.monotonic()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -91,17 +118,25 @@ def main() -> None:
     cache_blocks = 600 if args.smoke else 4000  # 4,000 x 16 tokens x 512 KiB = 32 GiB for the 7B shape
     weights = PagedWeights.random(shape, device, dtype)
     decoder = PagedDecoder(shape, weights, cache_blocks, BLOCK_TOKENS)
-    runner = ModelRunner(decoder, use_cuda_graphs=not args.smoke, max_model_tokens=512)
+    max_model_tokens = 512 if args.workload == "mix" else 4096
+    runner = ModelRunner(decoder, use_cuda_graphs=not args.smoke, max_model_tokens=max_model_tokens)
     max_running = 32 if args.smoke else 256
     warm_s = time.monotonic()
     captured = runner.warm_up(max_running)
     warm_s = time.monotonic() - warm_s
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {captured} graphs in "
           f"{warm_s:.1f} s", flush=True)
-    requests = workload(num_requests, shape.vocab_size)
+    if args.workload == "mix":
+        requests = workload(num_requests, shape.vocab_size, args.prediction_sigma)
+    else:
+        requests = trace_workload(args.trace, num_requests, shape.vocab_size, args.prediction_sigma,
+                                  max_tokens=min(max_model_tokens, cache_blocks * BLOCK_TOKENS))
     need = sum(-(-(len(p) + o) // BLOCK_TOKENS) for p, o, _ in requests) / len(requests)
-    binding_blocks = int(need * max_running * 0.35)  # about a third of what max_running average requests hold
-    cases = [(cache_blocks, "predicted"), (binding_blocks, "predicted"), (binding_blocks, "greedy")]
+    if args.workload == "mix":  # a pool that binds: about a third of what max_running average requests hold
+        binding_blocks = int(need * max_running * 0.35)
+        cases = [(cache_blocks, "predicted"), (binding_blocks, "predicted"), (binding_blocks, "greedy")]
+    else:  # the whole cache binds already (~85 blocks a request)
+        cases = [(cache_blocks, "predicted"), (cache_blocks, "greedy")]
     rows = []
     for pool_blocks, admission in cases:
         if time.monotonic() - started_s > args.budget_s:
@@ -126,7 +161,8 @@ def write_report(args, device, dtype, captured, warm_s, need, cache_blocks, rows
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", date=datetime.now(UTC).isoformat(),
         command=" ".join(sys.argv), shape="smoke" if args.smoke else "llama2-7b", dtype=str(dtype),
         block_tokens=BLOCK_TOKENS, cache_blocks=cache_blocks, graphs_captured=captured, warm_up_s=round(warm_s, 1),
-        mean_blocks_per_request=round(need, 2), cases=rows,
+        workload=args.workload, prediction_sigma=args.prediction_sigma, mean_blocks_per_request=round(need, 2),
+        cases=rows,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "paged_engine.json").write_text(json.dumps(report, indent=2))
