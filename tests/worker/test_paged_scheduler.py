@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from services.worker.paged.kv_blocks import BlockPool
+from services.worker.paged.projection import BlockProjection, peak_blocks
 from services.worker.paged.scheduler import (
     Admission,
     FinishReason,
@@ -18,9 +19,7 @@ from services.worker.paged.scheduler import (
     Scheduler,
     SchedulerConfig,
     StepPlan,
-    BlockProjection,
     WaitOrder,
-    peak_blocks,
 )
 
 EOS = 0

@@ -9,7 +9,7 @@ Block rule: the pool holds a slot for every token a running request knows (its p
 token generated so far), allocated whole at admission and one block at a time as it decodes.
 - Admission (`Admission`): GREEDY admits while the free blocks hold the request's known tokens
   (vLLM's rule). PREDICTED admits only while the pool is predicted to hold every running request
-  and the joiner at every future step (`peak_blocks`): each grows a token a step until its
+  and the joiner at every future step (`projection.peak_blocks`): each grows a token a step until its
   predicted output x `margin` and then frees its blocks, so what must fit is the peak of that
   projection, not the sum of final sizes (S3's reservation of whole predicted lengths, which
   admits fewer: the requests do not all reach their ends at once). With predictions that are
@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from typing import TYPE_CHECKING
 
-import numpy as np
+from services.worker.paged.projection import BlockProjection
 
 if TYPE_CHECKING:  # bookkeeping only: the scheduler itself needs no torch
     from services.worker.paged.kv_blocks import BlockPool
@@ -179,50 +179,6 @@ class StepPlan:
     @property
     def is_decode_only(self) -> bool:
         return all(len(c.token_ids) == 1 for c in self.chunks)
-
-
-def peak_blocks(holding: Sequence[tuple[int, int]], block_tokens: int) -> int:
-    """Most blocks in use at any future step if request i holds tokens_i now, grows one token a step
-    for steps_i more steps and then frees its blocks: holding = [(tokens_i, steps_i)], steps_i >= 0.
-    Usage only grows between two ends, so the peak is at one: max over k of the blocks of every
-    request with steps_i >= steps_k, at t = steps_k (vectorised: n x n for n requests)."""
-    if not holding:
-        return 0
-    tokens, steps = np.array(holding, dtype=np.int64).reshape(-1, 2).T
-    is_alive = steps[None, :] >= steps[:, None]  # [k, i]: request i still holds blocks at t = steps_k
-    blocks = -(-(tokens[None, :] + steps[:, None]) // block_tokens)
-    return int((blocks * is_alive).sum(axis=1).max())
-
-
-class BlockProjection:
-    """`peak_blocks` of a set of requests kept as the blocks in use at each one's end, so that checking
-    and adding one more request costs O(n) (a step may admit many against hundreds running)."""
-
-    def __init__(self, holding: Sequence[tuple[int, int]], block_tokens: int) -> None:
-        self.block_tokens = block_tokens
-        tokens, steps = np.array(holding, dtype=np.int64).reshape(-1, 2).T
-        self.tokens, self.steps = tokens, steps
-        self.usage = self._usage_at(steps)  # [n]: blocks held at t = steps_k, request k's last step
-
-    def _usage_at(self, times: np.ndarray) -> np.ndarray:
-        is_alive = self.steps[None, :] >= times[:, None]
-        return (-(-(self.tokens[None, :] + times[:, None]) // self.block_tokens) * is_alive).sum(axis=1)
-
-    def _with(self, tokens: int, steps: int) -> tuple[np.ndarray, int]:
-        """Usage at the others' ends with the request added, and at its own end."""
-        extra = np.where(self.steps <= steps, -(-(tokens + self.steps) // self.block_tokens), 0)
-        own_end = int(self._usage_at(np.array([steps]))[0]) - (-(tokens + steps) // self.block_tokens)
-        return self.usage + extra, own_end
-
-    def peak_with(self, tokens: int, steps: int) -> int:
-        """peak_blocks of the requests and one more holding `tokens` now, for `steps` more steps."""
-        at_ends, own_end = self._with(tokens, steps)
-        return max(int(at_ends.max(initial=0)), own_end)
-
-    def add(self, tokens: int, steps: int) -> None:
-        at_ends, own_end = self._with(tokens, steps)
-        self.usage = np.append(at_ends, own_end)
-        self.tokens, self.steps = np.append(self.tokens, tokens), np.append(self.steps, steps)
 
 
 class Scheduler:
