@@ -17,6 +17,12 @@ table, plots and reports/gpu/e2e.json from one or more raw files.
     python bench/gpu_e2e.py --workload var/e2e/workload.jsonl --state var/e2e/state --out OUT \\
         --policies vs,magnus --rates 8,16 --requests-per-rate 150 --saturation-requests 600
     python bench/gpu_e2e.py --tiny ...   # the same on the CPU with the tiny model: a smoke test
+
+--workers 1,2 runs every phase of every policy with one worker, then with two pulling from the same
+batcher (worker i on GPU i: CUDA_VISIBLE_DEVICES), results under raw["workers"]["1"|"2"]; with the
+default --workers 1 the raw file has the one-worker shape as before (raw["policies"]). --kill-one N
+then sends N requests at the saturation rate to the most workers and SIGKILLs one mid-burst
+(bench/gpu_kill_one.py); bench/gpu_scaling_report.py makes reports/gpu/scaling.{md,json}.
 """
 
 from __future__ import annotations
@@ -138,7 +144,7 @@ def batch_rows(database: Path, batch_ids: set[str]) -> list[dict]:
         connection.row_factory = sqlite3.Row
         rows = connection.execute(
             "SELECT id, size, input_tokens_max, predicted_gen_tokens_max, actual_gen_tokens_max, estimated_s, "
-            "actual_s, outcome, parent_batch_id, valid_tokens, total_tokens FROM batches"
+            "actual_s, outcome, parent_batch_id, valid_tokens, total_tokens, worker_id FROM batches"
         ).fetchall()
     wanted = [dict(r) for r in rows]
     parents = {r["parent_batch_id"] for r in wanted if r["id"] in batch_ids}
@@ -214,8 +220,12 @@ class Bench:
             database_url=f"sqlite+aiosqlite:///{self.database}",
             model_store_dir=self.workdir / "model-store",
             extra_env=self._env(),
+            num_workers=max(args.worker_counts),
+            # one GPU each; on the CPU (--tiny) they share it
+            worker_devices=() if args.tiny else tuple(str(i) for i in range(max(args.worker_counts))),
         )
         self.raw: dict = {"command": " ".join(["python", *sys.argv]), "policies": {}, "setup": {}}
+        self.num_workers = 1  # workers running now: stack.worker_names[:num_workers]
         self.worker_mode = "static"
         self.fixed_batch_size = 0  # set by start() from the worker's Theta
         self.continuous_slots = 0  # likewise
@@ -284,21 +294,53 @@ class Bench:
             return self.fixed_batch_size
         return max(1, memory["theta_bytes"] // (memory["kv_bytes_per_token"] * self.args.continuous_row_tokens))
 
-    def start_batcher(self, policy: str) -> None:
+    def start_batcher(self, policy: str, extra_env: dict[str, str] | None = None) -> None:
         self.stack.stop("batcher")
         env = {
             "MAGNUS_BATCHER_POLICY": policy,
             "MAGNUS_BATCHER_FIXED_BATCH_SIZE": str(self.fixed_batch_size),
             "MAGNUS_BATCHER_MAX_BATCH_SIZE": str(self.args.max_batch_size),
             "MAGNUS_BATCHER_PREEMPT_SHARE": str(self.args.preempt_share),
+            **(extra_env or {}),
         }
         self.stack.start("batcher", env)
         self.stack.wait_healthy(("batcher",), timeout_s=120)
 
+    @property
+    def workers(self) -> tuple[str, ...]:
+        return self.stack.worker_names[:self.num_workers]
+
+    def _worker_env(self, mode: str) -> dict[str, str]:
+        return {"MAGNUS_WORKER_MODE": mode, "MAGNUS_WORKER_CONTINUOUS_SLOTS": str(self.continuous_slots)}
+
     def restart_worker(self, mode: str) -> None:
-        self.stack.stop("worker", timeout_s=60)
-        self.stack.start("worker", {"MAGNUS_WORKER_MODE": mode,
-                                    "MAGNUS_WORKER_CONTINUOUS_SLOTS": str(self.continuous_slots)})
+        for name in self.workers:
+            self.stack.stop(name, timeout_s=60)
+        for name in self.workers:
+            self.stack.start(name, self._worker_env(mode))
+
+    def set_workers(self, count: int) -> None:
+        """Run `count` workers: stop those past it, start the missing ones in the current mode. With the
+        calibration in the log DB by then, a started one loads and registers without calibrating."""
+        for name in self.stack.worker_names[count:]:
+            self.stack.stop(name, timeout_s=60)
+        for name in self.stack.worker_names[:count]:
+            process = self.stack.processes.get(name)
+            if process is None or process.poll() is not None:
+                self.stack.start(name, self._worker_env(self.worker_mode))
+        self.num_workers = count  # run_policy waits for them: a worker is SERVING once a batcher took it
+        say(f"{count} worker(s): {', '.join(self.workers)}")
+
+    def tag(self, policy: str) -> str:
+        """Client request id prefix: new per worker count, else the batcher answers a later count's
+        requests from the log (idempotency keys) instead of running them."""
+        return policy if self.args.worker_counts == [1] else f"{policy}-{self.num_workers}w"
+
+    def policy_results(self) -> dict:
+        """Where this worker count's results go: raw["policies"] for a one-worker-only run (as before)."""
+        if self.args.worker_counts == [1]:
+            return self.raw["policies"]
+        return self.raw.setdefault("workers", {}).setdefault(str(self.num_workers), {"policies": {}})["policies"]
 
     # ---- one policy ---------------------------------------------------------------------------
     def run_policy(self, policy: str, workload: list[dict]) -> None:
@@ -307,17 +349,17 @@ class Bench:
             self.restart_worker(mode)
             self.worker_mode = mode
         self.start_batcher(policy)
-        self.stack.wait_healthy(("worker",), timeout_s=900)  # raises with its log if a restarted worker died
+        self.stack.wait_healthy(self.workers, timeout_s=900)  # raises with its log if a restarted worker died
         warmup = workload[-WARMUP_REQUESTS:]  # not measured: waits for the worker to (re)register
-        asyncio.run(send_all(self.stack.target("batcher"), warmup, [0.0] * len(warmup), f"{policy}-warmup"))
+        asyncio.run(send_all(self.stack.target("batcher"), warmup, [0.0] * len(warmup), f"{self.tag(policy)}-warmup"))
         size = self.continuous_slots if policy in CONTINUOUS_POLICY_NAMES else self.fixed_batch_size
-        result = self.raw["policies"].setdefault(policy, {"fixed_batch_size": size, "rates": {}})
+        result = self.policy_results().setdefault(policy, {"fixed_batch_size": size, "rates": {}})
         for index, (rate, rows) in enumerate(phases(self.args, workload)):
             offsets = arrival_offsets_s(len(rows), rate, ARRIVAL_SEED + index)
             for stream in self.args.stream_modes:  # the same requests and arrivals, unstreamed then streamed
                 started_s = time.monotonic()
                 records = asyncio.run(send_all(self.stack.target("batcher"), rows, offsets,
-                                               f"{policy}-{rate}{'-stream' if stream else ''}", stream=stream))
+                                               f"{self.tag(policy)}-{rate}{'-stream' if stream else ''}", stream=stream))
                 wall_s = time.monotonic() - started_s
                 batches = self.logged_batches({r["batch_id"] for r in records if r.get("batch_id")})
                 rates = result["rates"] if not stream else result.setdefault("streamed_rates", {})
@@ -327,7 +369,7 @@ class Bench:
                 ttft = sorted(r["ttft_s"] for r in ok if "ttft_s" in r)
                 ttft_line = (f", TTFT p50 {ttft[len(ttft) // 2]:.3f} s p99 {ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))]:.3f} s"
                              if ttft else "")
-                say(f"{policy:9s} rate {rate:6.1f}/s{' streamed' if stream else ''}: {len(ok)}/{len(records)} ok, "
+                say(f"{self.num_workers}w {policy:9s} rate {rate:6.1f}/s{' streamed' if stream else ''}: {len(ok)}/{len(records)} ok, "
                     f"{len(ok) / max(r['done_s'] for r in ok) if ok else 0:.1f} req/s done, mean {mean_s:.2f} s, "
                     f"{len(batches)} batches{ttft_line}")
                 self.save()
@@ -394,21 +436,36 @@ def main() -> int:
     parser.add_argument("--skip-calibration", action="store_true",
                         help="the worker does not calibrate (the estimator fits --calibration's samples, whatever "
                         "their device): for runs that compare something else than static policies")
+    parser.add_argument("--workers", default="1",
+                        help="worker counts to run every policy with, e.g. 1,2 (one GPU per worker)")
+    parser.add_argument("--kill-one", type=int, default=0,
+                        help="then this many requests at --saturation-rate to the most workers, one SIGKILLed mid-burst")
     args = parser.parse_args()
+    args.worker_counts = sorted({int(n) for n in args.workers.split(",") if n})
+    if not args.worker_counts or args.worker_counts[0] < 1:
+        sys.exit(f"--workers needs counts >= 1, got {args.workers!r}")
+    if args.kill_one and args.worker_counts[-1] < 2:
+        sys.exit("--kill-one needs --workers with a count of 2 or more")
     args.rate_list = [float(r) for r in args.rates.split(",") if r]
     args.stream_modes = {"off": [False], "on": [True], "both": [False, True]}[args.stream]
     policies = [p for p in args.policies.split(",") if p]
     policies.sort(key=lambda p: p in CONTINUOUS_POLICY_NAMES)  # the continuous worker last: one worker restart
     workload = load_workload(args.workload)
-    needed = len(args.rate_list) * args.requests_per_rate + args.saturation_requests + WARMUP_REQUESTS
+    needed = max(len(args.rate_list) * args.requests_per_rate + args.saturation_requests, args.kill_one) + WARMUP_REQUESTS
     if len(workload) < needed:
         sys.exit(f"{args.workload} has {len(workload)} rows; these phases and the warm-up need {needed}")
     bench = Bench(args)
     try:
         bench.start()
         bench.save_state()  # the calibration, kept even if the run is cut off later
-        for policy in policies:
-            bench.run_policy(policy, workload)
+        for count in args.worker_counts:
+            bench.set_workers(count)
+            for policy in policies:
+                bench.run_policy(policy, workload)
+        if args.kill_one:
+            from bench.gpu_kill_one import kill_one
+
+            bench.raw["kill_one"] = kill_one(bench, policies[-1], workload[:args.kill_one])
     finally:
         try:
             bench.stack.stop_all()
