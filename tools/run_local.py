@@ -22,7 +22,7 @@ from pathlib import Path
 from services.shared.auth import api_key_entry
 from services.shared.settings import VAR_DIR, default_database_url
 from tools import demo
-from tools.stack import BATCHER_INTERNAL, HTTP_SERVICES, SERVICES, Stack
+from tools.stack import BATCHER_INTERNAL, HTTP_SERVICES, Stack
 from tools.supervise import Supervisor
 
 
@@ -57,6 +57,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals, requests/s")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--serve", action="store_true", help="keep the stack running after the demo")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers pulling from the one batcher (worker, worker-1, ...; ports picked free)")
     args = parser.parse_args()
 
     ports = dict(zip(("batcher", "predictor", "estimator", "trainer", "worker"), range(50051, 50056)))
@@ -69,6 +71,7 @@ def main() -> int:
         model_store_dir=Path(os.environ.get("MAGNUS_MODEL_STORE_DIR", VAR_DIR / "model-store")),
         ports=ports,
         extra_env=auth_env,
+        num_workers=args.workers,
     )
     tls, auth = stack.tls_settings(), stack.auth_settings()
     # a key given in MAGNUS_API_KEY acts for its own tenant, which the batcher takes from an empty tenant_id
@@ -78,15 +81,15 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         print(
-            f"starting {', '.join(SERVICES)} ({'TLS' if tls.is_enabled else 'plaintext'}, "
+            f"starting {', '.join(stack.names)} ({'TLS' if tls.is_enabled else 'plaintext'}, "
             f"auth {'on' if auth.is_enabled else 'off'}); logs in {stack.workdir / 'logs'}"
         )
         stack.start_all()
-        for name in SERVICES:
+        for name in stack.names:
             internal = f" (workers: {stack.target(BATCHER_INTERNAL)})" if name == "batcher" else ""
             address = f"http {stack.url(name)}/v1" if name in HTTP_SERVICES else f"grpc {stack.target(name)}"
             print(f"  {name:9s} {address}{internal}  metrics {stack.metrics_url(name)}")
-        stack.wait_healthy(timeout_s=180)
+        stack.wait_healthy(stack.names, timeout_s=180)
         print("all services SERVING")
         if supervisor is not None:
             supervisor.start()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from grpc_health.v1 import health_pb2
 
-from tools.stack import SERVICES, Stack
+from tools.stack import Stack
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,9 @@ class Supervisor:
 
     def start(self) -> None:
         now_s = time.monotonic()
-        self.records = {name: ServiceRecord(started_at_s=now_s) for name in SERVICES if name in self.stack.processes}
+        self.records = {
+            name: ServiceRecord(started_at_s=now_s) for name in self.stack.names if name in self.stack.processes
+        }
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
         self._thread.start()
 
