@@ -24,6 +24,14 @@ from typing import Any
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
 
+from services.core.conformal import (
+    DEFAULT_LEVELS,
+    Calibration,
+    QuantilePrediction,
+    calibrate,
+    predict_quantiles,
+    tree_log_stats,
+)
 from services.core.encoders import SentenceEncoder, TextEncoder, build_static_encoder
 from services.core.length_model import LengthSample, register_length_model
 from services.core.packed_forest import AGGREGATES, PackedForest
@@ -77,10 +85,20 @@ def make_regressor(config: ForestConfig) -> Any:
 
 def fit_predictor(config: ForestConfig, x: np.ndarray, target: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """Fit the configured regressor; return its predict function (forests packed, see PackedForest)."""
+    return fit_predictor_with_bags(config, x, target)[0]
+
+
+def fit_predictor_with_bags(
+    config: ForestConfig, x: np.ndarray, target: np.ndarray
+) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray | None]:
+    """`fit_predictor` and, for a bootstrapped forest, its (num_trees, n) in-bag mask (None otherwise)."""
     regressor = make_regressor(config).fit(x, target)
     if isinstance(regressor, RandomForestRegressor):
-        return _ForestPredict(PackedForest.from_sklearn(regressor), config.aggregate)
-    return regressor.predict
+        in_bag = np.zeros((len(regressor.estimators_), len(x)), dtype=bool)
+        for t, rows in enumerate(regressor.estimators_samples_):
+            in_bag[t, rows] = True
+        return _ForestPredict(PackedForest.from_sklearn(regressor), config.aggregate), in_bag
+    return regressor.predict, None
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,7 @@ class EmbeddingForestModel:
         self.regressor: Any = None
         self.app_vectors: dict[str, np.ndarray] = {}
         self.exact_lengths: dict[bytes, int] = {}
+        self.calibration: Calibration | None = None
 
     def _make_encoder(self) -> TextEncoder:
         if self.config.encoder == "sentence":
@@ -159,9 +178,81 @@ class EmbeddingForestModel:
         generated = np.array([s.generated_tokens for s in samples], dtype=np.float64)
         input_tokens = np.array([s.input_tokens for s in samples], dtype=np.float64)
         target = generated if self.config.target == "tokens" else np.log1p(generated) - np.log1p(input_tokens)
-        self.regressor = fit_predictor(self.config, x, target)
+        self.regressor, in_bag = fit_predictor_with_bags(self.config, x, target)
+        self.calibration = self._calibrate(samples, x, generated, in_bag)
         self.exact_lengths = self._exact_table(samples) if self.config.use_exact_cache else {}
         self.samples = list(samples)
+
+    def _calibrate(
+        self, samples: Sequence[LengthSample], x: np.ndarray, generated: np.ndarray, in_bag: np.ndarray | None
+    ) -> Calibration | None:
+        # Out-of-bag rows calibrate the quantiles (see services.core.conformal); no bags, no quantiles.
+        if in_bag is None or (~in_bag).any(axis=0).sum() < 2:
+            return None
+        input_tokens = [s.input_tokens for s in samples]
+        per_tree = self.regressor.forest.tree_predictions(x)
+        log_point, spread = tree_log_stats(self._tree_log_tokens(per_tree, input_tokens), ~in_bag)
+        return calibrate(
+            log_true=np.log1p(generated),
+            log_point=log_point,
+            spread=spread,
+            groups=[s.instruction for s in samples],
+            log_input=np.log1p(np.asarray(input_tokens, dtype=np.float64)),
+            embeddings=x[:, : self.config.user_groups],
+        )
+
+    def _tree_log_tokens(self, per_tree: np.ndarray, input_tokens: Sequence[int]) -> np.ndarray:
+        """(num_trees, n) every tree's raw prediction as log1p tokens."""
+        if self.config.target == "log_ratio":
+            return per_tree + np.log1p(np.asarray(input_tokens, dtype=np.float64))[None, :]
+        return np.log1p(np.maximum(per_tree, 0.0))
+
+    def predict_quantiles(
+        self,
+        instructions: Sequence[str],
+        inputs: Sequence[str],
+        input_tokens: Sequence[int],
+        levels: Sequence[float] = DEFAULT_LEVELS,
+        tree_quantile: float = 0.9,
+    ) -> tuple[np.ndarray, np.ndarray, QuantilePrediction | None]:
+        """(points, upper estimates, calibrated quantiles): the first two as `predict_with_upper`
+        gives them at `tree_quantile`, from one pass over the trees; the quantiles None when this
+        model has no calibration (an artifact older than it, a boosting regressor). Quantile
+        tokens are ints in [1, max_tokens], non-decreasing in the level; a level >= 0.5 is never
+        below the point."""
+        calibration = getattr(self, "calibration", None)  # artifacts pickled before it have none
+        if calibration is None or not len(inputs):
+            return *self.predict_with_upper(instructions, inputs, input_tokens, quantile=tree_quantile), None
+        if not len(instructions) == len(inputs) == len(input_tokens):
+            raise ValueError("instructions, inputs and input_tokens must have the same length")
+        x = self.features(instructions, inputs, input_tokens)
+        per_tree = self.regressor.forest.tree_predictions(x)  # once: the point, the upper and the spread
+        aggregate = np.median if self.regressor.aggregate == "median" else np.mean
+        point = self._to_tokens(aggregate(per_tree, axis=0), input_tokens)
+        upper = self._to_tokens(np.quantile(per_tree, tree_quantile, axis=0), input_tokens)
+        spread = tree_log_stats(self._tree_log_tokens(per_tree, input_tokens))[1]
+        result = predict_quantiles(
+            calibration,
+            log_point=np.log1p(np.maximum(point, 0.0)),
+            spread=spread,
+            groups=list(instructions),
+            log_input=np.log1p(np.asarray(input_tokens, dtype=np.float64)),
+            embeddings=x[:, : self.config.user_groups],
+            levels=levels,
+        )
+        if self.exact_lengths:
+            for i, (instruction, user_input) in enumerate(zip(instructions, inputs, strict=True)):
+                observed = self.exact_lengths.get(prompt_key(instruction, user_input))
+                if observed is not None:
+                    point[i] = upper[i] = observed
+        point = np.clip(np.rint(point), 1, self.config.max_tokens).astype(np.int64)
+        upper = np.maximum(np.clip(np.rint(upper), 1, self.config.max_tokens).astype(np.int64), point)
+        # floor: for integer lengths y <= q iff y <= floor(q); rounding up would over-cover short tasks
+        quantiles = np.clip(np.floor(result.quantiles), 1, self.config.max_tokens).astype(np.int64)
+        quantiles = np.maximum.accumulate(quantiles, axis=1)
+        is_upper = np.asarray(result.levels) >= 0.5
+        quantiles[:, is_upper] = np.maximum(quantiles[:, is_upper], point[:, None])
+        return point, upper, replace(result, quantiles=quantiles)
 
     @staticmethod
     def _exact_table(samples: Sequence[LengthSample]) -> dict[bytes, int]:

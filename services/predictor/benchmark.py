@@ -25,6 +25,7 @@ import numpy as np
 from services.core.dataset import TaskRow
 from services.core.encoders import sentence_memo_set_aside
 from services.core.length_model import LengthModel
+from services.predictor.config import PredictorSettings
 from services.predictor.predict import LengthQuery, predict_lengths
 from services.shared.tokenizer import TokenCounter, get_token_counter
 
@@ -47,11 +48,13 @@ def mixed_queries(rows: Sequence[TaskRow], num_queries: int) -> list[LengthQuery
     return queries
 
 
-def _timed_calls_s(model: LengthModel, batches: Sequence[Sequence[LengthQuery]], counter: TokenCounter) -> np.ndarray:
+def _timed_calls_s(
+    model: LengthModel, batches: Sequence[Sequence[LengthQuery]], counter: TokenCounter, levels: Sequence[float]
+) -> np.ndarray:
     durations_s = np.empty(len(batches))
     for i, batch in enumerate(batches):
         started_s = time.perf_counter()
-        predict_lengths(model, batch, counter)
+        predict_lengths(model, batch, counter, quantile_levels=levels)
         durations_s[i] = time.perf_counter() - started_s
     return durations_s
 
@@ -63,6 +66,7 @@ def benchmark(
     num_single: int = 300,
     num_batches: int = 60,
     counter: TokenCounter | None = None,
+    quantile_levels: Sequence[float] = PredictorSettings.model_fields["quantile_levels"].default,
 ) -> dict[str, Any]:
     """Single-request p50/p99 (ms) and batch-of-32 throughput (predictions/s) and p50 (ms).
 
@@ -70,6 +74,7 @@ def benchmark(
     instruction cache). Timed prompts are not repeated within the run (up to the number of rows)
     and the transformer's vector memo is emptied first, so no prompt's embedding is reused: the
     exact-match table only hits what it would hit in serving (held-out rows are not in it).
+    Calibrated quantiles at `quantile_levels` (the server's default) are computed as served.
     """
     counter = counter or get_token_counter()
     num_timed = num_single + num_batches * BATCH_SIZE
@@ -77,14 +82,15 @@ def benchmark(
     singles = [[q] for q in queries[:num_single]]
     batches = [queries[num_single + i * BATCH_SIZE : num_single + (i + 1) * BATCH_SIZE] for i in range(num_batches)]
     with sentence_memo_set_aside():
-        _timed_calls_s(model, [queries[num_timed : num_timed + 1], queries[num_timed + 1 :]], counter)
-        single_s = _timed_calls_s(model, singles, counter)
-        batch_s = _timed_calls_s(model, batches, counter)
+        _timed_calls_s(model, [queries[num_timed : num_timed + 1], queries[num_timed + 1 :]], counter, quantile_levels)
+        single_s = _timed_calls_s(model, singles, counter, quantile_levels)
+        batch_s = _timed_calls_s(model, batches, counter, quantile_levels)
     return {
         "single_p50_ms": round(float(np.median(single_s)) * 1e3, 3),
         "single_p99_ms": round(float(np.quantile(single_s, 0.99)) * 1e3, 3),
         "batch32_p50_ms": round(float(np.median(batch_s)) * 1e3, 3),
         "batch32_predictions_per_s": round(BATCH_SIZE * num_batches / float(batch_s.sum()), 1),
+        "quantile_levels": list(quantile_levels),
         "num_single": num_single,
         "num_batches": num_batches,
         "load_avg_1min_at_end": round(os.getloadavg()[0], 2),

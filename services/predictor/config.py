@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.core.encoders import EmbeddingSettings
@@ -39,7 +39,21 @@ class PredictorSettings(ServiceSettings, EmbeddingSettings):
         0.9, ge=0.5, le=1.0, description="Quantile of a forest's trees reported as predicted_tokens_upper "
         "(the batcher's magnus_pack plans with it); models without a spread report their point prediction."
     )
+    quantile_levels: tuple[float, ...] = Field(
+        (0.5, 0.9, 0.95),
+        description="Levels of the calibrated quantiles PredictLengths returns (strictly increasing, each "
+        "in (0, 1); env as a JSON list, e.g. [0.9]). Models without a calibration return none.",
+    )
     model_store_dir: Path = model_store_dir_field()
     load_retry_s: float = Field(
         5.0, gt=0, le=3600, description="While no model is loaded, seconds between load attempts."
     )
+
+    @field_validator("quantile_levels")
+    @classmethod
+    def _check_levels(cls, levels: tuple[float, ...]) -> tuple[float, ...]:
+        if not levels:
+            raise ValueError("quantile_levels needs at least one level")
+        if any(not 0.0 < q < 1.0 for q in levels) or list(levels) != sorted(set(levels)):
+            raise ValueError(f"quantile_levels must be strictly increasing levels in (0, 1), got {list(levels)}")
+        return levels

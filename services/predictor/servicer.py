@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from magnus.v1 import predictor_pb2
 from services.predictor.config import PredictorSettings
-from services.predictor.predict import LengthQuery, predict_lengths, validate_queries
+from services.predictor.predict import LengthPredictions, LengthQuery, predict_lengths, validate_queries
 from services.shared.model_store import ModelSlot
 from services.shared.tokenizer import TokenCounter, get_token_counter
 
@@ -30,14 +30,22 @@ class PredictorServicer:
         validate_queries(queries, self.settings)
         # Grab the model once: a LoadModel swap during this call must not mix two versions.
         loaded = self.slot.require()
-        predicted, upper, input_tokens = await asyncio.to_thread(self._predict, loaded.model, queries)
+        result = await asyncio.to_thread(self._predict, loaded.model, queries)
         return predictor_pb2.PredictLengthsResponse(
-            predicted_tokens=predicted,
-            input_tokens=input_tokens,
+            predicted_tokens=result.predicted_tokens,
+            input_tokens=result.input_tokens,
             model_version=loaded.info.version,
-            predicted_tokens_upper=upper,
+            predicted_tokens_upper=result.upper_tokens,
+            quantiles=[
+                predictor_pb2.LengthQuantile(level=level, tokens=tokens) for level, tokens in result.quantiles.items()
+            ],
+            uncertainty=result.uncertainty,
+            ood_score=result.ood_score,
+            is_out_of_distribution=result.is_ood,
         )
 
-    def _predict(self, model, queries: list[LengthQuery]) -> tuple[list[int], list[int], list[int]]:
+    def _predict(self, model, queries: list[LengthQuery]) -> LengthPredictions:
         # The counter is built lazily on first use (loading a vocabulary), so off the loop too.
-        return predict_lengths(model, queries, self.counter_factory(), self.settings.upper_quantile)
+        return predict_lengths(
+            model, queries, self.counter_factory(), self.settings.upper_quantile, self.settings.quantile_levels
+        )

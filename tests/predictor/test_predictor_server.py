@@ -79,6 +79,30 @@ async def test_predict_lengths_returns_predictions_and_model_version(start_repli
     assert list(response.predicted_tokens) == [205, 5 + 2 * prompt_tokens]
     # a model without a spread reports its prediction as the upper estimate
     assert list(response.predicted_tokens_upper) == list(response.predicted_tokens)
+    # ... and no calibrated quantiles: the fields are empty, not made up
+    assert list(response.quantiles) == [] and list(response.is_out_of_distribution) == []
+
+
+async def test_predict_lengths_returns_calibrated_quantiles_and_ood_flags(
+    start_replica, save_model, fake_static_cache
+) -> None:
+    from services.core.embedding_forest import SERVED_MODEL
+    from services.core.length_model import LengthSample, make_length_model
+
+    model = make_length_model(SERVED_MODEL, num_trees=20)
+    model.fit([LengthSample(i, f"text {n} " * (n % 5 + 1), n, n * (2 if i == "A" else 1) + n % 7)
+               for i in ("A", "B") for n in range(10, 250)])
+    await save_model(model)
+    replica = await start_replica(quantile_levels=(0.9, 0.99))
+    await replica.wait_for(SERVING)
+    response = await replica.predictor.PredictLengths(
+        predictor_pb2.PredictLengthsRequest(queries=[query("text 50 ", "A", 50), query("text 50 ", "unseen", 50)])
+    )
+    assert [q.level for q in response.quantiles] == [0.9, 0.99]
+    p90, p99 = (list(q.tokens) for q in response.quantiles)
+    assert all(point <= a <= b for point, a, b in zip(response.predicted_tokens, p90, p99, strict=True))
+    assert list(response.is_out_of_distribution) == [False, True]
+    assert len(response.uncertainty) == 2 and response.ood_score[1] > 1.0
 
 
 @pytest.mark.parametrize(

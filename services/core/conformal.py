@@ -1,0 +1,200 @@
+"""Calibrated upper quantiles and out-of-distribution flags for a forest's length predictions.
+
+Method: locally weighted split-conformal regression in log-token space, calibrated on the
+forest's out-of-bag rows (each training row is scored only by the trees that did not see it, as
+in jackknife+-after-bootstrap, so no rows are held back from the fit). A row's score is
+
+    r = (log1p(true tokens) - log1p(OOB point)) / spread,   spread = std of the trees' log1p tokens + floor
+
+and the q-quantile for a new request is expm1(log1p(point) + spread(x) * Q_q(r | its instruction)).
+One score distribution serves every level, so the levels are a serving setting, not a fit-time
+choice; the trees' spread makes the interval wider where the trees disagree; the per-instruction
+groups keep one task's tight errors from shrinking another's (coverage holds per task, not only
+on average). Why not CQR on the trees' quantiles: that needs one score per level, and the trees'
+spread of a median-aggregated forest is narrow and biased low, so its correction is most of the
+answer anyway.
+
+Out of distribution: an unseen instruction, an input length outside its group's range, or a user
+embedding farther from its group's centroid than its calibration rows' 99th percentile. Such a
+request is given the widest group's score quantile, times `ood_inflation`, at a spread no smaller
+than the median calibration spread: never a confident short guess. Pure numpy, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_LEVELS = (0.5, 0.9, 0.95)
+MIN_GROUP_ROWS = 30  # fewer calibration rows than this: the group uses the pooled scores
+LENGTH_MARGIN_LOG = math.log(1.5)  # input lengths within 1.5x of a group's range are in range
+DISTANCE_QUANTILE = 0.99
+
+
+def tree_log_stats(log_tokens: np.ndarray, is_used: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(median, std) over trees of (num_trees, n) log1p-token predictions; `is_used` masks trees
+    per row (out-of-bag rows); a row with no tree used gets NaN."""
+    if is_used is None:
+        return np.median(log_tokens, axis=0), log_tokens.std(axis=0)
+    masked = np.where(is_used, log_tokens, np.nan)
+    with warnings.catch_warnings():
+        # all-NaN columns (rows every tree saw) warn; the caller drops those rows
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(masked, axis=0), np.nanstd(masked, axis=0)
+
+
+def conformal_quantile(sorted_scores: np.ndarray, level: float) -> float:
+    """The split-conformal q-quantile: the ceil((n + 1) q)-th smallest score (the largest when
+    that exceeds n, a slight under-guarantee for levels near 1 on small groups)."""
+    n = len(sorted_scores)
+    if n == 0:
+        raise ValueError("no calibration scores")
+    k = min(n, max(1, math.ceil((n + 1) * level)))
+    return float(sorted_scores[k - 1])
+
+
+@dataclass(frozen=True)
+class GroupCalibration:
+    """One instruction's calibration: sorted scores, input-length range (log1p tokens), user
+    embedding centroid and the DISTANCE_QUANTILE of its rows' distances to it."""
+
+    scores: np.ndarray
+    log_input_low: float
+    log_input_high: float
+    centroid: np.ndarray
+    radius: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    groups: dict[str, GroupCalibration]
+    pooled_scores: np.ndarray
+    embed_scale: np.ndarray  # per-feature std of the embeddings, so distances are unit-free
+    median_spread: float
+    spread_floor: float
+    ood_inflation: float = 1.5
+    num_rows: int = 0
+
+    def score_quantiles(self, levels: Sequence[float]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """({group: (L,) score quantiles}, (L,) the widest group's, for OOD rows)."""
+        per_group = {}
+        for name, group in self.groups.items():
+            scores = group.scores if len(group.scores) >= MIN_GROUP_ROWS else self.pooled_scores
+            per_group[name] = np.array([conformal_quantile(scores, q) for q in levels])
+        pooled = np.array([conformal_quantile(self.pooled_scores, q) for q in levels])
+        widest = np.max(np.vstack([pooled, *per_group.values()]), axis=0)
+        return per_group, widest
+
+
+@dataclass(frozen=True)
+class QuantilePrediction:
+    """Per request: `quantiles` (n, L) tokens at `levels`; `uncertainty` the spread of log1p
+    tokens used (~ relative error, unitless); `ood_score` >= 0 (> 1 = beyond the training range);
+    `is_ood` the flag."""
+
+    levels: tuple[float, ...]
+    quantiles: np.ndarray
+    uncertainty: np.ndarray
+    ood_score: np.ndarray
+    is_ood: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+def calibrate(
+    *,
+    log_true: np.ndarray,
+    log_point: np.ndarray,
+    spread: np.ndarray,
+    groups: Sequence[str],
+    log_input: np.ndarray,
+    embeddings: np.ndarray,
+    spread_floor: float = 0.05,
+    ood_inflation: float = 1.5,
+) -> Calibration:
+    """Calibration from out-of-bag rows (log1p tokens; `spread` without the floor). Rows with a
+    NaN point (no out-of-bag tree) are dropped."""
+    keep = np.isfinite(log_point) & np.isfinite(spread)
+    if not keep.any():
+        raise ValueError("no calibration rows")
+    groups_arr = np.asarray(groups, dtype=object)[keep]
+    log_true, log_point, spread = log_true[keep], log_point[keep], spread[keep] + spread_floor
+    log_input, embeddings = log_input[keep], embeddings[keep]
+    scores = (log_true - log_point) / spread
+    scale = embeddings.std(axis=0) + 1e-6
+    built = {}
+    for name in sorted(set(groups_arr)):
+        rows = groups_arr == name
+        unit = embeddings[rows] / scale
+        centroid = unit.mean(axis=0)
+        distances = np.linalg.norm(unit - centroid, axis=1)
+        built[name] = GroupCalibration(
+            scores=np.sort(scores[rows]),
+            log_input_low=float(log_input[rows].min()),
+            log_input_high=float(log_input[rows].max()),
+            centroid=centroid,
+            radius=float(np.quantile(distances, DISTANCE_QUANTILE)) + 1e-6,
+        )
+    return Calibration(
+        groups=built,
+        pooled_scores=np.sort(scores),
+        embed_scale=scale,
+        median_spread=float(np.median(spread)),
+        spread_floor=spread_floor,
+        ood_inflation=ood_inflation,
+        num_rows=int(keep.sum()),
+    )
+
+
+def predict_quantiles(
+    calibration: Calibration,
+    *,
+    log_point: np.ndarray,
+    spread: np.ndarray,
+    groups: Sequence[str],
+    log_input: np.ndarray,
+    embeddings: np.ndarray,
+    levels: Sequence[float],
+) -> QuantilePrediction:
+    """Calibrated quantiles (tokens, float, not yet clipped) and OOD flags for n requests."""
+    levels = tuple(float(q) for q in levels)
+    if any(not 0.0 < q < 1.0 for q in levels):
+        raise ValueError(f"quantile levels must be in (0, 1), got {levels}")
+    if list(levels) != sorted(set(levels)):
+        raise ValueError(f"quantile levels must be strictly increasing, got {levels}")
+    per_group, widest = calibration.score_quantiles(levels)
+    n = len(log_point)
+    ood_score = np.zeros(n)
+    is_ood = np.zeros(n, dtype=bool)
+    score_q = np.empty((n, len(levels)))
+    unit = embeddings / calibration.embed_scale
+    for i, name in enumerate(groups):
+        group = calibration.groups.get(name)
+        if group is None:
+            distance = min(
+                (np.linalg.norm(unit[i] - g.centroid) / g.radius for g in calibration.groups.values()), default=np.inf
+            )
+            ood_score[i], is_ood[i] = 1.0 + distance, True  # unseen: past the edge by construction
+            continue
+        distance = float(np.linalg.norm(unit[i] - group.centroid) / group.radius)
+        below = (group.log_input_low - LENGTH_MARGIN_LOG) - log_input[i]
+        above = log_input[i] - (group.log_input_high + LENGTH_MARGIN_LOG)
+        length_score = 1.0 + max(below, above, -1.0)  # > 1 only outside the widened range
+        ood_score[i] = max(distance, length_score)
+        is_ood[i] = ood_score[i] > 1.0
+        score_q[i] = per_group[name]
+    total_spread = spread + calibration.spread_floor
+    if is_ood.any():
+        total_spread[is_ood] = np.maximum(total_spread[is_ood], calibration.median_spread)
+        inflated = np.where(widest > 0, widest * calibration.ood_inflation, widest)
+        score_q[is_ood] = inflated
+    log_q = log_point[:, None] + total_spread[:, None] * score_q
+    return QuantilePrediction(
+        levels=levels,
+        quantiles=np.expm1(np.maximum(log_q, 0.0)),
+        uncertainty=total_spread,
+        ood_score=ood_score,
+        is_ood=is_ood,
+    )
