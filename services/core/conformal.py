@@ -70,6 +70,17 @@ class GroupCalibration:
 
 
 @dataclass(frozen=True)
+class _Lookup:
+    index: dict[str, int]
+    scores: np.ndarray  # (groups, levels)
+    widest: np.ndarray  # (levels,)
+    centroids: np.ndarray
+    radii: np.ndarray
+    log_input_low: np.ndarray
+    log_input_high: np.ndarray
+
+
+@dataclass(frozen=True)
 class Calibration:
     groups: dict[str, GroupCalibration]
     pooled_scores: np.ndarray
@@ -78,6 +89,23 @@ class Calibration:
     spread_floor: float
     ood_inflation: float = 1.5
     num_rows: int = 0
+
+    def lookup(self, levels: tuple[float, ...]) -> _Lookup:
+        """The per-group arrays predict_quantiles needs at `levels`, built once per levels tuple."""
+        cache = self.__dict__.setdefault("_lookups", {})
+        if levels not in cache:
+            per_group, widest = self.score_quantiles(levels)
+            names = sorted(self.groups)
+            cache[levels] = _Lookup(
+                index={name: i for i, name in enumerate(names)},
+                scores=np.array([per_group[name] for name in names]).reshape(len(names), len(levels)),
+                widest=widest,
+                centroids=np.array([self.groups[name].centroid for name in names]),
+                radii=np.array([self.groups[name].radius for name in names]),
+                log_input_low=np.array([self.groups[name].log_input_low for name in names]),
+                log_input_high=np.array([self.groups[name].log_input_high for name in names]),
+            )
+        return cache[levels]
 
     def score_quantiles(self, levels: Sequence[float]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """({group: (L,) score quantiles}, (L,) the widest group's, for OOD rows)."""
@@ -164,32 +192,26 @@ def predict_quantiles(
         raise ValueError(f"quantile levels must be in (0, 1), got {levels}")
     if list(levels) != sorted(set(levels)):
         raise ValueError(f"quantile levels must be strictly increasing, got {levels}")
-    per_group, widest = calibration.score_quantiles(levels)
-    n = len(log_point)
-    ood_score = np.zeros(n)
-    is_ood = np.zeros(n, dtype=bool)
-    score_q = np.empty((n, len(levels)))
+    table = calibration.lookup(levels)
+    index = np.array([table.index.get(name, -1) for name in groups], dtype=np.int64)
+    is_seen = index >= 0
     unit = embeddings / calibration.embed_scale
-    for i, name in enumerate(groups):
-        group = calibration.groups.get(name)
-        if group is None:
-            distance = min(
-                (np.linalg.norm(unit[i] - g.centroid) / g.radius for g in calibration.groups.values()), default=np.inf
-            )
-            ood_score[i], is_ood[i] = 1.0 + distance, True  # unseen: past the edge by construction
-            continue
-        distance = float(np.linalg.norm(unit[i] - group.centroid) / group.radius)
-        below = (group.log_input_low - LENGTH_MARGIN_LOG) - log_input[i]
-        above = log_input[i] - (group.log_input_high + LENGTH_MARGIN_LOG)
-        length_score = 1.0 + max(below, above, -1.0)  # > 1 only outside the widened range
-        ood_score[i] = max(distance, length_score)
-        is_ood[i] = ood_score[i] > 1.0
-        score_q[i] = per_group[name]
+    # (n, groups) distance to every centroid in units of that group's radius
+    distance = np.linalg.norm(unit[:, None, :] - table.centroids[None, :, :], axis=2) / table.radii[None, :]
+    own = np.where(is_seen, distance[np.arange(len(index)), np.maximum(index, 0)], np.inf)
+    safe = np.maximum(index, 0)
+    below = (table.log_input_low[safe] - LENGTH_MARGIN_LOG) - log_input
+    above = log_input - (table.log_input_high[safe] + LENGTH_MARGIN_LOG)
+    length_score = 1.0 + np.maximum(np.maximum(below, above), -1.0)  # > 1 only outside the widened range
+    # an unseen instruction is past the edge by construction: 1 + its nearest centroid's distance
+    ood_score = np.where(is_seen, np.maximum(own, length_score), 1.0 + distance.min(axis=1, initial=np.inf))
+    is_ood = ood_score > 1.0
+    score_q = table.scores[safe]
     total_spread = spread + calibration.spread_floor
     if is_ood.any():
         total_spread[is_ood] = np.maximum(total_spread[is_ood], calibration.median_spread)
-        inflated = np.where(widest > 0, widest * calibration.ood_inflation, widest)
-        score_q[is_ood] = inflated
+        widest = table.widest
+        score_q[is_ood] = np.where(widest > 0, widest * calibration.ood_inflation, widest)
     log_q = log_point[:, None] + total_spread[:, None] * score_q
     return QuantilePrediction(
         levels=levels,
