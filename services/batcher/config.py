@@ -102,6 +102,12 @@ class BatcherSettings(ServiceSettings):
         0.002, ge=0, description="How long admissions wait to share one PredictLengths call, s."
     )
     predictor_max_batch: int = Field(256, ge=1, description="Most queries in one PredictLengths call.")
+    plan_quantile: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Plan each request at the predictor's calibrated quantile of this "
+        "level (one of MAGNUS_PREDICTOR_QUANTILE_LEVELS, e.g. 0.9) instead of its point prediction; unset "
+        "(the default) = the point prediction, as the paper plans. A predictor without that level is planned "
+        "at its point prediction.",
+    )
     estimator_deadline_s: float = Field(0.5, gt=0, description="Deadline of an EstimateBatchTime call, s.")
     estimate_idle_s: float = Field(0.5, gt=0, description="Estimate refresh period when nothing changes, s.")
     drain_timeout_s: float = Field(

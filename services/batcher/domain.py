@@ -44,6 +44,15 @@ class Prediction:
     model_version: int
     is_fallback: bool
     upper_tokens: int | None = None  # the predictor's upper estimate (>= predicted), when it gave one
+    # The predictor's calibrated quantile at MAGNUS_BATCHER_PLAN_QUANTILE, when that is set and the
+    # predictor gave that level; requests are then planned with it (see `planning_tokens`).
+    quantile_tokens: int | None = None
+
+    @property
+    def planning_tokens(self) -> int:
+        """The length the policy plans with, tokens: the plan quantile where there is one, else the
+        point prediction (which stays what is logged and what the trainer scores)."""
+        return self.predicted_tokens if self.quantile_tokens is None else self.quantile_tokens
 
 
 @dataclass(frozen=True)

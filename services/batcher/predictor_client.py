@@ -27,6 +27,17 @@ def fallback_prediction(input_tokens: int, max_new_tokens: int) -> Prediction:
     return Prediction(input_tokens, max(1, input_tokens), 0, True)
 
 
+def plan_quantile_tokens(response: predictor_pb2.PredictLengthsResponse, level: float | None) -> list[int] | None:
+    """The response's calibrated quantile at `level`, tokens per query; None when no level is asked
+    for or the predictor did not give it (an older predictor, a model without calibration)."""
+    if level is None:
+        return None
+    for quantile in response.quantiles:
+        if abs(quantile.level - level) < 1e-6 and len(quantile.tokens) == len(response.predicted_tokens):
+            return list(quantile.tokens)
+    return None
+
+
 @dataclass
 class _Query:
     instruction: str
@@ -39,7 +50,16 @@ class _Query:
 class PredictionCoalescer:
     """Collects queries for up to `window_s` (or `max_batch` queries) and predicts them at once."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, window_s: float, max_batch: int, deadline_s: float) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        window_s: float,
+        max_batch: int,
+        deadline_s: float,
+        plan_quantile: float | None = None,
+    ) -> None:
+        self._plan_quantile = plan_quantile  # level whose calibrated quantile requests are planned at
         self._stub = predictor_pb2_grpc.PredictorServiceStub(channel)
         self._window_s = window_s
         self._max_batch = max_batch
@@ -79,10 +99,12 @@ class PredictionCoalescer:
             response = await self._stub.PredictLengths(request, timeout=self._deadline_s)
             # a predictor older than the upper field sends none: plan with the point prediction
             uppers = list(response.predicted_tokens_upper) or [None] * len(queries)
+            quantiles = plan_quantile_tokens(response, self._plan_quantile) or [None] * len(queries)
             predictions = [
                 Prediction(q.input_tokens, max(1, int(tokens)), response.model_version, False,
-                           None if upper is None else max(1, int(upper)))
-                for q, tokens, upper in zip(queries, response.predicted_tokens, uppers, strict=True)
+                           None if upper is None else max(1, int(upper)),
+                           None if quantile is None else max(1, int(quantile)))
+                for q, tokens, upper, quantile in zip(queries, response.predicted_tokens, uppers, quantiles, strict=True)
             ]
             if not self.is_predictor_up:
                 log.info("predictor is back (model version %d)", response.model_version)

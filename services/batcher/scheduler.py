@@ -121,7 +121,7 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
         self.check_capacity(request.generation.tenant_id)
         budget = self.memory_budget()
         gen_tokens = self.policy.planned_gen_tokens(
-            predicted_tokens=request.prediction.predicted_tokens,
+            predicted_tokens=request.prediction.planning_tokens,
             upper_tokens=request.prediction.upper_tokens,
             max_new_tokens=request.generation.max_new_tokens,
         )

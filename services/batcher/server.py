@@ -86,6 +86,7 @@ async def serve(settings: BatcherSettings) -> None:
         window_s=settings.predictor_window_s,
         max_batch=settings.predictor_max_batch,
         deadline_s=settings.predictor_deadline_s,
+        plan_quantile=settings.plan_quantile,
     )
     refresher = EstimateRefresher(
         scheduler, estimator_channel, deadline_s=settings.estimator_deadline_s, idle_s=settings.estimate_idle_s
