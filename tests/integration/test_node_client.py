@@ -56,7 +56,12 @@ def test_node_generate_stream_reports_every_phase(full_stack):
     )
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [e["phase"] for e in events] == ["REQUEST_PHASE_QUEUED", "REQUEST_PHASE_STARTED", "REQUEST_PHASE_FINISHED"]
+    phases = [e["phase"] for e in events]
+    # QUEUED, STARTED, the text as TOKENS events, FINISHED
+    assert phases[:2] == ["REQUEST_PHASE_QUEUED", "REQUEST_PHASE_STARTED"] and phases[-1] == "REQUEST_PHASE_FINISHED"
+    assert set(phases[2:-1]) == {"REQUEST_PHASE_TOKENS"}
+    deltas = "".join(e.get("textDelta", e.get("text_delta", "")) for e in events if e["phase"] == "REQUEST_PHASE_TOKENS")
+    assert deltas == events[-1]["result"]["text"]
     assert len({e["request_id"] for e in events}) == 1
     assert 1 <= events[-1]["result"]["generated_tokens"] <= 4
 

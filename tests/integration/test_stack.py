@@ -112,11 +112,12 @@ def test_generate_stream_reports_lifecycle(full_stack):
 
     events = asyncio.run(stream())
     phases = [e.phase for e in events]
-    assert phases == [
-        generation_pb2.REQUEST_PHASE_QUEUED,
-        generation_pb2.REQUEST_PHASE_STARTED,
-        generation_pb2.REQUEST_PHASE_FINISHED,
-    ]
+    # QUEUED, STARTED, the decoded text as TOKENS events (at least the final rest of it), FINISHED
+    assert phases[:2] == [generation_pb2.REQUEST_PHASE_QUEUED, generation_pb2.REQUEST_PHASE_STARTED]
+    assert phases[-1] == generation_pb2.REQUEST_PHASE_FINISHED
+    assert set(phases[2:-1]) == {generation_pb2.REQUEST_PHASE_TOKENS}
+    deltas = [e for e in events if e.phase == generation_pb2.REQUEST_PHASE_TOKENS]
+    assert "".join(e.text_delta for e in deltas) == events[-1].result.text
     assert events[-1].result.generated_tokens <= 5 and events[-1].result.request_id == events[0].request_id
 
 
