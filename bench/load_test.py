@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import sqlite3
@@ -200,6 +201,7 @@ def main() -> int:
         for r in requests
     ]
     sampler = RssSampler(stack)
+    load_avg_before = os.getloadavg()[0]
     stack.start_all()
     try:
         stack.wait_healthy(timeout_s=180)
@@ -232,6 +234,7 @@ def main() -> int:
         "command": " ".join(["python", *sys.argv]),
         **{p.name: summarize(p) for p in phases},
         "overload_deadline_s": args.deadline_s,
+        "load_avg_1m_before_and_after": [load_avg_before, os.getloadavg()[0]],
         "overload_gone_callers": gone_callers(workdir / "log.db", overload),
         "peak_rss_bytes": dict(sampler.peak_bytes),
     }

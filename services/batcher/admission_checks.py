@@ -13,6 +13,7 @@ from services.batcher.domain import PendingRequest
 from services.batcher.policy.batch import Member
 from services.batcher.policy.rules import MemoryBudget, memory_bytes
 from services.batcher.policy.wait import (
+    littles_wait_s,
     own_run_s,
     queue_wait_s,
     queued_work_s,
@@ -85,7 +86,8 @@ class AdmissionChecks:
         queued_s = learned.predict_total_s(self.open_batches.columns)
         if queued_s is None:
             queued_s = scale * queued_work_s(self.open_batches.columns)
-        wait_s = queue_wait_s(running_s + queued_s, self._num_lanes())
+        wait_s = max(queue_wait_s(running_s + queued_s, self._num_lanes()),
+                     littles_wait_s(len(self.pending), self.completion_rate.per_s(now_s)))
         run_s = learned.predict_s(1, request.input_tokens_now, gen_tokens)
         if run_s is None:
             run_s = scale * own_run_s(request.input_tokens_now, gen_tokens)

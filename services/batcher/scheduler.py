@@ -39,7 +39,7 @@ from services.batcher.policy.placement import WorkerLoad, free_kv_now, pick_work
 from services.batcher.policy.rules import MemoryBudget
 from services.batcher.policy.split import split_batch
 from services.batcher.policy.run_time import RunTimeModel
-from services.batcher.policy.wait import misses_deadline, updated_scale
+from services.batcher.policy.wait import CompletionRate, misses_deadline, updated_scale
 from services.shared.errors import Internal
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
         self.run_time_scale = 1.0  # actual / estimated run time of completed batches (policy/wait.py)
         self.num_scale_samples = 0
         self.run_time_model = RunTimeModel()  # run time by batch shape, learned from completions
+        self.completion_rate = CompletionRate()  # requests answered per second, lately
         self._is_dispatch_scheduled = False
         self.on_change: Callable[[], None] = lambda: None  # e.g. wake the estimate refresher
         metrics.track_scheduler(self)
@@ -243,6 +244,7 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
         self.num_scale_samples += 1
         actual_gen_max = max((o.generated_tokens for o in report.outputs), default=0)
         self.run_time_model.observe(lease.batch.size, lease.batch.input_tokens_max, actual_gen_max, report.run_s)
+        self.completion_rate.add(self.clock.monotonic_s(), len(results))
         self.log_sink.add_batch(
             batch_row(lease, outcome="ok", finished_at=finished_at, report=report, actual_gen_tokens_max=actual_gen_max)
         )

@@ -83,3 +83,15 @@ def test_a_batch_too_slow_for_its_tightest_deadline_is_split_at_lease_time() -> 
         assert len(scheduler.pending) == 32  # the rest is requeued, not dropped
     finally:
         loop.close()
+
+
+def test_completion_rate_and_littles_wait() -> None:
+    from services.batcher.policy.wait import CompletionRate, littles_wait_s
+
+    rate = CompletionRate(window_s=10.0)
+    assert rate.per_s(0.0) is None and littles_wait_s(50, None) == 0.0  # nothing measured: no opinion
+    for t in range(21):  # 4 requests answered every second for 20 s
+        rate.add(float(t), 4)
+    assert rate.per_s(20.0) == pytest.approx(4.0)
+    assert littles_wait_s(20, rate.per_s(20.0)) == pytest.approx(5.0)
+    assert rate.per_s(40.0) is None  # all of it older than the window

@@ -14,6 +14,8 @@ admitted in vain is dropped from the queue when its caller leaves).
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 from services.batcher.policy.columns import BatchColumns
@@ -85,3 +87,36 @@ def misses_deadline(run_s: float, now_s: float, deadlines_s: list[float | None])
     lease time: a batch grows after each member's admission check, so only the lease sees its size."""
     tightest_s = min((d for d in deadlines_s if d is not None), default=None)
     return tightest_s is not None and now_s + run_s > tightest_s
+
+
+class CompletionRate:
+    """Requests answered per second over the last `window_s` seconds (times passed in: pure).
+
+    The second opinion of deadline-aware admission (Little's law): a new request waits about
+    pending / rate, whatever the estimates say. Under overload the estimates err (the rows a batch
+    will gain, halves split off at lease time, a machine slowed by its neighbours) while the measured
+    rate already contains all of it.
+    """
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self._window_s = window_s
+        self._events: deque[tuple[float, int]] = deque()  # (monotonic s, requests answered)
+
+    def add(self, now_s: float, num_requests: int) -> None:
+        self._events.append((now_s, num_requests))
+        while self._events and self._events[0][0] < now_s - self._window_s:
+            self._events.popleft()
+
+    def per_s(self, now_s: float) -> float | None:
+        """The rate, or None with fewer than two completions or under a second between them."""
+        events = [e for e in self._events if e[0] >= now_s - self._window_s]
+        if len(events) < 2 or now_s - events[0][0] < 1.0:
+            return None
+        return sum(n for _, n in events[1:]) / (now_s - events[0][0])
+
+
+def littles_wait_s(num_pending: int, completions_per_s: float | None) -> float:
+    """Seconds until the pending requests ahead are answered at the measured rate; 0 when unknown."""
+    if not completions_per_s:
+        return 0.0
+    return num_pending / completions_per_s
