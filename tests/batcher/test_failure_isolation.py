@@ -4,15 +4,12 @@ that leave while their request runs, and a restarted worker's leases."""
 from __future__ import annotations
 
 import asyncio
-import time
-from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.batcher.domain import BatchReport, GenerationInput, ItemOutput, Lease, PendingRequest, Prediction, WorkerInfo
-from services.batcher.policy.config import make_policy
+from services.batcher.domain import BatchReport, ItemOutput
 from services.batcher.policy.split import FailureAction, after_failure
 from services.batcher.policy.wait import (
     MAX_SCALE,
@@ -22,63 +19,8 @@ from services.batcher.policy.wait import (
     updated_scale,
     wait_excess_s,
 )
-from services.batcher.scheduler import Clock, Scheduler, SchedulerLimits
 from services.shared.errors import Internal, InvalidArgument, ResourceExhausted
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def clock(self) -> Clock:
-        return Clock(monotonic_s=lambda: self.now_s, wall=lambda: datetime.now(UTC))
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.batches: list[dict] = []
-
-    def add_request(self, row) -> None:
-        self.requests.append(row)
-
-    def add_batch(self, row) -> None:
-        self.batches.append(row)
-
-
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield loop
-    loop.close()
-    asyncio.set_event_loop(None)
-
-
-def make_request(i: int, loop, *, now_s: float = 1000.0, max_new: int = 16, deadline_s: float | None = None):
-    return PendingRequest(
-        request_id=f"r{i}", generation=GenerationInput("do", f"input {i}", max_new, "", "t"),
-        prediction=Prediction(input_tokens=20, predicted_tokens=max_new, model_version=1, is_fallback=False),
-        prompt=f"prompt {i}", arrival_s=now_s, queued_at=datetime.now(UTC), future=loop.create_future(),
-        deadline_s=deadline_s,
-    )
-
-
-def worker(worker_id: str = "w", *, context: int = 0, incarnation: str = "", max_batch_size: int = 0) -> WorkerInfo:
-    return WorkerInfo(worker_id, 1, 2**40, max_batch_size, "m", "cpu", 0.0, max_context_tokens=context,
-                      incarnation_id=incarnation)
-
-
-def scheduler_with(fake: FakeClock, policy: str = "vs", **limits) -> tuple[Scheduler, Sink]:
-    sink = Sink()
-    config = make_policy(policy, phi_token_reads=1e4, fixed_batch_size=32, max_batch_size=None)
-    return Scheduler(config, SchedulerLimits(**limits), fake.clock(), sink), sink
-
-
-def lease(scheduler: Scheduler, worker_id: str = "w") -> Lease:
-    pulled = scheduler.pull(worker_id)
-    assert isinstance(pulled, Lease), "a batch was queued"
-    return pulled
+from tests.batcher.scheduler_support import FakeClock, lease, make_request, scheduler_with, worker
 
 
 # ---- the pure decision ---------------------------------------------------------------------------

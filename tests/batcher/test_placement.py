@@ -8,28 +8,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.batcher.domain import GenerationInput, Lease, PendingRequest, Prediction, WorkerInfo
+from services.batcher.domain import Lease, PendingRequest, WorkerInfo
 from services.batcher.policy.placement import WorkerLoad, free_kv_now, pick_worker
 from services.batcher.policy.registry import make_policy
 from services.batcher.scheduler import Clock, Scheduler, SchedulerLimits
+from tests.batcher.scheduler_support import Sink, make_request
 
 INPUT_TOKENS, GEN_TOKENS = 20, 100
 ROW_BYTES = INPUT_TOKENS + GEN_TOKENS  # Delta = 1 byte per token: one request's KV at its last step
 BIG_ROWS, SMALL_ROWS = 16, 4
-
-
-class Sink:
-    def add_request(self, row) -> None: ...
-    def add_batch(self, row) -> None: ...
-
-
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield loop
-    loop.close()
-    asyncio.set_event_loop(None)
 
 
 # ---- the pure rule -------------------------------------------------------------------------------
@@ -62,12 +49,7 @@ def test_free_kv_now_is_theta_less_each_open_lease():
 # ---- the Scheduler with two workers ----------------------------------------------------------------
 
 def request(i: int, loop) -> PendingRequest:
-    return PendingRequest(
-        request_id=f"r{i}", generation=GenerationInput("do", f"input {i}", 512, "", "t"),
-        prediction=Prediction(input_tokens=INPUT_TOKENS, predicted_tokens=GEN_TOKENS, model_version=1,
-                              is_fallback=False),
-        prompt=f"prompt {i}", arrival_s=float(i), queued_at=datetime.now(UTC), future=loop.create_future(),
-    )
+    return make_request(i, loop, now_s=float(i), max_new=512, predicted_tokens=GEN_TOKENS, input_tokens=INPUT_TOKENS)
 
 
 def two_worker_scheduler(policy_name: str) -> Scheduler:

@@ -52,7 +52,7 @@ def test_deadline_rule() -> None:
 
 
 def test_a_batch_too_slow_for_its_tightest_deadline_is_split_at_lease_time() -> None:
-    from tests.batcher.test_failure_isolation import FakeClock, lease, make_request, scheduler_with, worker
+    from tests.batcher.scheduler_support import FakeClock, lease, make_request, scheduler_with, worker
 
     from services.batcher.domain import BatchReport, ItemOutput
 

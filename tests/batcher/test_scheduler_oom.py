@@ -6,49 +6,24 @@ lease_recovery.py itself; the second test checks that a run with a tight memory 
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 
 import numpy as np
-import pytest
 
 from services.batcher import metrics
-from services.batcher.domain import GenerationInput, Lease, PendingRequest, Prediction, WorkerInfo
+from services.batcher.domain import PendingRequest, WorkerInfo
 from services.batcher.policy.config import make_policy
 from services.batcher.scheduler import Clock, Scheduler, SchedulerLimits
 from services.batcher.simulate.cost_model import make_cost_model
 from services.batcher.simulate.engine import Hardware, Simulation, fit_estimator
 from services.batcher.simulate.workload import Workload, poisson_arrivals_s
 from services.shared.errors import ResourceExhausted
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.batches: list[dict] = []
-
-    def add_request(self, row) -> None:
-        self.requests.append(row)
-
-    def add_batch(self, row) -> None:
-        self.batches.append(row)
-
-
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield loop
-    loop.close()
-    asyncio.set_event_loop(None)
+from tests.batcher.scheduler_support import Sink, make_request
+from tests.batcher.scheduler_support import lease as pulled
 
 
 def request(i: int, loop, gen_tokens: int) -> PendingRequest:
-    return PendingRequest(
-        request_id=f"r{i}", generation=GenerationInput("do", f"input {i}", 512, "", "t"),
-        prediction=Prediction(input_tokens=20, predicted_tokens=gen_tokens, model_version=1, is_fallback=False),
-        prompt=f"prompt {i}", arrival_s=float(i), queued_at=datetime.now(UTC), future=loop.create_future(),
-    )
+    return make_request(i, loop, now_s=float(i), max_new=512, predicted_tokens=gen_tokens)
 
 
 def abp_scheduler(sink: Sink) -> Scheduler:
@@ -56,12 +31,6 @@ def abp_scheduler(sink: Sink) -> Scheduler:
     scheduler = Scheduler(policy, SchedulerLimits(), Clock(lambda: 10.0, lambda: datetime.now(UTC)), sink)
     scheduler.register(WorkerInfo("w", 1, 2**40, 0, "m", "cpu", 0.0))
     return scheduler
-
-
-def pulled(scheduler: Scheduler) -> Lease:
-    lease = scheduler.pull("w")
-    assert isinstance(lease, Lease), "a batch was queued"
-    return lease
 
 
 def test_an_oom_splits_the_batch_into_sealed_halves_queued_ahead_of_newer_work(loop):
