@@ -12,6 +12,7 @@ import torch
 
 from services.worker.paged import attention
 from services.worker.paged.kv_blocks import BlockPool
+from tests.worker.paged_support import needs_triton, triton_device
 
 
 def ragged_case(seed: int, *, batch: int, heads: int, kv_heads: int, head_dim: int = 16, block_tokens: int = 4,
@@ -59,20 +60,12 @@ def test_reference_ignores_what_lies_past_each_length():
     torch.testing.assert_close(attention.paged_decode_attention_reference(*args), before)
 
 
-def _triton_device():
-    if attention.triton is None:
-        return None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu") if attention.IS_INTERPRETED else None
-
-
-@pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or TRITON_INTERPRET=1")
+@needs_triton
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (7, 1)])
 @pytest.mark.parametrize("num_splits,prefetch,use_dot", [(1, False, True), (3, False, True), (1, True, True),
                                                           (3, True, False), (1, False, False)])
 def test_triton_kernel_equals_reference(heads, kv_heads, num_splits, prefetch, use_dot):
-    device = _triton_device()
+    device = triton_device()
     case = ragged_case(7, batch=4, heads=heads, kv_heads=kv_heads, head_dim=16, block_tokens=4,
                        max_tokens=70, dtype=torch.float32, device=device)
     args = (case["q"], case["k_cache"], case["v_cache"], case["tables"], case["lens"], 0.25)

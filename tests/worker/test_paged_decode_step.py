@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from services.worker.paged import attention
 from services.worker.paged.decode_step import GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights
 from services.worker.paged.kv_blocks import BlockPool
+from tests.worker.paged_support import needs_triton, triton_device
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, rms_norm_eps=1e-6)
@@ -88,18 +89,10 @@ def test_padding_rows_change_no_live_row():
         torch.testing.assert_close(a, b)
 
 
-def _triton_device():
-    if attention.triton is None:
-        return None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu") if attention.IS_INTERPRETED else None
-
-
-@pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or TRITON_INTERPRET=1")
+@needs_triton
 @pytest.mark.parametrize("kind,kv_layout", [("llama", "token_major"), ("qwen2", "head_major")])
 def test_triton_step_equals_torch_step(kind, kv_layout):
-    device = _triton_device()
+    device = triton_device()
     model = tiny_model(kind)
     config = PagedModelConfig.from_hf(model.config)
     weights = PagedWeights.from_hf(model.to(device))

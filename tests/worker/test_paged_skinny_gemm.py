@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.worker.paged import attention
 from services.worker.paged.skinny_gemm import linear
+from tests.worker.paged_support import needs_triton, triton_device
 
 
 def test_without_launch_is_torch():
@@ -16,19 +16,11 @@ def test_without_launch_is_torch():
     torch.testing.assert_close(linear(x, w), x @ w.T)
 
 
-def _triton_device():
-    if attention.triton is None:
-        return None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu") if attention.IS_INTERPRETED else None
-
-
-@pytest.mark.skipif(_triton_device() is None, reason="needs Triton on a GPU or TRITON_INTERPRET=1")
+@needs_triton
 @pytest.mark.parametrize("rows", [1, 5, 16, 40])
 @pytest.mark.parametrize("has_bias,has_residual", [(False, False), (True, False), (False, True)])
 def test_triton_equals_torch(rows, has_bias, has_residual):
-    device = _triton_device()
+    device = triton_device()
     gen = torch.Generator().manual_seed(rows)
     width, depth = 72, 64  # width not a multiple of block_n: the column mask is exercised
     x = torch.randn(rows, depth, generator=gen).to(device)
@@ -41,8 +33,8 @@ def test_triton_equals_torch(rows, has_bias, has_residual):
 
 
 def test_refuses_rows_it_was_not_built_for():
-    if _triton_device() is None:
+    if triton_device() is None:
         pytest.skip("the Triton path only")
-    x = torch.randn(65, 32, device=_triton_device())
+    x = torch.randn(65, 32, device=triton_device())
     with pytest.raises(ValueError):
         linear(x, torch.randn(8, 32, device=x.device), launch=dict(block_n=32, block_k=32))
