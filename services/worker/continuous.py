@@ -21,10 +21,8 @@ One ContinuousBatcher per engine: it owns the pool while it runs.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -35,11 +33,11 @@ from services.worker.engine import (
     BatchOutOfMemory,
     BatchRejected,
     EngineItem,
-    ItemOutput,
     StaticBatchEngine,
     is_out_of_memory,
 )
 from services.worker import metrics
+from services.worker.engine_thread import ContinuousResult, EngineThread, finished_result, resolve
 from services.worker.fast_decoder import DecodeState
 from services.worker.continuous_plan import (
     JOIN_DEFER_MAX_STEPS,
@@ -91,14 +89,6 @@ class _Stats:
                 f"{max(0.0, wall_s - self.step_s - self.prefill_s):.1f} s in neither (host work or idle)")
 
 
-@dataclass(frozen=True)
-class ContinuousResult:
-    output: ItemOutput
-    run_s: float  # submit to finish, seconds
-    queued_s: float  # submit to joining a row, seconds
-    total_tokens: int  # decode steps the request held a row = output.generated_tokens
-
-
 @dataclass
 class _Pending:
     item: EngineItem
@@ -127,10 +117,11 @@ class _Row:
         return self.prefilled_tokens + len(self.generated)
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(EngineThread):
     """Keeps up to `slots` requests decoding; `submit` from any thread, results arrive as futures."""
 
     def __init__(self, engine: StaticBatchEngine, slots: int) -> None:
+        super().__init__("continuous batcher")
         if engine.static is None:
             raise ValueError("continuous batching needs the static backend (backend='static', a Llama-family model)")
         if slots < 1:
@@ -143,8 +134,6 @@ class ContinuousBatcher:
                 f"{slots} slots leave {self.row_capacity_tokens} tokens of KV per row "
                 f"(pool: {engine.static.capacity_tokens} tokens); a request needs at least 2"
             )
-        # Called on the engine thread whenever free_slots() may have grown; must not block.
-        self.on_slot_freed: Callable[[], None] | None = None
         self._stop_ids = engine.stop_ids(stop_at_eos=not engine.trace_replay)
         self._state = engine.static._state_for(slots, is_ragged=True)
         self._step_states = {rows: self._state if rows == slots else _first_rows(self._state, rows)
@@ -155,12 +144,8 @@ class ContinuousBatcher:
         self._is_active = torch.zeros(slots, dtype=torch.long, device=device)
         self._rows: list[_Row | None] = [None] * slots  # engine thread only
         self._long: deque[_Long] = deque()  # engine thread only: joiners that run alone once rows drain
-        self._cond = threading.Condition()
         self._waiting: deque[_Pending] = deque()  # guarded by _cond
         self._num_active = 0  # guarded by _cond: rows in use or being joined
-        self._is_stopping = False  # guarded by _cond
-        self._is_cancelling = False  # guarded by _cond
-        self._thread: threading.Thread | None = None
         self._join_group_rows = join_group_rows(slots)
         self._deferred_steps = 0  # engine thread only: steps joiners have waited for company
         self._stats = _Stats()  # engine thread only
@@ -172,7 +157,7 @@ class ContinuousBatcher:
         future: Future[ContinuousResult] = Future()
         with self._cond:
             if self._is_stopping:
-                future.set_exception(BatchCancelled("continuous batcher is stopping"))
+                future.set_exception(BatchCancelled(f"{self.name} is stopping"))
                 return future
             self._waiting.append(_Pending(item, future, time.monotonic()))
             self._cond.notify()
@@ -197,46 +182,23 @@ class ContinuousBatcher:
                      "in %.1f s", sorted(self._step_states), captured, max_attend_tokens, prefills,
                      time.monotonic() - started_s)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
-        self._thread.start()
-
-    def stop(self, cancel: bool = False, timeout_s: float | None = None) -> None:
-        """End the step loop: after every submitted request finished, or at once failing them with
-        BatchCancelled (cancel=True). Blocks up to `timeout_s` for the thread."""
-        with self._cond:
-            self._is_stopping = True
-            self._is_cancelling = self._is_cancelling or cancel
-            self._cond.notify_all()
-        if self._thread is None:  # never started: nothing will run what waits
-            self._fail_all(BatchCancelled("continuous batcher stopped before it started"))
-        else:
-            self._thread.join(timeout_s)
-
     # ---- the engine thread --------------------------------------------------------------------
 
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while (joiners := self._next_joiners()) is not None:
-                self._join(joiners)
-                self._drop_cancelled_rows()
-                if any(row is not None for row in self._rows):
-                    self._step_or_fail()
-                elif self._long:
-                    self._run_long(self._long.popleft())
-        self._fail_all(BatchCancelled("continuous batcher stopped before the request finished"))
+    def _serve(self) -> None:
+        while (joiners := self._next_joiners()) is not None:
+            self._join(joiners)
+            self._drop_cancelled_rows()
+            if any(row is not None for row in self._rows):
+                self._step_or_fail()
+            elif self._long:
+                self._run_long(self._long.popleft())
 
     def _next_joiners(self) -> list[tuple[int, _Pending]] | None:
         """Waiting requests paired with free rows (their rows reserved); blocks while there is no
         work; None once stopping (and, without cancel, drained)."""
         with self._cond:
-            while True:
-                is_idle = not self._waiting and self._num_active == 0
-                if self._is_cancelling or (self._is_stopping and is_idle):
-                    return None
-                if not is_idle:
-                    break
-                self._cond.wait()
+            if not self._wait_for_work(lambda: not self._waiting and self._num_active == 0):
+                return None
             if self._long:
                 return []  # no joins until the rows drained and the long ones ran
             free = [slot for slot, row in enumerate(self._rows) if row is None]
@@ -319,7 +281,7 @@ class ContinuousBatcher:
         if not is_logged:
             log.warning("request %s not run: %s", pending.item.request_id, error)
         self._release_row()
-        _resolve(pending.future, error=error)
+        resolve(pending.future, error=error)
 
     def _validated_prompt(self, item: EngineItem) -> list[int]:
         if item.max_new_tokens < 1:
@@ -403,7 +365,7 @@ class ContinuousBatcher:
         metrics.CONTINUOUS_LONG_RUNS.inc()
         result = self._result(pending, ids.generated_ids[0], started_s, total_tokens=ids.steps)
         self._release_row()
-        _resolve(pending.future, result)
+        resolve(pending.future, result)
 
     def _step_or_fail(self) -> None:
         try:
@@ -467,13 +429,9 @@ class ContinuousBatcher:
 
     def _result(self, pending: _Pending, generated: list[int], started_s: float, total_tokens: int) -> ContinuousResult:
         """What a finished request answers, as of now; started_s = when it joined a row or began alone."""
-        text = self.engine.tokenizer.decode(generated, skip_special_tokens=True)
-        return ContinuousResult(
-            output=ItemOutput(pending.item.request_id, text, len(generated)),
-            run_s=time.monotonic() - pending.submitted_s,
-            queued_s=started_s - pending.submitted_s,
-            total_tokens=total_tokens,
-        )
+        return finished_result(self.engine.tokenizer, pending.item.request_id, generated,
+                               submitted_s=pending.submitted_s, queued_s=started_s - pending.submitted_s,
+                               total_tokens=total_tokens)
 
     def _drop_cancelled_rows(self) -> None:
         for slot, row in enumerate(self._rows):
@@ -486,17 +444,12 @@ class ContinuousBatcher:
         self._rows[slot] = None
         self._is_active[slot] = 0
         self._release_row()
-        _resolve(row.pending.future, result, error)
+        resolve(row.pending.future, result, error)
 
     def _release_row(self) -> None:
         with self._cond:
             self._num_active -= 1
         self._notify_slot_freed()
-
-    def _notify_slot_freed(self) -> None:
-        callback = self.on_slot_freed
-        if callback is not None:
-            callback()
 
     def _fail_all(self, error: BaseException) -> None:
         for slot, row in enumerate(self._rows):
@@ -507,14 +460,4 @@ class ContinuousBatcher:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
         for pending in waiting:
-            _resolve(pending.future, error=error)
-
-
-def _resolve(future: Future, result: ContinuousResult | None = None, error: BaseException | None = None) -> None:
-    """Complete `future` unless its caller cancelled it."""
-    if not future.set_running_or_notify_cancel():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+            resolve(pending.future, error=error)

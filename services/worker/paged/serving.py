@@ -12,23 +12,20 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from services.worker import metrics
-from services.worker.continuous import ContinuousResult
+from services.worker.engine_thread import ContinuousResult, EngineThread, finished_result, resolve
 from services.worker.engine import (
     BatchCancelled,
     BatchOutOfMemory,
     BatchRejected,
     EngineItem,
-    ItemOutput,
     StaticBatchEngine,
     is_out_of_memory,
 )
@@ -69,22 +66,19 @@ def build_paged_engine(hf_engine: StaticBatchEngine, config: SchedulerConfig, *,
     return PagedEngine.build(runner, config, hf_engine.stop_ids(stop_at_eos=not hf_engine.trace_replay))
 
 
-class PagedBatcher:
+class PagedBatcher(EngineThread):
     """Keeps the paged engine stepping; `submit` from any thread, results arrive as futures."""
 
     def __init__(self, hf_engine: StaticBatchEngine, engine: PagedEngine) -> None:
+        super().__init__("paged engine")
         self.hf_engine, self.engine = hf_engine, engine
         self.slots = engine.scheduler.config.max_running  # requests the loop keeps in hand
         self.capacity_tokens = engine.scheduler.pool.num_blocks * engine.scheduler.pool.block_tokens
-        self.on_slot_freed: Callable[[], None] | None = None  # called on the engine thread; must not block
         engine.on_tokens = self._stream
-        self._cond = threading.Condition()
         self._submitted: deque[_Pending] = deque()  # guarded by _cond
         self._num_in_hand = 0  # guarded by _cond: submitted and not yet resolved
-        self._is_stopping = self._is_cancelling = False  # guarded by _cond
         self._in_engine: dict[int, _Pending] = {}  # engine thread only
         self._keys = itertools.count()
-        self._thread: threading.Thread | None = None
         self._num_preemptions = self._num_recomputed_tokens = 0  # engine thread: last values exported
 
     # ---- any thread ----------------------------------------------------------------------------
@@ -92,7 +86,7 @@ class PagedBatcher:
         future: Future[ContinuousResult] = Future()
         with self._cond:
             if self._is_stopping:
-                future.set_exception(BatchCancelled("paged engine is stopping"))
+                future.set_exception(BatchCancelled(f"{self.name} is stopping"))
                 return future
             self._submitted.append(_Pending(item, future, time.monotonic()))
             self._num_in_hand += 1
@@ -109,43 +103,21 @@ class PagedBatcher:
         if captured := self.engine.runner.warm_up(self.slots):
             log.info("paged engine: captured %d decode graphs in %.1f s", captured, time.monotonic() - started_s)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="paged-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, cancel: bool = False, timeout_s: float | None = None) -> None:
-        """After every submitted request finished, or at once failing them (cancel=True)."""
-        with self._cond:
-            self._is_stopping = True
-            self._is_cancelling = self._is_cancelling or cancel
-            self._cond.notify_all()
-        if self._thread is None:
-            self._fail_all(BatchCancelled("paged engine stopped before it started"))
-        else:
-            self._thread.join(timeout_s)
-
     # ---- the engine thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while (submitted := self._next_submitted()) is not None:
-                for pending in submitted:
-                    self._add(pending)
-                self._drop_cancelled()
-                if self.engine.has_unfinished:
-                    self._step_or_fail()
-        self._fail_all(BatchCancelled("paged engine stopped before the request finished"))
+    def _serve(self) -> None:
+        while (submitted := self._next_submitted()) is not None:
+            for pending in submitted:
+                self._add(pending)
+            self._drop_cancelled()
+            if self.engine.has_unfinished:
+                self._step_or_fail()
 
     def _next_submitted(self) -> list[_Pending] | None:
         """The requests submitted since the last turn; blocks while there is no work at all; None
         once stopping (and, without cancel, drained)."""
         with self._cond:
-            while True:
-                is_idle = not self._submitted and not self.engine.has_unfinished
-                if self._is_cancelling or (self._is_stopping and is_idle):
-                    return None
-                if not is_idle:
-                    break
-                self._cond.wait()
+            if not self._wait_for_work(lambda: not self._submitted and not self.engine.has_unfinished):
+                return None
             submitted, self._submitted = list(self._submitted), deque()
         return submitted
 
@@ -216,28 +188,19 @@ class PagedBatcher:
             sink.add_tokens(new_tokens)
 
     def _result(self, pending: _Pending, result: RequestResult) -> ContinuousResult:
-        text = self.hf_engine.tokenizer.decode(result.output_ids, skip_special_tokens=True)
         if result.num_preemptions:
             log.info("request %s: %d preemptions, %d tokens recomputed", pending.item.request_id,
                      result.num_preemptions, result.num_recomputed_tokens)
-        return ContinuousResult(
-            output=ItemOutput(pending.item.request_id, text, len(result.output_ids)),
-            run_s=time.monotonic() - pending.submitted_s, queued_s=result.queued_s,
-            total_tokens=len(result.output_ids),
-        )
+        return finished_result(self.hf_engine.tokenizer, pending.item.request_id, result.output_ids,
+                               submitted_s=pending.submitted_s, queued_s=result.queued_s,
+                               total_tokens=len(result.output_ids))
 
     def _resolve(self, pending: _Pending, result: ContinuousResult | None = None,
                  error: BaseException | None = None) -> None:
         with self._cond:
             self._num_in_hand -= 1
-        future = pending.future
-        if future.set_running_or_notify_cancel():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-        if (callback := self.on_slot_freed) is not None:
-            callback()
+        resolve(pending.future, result, error)
+        self._notify_slot_freed()
 
     def _fail_all(self, error: BaseException) -> None:
         for key in list(self._in_engine):
