@@ -135,3 +135,18 @@ def test_old_clients_read_new_responses_and_new_clients_read_old_ones() -> None:
         Old(predicted_tokens=[3], input_tokens=[4], model_version=1, predicted_tokens_upper=[3]).SerializeToString()
     )
     assert list(from_old.quantiles) == [] and list(from_old.is_out_of_distribution) == []
+
+
+def test_ood_inflation_widens_only_ood_requests_and_is_learned_from_a_left_out_task(calibrated_model) -> None:
+    from services.predictor.shift import INFLATION_GRID, columns, needed_inflation, with_inflation
+
+    query = (["double", "write a poem"], ["text number 1 text"] * 2, [100, 100])
+    narrow = calibrated_model.predict_quantiles(*query, levels=LEVELS)[2].quantiles[:, 1]
+    wide = with_inflation(calibrated_model, 4.0).predict_quantiles(*query, levels=LEVELS)[2].quantiles[:, 1]
+    assert wide[0] == narrow[0] and wide[1] > narrow[1]
+    # a new task 20x longer than anything seen needs more than no inflation, and the search finds it
+    long_task = [LengthSample("translate to verbose", f"text {i}", 50, 1000 + i) for i in range(40)]
+    needed = needed_inflation(calibrated_model, long_task)
+    assert 1.0 < needed < INFLATION_GRID[-1]
+    p90 = with_inflation(calibrated_model, needed).predict_quantiles(*columns(long_task), levels=(0.9,))[2]
+    assert (np.array([s.generated_tokens for s in long_task]) <= p90.quantiles[:, 0]).mean() >= 0.9
