@@ -39,6 +39,7 @@ from services.core.text_features import surface_features
 
 DEFAULT_MAX_TOKENS = 8192
 MAX_CACHED_INSTRUCTIONS = 4096
+MAX_CALIBRATION_ROWS_PER_APP = 2500  # out-of-bag rows calibrating one instruction's quantiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,22 @@ class _ForestPredict:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forest.predict(x, self.aggregate)
+
+
+def calibration_rows(instructions: Sequence[str], seed: int) -> np.ndarray:
+    """Indices of the rows that calibrate: all of an instruction's up to MAX_CALIBRATION_ROWS_PER_APP,
+    a seeded sample beyond, so the (trees x rows) predictions stay bounded when the trainer's set grows
+    (200,000 samples x 100 trees would be ~160 MB a copy) and every instruction keeps its group."""
+    by_app: dict[str, list[int]] = defaultdict(list)
+    for i, instruction in enumerate(instructions):
+        by_app[instruction].append(i)
+    rng = np.random.default_rng(seed)
+    kept = [
+        np.asarray(rows) if len(rows) <= MAX_CALIBRATION_ROWS_PER_APP
+        else rng.choice(rows, MAX_CALIBRATION_ROWS_PER_APP, replace=False)
+        for rows in by_app.values()
+    ]
+    return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
 
 
 def prompt_key(instruction: str, user_input: str) -> bytes:
@@ -189,16 +206,18 @@ class EmbeddingForestModel:
         # Out-of-bag rows calibrate the quantiles (see services.core.conformal); no bags, no quantiles.
         if in_bag is None or (~in_bag).any(axis=0).sum() < 2:
             return None
+        rows = calibration_rows([s.instruction for s in samples], self.config.seed)
+        samples = [samples[i] for i in rows]
         input_tokens = [s.input_tokens for s in samples]
-        per_tree = self.regressor.forest.tree_predictions(x)
-        log_point, spread = tree_log_stats(self._tree_log_tokens(per_tree, input_tokens), ~in_bag)
+        per_tree = self.regressor.forest.tree_predictions(x[rows])
+        log_point, spread = tree_log_stats(self._tree_log_tokens(per_tree, input_tokens), ~in_bag[:, rows])
         return calibrate(
-            log_true=np.log1p(generated),
+            log_true=np.log1p(generated[rows]),
             log_point=log_point,
             spread=spread,
             groups=[s.instruction for s in samples],
             log_input=np.log1p(np.asarray(input_tokens, dtype=np.float64)),
-            embeddings=x[:, : self.config.user_groups],
+            embeddings=x[rows, : self.config.user_groups],
         )
 
     def _tree_log_tokens(self, per_tree: np.ndarray, input_tokens: Sequence[int]) -> np.ndarray:

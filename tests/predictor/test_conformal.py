@@ -150,3 +150,13 @@ def test_ood_inflation_widens_only_ood_requests_and_is_learned_from_a_left_out_t
     assert 1.0 < needed < INFLATION_GRID[-1]
     p90 = with_inflation(calibrated_model, needed).predict_quantiles(*columns(long_task), levels=(0.9,))[2]
     assert (np.array([s.generated_tokens for s in long_task]) <= p90.quantiles[:, 0]).mean() >= 0.9
+
+
+def test_calibration_rows_cap_each_instruction_and_keep_every_one() -> None:
+    from services.core.embedding_forest import MAX_CALIBRATION_ROWS_PER_APP, calibration_rows
+
+    instructions = ["big"] * (MAX_CALIBRATION_ROWS_PER_APP + 500) + ["small"] * 7
+    rows = calibration_rows(instructions, seed=0)
+    kept = [instructions[i] for i in rows]
+    assert kept.count("big") == MAX_CALIBRATION_ROWS_PER_APP and kept.count("small") == 7
+    assert len(set(rows.tolist())) == len(rows) and np.array_equal(rows, calibration_rows(instructions, seed=0))
