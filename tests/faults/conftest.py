@@ -6,11 +6,9 @@ for the next, so the module pays for one stack start.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from tools.stack import Stack
+from tests.stack_support import running_stack
 
 FAULT_SERVICES = ("predictor", "estimator", "batcher", "worker")  # no trainer: it only adds load here
 LEASE_S = 3.0
@@ -31,18 +29,6 @@ FAULT_ENV = {
 
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory, prepared_stack_db):
-    workdir = tmp_path_factory.mktemp("faults")
-    shutil.copy(prepared_stack_db[0], workdir / "log.db")
-    stack = Stack(
-        workdir=workdir,
-        database_url=f"sqlite+aiosqlite:///{workdir / 'log.db'}",
-        model_store_dir=prepared_stack_db[1],
-        extra_env=FAULT_ENV,
-    )
-    for name in FAULT_SERVICES:
-        stack.start(name)
-    try:
-        stack.wait_healthy(FAULT_SERVICES, timeout_s=180)
+    with running_stack(tmp_path_factory.mktemp("faults"), FAULT_SERVICES, env=FAULT_ENV,
+                       prepared=prepared_stack_db) as stack:
         yield stack
-    finally:
-        stack.stop_all()

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.gateway.test_gateway_stack import metric
-from tools.stack import Stack
+from tests.stack_support import running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ SERVICES = ("batcher", "worker", "gateway")
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("gateway-continuous")
-    stack = Stack(workdir=workdir, database_url=f"sqlite+aiosqlite:///{workdir / 'log.db'}", extra_env={
+    with running_stack(workdir, SERVICES, env={
         "MAGNUS_BATCHER_POLICY": "ccb",
         "MAGNUS_BATCHER_PREDICTOR_DEADLINE_S": "0.3",  # no predictor runs: the fallback after 0.3 s
         "MAGNUS_BATCHER_HEARTBEAT_INTERVAL_S": "0.3",
@@ -31,14 +31,8 @@ def stack(tmp_path_factory):
         "MAGNUS_WORKER_CONTINUOUS_SLOTS": "2",
         "MAGNUS_WORKER_PULL_WAIT_S": "1",
         "MAGNUS_WORKER_STREAM_INTERVAL_MS": "20",
-    })
-    for name in SERVICES:
-        stack.start(name)
-    try:
-        stack.wait_healthy(SERVICES, timeout_s=180)
+    }) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 def test_streamed_completion_equals_the_unstreamed_one(stack):

@@ -17,6 +17,7 @@ import pytest
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc
 from services.shared.auth import api_key_entry, bearer_metadata
+from tests.stack_support import assert_no_asyncio_errors, running_stack
 from tools.stack import Stack, free_port
 
 pytestmark = pytest.mark.integration
@@ -24,13 +25,12 @@ pytestmark = pytest.mark.integration
 SERVICES = ("batcher", "worker", "gateway")
 SERVICE_TOKEN, ACME_KEY, FLOOD_KEY = "svc-token-gw-7a1", "acme-key-gw-2b9", "flood-key-gw-c44"
 PROMPT = "Translate to German: the weather is nice today."
-ASYNCIO_ERRORS = ("never retrieved", "destroyed but it is pending", "Exception in callback")
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("gateway")
-    stack = Stack(workdir=workdir, database_url=f"sqlite+aiosqlite:///{workdir / 'log.db'}", extra_env={
+    with running_stack(workdir, SERVICES, env={
         "MAGNUS_AUTH_SERVICE_TOKEN": SERVICE_TOKEN,
         "MAGNUS_AUTH_API_KEYS": f"{api_key_entry('acme', ACME_KEY)},{api_key_entry('flood', FLOOD_KEY)}",
         "MAGNUS_BATCHER_PREDICTOR_DEADLINE_S": "0.3",  # no predictor runs: the fallback after 0.3 s
@@ -40,18 +40,9 @@ def stack(tmp_path_factory):
         "MAGNUS_BATCHER_DRAIN_TIMEOUT_S": "5",
         "MAGNUS_WORKER_PULL_WAIT_S": "1",
         "MAGNUS_WORKER_STREAM_INTERVAL_MS": "20",
-    })
-    for name in SERVICES:
-        stack.start(name)
-    try:
-        stack.wait_healthy(SERVICES, timeout_s=180)
+    }) as stack:
         yield stack
-    finally:
-        stack.stop_all()
-    for name in SERVICES:
-        text = stack.log_path(name).read_text(errors="replace")
-        found = [line for line in text.splitlines() if any(e in line for e in ASYNCIO_ERRORS)]
-        assert found == [], f"{name} logged asyncio errors: {found[:5]}"
+    assert_no_asyncio_errors(stack, SERVICES)
 
 
 def client(stack: Stack, key: str = ACME_KEY) -> openai.OpenAI:

@@ -16,68 +16,48 @@ import pytest
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc
 from tests.faults.support import batch_outcomes, new_ids, prompt, sqlite_path, wait_for_metric, wait_for_rows
-from tools.stack import Stack
+from tests.stack_support import assert_no_asyncio_errors, running_stack
 
 pytestmark = pytest.mark.integration
 
 LEASE_S = 120.0  # long: a restarted worker must get its batch back long before the lease would expire
 SERVICES = ("batcher", "worker")
 STAGES = ("queued", "running")
-ASYNCIO_ERRORS = ("never retrieved", "destroyed but it is pending", "Exception in callback")
-
-
-def start_stack(workdir, env: dict[str, str]) -> Stack:
-    stack = Stack(workdir=workdir, database_url=f"sqlite+aiosqlite:///{workdir / 'log.db'}", extra_env={
-        "MAGNUS_BATCHER_LEASE_S": str(LEASE_S),
-        "MAGNUS_BATCHER_HEARTBEAT_INTERVAL_S": "0.5",
-        "MAGNUS_BATCHER_PREDICTOR_DEADLINE_S": "0.3",  # no predictor runs: the fallback after 0.3 s
-        "MAGNUS_BATCHER_DRAIN_TIMEOUT_S": "5",
-        "MAGNUS_WORKER_PULL_WAIT_S": "1",
-        "MAGNUS_WORKER_BACKOFF_MAX_S": "1",
-        **env,
-    })
-    for name in SERVICES:
-        stack.start(name)
-    try:
-        stack.wait_healthy(SERVICES, timeout_s=180)
-    except Exception:
-        stack.stop_all()
-        raise
-    return stack
+BASE_ENV = {
+    "MAGNUS_BATCHER_LEASE_S": str(LEASE_S),
+    "MAGNUS_BATCHER_HEARTBEAT_INTERVAL_S": "0.5",
+    "MAGNUS_BATCHER_PREDICTOR_DEADLINE_S": "0.3",  # no predictor runs: the fallback after 0.3 s
+    "MAGNUS_BATCHER_DRAIN_TIMEOUT_S": "5",
+    "MAGNUS_WORKER_PULL_WAIT_S": "1",
+    "MAGNUS_WORKER_BACKOFF_MAX_S": "1",
+}
 
 
 @pytest.fixture(scope="module")
 def static_stack(tmp_path_factory):
-    stack = start_stack(tmp_path_factory.mktemp("poison"), {
+    with running_stack(tmp_path_factory.mktemp("poison"), SERVICES, env={
+        **BASE_ENV,
         "MAGNUS_WORKER_WORKER_ID": "restartable-worker",
         "MAGNUS_BATCHER_POLICY": "vs",  # batches of 4: a queue of several batches forms under load
         "MAGNUS_BATCHER_FIXED_BATCH_SIZE": "4",
         # test hook: each decode step 0.05 s slower, so a batch runs > 1 s (killable mid-way, and a queue forms)
         "MAGNUS_WORKER_SLOWDOWN_STEP_S": "0.05",
-    })
-    yield stack
-    stack.stop_all()
-    assert_no_asyncio_errors(stack)
+    }) as stack:
+        yield stack
+    assert_no_asyncio_errors(stack, SERVICES)
 
 
 @pytest.fixture(scope="module")
 def continuous_stack(tmp_path_factory):
-    stack = start_stack(tmp_path_factory.mktemp("continuous"), {
+    with running_stack(tmp_path_factory.mktemp("continuous"), SERVICES, env={
+        **BASE_ENV,
         "MAGNUS_BATCHER_POLICY": "ccb",
         "MAGNUS_WORKER_MODE": "continuous",
         "MAGNUS_WORKER_CONTINUOUS_SLOTS": "1",  # one row: a request still decoding blocks the next one
         "MAGNUS_WORKER_TRACE_REPLAY": "true",  # every request runs to its max_new_tokens
-    })
-    yield stack
-    stack.stop_all()
-    assert_no_asyncio_errors(stack)
-
-
-def assert_no_asyncio_errors(stack: Stack) -> None:
-    for name in SERVICES:
-        text = stack.log_path(name).read_text(errors="replace")
-        found = [line for line in text.splitlines() if any(e in line for e in ASYNCIO_ERRORS)]
-        assert found == [], f"{name} logged asyncio errors: {found[:5]}"
+    }) as stack:
+        yield stack
+    assert_no_asyncio_errors(stack, SERVICES)
 
 
 def labelled_metric(url: str, name: str, **labels: str) -> float:

@@ -9,7 +9,6 @@ tests/faults, so a batch runs over a second and can be killed mid-way.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sqlite3
 import time
 
@@ -24,7 +23,7 @@ from tests.faults.support import (
     sqlite_path,
     wait_for_metric,
 )
-from tools.stack import Stack
+from tests.stack_support import running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -36,22 +35,9 @@ TWO_WORKER_ENV = {**FAULT_ENV, "MAGNUS_BATCHER_MAX_BATCH_SIZE": str(BATCH_SIZE)}
 
 @pytest.fixture(scope="module")
 def two_worker_stack(tmp_path_factory, prepared_stack_db):
-    workdir = tmp_path_factory.mktemp("two-workers")
-    shutil.copy(prepared_stack_db[0], workdir / "log.db")
-    stack = Stack(
-        workdir=workdir,
-        database_url=f"sqlite+aiosqlite:///{workdir / 'log.db'}",
-        model_store_dir=prepared_stack_db[1],
-        extra_env=TWO_WORKER_ENV,
-        num_workers=2,
-    )
-    for name in TWO_WORKER_SERVICES:
-        stack.start(name)
-    try:
-        stack.wait_healthy(TWO_WORKER_SERVICES, timeout_s=180)
+    with running_stack(tmp_path_factory.mktemp("two-workers"), TWO_WORKER_SERVICES, env=TWO_WORKER_ENV,
+                       prepared=prepared_stack_db, num_workers=2) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 def batches_by_worker(database_url: str, batch_ids: set[str]) -> dict[str, list[tuple[str, str]]]:
