@@ -34,7 +34,7 @@ MIN_GROUP_ROWS = 30  # fewer calibration rows than this: the group uses the pool
 LENGTH_MARGIN_LOG = math.log(1.5)  # input lengths within 1.5x of a group's range are in range
 DISTANCE_QUANTILE = 0.99
 # How much an OOD request's score quantile is widened: the largest factor any task needed, when
-# left out of training, for its p90 to cover 90 % of its rows (`services.predictor.shift`,
+# left out of training, for its p90 to cover 90 % of its rows (`bench.predictor_shift`,
 # reports/predictor/shift.json "ood_inflation").
 DEFAULT_OOD_INFLATION = 2.25  # code_trans_java2cs needed 2.25, every other task <= 1.5
 

@@ -94,7 +94,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
         "The served model also returns calibrated quantiles (default p50/p90/p95), an uncertainty and an"
         " out-of-distribution flag per request. How they are calibrated and why, per-task p90 coverage,"
         " leave-one-task-out and the adaptation curve: `shift.md` and `shift.json`"
-        " (`python -m services.predictor.shift --data ../shared/data --out reports/predictor`).",
+        " (`python -m bench.predictor_shift --data ../shared/data --out reports/predictor`).",
         "",
     ]
     return "\n".join(lines)

@@ -138,7 +138,7 @@ def test_old_clients_read_new_responses_and_new_clients_read_old_ones() -> None:
 
 
 def test_ood_inflation_widens_only_ood_requests_and_is_learned_from_a_left_out_task(calibrated_model) -> None:
-    from services.predictor.shift import INFLATION_GRID, columns, needed_inflation, with_inflation
+    from bench.predictor_shift import INFLATION_GRID, columns, needed_inflation, with_inflation
 
     query = (["double", "write a poem"], ["text number 1 text"] * 2, [100, 100])
     narrow = calibrated_model.predict_quantiles(*query, levels=LEVELS)[2].quantiles[:, 1]

@@ -1,4 +1,4 @@
-"""`python -m services.predictor.shift --data ../shared/data --out reports/predictor`: the served
+"""`python -m bench.predictor_shift --data ../shared/data --out reports/predictor`: the served
 model under distribution shift, written to `<out>/shift.json`.
 
 * test_split: the served model (`magnus_static`) fit on the train split; per task on the test
@@ -159,7 +159,7 @@ def adaptation_curve(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m services.predictor.shift", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.predictor_shift", description=__doc__)
     add_data_args(parser)
     parser.add_argument("--out", type=Path, required=True, help="report folder (shift.json)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks left out in turn")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report["adaptation_rounds"] = adaptation_rounds
     report["run"] = {
-        "command": "python -m services.predictor.shift " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": "python -m bench.predictor_shift " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "machine": f"CPU dev machine ({os.cpu_count()} cores visible, {platform.machine()}, shared with other jobs)",
         "duration_s": round(time.monotonic() - started_s, 1),
         "num_train": len(split.train),
