@@ -7,7 +7,6 @@ from collections import defaultdict
 
 import pytest
 
-from magnus.v1 import worker_queue_pb2 as pb
 from services.worker.continuous import ContinuousBatcher
 from services.worker.engine import EngineItem, StaticBatchEngine
 from services.worker.puller import WorkerLoop
@@ -48,7 +47,8 @@ def static_engine(tiny_model_dir) -> StaticBatchEngine:
                              cpu_kv_budget_bytes=3 * 128 * 512)
 
 
-def test_generate_path_hands_over_each_rows_own_tokens_every_step(engine):
+def _run_streamed(engine: StaticBatchEngine) -> RecordingSink:
+    """engine.run(ITEMS) handing tokens to a RecordingSink; checks what each row got, returns the sink."""
     sink = RecordingSink()
     engine.token_sink = sink
     try:
@@ -56,17 +56,16 @@ def test_generate_path_hands_over_each_rows_own_tokens_every_step(engine):
     finally:
         engine.token_sink = None
     _check_streamed(engine, sink, output.items)
+    return sink
+
+
+def test_generate_path_hands_over_each_rows_own_tokens_every_step(engine):
+    sink = _run_streamed(engine)
     assert len(sink.calls) >= 17  # once per step while a streamed row runs
 
 
 def test_static_backend_hands_over_tokens_every_few_steps(static_engine):
-    sink = RecordingSink()
-    static_engine.token_sink = sink
-    try:
-        output = static_engine.run(ITEMS)
-    finally:
-        static_engine.token_sink = None
-    _check_streamed(static_engine, sink, output.items)
+    sink = _run_streamed(static_engine)
     assert len(sink.calls) >= 2  # at the stop checks (every 16 steps) and at the end
 
 
