@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import torch
 
 from services.worker.engine import (
-    BatchCancelled,
     BatchOutOfMemory,
     BatchRejected,
     EngineItem,
@@ -152,16 +151,9 @@ class ContinuousBatcher(EngineThread):
 
     # ---- any thread ---------------------------------------------------------------------------
 
-    def submit(self, item: EngineItem) -> Future[ContinuousResult]:
-        """Queue `item` for the next free row. Cancel the future to drop the request (its row frees)."""
-        future: Future[ContinuousResult] = Future()
-        with self._cond:
-            if self._is_stopping:
-                future.set_exception(BatchCancelled(f"{self.name} is stopping"))
-                return future
-            self._waiting.append(_Pending(item, future, time.monotonic()))
-            self._cond.notify()
-        return future
+    def _enqueue(self, item: EngineItem, future: Future, submitted_s: float) -> None:
+        """`item` waits for the next free row."""
+        self._waiting.append(_Pending(item, future, submitted_s))
 
     def free_slots(self) -> int:
         """Rows that neither run a request nor are promised to a submitted one."""

@@ -2,8 +2,9 @@
 backend) and `PagedBatcher` (paged/serving.py, the paged engine).
 
 Each keeps one daemon thread that owns the engine and the device; other threads only submit work,
-read counts and stop it. `EngineThread` is that thread's life (start, a loop that waits for work,
-stop drained or cancelled); `resolve` and `finished_result` are how a request's future is answered.
+read counts and stop it. `EngineThread` is that thread's life (start, `submit` from any thread, a
+loop that waits for work, stop drained or cancelled); `resolve` and `finished_result` are how a
+request's future is answered.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from services.worker.engine import BatchCancelled, ItemOutput
+from services.worker.engine import BatchCancelled, EngineItem, ItemOutput
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,17 @@ class EngineThread:
         self._is_cancelling = False  # guarded by _cond
         self._thread: threading.Thread | None = None
 
+    def submit(self, item: EngineItem) -> Future[ContinuousResult]:
+        """Hand `item` to the engine thread. Cancel the future to drop the request (what it holds frees)."""
+        future: Future[ContinuousResult] = Future()
+        with self._cond:
+            if self._is_stopping:
+                future.set_exception(BatchCancelled(f"{self.name} is stopping"))
+                return future
+            self._enqueue(item, future, time.monotonic())
+            self._cond.notify()
+        return future
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name.replace(" ", "-"), daemon=True)
         self._thread.start()
@@ -103,6 +115,10 @@ class EngineThread:
         callback = self.on_slot_freed
         if callback is not None:
             callback()
+
+    def _enqueue(self, item: EngineItem, future: Future, submitted_s: float) -> None:
+        """Under _cond: keep `item` (submitted at `submitted_s`, monotonic s) for the engine thread."""
+        raise NotImplementedError
 
     def _serve(self) -> None:
         raise NotImplementedError

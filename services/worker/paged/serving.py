@@ -82,16 +82,9 @@ class PagedBatcher(EngineThread):
         self._num_preemptions = self._num_recomputed_tokens = 0  # engine thread: last values exported
 
     # ---- any thread ----------------------------------------------------------------------------
-    def submit(self, item: EngineItem) -> Future[ContinuousResult]:
-        future: Future[ContinuousResult] = Future()
-        with self._cond:
-            if self._is_stopping:
-                future.set_exception(BatchCancelled(f"{self.name} is stopping"))
-                return future
-            self._submitted.append(_Pending(item, future, time.monotonic()))
-            self._num_in_hand += 1
-            self._cond.notify()
-        return future
+    def _enqueue(self, item: EngineItem, future: Future, submitted_s: float) -> None:
+        self._submitted.append(_Pending(item, future, submitted_s))
+        self._num_in_hand += 1
 
     def free_slots(self) -> int:
         with self._cond:
