@@ -101,9 +101,9 @@ class LlamaFamilyDecoder:
         qkv = torch.cat([p.weight.data for p in projections], dim=0)
         biases = [p.bias for p in projections]
         qkv_bias = torch.cat([b.data for b in biases]) if all(b is not None for b in biases) else None
-        _repoint(projections, qkv, qkv_bias)
+        view_rows_of(projections, qkv, qkv_bias)
         gate_up = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data], dim=0)
-        _repoint([mlp.gate_proj, mlp.up_proj], gate_up, None)
+        view_rows_of([mlp.gate_proj, mlp.up_proj], gate_up, None)
         return LayerWeights(
             input_norm=layer.input_layernorm.weight,
             qkv=qkv,
@@ -309,7 +309,7 @@ def _rope_cat(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> t
     return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin_signed)
 
 
-def _repoint(modules, fused: torch.Tensor, fused_bias: torch.Tensor | None) -> None:
+def view_rows_of(modules, fused: torch.Tensor, fused_bias: torch.Tensor | None) -> None:
     """Make each module's weight (and bias) a view of its rows in `fused`, freeing the original."""
     start = 0
     for module in modules:

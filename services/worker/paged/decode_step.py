@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.worker.fast_decoder import LayerWeights
+from services.worker.fast_decoder import LayerWeights, view_rows_of
 from services.worker.paged.attention import paged_decode_attention, paged_decode_attention_reference
 from services.worker.paged.fused_ops import rms_norm, rope_and_write_kv, silu_mul
 from services.worker.paged.skinny_gemm import linear
@@ -133,8 +133,8 @@ class PagedWeights:
             qkv_bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
             gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
             if share:
-                _view_rows_of(projections, qkv, qkv_bias)
-                _view_rows_of((mlp.gate_proj, mlp.up_proj), gate_up, None)
+                view_rows_of(projections, qkv, qkv_bias)
+                view_rows_of((mlp.gate_proj, mlp.up_proj), gate_up, None)
             layers.append(LayerWeights(
                 input_norm=own(layer.input_layernorm.weight), qkv=qkv, qkv_bias=qkv_bias, out=own(attn.o_proj.weight),
                 post_norm=own(layer.post_attention_layernorm.weight), gate_up=gate_up, down=own(mlp.down_proj.weight),
@@ -150,17 +150,6 @@ class PagedWeights:
             tensors += [t for t in vars(layer).values() if t is not None]
         embedding_rows = batch * self.embed.shape[1] * self.embed.element_size()
         return sum(t.numel() * t.element_size() for t in tensors) + embedding_rows
-
-
-def _view_rows_of(modules, fused: torch.Tensor, fused_bias: torch.Tensor | None) -> None:
-    """Make each linear module's weight (and bias) a view of its rows of `fused`, freeing its own."""
-    start = 0
-    for module in modules:
-        rows = module.weight.shape[0]
-        module.weight = torch.nn.Parameter(fused[start:start + rows], requires_grad=False)
-        if fused_bias is not None:
-            module.bias = torch.nn.Parameter(fused_bias[start:start + rows], requires_grad=False)
-        start += rows
 
 
 @dataclass
