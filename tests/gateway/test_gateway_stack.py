@@ -194,12 +194,30 @@ def _in_process_gateway(target: str, **settings):
     return http, channel
 
 
-def test_deadline_is_504_and_an_unreachable_batcher_is_503(stack):
+class _SilentBatcher(generation_pb2_grpc.GenerationServiceServicer):
+    """Admits every call and never answers in time: the deadline, not admission, decides (the real
+    batcher's deadline-aware admission may refuse a request it cannot answer in time with 429)."""
+
+    async def Generate(self, request, context):
+        await asyncio.sleep(30)
+        return generation_pb2.GenerateResponse()
+
+    async def GenerateStream(self, request, context):
+        await asyncio.sleep(30)
+        yield generation_pb2.GenerateStreamResponse()
+
+
+def test_deadline_is_504_and_an_unreachable_batcher_is_503():
     async def calls():
-        http, channel = _in_process_gateway(stack.target("batcher"), request_timeout_s=0.5)
+        silent = grpc.aio.server()
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(_SilentBatcher(), silent)
+        port = silent.add_insecure_port("127.0.0.1:0")
+        await silent.start()
+        http, channel = _in_process_gateway(f"127.0.0.1:{port}", request_timeout_s=0.5)
         async with http:
-            late = await http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2500})
+            late = await http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 25})
         await channel.close()
+        await silent.stop(grace=None)
         http, channel = _in_process_gateway(f"127.0.0.1:{free_port()}")
         async with http:
             down = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
