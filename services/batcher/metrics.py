@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.batcher.domain import BatchReport, Lease, RequestResult
+from services.shared.db.models import BatchOutcome
 
 if TYPE_CHECKING:
     from services.batcher.scheduler import Scheduler
@@ -142,7 +143,7 @@ def observe_lease(lease: Lease) -> None:
 
 def observe_completion(lease: Lease, report: BatchReport, results: Iterable[RequestResult]) -> None:
     """A batch came back with results: prediction, estimate and padding errors."""
-    BATCHES.labels(outcome="ok").inc()
+    BATCHES.labels(outcome=BatchOutcome.OK).inc()
     for result in results:
         LENGTH_ERROR.observe(abs(result.predicted_tokens - result.generated_tokens))
         PREDICTED_TOKENS.inc(result.predicted_tokens)

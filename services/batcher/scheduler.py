@@ -41,6 +41,7 @@ from services.batcher.policy.split import split_batch
 from services.batcher.policy.run_time import RunTimeModel
 from services.batcher.policy.wait import CompletionRate, misses_deadline, updated_scale
 from services.shared.errors import Internal
+from services.shared.db.models import BatchOutcome, RequestStatus
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
             self._drop_from_lease(request_id)
         self._forget(request)
         metrics.CANCELLED_REQUESTS.labels(stage=stage).inc()
-        self.log_sink.add_request(request_row(request, status="cancelled", error=f"caller left while {stage}"))
+        self.log_sink.add_request(request_row(request, status=RequestStatus.CANCELLED, error=f"caller left while {stage}"))
         self.on_change()
         return stage
 
@@ -235,7 +236,7 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
             )
             results.append(result)
             self._forget(request)
-            self.log_sink.add_request(request_row(request, status="completed", result=result))
+            self.log_sink.add_request(request_row(request, status=RequestStatus.COMPLETED, result=result))
             if not request.future.done():
                 request.future.set_result(result)
         metrics.observe_completion(lease, report, results)
@@ -246,7 +247,7 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
         self.run_time_model.observe(lease.batch.size, lease.batch.input_tokens_max, actual_gen_max, report.run_s)
         self.completion_rate.add(self.clock.monotonic_s(), len(results))
         self.log_sink.add_batch(
-            batch_row(lease, outcome="ok", finished_at=finished_at, report=report, actual_gen_tokens_max=actual_gen_max)
+            batch_row(lease, outcome=BatchOutcome.OK, finished_at=finished_at, report=report, actual_gen_tokens_max=actual_gen_max)
         )
         return True
 
@@ -443,6 +444,6 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
     def _fail_request(self, request: PendingRequest, error: Exception) -> None:
         self._forget(request)
         self.batch_of.pop(request.request_id, None)
-        self.log_sink.add_request(request_row(request, status="failed", error=str(error)))
+        self.log_sink.add_request(request_row(request, status=RequestStatus.FAILED, error=str(error)))
         if not request.future.done():
             request.future.set_exception(error)

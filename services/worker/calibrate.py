@@ -114,6 +114,7 @@ def format_table(samples: list[Sample]) -> str:
 async def store_samples(database_url: str, samples: list[Sample], device: str) -> int:
     """Insert the timed samples (OOM shapes skipped); returns the number of rows written."""
     from services.shared.db import BatchTimeSample, make_engine, make_session_factory
+    from services.shared.db.models import SampleSource
 
     rows = [
         BatchTimeSample(
@@ -121,7 +122,7 @@ async def store_samples(database_url: str, samples: list[Sample], device: str) -
             input_tokens_max=s.shape.input_tokens,
             gen_tokens_max=s.shape.gen_tokens,
             duration_s=s.duration_s,
-            source="calibration",
+            source=SampleSource.CALIBRATION,
             device=device[:64],
         )
         for s in samples
@@ -157,8 +158,11 @@ async def count_samples(database_url: str, device: str) -> int:
     from sqlalchemy import func, select
 
     from services.shared.db import BatchTimeSample, make_engine, make_session_factory
+    from services.shared.db.models import SampleSource
 
-    query = select(func.count()).where(BatchTimeSample.source == "calibration", BatchTimeSample.device == device[:64])
+    query = select(func.count()).where(
+        BatchTimeSample.source == SampleSource.CALIBRATION, BatchTimeSample.device == device[:64]
+    )
     db_engine = make_engine(database_url)
     try:
         async with make_session_factory(db_engine)() as session:

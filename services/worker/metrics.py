@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.shared.db.models import BatchOutcome
+
 RUN_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 BATCHES = Counter("magnus_worker_batches_total", "Batches this worker ran, by outcome (ok, oom, failed).", ["outcome"])
@@ -29,7 +31,7 @@ def observe_batch(outcome: str, busy_s: float, *, run_s: float = 0.0, valid_toke
     """One batch ended on this worker: `ok` (with its engine numbers), `oom` or `failed`."""
     BATCHES.labels(outcome=outcome).inc()
     BUSY_SECONDS.inc(max(0.0, busy_s))
-    if outcome == "ok":
+    if outcome == BatchOutcome.OK:
         RUN_TIME.observe(run_s)
         VALID_TOKENS.inc(valid_tokens)
         SLOT_TOKENS.inc(total_tokens)

@@ -24,6 +24,7 @@ from services.worker import metrics
 from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchOutput, EngineItem
 from services.worker.preemption import Preemption
 from services.worker.token_stream import TokenStream
+from services.shared.db.models import BatchOutcome
 
 log = logging.getLogger(__name__)
 
@@ -352,10 +353,11 @@ class WorkerLoop:
 
 def _observe(outcome: BatchOutput | _Failure, busy_s: float) -> None:
     if isinstance(outcome, _Failure):
-        metrics.observe_batch("oom" if outcome.kind == pb.FAILURE_KIND_OUT_OF_MEMORY else "failed", busy_s)
+        failed = BatchOutcome.OOM if outcome.kind == pb.FAILURE_KIND_OUT_OF_MEMORY else BatchOutcome.FAILED
+        metrics.observe_batch(failed, busy_s)
         return
     metrics.observe_batch(
-        "ok", busy_s, run_s=outcome.run_s, valid_tokens=outcome.valid_tokens, total_tokens=outcome.total_tokens
+        BatchOutcome.OK, busy_s, run_s=outcome.run_s, valid_tokens=outcome.valid_tokens, total_tokens=outcome.total_tokens
     )
 
 
