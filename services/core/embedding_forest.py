@@ -33,7 +33,7 @@ from services.core.conformal import (
     tree_log_stats,
 )
 from services.core.encoders import SentenceEncoder, TextEncoder, build_static_encoder
-from services.core.length_model import LengthSample, register_length_model
+from services.core.length_model import LengthSample, check_same_length, register_length_model
 from services.core.packed_forest import AGGREGATES, PackedForest
 from services.core.text_features import surface_features
 
@@ -242,8 +242,7 @@ class EmbeddingForestModel:
         calibration = getattr(self, "calibration", None)  # artifacts pickled before it have none
         if calibration is None or not len(inputs):
             return *self.predict_with_upper(instructions, inputs, input_tokens, quantile=tree_quantile), None
-        if not len(instructions) == len(inputs) == len(input_tokens):
-            raise ValueError("instructions, inputs and input_tokens must have the same length")
+        check_same_length(instructions, inputs, input_tokens)
         x = self.features(instructions, inputs, input_tokens)
         per_tree = self.regressor.forest.tree_predictions(x)  # once: the point, the upper and the spread
         aggregate = np.median if self.regressor.aggregate == "median" else np.mean
@@ -297,8 +296,7 @@ class EmbeddingForestModel:
         """(point predictions, upper estimates), tokens. The upper one is the forest's trees'
         `quantile` where the regressor is a forest (a wide spread marks a request that may run
         long), never below the point; the point itself otherwise, and for exact-match prompts."""
-        if not len(instructions) == len(inputs) == len(input_tokens):
-            raise ValueError("instructions, inputs and input_tokens must have the same length")
+        check_same_length(instructions, inputs, input_tokens)
         if self.regressor is None:
             raise ValueError(f"{self.name} is not fitted")
         if not len(inputs):

@@ -50,6 +50,12 @@ class LengthModel(Protocol):
 _REGISTRY: dict[str, Callable[..., LengthModel]] = {}
 
 
+def check_same_length(instructions: Sequence[str], inputs: Sequence[str], input_tokens: Sequence[int]) -> None:
+    """Raise ValueError unless a predict call's three columns are equally long (one row each)."""
+    if not len(instructions) == len(inputs) == len(input_tokens):
+        raise ValueError("instructions, inputs and input_tokens must have the same length")
+
+
 def register_length_model(name: str) -> Callable[[Callable[..., LengthModel]], Callable[..., LengthModel]]:
     """Class decorator adding a model family to the registry under `name`."""
 

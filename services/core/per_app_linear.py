@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.core.length_model import LengthSample, register_length_model
+from services.core.length_model import LengthSample, check_same_length, register_length_model
 
 DEFAULT_MAX_TOKENS = 8192
 
@@ -81,8 +81,7 @@ class PerAppLinearModel:
     def predict(
         self, instructions: Sequence[str], inputs: Sequence[str], input_tokens: Sequence[int]
     ) -> np.ndarray:
-        if not len(instructions) == len(inputs) == len(input_tokens):
-            raise ValueError("instructions, inputs and input_tokens must have the same length")
+        check_same_length(instructions, inputs, input_tokens)
         x = np.asarray(input_tokens, dtype=np.float64)
         raw = np.empty(len(x), dtype=np.float64)
         for i, instruction in enumerate(instructions):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.core.length_model import LengthSample, register_length_model
+from services.core.length_model import LengthSample, check_same_length, register_length_model
 
 DEFAULT_MAX_TOKENS = 8192
 
@@ -42,7 +42,6 @@ class PerTaskMeanModel:
     def predict(
         self, instructions: Sequence[str], inputs: Sequence[str], input_tokens: Sequence[int]
     ) -> np.ndarray:
-        if not len(instructions) == len(inputs) == len(input_tokens):
-            raise ValueError("instructions, inputs and input_tokens must have the same length")
+        check_same_length(instructions, inputs, input_tokens)
         raw = np.array([self.means.get(i, self.pooled_mean) for i in instructions], dtype=np.float64)
         return np.clip(np.rint(raw), 1, self.max_tokens).astype(np.int64)
