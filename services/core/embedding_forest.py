@@ -258,13 +258,7 @@ class EmbeddingForestModel:
             embeddings=x[:, : self.config.user_groups],
             levels=levels,
         )
-        if self.exact_lengths:
-            for i, (instruction, user_input) in enumerate(zip(instructions, inputs, strict=True)):
-                observed = self.exact_lengths.get(prompt_key(instruction, user_input))
-                if observed is not None:
-                    point[i] = upper[i] = observed
-        point = np.clip(np.rint(point), 1, self.config.max_tokens).astype(np.int64)
-        upper = np.maximum(np.clip(np.rint(upper), 1, self.config.max_tokens).astype(np.int64), point)
+        point, upper = self._final_tokens(point, upper, instructions, inputs)
         # floor: for integer lengths y <= q iff y <= floor(q); rounding up would over-cover short tasks
         quantiles = np.clip(np.floor(result.quantiles), 1, self.config.max_tokens).astype(np.int64)
         quantiles = np.maximum.accumulate(quantiles, axis=1)
@@ -305,6 +299,13 @@ class EmbeddingForestModel:
         point = self._to_tokens(self.regressor(x), input_tokens)
         has_spread = quantile is not None and isinstance(self.regressor, _ForestPredict)
         upper = self._to_tokens(self.regressor.forest.quantile(x, quantile), input_tokens) if has_spread else point.copy()
+        return self._final_tokens(point, upper, instructions, inputs)
+
+    def _final_tokens(
+        self, point: np.ndarray, upper: np.ndarray, instructions: Sequence[str], inputs: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact-match prompts answered by their logged length, then whole tokens in [1, max_tokens],
+        the upper never below the point."""
         if self.exact_lengths:
             for i, (instruction, user_input) in enumerate(zip(instructions, inputs, strict=True)):
                 observed = self.exact_lengths.get(prompt_key(instruction, user_input))
