@@ -110,6 +110,9 @@ def main() -> None:
                         / "shared/data/traces/azure2023_conv.csv", help="azure_conv: the trace CSV")
     parser.add_argument("--prediction-sigma", type=float, default=0.35,
                         help="predictions = true length x exp(N(0, sigma))")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="first: profile this many steps of a 300-request burst (torch.profiler), "
+                        "the kernels' table to profile.txt under --out")
     args = parser.parse_args()
     started_s = time.monotonic()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -137,6 +140,8 @@ def main() -> None:
         cases = [(cache_blocks, "predicted"), (binding_blocks, "predicted"), (binding_blocks, "greedy")]
     else:  # the whole cache binds already (~85 blocks a request)
         cases = [(cache_blocks, "predicted"), (cache_blocks, "greedy")]
+    if args.profile_steps:
+        profile(runner, requests[:300], cache_blocks, max_running, args.profile_steps, args.out)
     rows = []
     for pool_blocks, admission in cases:
         if time.monotonic() - started_s > args.budget_s:
@@ -154,6 +159,34 @@ def main() -> None:
     print("| " + " | ".join(keys) + " |")
     for row in rows:
         print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+
+
+def profile(runner: ModelRunner, requests, pool_blocks: int, max_running: int, num_steps: int, out: Path) -> None:
+    """Where a burst's first steps (mostly mixed: prefill chunks beside decode rows) spend GPU time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    config = SchedulerConfig(max_running=max_running, token_budget=2048)
+    engine = PagedEngine(runner, Scheduler(config, BlockPool(pool_blocks, runner.block_tokens), stop_ids=()))
+    for request_id, (prompt, output, predicted) in enumerate(requests):
+        engine.add_request(request_id, prompt, output, predicted)
+    for _ in range(3):  # warm the kernels (Triton autotune, cuBLAS heuristics) outside the profile
+        engine.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    started_s = time.monotonic()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(num_steps):
+            engine.step()
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+    wall_ms = 1e3 * (time.monotonic() - started_s) / num_steps
+    sort = "cuda_time_total" if runner.device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    summary = (f"{num_steps} steps after 3, {wall_ms:.2f} ms a step (profiled), "
+               f"{engine.stats.batched_tokens / max(1, engine.stats.steps):.0f} tokens a step on average")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.txt").write_text(summary + "\n" + table)
+    print(summary + "\n" + table[:6000], flush=True)
+    engine.run()
 
 
 def write_report(args, device, dtype, captured, warm_s, need, cache_blocks, rows) -> None:

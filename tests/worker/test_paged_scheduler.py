@@ -244,3 +244,41 @@ def test_preemption_rules_pick_their_victims():
 def test_config_is_validated(bad):
     with pytest.raises(ValueError):
         SchedulerConfig(**bad)
+
+
+def test_static_batches_admit_a_whole_batch_only_when_nothing_runs():
+    # the paper's vs on the paged engine: 6 requests, batches of 4; the second batch starts only
+    # after the first one's last member ended, and the first batch is admitted whole although its
+    # prompts (4 x 10 tokens) exceed one step's budget of 16 tokens
+    config = SchedulerConfig(max_running=4, token_budget=16, static_batches=True)
+    scheduler = Scheduler(config, BlockPool(64, 4), stop_ids=[EOS])
+    true_lengths = {i: 3 + 4 * (i == 1) for i in range(6)}  # request 1 runs longest
+    for request_id in range(6):
+        scheduler.add(Request(request_id, [1] * 10, max_new_tokens=20))
+    first_batch_done_step, admitted_at = None, {}
+    while scheduler.has_unfinished:
+        plan = scheduler.schedule()
+        check_plan(plan, scheduler)
+        for request in scheduler.running:
+            admitted_at.setdefault(request.request_id, scheduler.num_steps)
+        finished = scheduler.update(plan, fake_tokens(plan, scheduler, true_lengths))
+        if any(r.request_id == 1 for r in finished):
+            first_batch_done_step = scheduler.num_steps
+    assert [admitted_at[i] for i in range(4)] == [1, 1, 1, 1]
+    assert admitted_at[4] == admitted_at[5] == first_batch_done_step + 1
+
+
+def test_replay_tokens_end_a_request_as_stopped_while_admission_sees_max_new_tokens():
+    # a pool of 10 blocks of 4 tokens: a request of 4 prompt tokens reserving max_new_tokens = 32
+    # (9 blocks) leaves no room for a second; replay ends each after 2 tokens, as if on a stop token
+    scheduler = Scheduler(SchedulerConfig(max_running=4, token_budget=16), BlockPool(10, 4))
+    for request_id in range(2):
+        scheduler.add(Request(request_id, [1] * 4, max_new_tokens=32, replay_tokens=2))
+    scheduler.schedule()
+    assert [r.request_id for r in scheduler.running] == [0]  # planned for its 32 tokens, not its 2
+    finished = []
+    while scheduler.has_unfinished:
+        plan = scheduler.schedule()
+        finished += scheduler.update(plan, {c.request_id: 1 for c in plan.chunks if c.is_sampled})
+    assert [(r.request_id, len(r.output_ids), r.finish_reason) for r in finished] == [
+        (0, 2, FinishReason.STOP), (1, 2, FinishReason.STOP)]

@@ -14,10 +14,12 @@ tokens that are sampled (each chunk's last, when it ends the request's known tok
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from services.worker.paged.attention import paged_decode_attention, paged_decode_attention_reference
 from services.worker.paged.decode_step import PagedDecoder
@@ -81,15 +83,33 @@ def paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_
 def batched_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefill: PrefillBatch,
                               scale: float) -> torch.Tensor:
     """Every prefill chunk's queries over its gathered prefix, in one SDPA call (padding masked):
-    returns [V, H, D] for prefill.valid_tokens. A few launches per layer whatever the chunk count."""
+    returns [V, H, D] for prefill.valid_tokens. A few launches per layer whatever the chunk count.
+
+    Grouped-query heads are folded into the query axis (query head h reads K/V head h // group), so
+    K/V are never repeated per head. On CUDA the call is pinned to the memory-efficient kernel: the
+    default picked cuDNN's, which builds a new graph for every new (chunks, queries, positions)
+    shape, ~5 ms of host time per layer, and a mixed step's shape is new almost every step
+    (reports/gpu/paged_engine/run3: 87 ms a mixed step, ~33 ms of it on the GPU)."""
     num_chunks, num_queries = prefill.token_index.shape
     heads, head_dim = q.shape[1], q.shape[2]
-    queries = q[prefill.token_index].transpose(1, 2)  # [P, H, Q, D]
     keys = k_cache[prefill.cache_blocks, prefill.cache_offsets].transpose(1, 2).to(q.dtype)  # [P, Hkv, L, D]
     values = v_cache[prefill.cache_blocks, prefill.cache_offsets].transpose(1, 2).to(q.dtype)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=prefill.mask, scale=scale,
-                                         enable_gqa=keys.shape[1] != heads)
-    return out.transpose(1, 2).reshape(num_chunks * num_queries, heads, head_dim)[prefill.valid_rows]
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    queries = (q[prefill.token_index].view(num_chunks, num_queries, kv_heads, group, head_dim)
+               .permute(0, 2, 3, 1, 4).reshape(num_chunks, kv_heads, group * num_queries, head_dim))
+    mask = prefill.mask if group == 1 else prefill.mask.repeat(1, 1, group, 1)  # [P, 1, G * Q, L]
+    with sdpa_backends(q.device):
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+    out = out.view(num_chunks, kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(num_chunks * num_queries, heads, head_dim)[prefill.valid_rows]
+
+
+def sdpa_backends(device: torch.device):
+    """The memory-efficient SDPA kernel on CUDA (masks of any shape, no per-shape build); the default elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def mixed_attention(decoder: PagedDecoder, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -103,7 +103,9 @@ class ModelRunner:
         """The chunks of > 1 token (with the flat index of their first token), padded for one attention call."""
         block_tokens, scratch = self.block_tokens, self.decoder.num_blocks
         num_queries = max(len(c.token_ids) for c, _ in chunks)
-        num_positions = max(c.context_tokens for c, _ in chunks)
+        # positions padded to a multiple of 16: the memory-efficient attention kernel wants its
+        # mask's rows aligned so (else it copies the mask each call), and fewer shapes recur
+        num_positions = -(-max(c.context_tokens for c, _ in chunks) // 16) * 16
         token_index, blocks, offsets, valid_rows, valid_tokens, starts, lengths = [], [], [], [], [], [], []
         for p, (chunk, first) in enumerate(chunks):
             n, context = len(chunk.token_ids), chunk.context_tokens

@@ -94,6 +94,10 @@ class SchedulerConfig:
     margin: float = 1.2  # predicted admission plans for predicted output tokens x this (a quantile's stand-in)
     order: WaitOrder = WaitOrder.FCFS
     preempt_rule: PreemptRule = PreemptRule.MOST_WORK_LEFT
+    # static batches (the paper's `vs` on this engine): admit only when nothing runs, then up to
+    # max_running at once (prefilled over as many steps as the token budget needs); the batch runs
+    # until its last member ends
+    static_batches: bool = False
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -114,6 +118,9 @@ class Request:
     prompt_ids: list[int]
     max_new_tokens: int
     predicted_tokens: int = 0  # predicted output length, tokens; 0 = unknown (max_new_tokens assumed)
+    # trace replay (benchmarks on random weights): ends after this many output tokens as if on a
+    # stop token, while admission still sees only max_new_tokens and the prediction; 0 = off
+    replay_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
@@ -253,8 +260,10 @@ class Scheduler:
         # no admission in a step that preempted (as vLLM v1): the pool just proved too small for
         # the running requests, and a victim resumed at once would only be preempted again
         projection = None  # of the running requests' block use, made on the first predicted check
-        for request in self._admission_order() if not preempted else ():
-            if budget == 0 or len(self.running) >= self.config.max_running:
+        static = self.config.static_batches
+        admits = not preempted and not (static and (self.running or self.preempted))
+        for request in self._admission_order() if admits else ():
+            if (budget == 0 and not static) or len(self.running) >= self.config.max_running:
                 break
             if self.config.admission is Admission.GREEDY:
                 if not self.pool.can_allocate(request.num_tokens):
@@ -266,8 +275,9 @@ class Scheduler:
                     break
                 projection.add(*holding)
             self._admit(request)
-            chunks.append(self._chunk(request, budget))
-            budget -= len(chunks[-1].token_ids)
+            if budget:  # a static batch's members past the budget start prefilling in later steps
+                chunks.append(self._chunk(request, budget))
+                budget -= len(chunks[-1].token_ids)
         self.max_running_seen = max(self.max_running_seen, len(self.running))
         return StepPlan(tuple(chunks), tuple(preempted), self.config.token_budget - budget)
 
@@ -284,7 +294,7 @@ class Scheduler:
                 continue
             token = sampled[chunk.request_id]
             request.output_ids.append(token)
-            if token in self.stop_ids:
+            if token in self.stop_ids or len(request.output_ids) == request.replay_tokens:
                 self._finish(request, RequestStatus.FINISHED_STOPPED)
             elif len(request.output_ids) >= request.max_new_tokens:
                 self._finish(request, RequestStatus.FINISHED_LENGTH)
