@@ -17,7 +17,15 @@ answer anyway.
 Out of distribution: an unseen instruction, an input length outside its group's range, or a user
 embedding farther from its group's centroid than its calibration rows' 99th percentile. Such a
 request is given the widest group's score quantile, times `ood_inflation`, at a spread no smaller
-than the median calibration spread: never a confident short guess. Pure numpy, no I/O.
+than the median calibration spread: never a confident short guess. And its upper quantiles
+(levels >= 0.5) are never narrower, relative to the point, than a group-level conformal floor:
+each group's q-quantile of its *unnormalized* log residuals (log1p true - log1p point), and of
+those the split-conformal q-quantile over the groups (with fewer than q / (1 - q) groups, 9 at
+p90, the widest group's); `ood_inflation` does not multiply it. Why: the trees' spread measures their disagreement on rows like the training rows; trees fit on
+other tasks can agree on a new task and all be wrong about it (a new translation direction of a
+known language pair), so the spread says nothing about a task-level shift. Treating tasks as
+exchangeable, a new task's q-quantile residual falls below that floor with probability about q.
+Pure numpy, no I/O.
 """
 
 from __future__ import annotations
@@ -33,10 +41,11 @@ DEFAULT_LEVELS = (0.5, 0.9, 0.95)
 MIN_GROUP_ROWS = 30  # fewer calibration rows than this: the group uses the pooled scores
 LENGTH_MARGIN_LOG = math.log(1.5)  # input lengths within 1.5x of a group's range are in range
 DISTANCE_QUANTILE = 0.99
+_CACHE = "_level_lookups"  # per-levels lookups, kept in the instance's __dict__, never pickled
 # How much an OOD request's score quantile is widened: the largest factor any task needed, when
 # left out of training, for its p90 to cover 90 % of its rows (`bench.predictor_shift`,
 # reports/predictor/shift.json "ood_inflation").
-DEFAULT_OOD_INFLATION = 2.25  # code_trans_java2cs needed 2.25, every other task <= 1.5
+DEFAULT_OOD_INFLATION = 1.25  # with the group-level floor: code_comment needed 1.25, every other task 1.0
 
 
 def tree_log_stats(log_tokens: np.ndarray, is_used: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -64,13 +73,15 @@ def conformal_quantile(sorted_scores: np.ndarray, level: float) -> float:
 @dataclass(frozen=True)
 class GroupCalibration:
     """One instruction's calibration: sorted scores, input-length range (log1p tokens), user
-    embedding centroid and the DISTANCE_QUANTILE of its rows' distances to it."""
+    embedding centroid and the DISTANCE_QUANTILE of its rows' distances to it, and its sorted
+    unnormalized log1p-token residuals (None in calibrations pickled before them)."""
 
     scores: np.ndarray
     log_input_low: float
     log_input_high: float
     centroid: np.ndarray
     radius: float
+    log_residuals: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ class _Lookup:
     index: dict[str, int]
     scores: np.ndarray  # (groups, levels)
     widest: np.ndarray  # (levels,)
+    ood_log_floor: np.ndarray  # (levels,) least log1p-token width of an OOD request's quantile; -inf = none
     centroids: np.ndarray
     radii: np.ndarray
     log_input_low: np.ndarray
@@ -94,9 +106,13 @@ class Calibration:
     ood_inflation: float = DEFAULT_OOD_INFLATION
     num_rows: int = 0
 
+    def __getstate__(self) -> dict:
+        # lookups are rebuilt on use ("_lookups": the cache's name in artifacts pickled before this one)
+        return {k: v for k, v in self.__dict__.items() if k not in (_CACHE, "_lookups")}
+
     def lookup(self, levels: tuple[float, ...]) -> _Lookup:
         """The per-group arrays predict_quantiles needs at `levels`, built once per levels tuple."""
-        cache = self.__dict__.setdefault("_lookups", {})
+        cache = self.__dict__.setdefault(_CACHE, {})
         if levels not in cache:
             per_group, widest = self.score_quantiles(levels)
             names = sorted(self.groups)
@@ -104,6 +120,7 @@ class Calibration:
                 index={name: i for i, name in enumerate(names)},
                 scores=np.array([per_group[name] for name in names]).reshape(len(names), len(levels)),
                 widest=widest,
+                ood_log_floor=self.ood_log_floor(levels),
                 centroids=np.array([self.groups[name].centroid for name in names]),
                 radii=np.array([self.groups[name].radius for name in names]),
                 log_input_low=np.array([self.groups[name].log_input_low for name in names]),
@@ -120,6 +137,19 @@ class Calibration:
         pooled = np.array([conformal_quantile(self.pooled_scores, q) for q in levels])
         widest = np.max(np.vstack([pooled, *per_group.values()]), axis=0)
         return per_group, widest
+
+    def ood_log_floor(self, levels: Sequence[float]) -> np.ndarray:
+        """(L,) per level q >= 0.5: the split-conformal q-quantile over the groups of each group's
+        q-quantile of its log residuals (groups of >= MIN_GROUP_ROWS rows; all rows as one group if
+        none is that large); -inf below 0.5, and for calibrations without residuals."""
+        residuals = [g.log_residuals for g in self.groups.values() if getattr(g, "log_residuals", None) is not None]
+        if not residuals:
+            return np.full(len(levels), -np.inf)
+        large = [r for r in residuals if len(r) >= MIN_GROUP_ROWS] or [np.sort(np.concatenate(residuals))]
+        return np.array([
+            conformal_quantile(np.sort([conformal_quantile(r, q) for r in large]), q) if q >= 0.5 else -np.inf
+            for q in levels
+        ])
 
 
 @dataclass(frozen=True)
@@ -154,7 +184,8 @@ def calibrate(
     groups_arr = np.asarray(groups, dtype=object)[keep]
     log_true, log_point, spread = log_true[keep], log_point[keep], spread[keep] + spread_floor
     log_input, embeddings = log_input[keep], embeddings[keep]
-    scores = (log_true - log_point) / spread
+    residuals = log_true - log_point
+    scores = residuals / spread
     scale = embeddings.std(axis=0) + 1e-6
     built = {}
     for name in sorted(set(groups_arr)):
@@ -168,6 +199,7 @@ def calibrate(
             log_input_high=float(log_input[rows].max()),
             centroid=centroid,
             radius=float(np.quantile(distances, DISTANCE_QUANTILE)) + 1e-6,
+            log_residuals=np.sort(residuals[rows]),
         )
     return Calibration(
         groups=built,
@@ -217,6 +249,8 @@ def predict_quantiles(
         widest = table.widest
         score_q[is_ood] = np.where(widest > 0, widest * calibration.ood_inflation, widest)
     log_q = log_point[:, None] + total_spread[:, None] * score_q
+    if is_ood.any():
+        log_q[is_ood] = np.maximum(log_q[is_ood], log_point[is_ood, None] + table.ood_log_floor[None, :])
     return QuantilePrediction(
         levels=levels,
         quantiles=np.expm1(np.maximum(log_q, 0.0)),

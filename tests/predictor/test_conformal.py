@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -42,6 +45,45 @@ def test_split_conformal_covers_each_group_at_its_level(seed: int) -> None:
         assert not result.is_ood.mean() > 0.05
         covered = (np.expm1(fresh["log_true"])[:, None] <= result.quantiles).mean(axis=0)
         assert np.all(np.abs(covered - np.array(LEVELS)) < 0.035), (name, covered)
+
+
+def test_an_unseen_instruction_is_never_narrower_than_the_loosest_known_one_even_where_trees_agree() -> None:
+    rng = np.random.default_rng(5)
+    parts = {"tight": synthetic(rng, 1500, 0.1), "loose": synthetic(rng, 1500, 1.0)}
+    keys = ("log_true", "log_point", "spread", "log_input", "embeddings")
+    calibration = calibrate(**{k: np.concatenate([p[k] for p in parts.values()]) for k in keys},
+                            groups=["tight"] * 1500 + ["loose"] * 1500, spread_floor=0.0)
+    # pickled before the floor: groups without residuals
+    old = replace(calibration, groups={n: replace(g, log_residuals=None) for n, g in calibration.groups.items()})
+    loose = parts["loose"]
+    loose_q90 = conformal_quantile(np.sort(loose["log_true"] - loose["log_point"]), 0.9)
+    fresh = synthetic(rng, 50, 0.1)
+    query = {"log_point": fresh["log_point"], "log_input": fresh["log_input"], "embeddings": fresh["embeddings"],
+             "levels": (0.1, 0.9)}
+    agreeing = np.full(50, 1e-3)  # trees fit on other tasks that agree on this one
+
+    new_task = predict_quantiles(calibration, spread=agreeing.copy(), groups=["new"] * 50, **query)
+    before = predict_quantiles(old, spread=agreeing.copy(), groups=["new"] * 50, **query)
+    assert new_task.is_ood.all()
+    # two groups: the group-level conformal p90 is the looser group's own p90 residual
+    assert (np.log1p(new_task.quantiles[:, 1]) >= fresh["log_point"] + loose_q90 - 1e-9).all()
+    assert (new_task.quantiles[:, 1] > before.quantiles[:, 1]).any()
+    assert np.array_equal(new_task.quantiles[:, 0], before.quantiles[:, 0])  # no floor below the median
+    # in-distribution rows of a known instruction are untouched
+    seen = predict_quantiles(calibration, spread=agreeing.copy(), groups=["tight"] * 50, **query)
+    seen_before = predict_quantiles(old, spread=agreeing.copy(), groups=["tight"] * 50, **query)
+    assert (~seen.is_ood).sum() > 40
+    assert np.array_equal(seen.quantiles[~seen.is_ood], seen_before.quantiles[~seen.is_ood])
+
+
+def test_the_per_level_lookups_are_not_pickled() -> None:
+    rng = np.random.default_rng(6)
+    data = synthetic(rng, 200, 0.5)
+    calibration = calibrate(**data, groups=["a"] * 200)
+    calibration.lookup((0.9,))
+    restored = pickle.loads(pickle.dumps(calibration))
+    assert "_level_lookups" not in restored.__dict__
+    assert np.array_equal(restored.lookup((0.9,)).ood_log_floor, calibration.lookup((0.9,)).ood_log_floor)
 
 
 @given(st.lists(st.floats(-50, 50), min_size=1, max_size=200), st.floats(0.01, 0.99), st.floats(0.01, 0.99))
