@@ -18,6 +18,12 @@ table, plots and reports/gpu/e2e.json from one or more raw files.
         --policies vs,magnus --rates 8,16 --requests-per-rate 150 --saturation-requests 600
     python bench/gpu_e2e.py --tiny ...   # the same on the CPU with the tiny model: a smoke test
 
+--backend paged runs the continuous policies on the paged engine (services/worker/paged/, issue 23)
+with a worker restarted for each, since each sets the worker's admission and order: `ccb`,
+`magnus_ccb` and the bench-only `greedy` (vLLM's admission and preemption), see bench/e2e_paged.py;
+each phase then records the worker's preemptions, recomputed tokens and running requests
+(`worker_counters`, scraped from its /metrics before and after).
+
 --workers 1,2 runs every phase of every policy with one worker, then with two pulling from the same
 batcher (worker i on GPU i: CUDA_VISIBLE_DEVICES), results under raw["workers"]["1"|"2"]; with the
 default --workers 1 the raw file has the one-worker shape as before (raw["policies"]). --kill-one N
@@ -37,6 +43,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -44,7 +51,10 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
-from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES  # noqa: E402
+from bench.e2e_paged import (  # noqa: E402
+    BENCH_ONLY_POLICIES, PAGED_POLICIES, PagedKnobs, PhaseCounters, paged_worker_env,
+)
+from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES, SERVING_POLICY_NAMES  # noqa: E402
 from tools.stack import Stack  # noqa: E402
 
 CONTEXT_TOKENS = 4096  # Llama-2-7B's context: a careful operator sizes vs for requests this long
@@ -224,9 +234,10 @@ class Bench:
             # one GPU each; on the CPU (--tiny) they share it
             worker_devices=() if args.tiny else tuple(str(i) for i in range(max(args.worker_counts))),
         )
-        self.raw: dict = {"command": " ".join(["python", *sys.argv]), "policies": {}, "setup": {}}
+        self.raw: dict = {"command": " ".join(["python", *sys.argv]), "policies": {},
+                          "setup": {"backend": args.backend, "paged": asdict(args.paged_knobs)}}
         self.num_workers = 1  # workers running now: stack.worker_names[:num_workers]
-        self.worker_mode = "static"
+        self.worker_env = STATIC_WORKER_ENV  # what the running workers were started with
         self.fixed_batch_size = 0  # set by start() from the worker's Theta
         self.continuous_slots = 0  # likewise
 
@@ -310,14 +321,29 @@ class Bench:
     def workers(self) -> tuple[str, ...]:
         return self.stack.worker_names[:self.num_workers]
 
-    def _worker_env(self, mode: str) -> dict[str, str]:
-        return {"MAGNUS_WORKER_MODE": mode, "MAGNUS_WORKER_CONTINUOUS_SLOTS": str(self.continuous_slots)}
+    def is_continuous(self, policy: str) -> bool:
+        return policy in CONTINUOUS_POLICY_NAMES or policy in BENCH_ONLY_POLICIES
 
-    def restart_worker(self, mode: str) -> None:
+    def is_paged(self, policy: str) -> bool:
+        return self.args.backend == "paged" and self.is_continuous(policy)
+
+    def worker_env_for(self, policy: str) -> dict[str, str]:
+        """The worker settings `policy` runs with (beyond the stack's): a restart when they change."""
+        if self.is_paged(policy):
+            return paged_worker_env(PAGED_POLICIES[policy], self.args.paged_knobs)
+        if self.is_continuous(policy):
+            return {"MAGNUS_WORKER_MODE": "continuous", "MAGNUS_WORKER_CONTINUOUS_SLOTS": str(self.continuous_slots)}
+        return STATIC_WORKER_ENV
+
+    def batcher_policy(self, policy: str) -> str:
+        return PAGED_POLICIES[policy].batcher_policy if self.is_paged(policy) else policy
+
+    def restart_worker(self, env: dict[str, str]) -> None:
         for name in self.workers:
             self.stack.stop(name, timeout_s=60)
         for name in self.workers:
-            self.stack.start(name, self._worker_env(mode))
+            self.stack.start(name, env)
+        self.worker_env = env
 
     def set_workers(self, count: int) -> None:
         """Run `count` workers: stop those past it, start the missing ones in the current mode. With the
@@ -327,7 +353,7 @@ class Bench:
         for name in self.stack.worker_names[:count]:
             process = self.stack.processes.get(name)
             if process is None or process.poll() is not None:
-                self.stack.start(name, self._worker_env(self.worker_mode))
+                self.stack.start(name, self.worker_env)
         self.num_workers = count  # run_policy waits for them: a worker is SERVING once a batcher took it
         say(f"{count} worker(s): {', '.join(self.workers)}")
 
@@ -344,19 +370,26 @@ class Bench:
 
     # ---- one policy ---------------------------------------------------------------------------
     def run_policy(self, policy: str, workload: list[dict]) -> None:
-        mode = "continuous" if policy in CONTINUOUS_POLICY_NAMES else "static"
-        if mode != self.worker_mode:
-            self.restart_worker(mode)
-            self.worker_mode = mode
-        self.start_batcher(policy)
+        worker_env = self.worker_env_for(policy)
+        if worker_env != self.worker_env:
+            self.restart_worker(worker_env)
+        self.start_batcher(self.batcher_policy(policy))
         self.stack.wait_healthy(self.workers, timeout_s=900)  # raises with its log if a restarted worker died
         warmup = workload[-WARMUP_REQUESTS:]  # not measured: waits for the worker to (re)register
         asyncio.run(send_all(self.stack.target("batcher"), warmup, [0.0] * len(warmup), f"{self.tag(policy)}-warmup"))
-        size = self.continuous_slots if policy in CONTINUOUS_POLICY_NAMES else self.fixed_batch_size
-        result = self.policy_results().setdefault(policy, {"fixed_batch_size": size, "rates": {}})
+        if self.is_paged(policy):
+            size = self.args.paged_knobs.max_running
+        else:
+            size = self.continuous_slots if self.is_continuous(policy) else self.fixed_batch_size
+        result = self.policy_results().setdefault(policy, {
+            "fixed_batch_size": size, "rates": {}, "is_continuous": self.is_continuous(policy),
+            "backend": "paged" if self.is_paged(policy) else "rows" if self.is_continuous(policy) else "static",
+            "batcher_policy": self.batcher_policy(policy), "worker_env": worker_env})
         for index, (rate, rows) in enumerate(phases(self.args, workload)):
             offsets = arrival_offsets_s(len(rows), rate, ARRIVAL_SEED + index)
             for stream in self.args.stream_modes:  # the same requests and arrivals, unstreamed then streamed
+                counters = (PhaseCounters({name: self.stack.metrics_url(name) for name in self.workers})
+                            if self.is_continuous(policy) else None)
                 started_s = time.monotonic()
                 records = asyncio.run(send_all(self.stack.target("batcher"), rows, offsets,
                                                f"{self.tag(policy)}-{rate}{'-stream' if stream else ''}", stream=stream))
@@ -364,6 +397,13 @@ class Bench:
                 batches = self.logged_batches({r["batch_id"] for r in records if r.get("batch_id")})
                 rates = result["rates"] if not stream else result.setdefault("streamed_rates", {})
                 rates[str(rate)] = {"wall_s": wall_s, "requests": records, "batches": batches}
+                paged_line = ""
+                if counters is not None:
+                    rates[str(rate)]["worker_counters"] = moved = counters.finish()
+                    paged_line = (f", {sum(m['preemptions'] for m in moved.values()):.0f} preemptions "
+                                  f"({sum(m['recomputed_tokens'] for m in moved.values()):.0f} tokens recomputed), "
+                                  f"running mean {sum(m['mean_running_requests'] for m in moved.values()):.1f} "
+                                  f"max {sum(m['max_running_requests_sampled'] for m in moved.values()):.0f}")
                 ok = [r for r in records if r["status"] == "OK"]
                 mean_s = sum(r["latency_s"] for r in ok) / max(1, len(ok))
                 ttft = sorted(r["ttft_s"] for r in ok if "ttft_s" in r)
@@ -371,7 +411,7 @@ class Bench:
                              if ttft else "")
                 say(f"{self.num_workers}w {policy:9s} rate {rate:6.1f}/s{' streamed' if stream else ''}: {len(ok)}/{len(records)} ok, "
                     f"{len(ok) / max(r['done_s'] for r in ok) if ok else 0:.1f} req/s done, mean {mean_s:.2f} s, "
-                    f"{len(batches)} batches{ttft_line}")
+                    f"{len(batches)} batches{ttft_line}{paged_line}")
                 self.save()
 
     def logged_batches(self, batch_ids: set[str], timeout_s: float = 15.0) -> list[dict]:
@@ -402,6 +442,9 @@ class Bench:
         logs.mkdir(parents=True, exist_ok=True)
         for path in (self.workdir / "logs").glob("*.log"):
             shutil.copy(path, logs / path.name)
+
+
+STATIC_WORKER_ENV = {"MAGNUS_WORKER_MODE": "static"}
 
 
 def main() -> int:
@@ -436,6 +479,20 @@ def main() -> int:
     parser.add_argument("--skip-calibration", action="store_true",
                         help="the worker does not calibrate (the estimator fits --calibration's samples, whatever "
                         "their device): for runs that compare something else than static policies")
+    parser.add_argument("--backend", choices=("hf", "paged"), default="hf",
+                        help="engine of the continuous policies: hf = the rows engine over the HF model (the "
+                        "worker's static backend, as before); paged = services/worker/paged/, which adds policy greedy")
+    parser.add_argument("--paged-max-running", type=int, default=PagedKnobs.max_running,
+                        help="paged: requests running at once (also the requests the worker holds)")
+    parser.add_argument("--paged-token-budget", type=int, default=PagedKnobs.token_budget,
+                        help="paged: tokens one step computes, decode rows plus prefill chunks")
+    parser.add_argument("--paged-block-tokens", type=int, default=PagedKnobs.block_tokens,
+                        help="paged: tokens per KV block")
+    parser.add_argument("--admission-margin", type=float, default=PagedKnobs.admission_margin,
+                        help="paged, ccb and magnus_ccb: predicted output tokens are planned for at this multiple")
+    parser.add_argument("--paged-cpu-kv-bytes", type=int, default=0,
+                        help="paged on the CPU (--tiny): the block pool's bytes, small enough to preempt; 0 = the "
+                        "worker's default (on a GPU the pool is the free memory less --reserve-gib)")
     parser.add_argument("--workers", default="1",
                         help="worker counts to run every policy with, e.g. 1,2 (one GPU per worker)")
     parser.add_argument("--kill-one", type=int, default=0,
@@ -448,8 +505,14 @@ def main() -> int:
         sys.exit("--kill-one needs --workers with a count of 2 or more")
     args.rate_list = [float(r) for r in args.rates.split(",") if r]
     args.stream_modes = {"off": [False], "on": [True], "both": [False, True]}[args.stream]
+    args.paged_knobs = PagedKnobs(args.paged_max_running, args.paged_token_budget, args.paged_block_tokens,
+                                  args.admission_margin, args.paged_cpu_kv_bytes)
     policies = [p for p in args.policies.split(",") if p]
-    policies.sort(key=lambda p: p in CONTINUOUS_POLICY_NAMES)  # the continuous worker last: one worker restart
+    known = (*SERVING_POLICY_NAMES, *(BENCH_ONLY_POLICIES if args.backend == "paged" else ()))
+    if unknown := [p for p in policies if p not in known]:
+        sys.exit(f"unknown policies {', '.join(unknown)} for --backend {args.backend}; choose among {', '.join(known)}")
+    # the continuous workers last: one restart into continuous mode (on the paged engine, one per policy)
+    policies.sort(key=lambda p: p in CONTINUOUS_POLICY_NAMES or p in BENCH_ONLY_POLICIES)
     workload = load_workload(args.workload)
     needed = max(len(args.rate_list) * args.requests_per_rate + args.saturation_requests, args.kill_one) + WARMUP_REQUESTS
     if len(workload) < needed:

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES  # noqa: E402
 
 SUSTAINED_SHARE = 0.9
-ORDER = ("vs", "ccb", "magnus_ccb", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle", "oracle_pack")
+ORDER = ("vs", "ccb", "magnus_ccb", "greedy", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle",
+         "oracle_pack")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,6 +103,10 @@ def summarize(policies: dict) -> dict:
             "p99_latency_s": {_key(r): s["p99_latency_s"] for r, s in sorted(rates.items())},
             "rates": {_key(r): s for r, s in sorted(rates.items())},
         }
+        counters = {_key(float(r)): m["worker_counters"] for r, m in policies[name]["rates"].items()
+                    if "worker_counters" in m}
+        if counters:  # continuous workers: per phase and worker (bench/e2e_paged.py)
+            summary[name]["worker_counters"] = counters
     return summary
 
 
@@ -121,7 +126,7 @@ def diagnose(policies: dict) -> dict:
 
     cost, out = LinearBatchCost(), {}
     for name, result in policies.items():
-        if name in CONTINUOUS_POLICY_NAMES:  # one lease per request, overlapping in time: no batch sums
+        if name in CONTINUOUS_POLICY_NAMES or result.get("is_continuous"):  # one lease per request: no batch sums
             continue
         rate = max(result["rates"], key=float)
         batches = [b for b in result["rates"][rate]["batches"] if b["outcome"] == "ok"]

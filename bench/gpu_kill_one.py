@@ -24,8 +24,8 @@ def kill_one(bench, policy: str, rows: list[dict]) -> dict:
     answered: calls that returned a result; duplicated: client ids with more than one completed log row.
     """
     bench.set_workers(bench.stack.num_workers)
-    bench.start_batcher(policy, {"MAGNUS_BATCHER_LEASE_S": str(LEASE_S),
-                                 "MAGNUS_BATCHER_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)})
+    bench.start_batcher(bench.batcher_policy(policy), {"MAGNUS_BATCHER_LEASE_S": str(LEASE_S),
+                                                       "MAGNUS_BATCHER_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)})
     bench.stack.wait_healthy(bench.workers, timeout_s=900)
     victim = bench.workers[-1]
     tag = f"kill-one-{policy}"

@@ -6,9 +6,14 @@ stays right across scrapes of any interval, unlike a 0/1 gauge sampled now and t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.shared.db.models import BatchOutcome
+
+if TYPE_CHECKING:
+    from services.worker.paged.scheduler import Scheduler
 
 RUN_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
@@ -59,3 +64,17 @@ PAGED_PREEMPTIONS = Counter(
 PAGED_RECOMPUTED_TOKENS = Counter(
     "magnus_worker_paged_recomputed_tokens_total", "Cached tokens thrown away by preemptions (prefilled again)."
 )
+PAGED_RUNNING_REQUESTS = Gauge("magnus_worker_paged_running_requests", "Requests running in the paged engine now.")
+PAGED_WAITING_REQUESTS = Gauge(
+    "magnus_worker_paged_waiting_requests", "Requests in the paged engine waiting to be admitted (preempted ones too)."
+)
+PAGED_MAX_RUNNING_REQUESTS = Gauge(
+    "magnus_worker_paged_max_running_requests", "Most requests the paged engine ran at once since the worker started."
+)
+
+
+def track_paged(scheduler: Scheduler) -> None:
+    """Export the paged scheduler's queue sizes, read at each scrape (plain int reads: no lock)."""
+    PAGED_RUNNING_REQUESTS.set_function(lambda: len(scheduler.running))
+    PAGED_WAITING_REQUESTS.set_function(lambda: scheduler.num_waiting)
+    PAGED_MAX_RUNNING_REQUESTS.set_function(lambda: scheduler.max_running_seen)

@@ -13,6 +13,7 @@ from dataclasses import replace
 from magnus.v1 import worker_queue_pb2_grpc as pb_grpc
 from services.shared.channels import open_channel
 from services.shared.server import ServiceRunner
+from services.worker import metrics
 from services.worker.calibrate import calibrate_if_missing
 from services.worker.config import WorkerSettings
 from services.worker.continuous import ContinuousBatcher
@@ -135,6 +136,7 @@ async def serve(
     continuous: ContinuousBatcher | PagedBatcher | None = None
     if settings.mode == "continuous" and settings.backend == "paged":
         continuous = await asyncio.to_thread(paged_batcher, settings, engine)
+        metrics.track_paged(continuous.engine.scheduler)
         await asyncio.to_thread(continuous.warm_up)
         continuous.start()
         # Theta = the block pool, which one request may fill alone
