@@ -45,6 +45,12 @@ class TrainerSettings(ServiceSettings):
     length_miss_rel: float = Field(
         0.10, ge=0, description="... and above this share of the true generation length (0.10 = 10 %)."
     )
+    length_min_samples_per_instruction: int = Field(
+        500, ge=0, description="While the predictor's training set holds fewer samples than this of an "
+        "instruction, every completed request of it is added, not only its bad misses (a new task is learned "
+        "from its whole length distribution, not its tail; services/trainer/selection.py); 0 = only bad misses "
+        "(the paper), samples.",
+    )
     time_miss_abs_s: float = Field(2.0, ge=0, description="A batch's miss is bad above this many seconds ...")
     time_miss_rel: float = Field(0.20, ge=0, description="... and above this share of its true time.")
     holdout_every: int = Field(

@@ -1,6 +1,7 @@
 """One training round per model kind, and the trainer state that survives restarts.
 
-A round: read log rows after the kind's watermark -> select bad misses (pure rules) -> refit on
+A round: read log rows after the kind's watermark -> select new samples (pure rules: bad misses,
+and every row of an instruction the latest version has few samples of) -> refit on
 the latest stored version's samples + the new ones -> score candidate and serving model on the
 held-back rows -> store the version and advance the watermark in ONE transaction (so a crash or
 restart never adds the same rows twice) -> push to the replicas if it is not worse.
@@ -145,17 +146,17 @@ class Trainer:
         if not rows:
             return RoundResult(kind, utc_now(), note="no new log rows", outcome=RoundOutcome.NO_NEW_ROWS)
         last_seq = rows[-1].seq
-        new_samples = spec.select(rows)
+        base = await self._load_or_none(kind, only_pushed=False)
+        new_samples = spec.select(rows, base.model.samples if base is not None else [])
         if not new_samples:
             async with self.store.session_factory() as session, session.begin():
                 await set_state(session, watermark_key(kind), {"seq": last_seq})
             note = f"no bad misses among {len(rows)} new log rows"
             return RoundResult(kind, utc_now(), note=note, outcome=RoundOutcome.NO_BAD_MISSES)
-        return await self._train(spec, rows, new_samples, last_seq)
+        return await self._train(spec, base, new_samples, last_seq)
 
-    async def _train(self, spec: ModelSpec, rows: list, new_samples: list, last_seq: int) -> RoundResult:
+    async def _train(self, spec: ModelSpec, base: LoadedModel | None, new_samples: list, last_seq: int) -> RoundResult:
         kind = spec.kind
-        base = await self._load_or_none(kind, only_pushed=False)
         serving = base if base is not None and base.info.is_pushed else await self._load_or_none(kind, only_pushed=True)
         holdout = spec.holdout(await self._recent_rows(spec, last_seq))
         base_samples = base.model.samples if base is not None else []

@@ -23,6 +23,7 @@ from services.trainer.selection import (
     LoggedBatch,
     LoggedRequest,
     MissRule,
+    instruction_counts,
     length_holdout,
     select_length_samples,
     select_time_samples,
@@ -40,7 +41,9 @@ class ModelSpec(Protocol):
 
     async def fetch(self, session: AsyncSession, since_seq: int, limit: int | None) -> list[Any]: ...
 
-    def select(self, rows: Sequence[Any]) -> list[Any]: ...
+    def select(self, rows: Sequence[Any], base_samples: Sequence[Any]) -> list[Any]:
+        """The new training samples among `rows`, given the samples the base version holds."""
+        ...
 
     def holdout(self, rows: Sequence[Any]) -> list[Any]: ...
 
@@ -58,6 +61,7 @@ class PredictorSpec:
     def __init__(self, settings: TrainerSettings) -> None:
         self.rule = MissRule(settings.length_miss_abs_tokens, settings.length_miss_rel)
         self.holdout_every = settings.holdout_every
+        self.min_samples_per_instruction = settings.length_min_samples_per_instruction
 
     async def fetch(self, session: AsyncSession, since_seq: int, limit: int | None) -> list[LoggedRequest]:
         rows = await fetch_requests(session, since_id=since_seq, limit=limit)
@@ -75,8 +79,11 @@ class PredictorSpec:
             for r in rows
         ]
 
-    def select(self, rows: Sequence[LoggedRequest]) -> list[LengthSample]:
-        return select_length_samples(rows, self.rule, self.holdout_every)
+    def select(self, rows: Sequence[LoggedRequest], base_samples: Sequence[LengthSample]) -> list[LengthSample]:
+        return select_length_samples(
+            rows, self.rule, self.holdout_every, known_counts=instruction_counts(base_samples),
+            min_samples_per_instruction=self.min_samples_per_instruction,
+        )
 
     def merge(self, base_samples: Sequence[LengthSample], new_samples: Sequence[LengthSample]) -> list[LengthSample]:
         return [*base_samples, *new_samples]
@@ -121,7 +128,7 @@ class EstimatorSpec:
             for r in rows
         ]
 
-    def select(self, rows: Sequence[LoggedBatch]) -> list[TimeSample]:
+    def select(self, rows: Sequence[LoggedBatch], base_samples: Sequence[TimeSample]) -> list[TimeSample]:
         return select_time_samples(rows, self.rule, self.holdout_every)
 
     def merge(self, base_samples: Sequence[TimeSample], new_samples: Sequence[TimeSample]) -> list[TimeSample]:

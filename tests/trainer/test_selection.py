@@ -9,6 +9,7 @@ from services.trainer.selection import (
     LoggedBatch,
     LoggedRequest,
     MissRule,
+    instruction_counts,
     is_held_back,
     keep_newest,
     length_holdout,
@@ -22,8 +23,8 @@ LENGTH_RULE = MissRule(10, 0.10)
 TIME_RULE = MissRule(2.0, 0.20)
 
 
-def request(seq, predicted, generated, status="completed", fallback=False) -> LoggedRequest:
-    return LoggedRequest(seq, status, "A", f"in {seq}", 50, predicted, generated, fallback)
+def request(seq, predicted, generated, status="completed", fallback=False, instruction="A") -> LoggedRequest:
+    return LoggedRequest(seq, status, instruction, f"in {seq}", 50, predicted, generated, fallback)
 
 
 def test_length_miss_needs_both_thresholds() -> None:
@@ -70,6 +71,45 @@ def test_selection_takes_only_bad_misses_of_completed_model_predictions() -> Non
     assert [(s.input_text, s.generated_tokens) for s in selected] == [("in 1", 150), ("in 8", 20)]
     assert [s.input_text for s in length_holdout(rows, holdout_every=5)] == ["in 5"]
     assert len(select_length_samples(rows, LENGTH_RULE, holdout_every=0)) == 3
+
+
+def test_a_new_instruction_joins_whole_until_it_has_enough_samples_then_only_by_bad_misses() -> None:
+    # "new" (1 sample known) alternates small misses (odd seq) and bad misses (even seq);
+    # "A" (10 known) only small misses. Seq 5 and 10 are held back.
+    rows = [request(seq, 100, 105 if seq % 2 else 150, instruction="new") for seq in range(1, 11)]
+    rows += [request(seq, 100, 105) for seq in range(11, 15)]
+    selected = select_length_samples(
+        rows, LENGTH_RULE, holdout_every=5, known_counts={"A": 10, "new": 1}, min_samples_per_instruction=4
+    )
+    # 1, 2, 3 bring "new" to 4 samples whatever their miss; after that only bad misses: 4, 6, 8
+    assert [s.input_text for s in selected] == ["in 1", "in 2", "in 3", "in 4", "in 6", "in 8"]
+    # an unknown instruction starts at 0; a known one with enough samples is the paper's rule
+    assert len(select_length_samples(rows, LENGTH_RULE, 5, min_samples_per_instruction=4)) == 6 + 4
+    assert select_length_samples(rows, LENGTH_RULE, 5, known_counts={"A": 4, "new": 4}, min_samples_per_instruction=4) == (
+        select_length_samples(rows, LENGTH_RULE, 5)
+    )
+    assert instruction_counts(selected) == {"new": 6}
+
+
+@given(
+    rows=st.lists(st.builds(request, seq=st.integers(1, 200), predicted=st.integers(1, 300),
+                            generated=st.integers(0, 300), instruction=st.sampled_from(["A", "B", "C"])), max_size=60),
+    known=st.dictionaries(st.sampled_from(["A", "B"]), st.integers(0, 20)),
+    minimum=st.integers(0, 25),
+)
+def test_new_instruction_rows_add_to_the_bad_misses_never_to_the_held_back_and_stop_at_the_minimum(
+    rows, known, minimum
+) -> None:
+    selected = select_length_samples(rows, LENGTH_RULE, 5, known_counts=known, min_samples_per_instruction=minimum)
+    misses_only = select_length_samples(rows, LENGTH_RULE, 5)
+    texts = [s.input_text for s in selected]
+    assert set(s.input_text for s in misses_only) <= set(texts)  # bad misses still always join
+    assert not any(is_held_back(int(t.split()[1]), 5) for t in texts)
+    for instruction in ("A", "B", "C"):
+        extra = len([s for s in selected if s.instruction == instruction]) - len(
+            [s for s in misses_only if s.instruction == instruction]
+        )
+        assert 0 <= extra <= max(0, minimum - known.get(instruction, 0))
 
 
 row_strategy = st.builds(

@@ -41,6 +41,8 @@ def drifted_rows(n: int, start: int = 0) -> list[tuple[int, int, int]]:
 
 
 def trainer_settings(db_url: str, store_dir: Path, **overrides) -> TrainerSettings:
+    """The paper's selection (bad misses only) unless a test asks for the new-instruction rule."""
+    overrides = {"length_min_samples_per_instruction": 0, **overrides}
     return TrainerSettings(
         database_url=db_url, model_store_dir=store_dir, is_schedule_enabled=False, push_timeout_s=5, **overrides
     )
@@ -91,6 +93,22 @@ async def test_worse_candidate_is_stored_but_not_pushed(db_url, store_dir, store
     assert (await model_info(target)).version == 1
     assert (await store.find("predictor", only_pushed=True)).version == 1
     assert not (await store.find("predictor", 2)).is_pushed
+
+
+async def test_a_new_instruction_is_learned_from_every_row_and_a_known_one_from_its_bad_misses(
+    db_url, store_dir, store, add_requests
+) -> None:
+    await save_base_predictor(store)  # 20 samples of "A"
+    await add_requests([(x, line(x, 2.0) + 3, line(x, 2.0)) for x in range(20, 70, 5)])  # seq 1-10, "A": small misses
+    await add_requests([(x, 40, 42) for x in range(20, 45, 5)], instruction="B")  # seq 11-15, new and well predicted
+    trainer = Trainer(trainer_settings(db_url, store_dir, length_min_samples_per_instruction=20), store)
+
+    result = await trainer.run_round("predictor")
+
+    # B's 4 trainable rows (seq 15 is held back) join although none was a bad miss; A has its 20
+    assert (result.new_version, result.num_samples_added) == (2, 4)
+    trained = (await store.load("predictor", 2)).model.samples
+    assert [s.instruction for s in trained[20:]] == ["B"] * 4
 
 
 async def test_restarted_trainer_does_not_re_add_samples(db_url, store_dir, store, add_requests) -> None:
