@@ -36,6 +36,11 @@ from services.worker.paged.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
 
+# Trace replay (benchmarks on random weights) sends the recorded output length as max_new_tokens.
+# The engine ends the request there, but admits it as a client's request of this many (the KV
+# the old continuous rows reserved): else every admission would plan with the true length.
+REPLAY_ADMISSION_TOKENS = 1024
+
 
 @dataclass
 class _Pending:
@@ -126,9 +131,14 @@ class PagedBatcher(EngineThread):
                 raise BatchRejected(f"prompt + max_new_tokens = {len(prompt) + item.max_new_tokens} tokens exceeds "
                                     f"the model's context of {self.hf_engine.max_context_tokens}")
             pending.key = next(self._keys)
+            max_new_tokens, replay_tokens = item.max_new_tokens, 0
+            if self.hf_engine.trace_replay:  # the recorded length ends it; admission must not see it
+                replay_tokens = item.max_new_tokens
+                max_new_tokens = max(replay_tokens, min(REPLAY_ADMISSION_TOKENS,
+                                                        self.hf_engine.max_context_tokens - len(prompt)))
             try:
-                self.engine.add_request(pending.key, prompt, item.max_new_tokens,
-                                        item.predicted_tokens)
+                self.engine.add_request(pending.key, prompt, max_new_tokens, item.predicted_tokens,
+                                        replay_tokens=replay_tokens)
             except ValueError as error:  # longer than the KV pool
                 raise BatchRejected(str(error)) from error
         except Exception as error:  # one request's failure must not stop the others
