@@ -74,6 +74,11 @@ class TrainerSettings(ServiceSettings):
     push_tolerance_rel: float = Field(
         0.0, ge=0, description="Push if candidate MAE <= serving MAE * (1 + this) on held-back rows."
     )
+    push_noise_z: float = Field(
+        1.645, ge=0, description="... or worse by no more than this many standard errors of the per-row error "
+        "differences on those rows (a candidate really no worse is blocked in at most ~5 % of rounds); 0 = the "
+        "plain comparison of the two MAEs.",
+    )
     push_timeout_s: float = Field(30.0, gt=0, description="Deadline of one LoadModel push, seconds.")
     model_store_dir: Path = model_store_dir_field()
 

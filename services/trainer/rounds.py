@@ -4,7 +4,7 @@ A round: read log rows after the kind's watermark -> select new samples (pure ru
 and every row of an instruction the latest version has few samples of) -> refit on
 the latest stored version's samples + the new ones -> score candidate and serving model on the
 held-back rows -> store the version and advance the watermark in ONE transaction (so a crash or
-restart never adds the same rows twice) -> push to the replicas if it is not worse.
+restart never adds the same rows twice) -> push to the replicas unless it is measurably worse.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+import numpy as np
 
 from services.shared.db.models import ModelKind, utc_now
 from services.shared.db.queries import get_state, set_state
@@ -71,8 +73,12 @@ def last_round_key(kind: str) -> str:
 
 @dataclass(frozen=True)
 class Scores:
+    """Both models' metrics on the held-back rows, and their per-row errors (None: nothing to compare)."""
+
     candidate: dict[str, float]
     serving: dict[str, float] | None
+    candidate_errors: np.ndarray | None = None
+    serving_errors: np.ndarray | None = None
 
 
 class Trainer:
@@ -166,7 +172,9 @@ class Trainer:
         )
         candidate_error = scores.candidate.get(spec.error_metric) if holdout else None
         serving_error = scores.serving.get(spec.error_metric) if scores.serving and holdout else None
-        is_pushed = should_push(candidate_error, serving_error, self.settings.push_tolerance_rel)
+        is_pushed = should_push(
+            scores.candidate_errors, scores.serving_errors, self.settings.push_tolerance_rel, self.settings.push_noise_z
+        )
         note = _decision_note(spec.error_metric, candidate_error, serving_error, serving, is_pushed)
         metrics = {
             **scores.candidate,
@@ -199,8 +207,13 @@ class Trainer:
         candidate = spec.fit(base_model, training)
         if not holdout:
             return candidate, Scores({}, None)
-        serving_scores = spec.evaluate(serving.model, holdout) if serving is not None else None
-        return candidate, Scores(spec.evaluate(candidate, holdout), serving_scores)
+        candidate_scores = spec.evaluate(candidate, holdout)
+        if serving is None:
+            return candidate, Scores(candidate_scores, None)
+        return candidate, Scores(
+            candidate_scores, spec.evaluate(serving.model, holdout),
+            spec.row_errors(candidate, holdout), spec.row_errors(serving.model, holdout),
+        )
 
     async def _recent_rows(self, spec: ModelSpec, last_seq: int) -> list:
         since_seq = max(0, last_seq - self.settings.validation_window_rows)
@@ -221,5 +234,8 @@ def _decision_note(
         return "no serving version to compare with"
     if candidate is None or serving is None:
         return "no held-back rows to validate on"
-    verdict = "not worse than" if is_pushed else "worse than"
+    if not is_pushed:
+        verdict = "worse than"
+    else:
+        verdict = "not worse than" if candidate <= serving else "within the held-back rows' noise of"
     return f"candidate {metric} {candidate:.3f} {verdict} serving v{serving_model.info.version} {serving:.3f}"

@@ -53,6 +53,10 @@ class ModelSpec(Protocol):
 
     def evaluate(self, model: Any, samples: list[Any]) -> dict[str, float]: ...
 
+    def row_errors(self, model: Any, samples: list[Any]) -> np.ndarray:
+        """|prediction - truth| per sample, in error_metric's unit, in the samples' order."""
+        ...
+
 
 class PredictorSpec:
     kind = ModelKind.PREDICTOR
@@ -102,6 +106,12 @@ class PredictorSpec:
         )
         return length_metrics(predicted, np.array([s.generated_tokens for s in samples]))
 
+    def row_errors(self, model: Any, samples: list[LengthSample]) -> np.ndarray:
+        predicted = model.predict(
+            [s.instruction for s in samples], [s.input_text for s in samples], [s.input_tokens for s in samples]
+        )
+        return np.abs(np.asarray(predicted, dtype=float) - np.array([s.generated_tokens for s in samples], dtype=float))
+
 
 class EstimatorSpec:
     kind = ModelKind.ESTIMATOR
@@ -148,6 +158,10 @@ class EstimatorSpec:
         predicted = model.predict([s.shape for s in samples])
         truth = np.array([s.duration_s for s in samples])
         return {"mae_s": round(mae_s(predicted, truth), 4), "num_samples": len(samples)}
+
+    def row_errors(self, model: Any, samples: list[TimeSample]) -> np.ndarray:
+        predicted = model.predict([s.shape for s in samples])
+        return np.abs(np.asarray(predicted, dtype=float) - np.array([s.duration_s for s in samples], dtype=float))
 
 
 def make_specs(settings: TrainerSettings) -> dict[str, ModelSpec]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -153,12 +155,33 @@ def test_time_selection_uses_ok_batches_and_the_actual_shape() -> None:
 
 
 def test_push_only_when_not_worse() -> None:
-    assert should_push(5.0, 5.0)
-    assert should_push(4.0, 5.0)
-    assert not should_push(5.1, 5.0)
-    assert should_push(5.1, 5.0, tolerance_rel=0.05)
-    assert should_push(9.0, None)  # nothing serving
+    assert should_push([5.0], [5.0])
+    assert should_push([4.0], [5.0])
+    assert not should_push([5.1], [5.0])
+    assert should_push([5.1], [5.0], tolerance_rel=0.05)
+    assert should_push([9.0], None)  # nothing serving
     assert should_push(None, None)  # nothing to validate on
+    assert should_push([], [])
+
+
+def test_a_candidate_worse_only_within_the_noise_of_few_held_back_rows_is_pushed() -> None:
+    # 10 rows, as a round early in a new task has: the candidate is better on 7 and loses big on 3
+    serving = [10.0, 12, 9, 11, 10, 8, 13, 10, 2, 3]
+    candidate = [8.0, 10, 7, 9, 8, 6, 11, 8, 14, 9]
+    assert np.mean(candidate) > np.mean(serving)
+    assert not should_push(candidate, serving)  # the plain comparison blocks it
+    assert should_push(candidate, serving, noise_z=1.645)
+    # worse on every row by a margin: blocked whatever the noise allowance
+    assert not should_push([s + 3 for s in serving], serving, noise_z=1.645)
+    with pytest.raises(ValueError):
+        should_push([1.0, 2.0], [1.0], noise_z=1.0)
+
+
+@given(serving=st.lists(st.floats(0, 1000), min_size=1, max_size=50), gain=st.floats(0, 100),
+       noise_z=st.floats(0, 3))
+def test_a_candidate_no_worse_on_every_row_is_always_pushed(serving, gain, noise_z) -> None:
+    candidate = [max(0.0, s - gain) for s in serving]
+    assert should_push(candidate, serving, noise_z=noise_z)
 
 
 def test_keep_newest_drops_the_oldest() -> None:
