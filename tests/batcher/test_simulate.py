@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,7 +15,13 @@ from services.batcher.policy.batch_queue import BatchQueue
 from services.batcher.policy.config import POLICY_NAMES, make_policy
 from services.batcher.simulate.cost_model import PROFILE_POINTS, fit_residuals, make_cost_model
 from services.batcher.simulate.engine import Hardware, Simulation, fit_estimator
-from services.batcher.simulate.workload import Workload, poisson_arrivals_s, trace_arrivals_s
+from services.batcher.simulate.workload import (
+    LengthTable,
+    Workload,
+    poisson_arrivals_s,
+    sample_workload,
+    trace_arrivals_s,
+)
 
 COST = make_cost_model("h200-graph")
 ESTIMATOR = fit_estimator(COST)
@@ -52,6 +60,42 @@ def test_oom_splits_and_requeues_until_everything_fits():
     result = Simulation(under, policy, COST, Hardware(1, 3_000), ESTIMATOR).run()
     assert result.num_oom > 0
     assert not np.isnan(result.finish_s).any()
+
+
+@pytest.mark.parametrize("name", ["abp", "magnus"])
+def test_planning_at_a_quantile_that_covers_the_truth_avoids_the_point_plans_ooms(name):
+    workload = tiny_workload(3)
+    policy = make_policy(name, phi_token_reads=1e9, fixed_batch_size=8, max_batch_size=None)
+    # the point under-predicts every request by half; the quantile covers each one
+    point = np.maximum(1, workload.true_gen_tokens // 2)
+    at_point = Workload(**{**workload.__dict__, "predicted_gen_tokens": point})
+    at_quantile = Workload(**{**at_point.__dict__, "quantile_gen_tokens": workload.true_gen_tokens + 5})
+    point_run = Simulation(at_point, policy, COST, Hardware(1, 3_000), ESTIMATOR).run()
+    policy = make_policy(name, phi_token_reads=1e9, fixed_batch_size=8, max_batch_size=None)
+    quantile_run = Simulation(at_quantile, policy, COST, Hardware(1, 3_000), ESTIMATOR).run()
+    assert point_run.num_oom > 0 and quantile_run.num_oom == 0
+    assert not np.isnan(quantile_run.finish_s).any()
+
+
+def test_a_workload_planned_at_the_quantile_has_the_same_requests_as_at_the_point():
+    n = 200
+    rng = np.random.default_rng(4)
+    true = rng.integers(1, 3000, n)
+    table = LengthTable(
+        tasks=("a", "b"), task_index=rng.integers(0, 2, n), input_tokens=rng.integers(5, 300, n),
+        true_gen_tokens=true, predicted_gen_tokens=true // 2, predictor="synthetic",
+        quantile_gen_tokens=true * 2, plan_quantile=0.9,
+    )
+    arrival_s = poisson_arrivals_s(50, 10.0, rng)
+    at_point = sample_workload(table, arrival_s, 2048, np.random.default_rng(7))
+    at_quantile = sample_workload(table, arrival_s, 2048, np.random.default_rng(7), is_planned_at_quantile=True)
+    assert at_point.quantile_gen_tokens is None
+    assert np.array_equal(at_point.true_gen_tokens, at_quantile.true_gen_tokens)
+    assert np.array_equal(at_point.predicted_gen_tokens, at_quantile.predicted_gen_tokens)
+    assert (at_quantile.quantile_gen_tokens <= 2048).all()
+    assert (at_quantile.quantile_gen_tokens >= np.minimum(at_quantile.true_gen_tokens, 2048)).all()
+    with pytest.raises(ValueError):
+        sample_workload(replace(table, quantile_gen_tokens=None), arrival_s, 2048, rng, is_planned_at_quantile=True)
 
 
 @settings(max_examples=50, deadline=None)

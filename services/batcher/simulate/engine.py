@@ -178,7 +178,10 @@ class Simulation:
         request = PendingRequest(
             request_id=str(index),
             generation=GenerationInput("", "", max_new_tokens, str(index), "simulated"),
-            prediction=Prediction(int(w.input_tokens[index]), int(w.predicted_gen_tokens[index]), 0, False),
+            prediction=Prediction(
+                int(w.input_tokens[index]), int(w.predicted_gen_tokens[index]), 0, False,
+                quantile_tokens=None if w.quantile_gen_tokens is None else int(w.quantile_gen_tokens[index]),
+            ),
             prompt="",
             arrival_s=self.clock.now_s,
             queued_at=self.clock.wall(),

@@ -35,6 +35,7 @@ class SweepSpec:
     arrivals: str
     seed: int
     memory_fill_fraction: float = 1.0
+    is_planned_at_quantile: bool = False  # plan at the table's calibrated quantile, not the point
 
 
 def safe_fixed_batch_size(table: LengthTable, hardware: Hardware, max_new_tokens: int) -> int:
@@ -58,7 +59,9 @@ def run_sweep(
             arrival_s = poisson_arrivals_s(num_requests, rate, rng)
         else:
             arrival_s = trace_arrivals_s(gaps_s, num_requests, rate, rng)
-        workload = sample_workload(table, arrival_s, spec.max_new_tokens, rng)
+        workload = sample_workload(
+            table, arrival_s, spec.max_new_tokens, rng, is_planned_at_quantile=spec.is_planned_at_quantile
+        )
         policy = make_policy(
             name,
             phi_token_reads=spec.phi_token_reads,

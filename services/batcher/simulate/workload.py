@@ -31,6 +31,9 @@ class LengthTable:
     true_gen_tokens: np.ndarray
     predicted_gen_tokens: np.ndarray
     predictor: str
+    # the predictor's calibrated quantile at `plan_quantile` per row, when one was asked for
+    quantile_gen_tokens: np.ndarray | None = None
+    plan_quantile: float | None = None
 
     def mae_tokens(self) -> float:
         return float(np.mean(np.abs(self.predicted_gen_tokens - self.true_gen_tokens)))
@@ -46,31 +49,56 @@ class Workload:
     predicted_gen_tokens: np.ndarray
     task_index: np.ndarray
     max_new_tokens: int = 2**31 - 1  # every request's cap, tokens (the client's max_new_tokens)
+    # the length each request is planned at instead of its point prediction (the batcher's
+    # MAGNUS_BATCHER_PLAN_QUANTILE), tokens; None = planned at the point prediction
+    quantile_gen_tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.arrival_s)
 
 
 def load_lengths(
-    data_dir: Path, *, test_fraction: float = 0.2, model_name: str = "per_app_linear", show_progress: bool = True
+    data_dir: Path,
+    *,
+    test_fraction: float = 0.2,
+    model_name: str = "per_app_linear",
+    show_progress: bool = True,
+    plan_quantile: float | None = None,
+    left_out_task: str | None = None,
 ) -> LengthTable:
-    """Token lengths of every test row and its prediction by a model fitted on the train rows."""
+    """Token lengths of every test row and its prediction by a model fitted on the train rows
+    (of every task but `left_out_task`, when given: traffic the predictor has not seen), and the
+    model's calibrated quantile at `plan_quantile` when given (a model with calibrated quantiles)."""
     files = find_task_files(data_dir)
+    if left_out_task is not None and left_out_task not in files:
+        raise ValueError(f"unknown task {left_out_task!r}; tasks: {', '.join(files)}")
     rows = [row for path in files.values() for row in read_task_rows(path)]
     samples = to_samples(rows, get_token_counter(), show_progress=show_progress)
     is_test = np.array([is_test_id(r.id, test_fraction) for r in rows])
     model = make_length_model(model_name)
-    model.fit([s for s, t in zip(samples, is_test, strict=True) if not t])
+    train = [s for s, r, t in zip(samples, rows, is_test, strict=True) if not t and r.task != left_out_task]
+    model.fit(train)
     test = [s for s, t in zip(samples, is_test, strict=True) if t]
     tasks = tuple(files)
-    predicted = model.predict([s.instruction for s in test], [s.input_text for s in test], [s.input_tokens for s in test])
+    query = ([s.instruction for s in test], [s.input_text for s in test], [s.input_tokens for s in test])
+    quantile = None
+    if plan_quantile is None:
+        predicted = model.predict(*query)
+    else:
+        predicted, _, calibrated = model.predict_quantiles(*query, levels=(plan_quantile,))
+        if calibrated is None:
+            raise ValueError(f"{model_name} has no calibrated quantiles")
+        quantile = np.asarray(calibrated.quantiles[:, 0], dtype=np.int64)
+    without = f" without {left_out_task}" if left_out_task else ""
     return LengthTable(
         tasks=tasks,
         task_index=np.array([tasks.index(r.task) for r, t in zip(rows, is_test, strict=True) if t]),
         input_tokens=np.array([s.input_tokens for s in test], dtype=np.int64),
         true_gen_tokens=np.array([max(1, s.generated_tokens) for s in test], dtype=np.int64),
         predicted_gen_tokens=np.asarray(predicted, dtype=np.int64),
-        predictor=f"{model_name} fitted on the train split ({int((~is_test).sum())} rows)",
+        predictor=f"{model_name} fitted on the train split{without} ({len(train)} rows)",
+        quantile_gen_tokens=quantile,
+        plan_quantile=plan_quantile,
     )
 
 
@@ -99,9 +127,13 @@ def trace_arrivals_s(gaps_s: np.ndarray, num_requests: int, rate_per_s: float, r
 
 
 def sample_workload(
-    table: LengthTable, arrival_s: np.ndarray, max_new_tokens: int, rng: np.random.Generator
+    table: LengthTable, arrival_s: np.ndarray, max_new_tokens: int, rng: np.random.Generator, *,
+    is_planned_at_quantile: bool = False,
 ) -> Workload:
-    """Requests with an equal task mix (task uniform, then a test row of it, with replacement)."""
+    """Requests with an equal task mix (task uniform, then a test row of it, with replacement),
+    planned at the table's quantile when `is_planned_at_quantile` (the same rows either way)."""
+    if is_planned_at_quantile and table.quantile_gen_tokens is None:
+        raise ValueError("the length table has no quantiles to plan at")
     num = len(arrival_s)
     task_choice = rng.integers(len(table.tasks), size=num)
     rows = np.empty(num, dtype=np.int64)
@@ -116,4 +148,7 @@ def sample_workload(
         predicted_gen_tokens=np.clip(table.predicted_gen_tokens[rows], 1, max_new_tokens),
         task_index=task_choice,
         max_new_tokens=max_new_tokens,
+        quantile_gen_tokens=(
+            np.clip(table.quantile_gen_tokens[rows], 1, max_new_tokens) if is_planned_at_quantile else None
+        ),
     )
