@@ -284,7 +284,7 @@ def main() -> int:
     decoder = PagedDecoder(PagedModelConfig.from_hf(model.config), weights, blocks, BLOCK_TOKENS)
     runner = ModelRunner(decoder, use_cuda_graphs=not args.smoke, max_model_tokens=MAX_MODEL_TOKENS)
     max_running = 16 if args.smoke else args.max_running
-    captured = runner.warm_up(max_running)
+    captured = runner.warm_up(runner.graph_rows[-1])  # decode rows and rows-path prefills
     say(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: {blocks} blocks of {BLOCK_TOKENS} "
         f"tokens ({blocks * BLOCK_TOKENS} tokens), {captured} decode graphs")
     ratios = error_ratios(args.lengths)

@@ -33,8 +33,10 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return ids[len(prompt):]
 
 
-def engine_for(model, num_blocks: int, block_tokens: int = 4, stop_ids=(), **config) -> PagedEngine:
-    runner = ModelRunner.from_hf(model, num_blocks=num_blocks, block_tokens=block_tokens)
+def engine_for(model, num_blocks: int, block_tokens: int = 4, stop_ids=(), rows_attended_limit: int = 16_384,
+               **config) -> PagedEngine:
+    runner = ModelRunner.from_hf(model, num_blocks=num_blocks, block_tokens=block_tokens,
+                                 rows_attended_limit=rows_attended_limit)
     return PagedEngine.build(runner, SchedulerConfig(**config), stop_ids)
 
 
@@ -78,8 +80,14 @@ def test_alone_equals_transformers(model, workload, alone_tokens):
         assert tokens == hf_greedy(model, prompt, max_new)
 
 
-def test_continuous_batch_equals_alone(model, workload, alone_tokens):
-    engine = engine_for(model, num_blocks=64, max_running=4, token_budget=64)
+# steps with prefill chunks: as decode rows (the default, these prompts are short) or the mixed step
+# (limit 0); `alone_tokens` ran with the default, so the mixed step is checked against the rows path
+STEP_PATHS = pytest.mark.parametrize("rows_attended_limit", [16_384, 0], ids=["prefill-as-rows", "mixed-step"])
+
+
+@STEP_PATHS
+def test_continuous_batch_equals_alone(model, workload, alone_tokens, rows_attended_limit):
+    engine = engine_for(model, num_blocks=64, max_running=4, token_budget=64, rows_attended_limit=rows_attended_limit)
     results = run_all(engine, workload)
     assert [results[i].output_ids for i in range(len(workload))] == alone_tokens
     assert all(r.finish_reason is FinishReason.LENGTH and r.num_preemptions == 0 for r in results.values())
@@ -87,10 +95,11 @@ def test_continuous_batch_equals_alone(model, workload, alone_tokens):
     assert engine.stats.decode_only_steps > 0 and engine.stats.decode_only_steps < engine.stats.steps
 
 
-def test_chunked_prefill_equals_whole_prefill(model, workload, alone_tokens):
+@STEP_PATHS
+def test_chunked_prefill_equals_whole_prefill(model, workload, alone_tokens, rows_attended_limit):
     # a budget of 5 tokens for 2 rows: every prompt of > 4 tokens is prefilled over several steps,
     # next to the other row's decode
-    engine = engine_for(model, num_blocks=64, max_running=2, token_budget=5)
+    engine = engine_for(model, num_blocks=64, max_running=2, token_budget=5, rows_attended_limit=rows_attended_limit)
     results = run_all(engine, workload)
     assert [results[i].output_ids for i in range(len(workload))] == alone_tokens
     assert engine.stats.batched_tokens <= 5 * engine.stats.steps

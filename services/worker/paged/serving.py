@@ -98,7 +98,8 @@ class PagedBatcher(EngineThread):
     def warm_up(self, max_attend_tokens: int = 0) -> None:
         """Before start(): capture the decode graphs of every row bucket (CUDA only)."""
         started_s = time.monotonic()
-        if captured := self.engine.runner.warm_up(self.slots):
+        # every bucket: steps of decode rows plus short prefills run as rows of the larger ones
+        if captured := self.engine.runner.warm_up(self.engine.runner.graph_rows[-1]):
             log.info("paged engine: captured %d decode graphs in %.1f s", captured, time.monotonic() - started_s)
 
     # ---- the engine thread ---------------------------------------------------------------------
