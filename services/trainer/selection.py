@@ -9,9 +9,10 @@ samples of an instruction, every completed request of it joins, missed or not. T
 assumes the model already knows the instruction, so its misses are what it lacks; for a task it
 has never seen, the misses are a biased sample (the task's tail: its longest and shortest
 outputs), and a model refit on them learns the tail as the task. Measured on left-out tasks
-(bench.predictor_shift): with misses only, bugfix's candidates got worse on held-back rows round
-after round (MAE 7.0, 8.0, 11.1, 12.4 while the serving model stayed at 6.9-9.0), so the guard
-rightly blocked them, and gec, whose errors rarely pass 10 tokens, added 8 rows in 500 requests.
+(bench.predictor_shift): with misses only, bugfix's candidates' MAE on held-back rows rose round
+after round (6.3, 7.0, 8.0, 11.1, 12.4) and from the third round on the guard rightly blocked them
+(the serving model's 6.9-9.0), and gec, whose errors rarely pass 10 tokens, added 8 rows in 500
+requests.
 
 One logged row in `holdout_every` (by its log sequence number) is held back: it is never trained
 on, and rounds compare the candidate with the serving model on the recent held-back rows, so the
