@@ -12,7 +12,7 @@ help:
 	@echo "make serve     the same, but keep the stack running (supervised: crashed services restart) until Ctrl-C"
 	@echo "make test      the test suite (needs PostgreSQL on 127.0.0.1:5432)"
 	@echo "make calibrate time the worker over a grid of batch shapes into the log DB"
-	@echo "make simulate  the paper's ablation in the simulator (reports/simulation/), then the Phi sweep"
+	@echo "make simulate  the paper's ablation in the simulator (reports/simulation/), the Phi sweep, point vs p90 planning"
 	@echo "make bench-decisions  batcher decision speed with 10,000 requests queued"
 
 $(STAMP): requirements.txt
@@ -76,6 +76,7 @@ simulate: $(STAMP)
 	$(PY) -m services.batcher.simulate --data $(DATA) --cost-model h200-graph --rates 5,10,20,30,40,50,60 \
 		--duration-s 300 --out reports/simulation/ablation_h200_graph
 	$(PY) -m services.batcher.simulate.phi_sweep --data $(DATA) --rates 3,6,14
+	$(PY) -m services.batcher.simulate.plan_quantile --data $(DATA) --out reports/simulation
 
 bench-decisions: $(STAMP)
 	$(PY) bench/decision_speed.py
