@@ -56,6 +56,9 @@ class WorkerSettings(ServiceSettings):
         "device cannot hold a request that long alone).",
     )
     pull_wait_s: float = Field(5.0, gt=0, description="Long-poll time of one PullBatch, seconds.")
+    max_concurrent_pulls: int = Field(
+        8, ge=1, le=64, description="Continuous mode: PullBatch calls in flight at once, at most one per free row "
+        "(one-request leases arrive one round trip apart per call).")
     rpc_timeout_s: float = Field(5.0, gt=0, description="Deadline of every RPC except PullBatch's wait, seconds.")
     heartbeat_interval_s: float = Field(
         2.0, gt=0, description="Heartbeat interval used when the batcher does not name one, seconds."

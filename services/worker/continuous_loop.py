@@ -55,14 +55,25 @@ class ContinuousWorkerLoop(WorkerLoop):
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.runner.on_slot_freed = lambda: _call_soon(loop, self._slot_freed.set)
+        pulls: set[asyncio.Task[pb.Batch | None]] = set()
         try:
             while not self._stopping.is_set():
                 if not self.is_registered:
-                    await self._register()
-                elif self.runner.free_slots() == 0:
+                    if pulls:  # let the calls of the old registration end first
+                        await self._take_pulled(pulls, wait_for_slot=False)
+                    else:
+                        await self._register()
+                    continue
+                # a pull in flight may bring a row's work: never more pulls than free rows
+                wanted = min(self.runner.free_slots(), self.timing.max_concurrent_pulls) - len(pulls)
+                for _ in range(max(0, wanted)):
+                    pulls.add(asyncio.create_task(self._pull()))
+                if pulls:
+                    await self._take_pulled(pulls, wait_for_slot=True)
+                else:
                     await self._wait_for_slot()
-                elif (batch := await self._pull()) is not None:
-                    self._start_batch(batch)
+            if pulls:  # stopping: each call leaves its wait at once; what one still brought is served
+                await self._take_pulled(pulls, wait_for_slot=False, every=True)
         finally:
             self.runner.on_slot_freed = None
         log.info("continuous worker loop stopped pulling after %d batches", self.num_batches_done)
@@ -85,6 +96,26 @@ class ContinuousWorkerLoop(WorkerLoop):
         for task in running:
             log.error("batch task %s did not end in time; abandoning it", task.get_name())
             task.cancel()
+
+    async def _take_pulled(self, pulls: set[asyncio.Task[pb.Batch | None]], *, wait_for_slot: bool,
+                           every: bool = False) -> None:
+        """Wait until a pull ends (all of them when `every`; or a row frees, to pull for it too) and
+        start the batches the ended ones brought."""
+        self._slot_freed.clear()
+        waiters: set[asyncio.Future] = set(pulls)
+        slot = asyncio.ensure_future(self._slot_freed.wait()) if wait_for_slot and not every else None
+        if slot is not None:
+            waiters.add(slot)
+        await asyncio.wait(waiters, return_when=asyncio.ALL_COMPLETED if every else asyncio.FIRST_COMPLETED)
+        if slot is not None:
+            slot.cancel()
+        for task in [t for t in pulls if t.done()]:
+            pulls.discard(task)
+            batch = None if task.cancelled() or task.exception() is not None else task.result()
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("a pull crashed", exc_info=task.exception())
+            if batch is not None:
+                self._start_batch(batch)
 
     async def _wait_for_slot(self) -> None:
         self._slot_freed.clear()

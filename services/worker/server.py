@@ -90,6 +90,7 @@ def identity_of(settings: WorkerSettings, engine: StaticBatchEngine, pool_tokens
 def timing_of(settings: WorkerSettings) -> LoopTiming:
     return LoopTiming(
         pull_wait_s=settings.pull_wait_s,
+        max_concurrent_pulls=settings.max_concurrent_pulls,
         rpc_timeout_s=settings.rpc_timeout_s,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         backoff_initial_s=settings.backoff_initial_s,

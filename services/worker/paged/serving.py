@@ -136,7 +136,8 @@ class PagedBatcher(EngineThread):
             if self.hf_engine.trace_replay:  # the recorded length ends it; admission must not see it
                 replay_tokens = item.max_new_tokens
                 max_new_tokens = max(replay_tokens, min(REPLAY_ADMISSION_TOKENS,
-                                                        self.hf_engine.max_context_tokens - len(prompt)))
+                                                        self.hf_engine.max_context_tokens - len(prompt),
+                                                        self.capacity_tokens - len(prompt)))
             try:
                 self.engine.add_request(pending.key, prompt, max_new_tokens, item.predicted_tokens,
                                         replay_tokens=replay_tokens)
