@@ -16,7 +16,6 @@ from pathlib import Path
 from services.batcher.config import BatcherSettings
 from services.batcher.policy.config import POLICY_NAMES
 from services.batcher.simulate.cost_model import (
-    LLAMA2_7B_KV_BYTES_PER_TOKEN,
     LLAMA2_7B_WEIGHT_BYTES,
     PROFILES,
     make_cost_model,
@@ -64,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("services.batcher").setLevel(logging.ERROR)  # each simulated OOM would log a warning
     started_s = time.monotonic()
     cost = make_cost_model(args.cost_model)
-    free_kv_bytes = int(args.memory_utilization * args.gpu_memory_gib * 2**30) - LLAMA2_7B_WEIGHT_BYTES
-    hardware = Hardware(LLAMA2_7B_KV_BYTES_PER_TOKEN, free_kv_bytes, args.num_workers)
+    hardware = Hardware.llama2_7b(args.gpu_memory_gib, args.memory_utilization, args.num_workers)
     table = load_lengths(args.data, show_progress=not args.quiet)
     fixed = args.fixed_batch_size or safe_fixed_batch_size(table, hardware, args.max_new_tokens)
     arrivals = "poisson" if args.arrivals == "poisson" else str(args.data / TRACES[args.arrivals])
@@ -83,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         f" per padded prompt token; decode step {1e3 * cost.step_base_s:.2f} ms + {1e6 * cost.step_s_per_row:.1f} us per row"
         f" + {1e9 * cost.step_s_per_kv_token:.0f} ns per KV token read.",
         f"Memory: Delta = {hardware.kv_bytes_per_token} B/token (Llama-2-7B shape), Theta = {args.memory_utilization:g} x"
-        f" {args.gpu_memory_gib:g} GiB - {LLAMA2_7B_WEIGHT_BYTES / 1e9:.2f} GB weights = {free_kv_bytes / 1e9:.1f} GB"
-        f" ({free_kv_bytes // hardware.kv_bytes_per_token} KV tokens); {hardware.num_workers} worker(s).",
+        f" {args.gpu_memory_gib:g} GiB - {LLAMA2_7B_WEIGHT_BYTES / 1e9:.2f} GB weights = {hardware.free_kv_bytes / 1e9:.1f} GB"
+        f" ({hardware.free_kv_bytes // hardware.kv_bytes_per_token} KV tokens); {hardware.num_workers} worker(s).",
         f"Workload: {', '.join(table.tasks)} in equal shares, test-split rows only ({len(table.input_tokens)} rows, drawn"
         f" with replacement), lengths in Qwen tokens; generation capped at {spec.max_new_tokens}; arrivals {args.arrivals}"
         f" over {spec.duration_s:g} s per run (requests = rate x duration).",

@@ -28,7 +28,7 @@ import numpy as np
 from services.batcher.domain import BatchReport, GenerationInput, ItemOutput, Lease, PendingRequest, Prediction, WorkerInfo
 from services.batcher.policy.base import Policy
 from services.batcher.scheduler import Clock, Scheduler, SchedulerLimits
-from services.batcher.simulate.cost_model import CostModel
+from services.batcher.simulate.cost_model import LLAMA2_7B_KV_BYTES_PER_TOKEN, LLAMA2_7B_WEIGHT_BYTES, CostModel
 from services.batcher.simulate.workload import Workload
 from services.core.knn_model import BatchShape, KnnBatchTimeModel, TimeSample
 from services.shared.errors import ResourceExhausted
@@ -58,6 +58,12 @@ class Hardware:
     kv_bytes_per_token: int
     free_kv_bytes: int
     num_workers: int = 1
+
+    @classmethod
+    def llama2_7b(cls, gpu_memory_gib: float, memory_utilization: float, num_workers: int = 1) -> Hardware:
+        """GPUs of `gpu_memory_gib` serving Llama-2-7B: Theta = the used share less the weights."""
+        free_kv_bytes = int(memory_utilization * gpu_memory_gib * 2**30) - LLAMA2_7B_WEIGHT_BYTES
+        return cls(LLAMA2_7B_KV_BYTES_PER_TOKEN, free_kv_bytes, num_workers)
 
 
 @dataclass

@@ -29,8 +29,6 @@ import numpy as np
 
 from services.batcher.config import BatcherSettings
 from services.batcher.simulate.cost_model import (
-    LLAMA2_7B_KV_BYTES_PER_TOKEN,
-    LLAMA2_7B_WEIGHT_BYTES,
     PROFILES,
     make_cost_model,
 )
@@ -163,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("services.batcher").setLevel(logging.ERROR)  # each simulated OOM would log a warning
     started_s = time.monotonic()
     cost = make_cost_model(args.cost_model)
-    free_kv_bytes = int(args.memory_utilization * args.gpu_memory_gib * 2**30) - LLAMA2_7B_WEIGHT_BYTES
-    hardware = Hardware(LLAMA2_7B_KV_BYTES_PER_TOKEN, free_kv_bytes, 1)
+    hardware = Hardware.llama2_7b(args.gpu_memory_gib, args.memory_utilization, 1)
     phi = args.phi
     scenarios: dict[str, Any] = {}
     for left_out in [None, *args.left_out]:
@@ -188,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": round(time.monotonic() - started_s, 1),
         "quantile": args.quantile,
         "setup": (
-            f"Cost model {cost.name} ({cost.description}); one worker, Theta = {free_kv_bytes / 1e9:.1f} GB"
-            f" ({free_kv_bytes // hardware.kv_bytes_per_token} KV tokens, Llama-2-7B shape); Poisson arrivals over"
+            f"Cost model {cost.name} ({cost.description}); one worker, Theta = {hardware.free_kv_bytes / 1e9:.1f} GB"
+            f" ({hardware.free_kv_bytes // hardware.kv_bytes_per_token} KV tokens, Llama-2-7B shape); Poisson arrivals over"
             f" {args.duration_s:g} s per run, 8 tasks in equal shares (test rows); generation capped at"
             f" {args.max_new_tokens}; the policies fill at most {args.memory_fill:g} of Theta with planned lengths;"
             f" Phi = {phi:g} token reads. OOM = a batch whose true KV footprint outgrew Theta: the worker reports it,"
