@@ -38,6 +38,10 @@ class FakeBatcher:
     def free_slots(self) -> int:
         return max(0, self.slots - sum(not future.done() for _, future in self.submitted))
 
+    def index(self, request_id: str) -> int:
+        """Where `request_id` was submitted: batches pulled by concurrent calls arrive in any order."""
+        return next(i for i, (item, _) in enumerate(self.submitted) if item.request_id == request_id)
+
     async def finish(self, index: int, generated_tokens: int = 0, error: BaseException | None = None) -> None:
         """Complete submitted item `index` from another thread, as the engine thread does."""
         item, future = self.submitted[index]
@@ -110,17 +114,23 @@ async def test_pulls_only_while_a_slot_is_free_and_heartbeats_each_lease(fake):
     await eventually(lambda: len(batcher.submitted) == 2)
     await asyncio.sleep(0.3)  # both rows busy: no third pull meanwhile
     assert queue.names().count("PullBatch") == 2 and len(batcher.submitted) == 2 and queue.batches.qsize() == 1
-    await batcher.finish(1, generated_tokens=3)
+    pulled = sorted(item.request_id for item, _ in batcher.submitted)  # two of the three, by two concurrent pulls
+    first, second = batcher.index(pulled[0]), batcher.index(pulled[1])
+    await batcher.finish(second, generated_tokens=3)
     name, report = await next_report(queue)
-    assert (name, report.batch_id) == ("CompleteBatch", "b1")
-    assert (report.results[0].text, report.valid_tokens, report.total_tokens) == ("1 tpmorp", 3, 3)
-    assert report.run_s == pytest.approx(0.2)
+    assert (name, report.batch_id) == ("CompleteBatch", f"b{pulled[1][1:]}")
+    assert (report.results[0].text, report.valid_tokens, report.total_tokens) == (
+        f"{pulled[1][1:]} tpmorp", 3, 3)
+    assert report.run_s == pytest.approx(0.1 * (second + 1))
     await eventually(lambda: len(batcher.submitted) == 3)  # the freed row pulled the next batch
     beats = [r.batch_id for n, r in queue.calls if n == "Heartbeat"]
-    assert beats.count("b0") >= 3 and beats.count("b1") >= 3  # both leases kept alive in parallel
-    await batcher.finish(0)
+    # both leases kept alive in parallel
+    assert beats.count(f"b{pulled[0][1:]}") >= 3 and beats.count(f"b{pulled[1][1:]}") >= 3
+    await batcher.finish(first)
     await batcher.finish(2)
-    assert sorted([(await next_report(queue))[1].batch_id for _ in range(2)]) == ["b0", "b2"]
+    third = ({"r0", "r1", "r2"} - set(pulled)).pop()
+    assert sorted([(await next_report(queue))[1].batch_id for _ in range(2)]) == sorted(
+        [f"b{pulled[0][1:]}", f"b{third[1:]}"])
     await loop.stop(1.0)
 
 
@@ -215,12 +225,12 @@ async def test_shutdown_hands_back_batches_that_outlive_the_grace(fake):
     await queue.batches.put(make_batch("long", [("l", "abc", 3)]))
     await eventually(lambda: len(batcher.submitted) == 2)
     stopping = asyncio.create_task(loop.stop(0.3))
-    await batcher.finish(0)  # finishes within the grace: completed as usual
+    await batcher.finish(batcher.index("q"))  # finishes within the grace: completed as usual
     await stopping
     reports = {report.batch_id: (name, report) for name, report in [await next_report(queue) for _ in range(2)]}
     assert reports["quick"][0] == "CompleteBatch"
     name, failure = reports["long"]
     assert name == "ReportBatchFailure" and failure.kind == pb.FAILURE_KIND_WORKER_STOPPING
     assert failure.message == SHUTTING_DOWN_MESSAGE
-    assert batcher.submitted[1][1].cancelled()
+    assert batcher.submitted[batcher.index("l")][1].cancelled()
     assert queue.names().count("PullBatch") >= 2 and not loop._batches
