@@ -111,10 +111,11 @@ class ContinuousWorkerLoop(WorkerLoop):
             slot.cancel()
         for task in [t for t in pulls if t.done()]:
             pulls.discard(task)
-            batch = None if task.cancelled() or task.exception() is not None else task.result()
-            if task.done() and not task.cancelled() and task.exception() is not None:
+            if task.cancelled():
+                continue
+            if task.exception() is not None:
                 log.error("a pull crashed", exc_info=task.exception())
-            if batch is not None:
+            elif (batch := task.result()) is not None:
                 self._start_batch(batch)
 
     async def _wait_for_slot(self) -> None:
