@@ -189,7 +189,8 @@ def summarize(jobs: list[Job], offsets_s: list[float], done_s: dict, first_s: di
 
 
 # ---- the peer: transformers' continuous batching -------------------------------------------------
-def run_hf(model, jobs: list[Job], offsets_s: list[float], timeout_s: float) -> dict:
+def run_hf(model, jobs: list[Job], offsets_s: list[float], timeout_s: float, pool_tokens: int = 0) -> dict:
+    """pool_tokens > 0: the peer's paged cache gets as many tokens as ours (its own page size)."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max(j.output_tokens for j in jobs), do_sample=False, eos_token_id=-1,
@@ -198,10 +199,16 @@ def run_hf(model, jobs: list[Job], offsets_s: list[float], timeout_s: float) -> 
     try:  # CUDA graphs on where this transformers lets a caller say so
         from transformers import ContinuousBatchingConfig
 
-        options["continuous_batching_config"] = ContinuousBatchingConfig(use_cuda_graph=True)
+        cb_config = ContinuousBatchingConfig(use_cuda_graph=True)
+        if pool_tokens:
+            page_tokens = getattr(cb_config, "page_size", None) or getattr(cb_config, "block_size", None) or 256
+            cb_config.num_blocks = -(-pool_tokens // page_tokens)
+            options["cache_tokens"] = cb_config.num_blocks * page_tokens
+        options["continuous_batching_config"] = cb_config
     except (ImportError, TypeError):
         pass
-    manager = model.init_continuous_batching(generation_config=config, **options)
+    manager = model.init_continuous_batching(generation_config=config,
+                                             **{k: v for k, v in options.items() if k != "cache_tokens"})
     manager.start()
     try:
         started_s, next_job, done_s = time.monotonic(), 0, {}
@@ -221,7 +228,8 @@ def run_hf(model, jobs: list[Job], offsets_s: list[float], timeout_s: float) -> 
         manager.stop(block=True)
     if not done_s:
         return dict(requests=len(jobs), finished=0, timed_out_after_s=timeout_s)
-    return summarize(jobs, offsets_s, done_s, {}) | dict(options=sorted(options), timed_out=len(done_s) < len(jobs))
+    return summarize(jobs, offsets_s, done_s, {}) | dict(options=sorted(options), timed_out=len(done_s) < len(jobs),
+                                                         cache_tokens=options.get("cache_tokens"))
 
 
 # ---- set-up, report ------------------------------------------------------------------------------
@@ -268,6 +276,9 @@ def main() -> int:
                         "where the KV pool binds; 0 = --trace-rate")
     parser.add_argument("--trace-requests", type=int, default=200)
     parser.add_argument("--trace-burst", type=int, default=400)
+    parser.add_argument("--trace-pool-tokens", type=int, default=0,
+                        help="azure_conv: KV pool capped at this many tokens, as on a card with less memory left "
+                        "after the weights (e.g. 40,000 ~ a 7B multi-head model on a 40 GB card); 0 = all of it")
     parser.add_argument("--max-running", type=int, default=256)
     parser.add_argument("--reserve-gib", type=float, default=24.0,
                         help="GPU memory left out of the KV pool (step activations; transformers' own cache later)")
@@ -296,10 +307,12 @@ def main() -> int:
     trace_speed = (stamps[trace_rate_n - 1] / (trace_rate_n - 1)) * args.trace_rate  # recorded s per sent s
     workloads = {
         "mix": dict(rate=(mix[:rate_n], poisson_offsets_s(rate_n, args.mix_rate, ARRIVAL_SEED)),
-                    burst=(mix[rate_n:rate_n + burst_n], [0.0] * burst_n), rate_per_s=args.mix_rate),
+                    burst=(mix[rate_n:rate_n + burst_n], [0.0] * burst_n), rate_per_s=args.mix_rate,
+                    pool_blocks=blocks),
         "azure_conv": dict(rate=(trace[:trace_rate_n], [s / trace_speed for s in stamps[:trace_rate_n]]),
                            burst=(trace[trace_rate_n:], [0.0] * (len(trace) - trace_rate_n)),
-                           rate_per_s=args.trace_rate),
+                           rate_per_s=args.trace_rate,
+                           pool_blocks=min(blocks, args.trace_pool_tokens // BLOCK_TOKENS or blocks)),
     }
     report = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   date=datetime.now(UTC).isoformat(timespec="seconds"), commands=["python3 " + " ".join(sys.argv)],
@@ -309,7 +322,8 @@ def main() -> int:
     run_paged(runner, blocks, "magnus_ccb", warm, [0.0] * len(warm), max_running)
     for name in [w for w in args.workloads.split(",") if w]:
         workload = workloads[name]
-        entry = report["workloads"].setdefault(name, dict(rate_per_s=workload["rate_per_s"], policies={}))
+        entry = report["workloads"].setdefault(name, dict(rate_per_s=workload["rate_per_s"], policies={},
+                                                          pool_tokens=workload["pool_blocks"] * BLOCK_TOKENS))
         for phase in ("burst", "rate"):  # bursts first: azure_conv's rate comes from greedy's
             if phase == "rate" and name == "azure_conv" and args.trace_load:
                 greedy = entry["policies"].get("greedy", {}).get("burst", {}).get("requests_per_s")
@@ -320,7 +334,7 @@ def main() -> int:
                     say(f"time budget spent: {name} {policy} {phase} not run")
                     continue
                 jobs, offsets = workload[phase]
-                result = run_paged(runner, blocks, policy, jobs, offsets, max_running)
+                result = run_paged(runner, workload["pool_blocks"], policy, jobs, offsets, max_running)
                 entry["policies"].setdefault(policy, {})[phase] = result
                 say(f"{name} {policy} {phase}: {json.dumps(result)}")
                 write(args.out, report)
@@ -335,7 +349,9 @@ def main() -> int:
                     continue
                 jobs, offsets = workloads[name][phase]
                 try:
-                    result = run_hf(model, jobs, offsets, args.hf_timeout_s)
+                    capped = name == "azure_conv" and args.trace_pool_tokens
+                    result = run_hf(model, jobs, offsets, args.hf_timeout_s,
+                                    workloads[name]["pool_blocks"] * BLOCK_TOKENS if capped else 0)
                 except Exception as error:  # noqa: BLE001 - the peer's failure is a result too
                     result = dict(error=f"{type(error).__name__}: {error}")
                 report["workloads"][name]["policies"].setdefault("hf_continuous", {})[phase] = result
@@ -371,7 +387,8 @@ def markdown(report: dict) -> str:
     lines = [f"Device {report['device']}, {report['date']}; pool {report['pool_tokens']} tokens, "
              f"at most {report['max_running']} running, {report['token_budget']} tokens a step.", ""]
     for name, workload in report["workloads"].items():
-        lines += [f"### {name} (latency at {workload['rate_per_s']} req/s; throughput: burst)", "",
+        lines += [f"### {name} (latency at {workload['rate_per_s']} req/s; throughput: burst; "
+                  f"pool {workload.get('pool_tokens', report['pool_tokens'])} tokens)", "",
                   "| policy | saturated req/s | output tok/s | mean latency s | p99 latency s | TTFT p50 s | "
                   "preemptions (burst) | recomputed tokens (burst) | max running |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -1,12 +1,16 @@
 """reports/gpu/serving.json and serving.png from what the GPU runs wrote (here, no GPU needed).
 
-    python bench/gpu_serving_report.py --engine reports/gpu/serving_run/serving.json \
+    python bench/gpu_serving_report.py \
+        --engine reports/gpu/serving_run/serving.json reports/gpu/serving_trace_pool40k/serving.json \
         --steps reports/gpu/paged_step/run4_final_sweep.json \
-        --e2e reports/gpu/serving_e2e/e2e_raw.json.gz --out reports/gpu
+        --e2e reports/gpu/serving_e2e/e2e_raw.json.gz reports/gpu/serving_e2e_run5/e2e_raw.json.gz --out reports/gpu
 
---engine: bench/gpu_serving.py's serving.json (the engine alone, every policy and the peer);
+--engine: bench/gpu_serving.py's serving.json files (the engine alone, every policy and the peer); a
+workload already taken from an earlier file is added as NAME_poolTOKENS (the same trace, a smaller pool);
 --steps: bench/gpu_paged_step.py's sweep (the decode step against its roofline);
---e2e: bench/gpu_e2e.py --backend paged's e2e_raw.json(.gz) (the same engine behind the five services).
+--e2e: bench/gpu_e2e.py --backend paged's e2e_raw.json(.gz) files (the same engine behind the five
+services); a policy's figures come from the last file that ran it, its streamed ones from the last
+that streamed, and "runs" keeps each file's own.
 serving.json keeps the engine's figures per workload and policy, adds "steps" (16, 64 and 256 rows of
 both shapes) and "end_to_end" (per policy: saturated req/s, latency at each rate, streamed too).
 serving.md is written by hand around these numbers.
@@ -75,20 +79,37 @@ def end_to_end(raw: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", type=Path, required=True)
+    parser.add_argument("--engine", type=Path, nargs="+", required=True)
     parser.add_argument("--steps", type=Path, required=True)
-    parser.add_argument("--e2e", type=Path, required=True)
+    parser.add_argument("--e2e", type=Path, nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    report = load(args.engine)
+    report = load(args.engine[0])
+    for path in args.engine[1:]:
+        more = load(path)
+        for name, workload in more["workloads"].items():
+            key = name if name not in report["workloads"] else f"{name}_pool{workload.get('pool_tokens', 0)}"
+            report["workloads"][key] = workload
+        report["commands"] = report["commands"] + more["commands"]
     sweep = load(args.steps)
     report["steps"] = [dict(shape=r["shape"], rows=r["rows"], mean_context=r["mean_context"],
                             step_ms=round(r["step_ms"], 3), roofline_ms=round(r["roofline_ms"], 3),
                             ratio=round(r["step_ms"] / r["roofline_ms"], 3), bound=r["bound"])
                        for r in sweep["rows"] if r["rows"] in (16, 64, 256)]
     report["steps_source"] = dict(command=sweep["command"], date=sweep["date"], device=sweep["device"])
-    report["end_to_end"] = end_to_end(load(args.e2e))
-    report["commands"] = report["commands"] + [report["end_to_end"]["command"], "python " + " ".join(sys.argv)]
+    runs = [end_to_end(load(path)) for path in args.e2e]
+    merged: dict = {}
+    for run in runs:
+        for policy, figures in run["policies"].items():
+            entry = merged.setdefault(policy, {})
+            streamed = {k: v for k, v in figures.items() if k.startswith("streamed")}
+            if "unstreamed" in figures:  # the latest unstreamed run wins; streamed figures only with their run
+                entry.update({k: v for k, v in figures.items() if not k.startswith("streamed")},
+                             command=run["command"])
+            if streamed:
+                entry.update(streamed, streamed_command=run["command"])
+    report["end_to_end"] = dict(policies=merged, runs=runs)
+    report["commands"] = report["commands"] + [run["command"] for run in runs] + ["python " + " ".join(sys.argv)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out / "serving.png")
