@@ -67,8 +67,9 @@ class LoopTiming:
     heartbeat_interval_s: float = 2.0  # used until the batcher names one
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 10.0
-    # continuous mode: PullBatch calls in flight at once (never more than free rows). One at a time
-    # handed a paged H200 worker ~80 one-request leases a second while its engine ran 175 (reports/gpu/serving.md)
+    # continuous mode: PullBatch calls in flight at once (never more than free rows). On an H200 the paged
+    # worker served a burst at 80 req/s with one, 116 with 8 and 74 with 64: each one-request lease costs
+    # host work on the event loop beside the engine thread (reports/gpu/serving.md, runs 4-6)
     max_concurrent_pulls: int = 8
 
 
