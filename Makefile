@@ -54,8 +54,12 @@ run: bootstrap
 serve: bootstrap
 	$(PY) -m tools.run_local --data $(DATA) --serve $(RUN_ARGS)
 
+# Two xdist workers (override: `make test TEST_WORKERS=4`, or 0 for one process). A module's tests
+# stay on one worker (its stack starts once), modules taken in the order tests/conftest.py sets
+# (those that start real processes first), not reordered by their number of tests.
+TEST_WORKERS ?= 2
 test: proto lint-proto node-deps chart-check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The Node.js example client (tests/integration/test_node_client.py runs it against the batcher).
 NODE_STAMP := clients/node/node_modules/.package-lock.json
