@@ -68,8 +68,8 @@ class LoopTiming:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 10.0
     # continuous mode: PullBatch calls in flight at once (never more than free rows). On an H200 the paged
-    # worker served a burst at 80 req/s with one, 116 with 8 and 74 with 64: each one-request lease costs
-    # host work on the event loop beside the engine thread (reports/gpu/serving.md, runs 4-6)
+    # worker served a burst at 80 req/s with one, 96-116 with 8 and 74 with 64: each one-request lease costs
+    # host work on the event loop beside the engine thread (reports/gpu/serving.md, runs 4-7)
     max_concurrent_pulls: int = 8
 
 
