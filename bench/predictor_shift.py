@@ -1,8 +1,8 @@
 """`python -m bench.predictor_shift --data ../shared/data --out reports/predictor`: the served
 model under distribution shift, written to `<out>/shift.json`.
 
-* test_split: the served model (`magnus_static`) fit on the train split; per task on the test
-  split, the coverage of each calibrated quantile, the mean p90 interval width (p90 - point,
+* test_split: the served model (`SERVED_MODEL`, `magnus_static_lexical`) fit on the train split;
+  per task on the test split, the coverage of each calibrated quantile, the mean p90 interval width (p90 - point,
   tokens), MAE and the share flagged out of distribution.
 * leave_one_task_out: for each task, fit on the other 7 tasks' train rows, test on its test rows:
   p90 coverage, MAE, and `per_task_mean`'s MAE fit on the same rows (for an unseen instruction it

@@ -45,7 +45,9 @@ _CACHE = "_level_lookups"  # per-levels lookups, kept in the instance's __dict__
 # How much an OOD request's score quantile is widened: the largest factor any task needed, when
 # left out of training, for its p90 to cover 90 % of its rows (`bench.predictor_shift`,
 # reports/predictor/shift.json "ood_inflation").
-DEFAULT_OOD_INFLATION = 1.25  # with the group-level floor: code_comment needed 1.25, every other task 1.0
+# With the lexical stage the known instructions' corrected residuals are smaller, so is the floor
+# they set, and code_comment left out needs 1.5 (1.25 before the stage); every other task 1.0.
+DEFAULT_OOD_INFLATION = 1.5
 
 
 def tree_log_stats(log_tokens: np.ndarray, is_used: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,10 @@ forest (the paper) or gradient boosting; the target is the token count (the pape
 log((generated + 1) / (input + 1)), which lets trees predict lengths beyond those seen in
 training (a ratio extrapolates, a leaf mean cannot) and makes their mean closer to the median
 of a skewed task like code comments. An optional exact-match table answers repeated prompts
-with their observed length (greedy decoding makes a repeat generate the same output).
+with their observed length (greedy decoding makes a repeat generate the same output). An optional
+second stage (`use_lexical_stage`, see `services.core.lexical_stage`) adds to the forest's point,
+per instruction that has earned one on its own out-of-bag rows, a ridge regression of the forest's
+error on the input's word (and character n-gram) counts; the served family has it.
 
 Each named configuration is registered as a model family (`make_length_model(name)`), so the
 trainer refits the family it found serving with the same settings.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -34,6 +37,7 @@ from services.core.conformal import (
 )
 from services.core.encoders import SentenceEncoder, TextEncoder, build_static_encoder
 from services.core.length_model import LengthSample, check_same_length, register_length_model
+from services.core.lexical_stage import LinearCorrection, apply_corrections, fit_corrections
 from services.core.packed_forest import AGGREGATES, PackedForest
 from services.core.text_features import surface_features
 
@@ -59,6 +63,17 @@ class ForestConfig:
     max_prefix_pieces: int = 256
     max_tokens: int = DEFAULT_MAX_TOKENS
     seed: int = 0
+    # Last: a slots dataclass pickles its fields as a list by position, so a field added anywhere
+    # else would shift the values of every artifact stored before it (see __setstate__).
+    use_lexical_stage: bool = False  # per-instruction ridge on the forest's error (services.core.lexical_stage)
+
+    def __setstate__(self, state: list[Any]) -> None:
+        # An artifact stored before the trailing fields were added holds fewer values: those take
+        # their defaults.
+        names = fields(self)
+        values = [*state, *(f.default for f in names[len(state):])]
+        for f, value in zip(names, values, strict=True):
+            object.__setattr__(self, f.name, value)
 
     def __post_init__(self) -> None:
         if self.encoder not in ("static", "sentence"):
@@ -149,6 +164,7 @@ class EmbeddingForestModel:
         self.app_vectors: dict[str, np.ndarray] = {}
         self.exact_lengths: dict[bytes, int] = {}
         self.calibration: Calibration | None = None
+        self.corrections: dict[str, LinearCorrection] = {}
 
     def _make_encoder(self) -> TextEncoder:
         if self.config.encoder == "sentence":
@@ -189,6 +205,7 @@ class EmbeddingForestModel:
             raise ValueError(f"{self.name} needs at least one sample to fit")
         if self.encoder is None:
             self.encoder = self._make_encoder()
+        self.corrections = {}
         x = self.features(
             [s.instruction for s in samples], [s.input_text for s in samples], [s.input_tokens for s in samples]
         )
@@ -211,6 +228,8 @@ class EmbeddingForestModel:
         input_tokens = [s.input_tokens for s in samples]
         per_tree = self.regressor.forest.tree_predictions(x[rows])
         log_point, spread = tree_log_stats(self._tree_log_tokens(per_tree, input_tokens), ~in_bag[:, rows])
+        if self.config.use_lexical_stage:
+            log_point = self._fit_stage(samples, generated[rows], log_point)
         return calibrate(
             log_true=np.log1p(generated[rows]),
             log_point=log_point,
@@ -219,6 +238,30 @@ class EmbeddingForestModel:
             log_input=np.log1p(np.asarray(input_tokens, dtype=np.float64)),
             embeddings=x[rows, : self.config.user_groups],
         )
+
+    def _fit_stage(self, samples: Sequence[LengthSample], generated: np.ndarray, log_point: np.ndarray) -> np.ndarray:
+        """Fit `corrections` on the forest's out-of-bag errors; return the calibration rows' log1p
+        points with them (leave-one-out, so the conformal scores stay out-of-sample)."""
+        has_oob = np.flatnonzero(np.isfinite(log_point))
+        oob_tokens = np.expm1(log_point[has_oob])
+        self.corrections, correction = fit_corrections(
+            [samples[i].instruction for i in has_oob], [samples[i].input_text for i in has_oob],
+            [samples[i].input_tokens for i in has_oob], generated[has_oob] - oob_tokens,
+        )
+        corrected = log_point.copy()
+        corrected[has_oob] = np.log1p(np.maximum(oob_tokens + correction, 0.0))
+        return corrected
+
+    def _corrected(
+        self, point: np.ndarray, upper: np.ndarray, instructions: Sequence[str], inputs: Sequence[str],
+        input_tokens: Sequence[int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Point and upper moved by each row's instruction stage (the same tokens for both)."""
+        corrections = getattr(self, "corrections", None)  # artifacts pickled before the stage have none
+        if not corrections:
+            return point, upper
+        corrected = apply_corrections(corrections, point, instructions, inputs, input_tokens)
+        return corrected, upper + (corrected - point)
 
     def _tree_log_tokens(self, per_tree: np.ndarray, input_tokens: Sequence[int]) -> np.ndarray:
         """(num_trees, n) every tree's raw prediction as log1p tokens."""
@@ -248,6 +291,7 @@ class EmbeddingForestModel:
         aggregate = np.median if self.regressor.aggregate == "median" else np.mean
         point = self._to_tokens(aggregate(per_tree, axis=0), input_tokens)
         upper = self._to_tokens(np.quantile(per_tree, tree_quantile, axis=0), input_tokens)
+        point, upper = self._corrected(point, upper, instructions, inputs, input_tokens)
         spread = tree_log_stats(self._tree_log_tokens(per_tree, input_tokens))[1]
         result = predict_quantiles(
             calibration,
@@ -299,6 +343,7 @@ class EmbeddingForestModel:
         point = self._to_tokens(self.regressor(x), input_tokens)
         has_spread = quantile is not None and isinstance(self.regressor, _ForestPredict)
         upper = self._to_tokens(self.regressor.forest.quantile(x, quantile), input_tokens) if has_spread else point.copy()
+        point, upper = self._corrected(point, upper, instructions, inputs, input_tokens)
         return self._final_tokens(point, upper, instructions, inputs)
 
     def _final_tokens(
@@ -334,9 +379,11 @@ CONFIGS: dict[str, ForestConfig] = {
     "static_log_ratio_surface_leaf5_g32": replace(_TUNED, user_groups=32),
     "static_log_ratio_surface_leaf5_median": replace(_TUNED, max_depth=16, aggregate="median"),
     "magnus_static": replace(_TUNED, max_depth=16, aggregate="median", use_exact_cache=True),
+    "magnus_static_lexical": replace(_TUNED, max_depth=16, aggregate="median", use_exact_cache=True,
+                                     use_lexical_stage=True),
     "magnus_minilm": replace(_TUNED, encoder="sentence", max_depth=16, aggregate="median", use_exact_cache=True),
 }
-SERVED_MODEL = "magnus_static"
+SERVED_MODEL = "magnus_static_lexical"
 
 
 def _register(name: str, config: ForestConfig) -> None:
