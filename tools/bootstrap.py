@@ -35,10 +35,11 @@ def _build_model() -> None:
 
 
 def _predictor(data: Path, database_url: str) -> None:
+    from services.core.embedding_forest import SERVED_MODEL
     from services.predictor import bootstrap as predictor_bootstrap
 
     args = predictor_bootstrap.parse_args(
-        ["--data", str(data), "--model", "magnus_static", "--max-per-task", "2500", "--if-missing",
+        ["--data", str(data), "--model", SERVED_MODEL, "--max-per-task", "2500", "--if-missing",
          "--database-url", database_url]
     )
     if asyncio.run(predictor_bootstrap.run(args)) != 0:

@@ -1,8 +1,8 @@
 """`python -m services.predictor.bootstrap --data ../shared/data`: fit and store a first predictor.
 
 Reads the 8 task files, splits train/test by id, fits `--model` on the train split (default
-`per_app_linear`, the fast choice the integration tests use; `make run` asks for `magnus_static`,
-the served model of reports/predictor), prints MAE and acc@10% per task on the test split, and
+`per_app_linear`, the fast choice the integration tests use; `make run` asks for the served model of
+reports/predictor, `services.core.embedding_forest.SERVED_MODEL`), prints MAE and acc@10% per task on the test split, and
 stores the model as a new predictor version (pushed: replicas load it at start-up).
 `--if-missing` does nothing if a version exists.
 """
