@@ -1,5 +1,5 @@
-"""The GPU end-to-end driver on the CPU (tiny model): magnus_pack, ccb and magnus_ccb through the real services,
-and the paged engine's greedy, ccb and magnus_ccb (--backend paged).
+"""The GPU end-to-end driver on the CPU (tiny model): magnus_pack, ccb and magnus_ccb through the real services
+(the paged engine's policies: test_e2e_driver_paged.py, a module of its own so a second test worker runs it).
 
 Runs `bench/gpu_e2e.py --tiny` as the GPU run does (five processes, SQLite log, trace replay, a
 worker restart into continuous mode for ccb and magnus_ccb), then `bench/gpu_e2e_report.py` on its output.
@@ -74,39 +74,6 @@ def test_driver_runs_pack_and_continuous_batching_end_to_end(tmp_path, prepared_
     assert set(report["policies"]) == {"ccb", "magnus_ccb", "magnus_pack"}
     assert report["policies"]["ccb"]["saturated_requests_per_s"] > 0
     assert (out / "e2e.png").stat().st_size > 0
-
-
-def test_driver_runs_the_paged_engines_policies_each_on_its_own_worker(tmp_path, prepared_stack_db):
-    state = tmp_path / "state"
-    state.mkdir()
-    shutil.copy(prepared_stack_db[0], state / "log.db")
-    shutil.copytree(prepared_stack_db[1], state / "model-store")
-    workload = tmp_path / "workload.jsonl"
-    run(["bench/e2e_workload.py", "--data", str(DATA_DIR), "--num-requests", "64", "--out", str(workload)], 120)
-    out = tmp_path / "out"
-    # a pool of 1,024 tokens (512 bytes a token): the burst's 32 requests need ~2,400, the sample's longest ~800
-    run(["bench/gpu_e2e.py", "--tiny", "--backend", "paged", "--workload", str(workload), "--state", str(state),
-         "--out", str(out), "--workdir", str(tmp_path / "work"), "--policies", "greedy,ccb,magnus_ccb",
-         "--rates", "", "--saturation-requests", "32", "--paged-cpu-kv-bytes", str(1024 * 512)], 420)
-
-    raw = json.loads((out / "e2e_raw.json").read_text())
-    expected = {"greedy": ("ccb", "greedy", "fcfs"), "ccb": ("ccb", "predicted", "fcfs"),
-                "magnus_ccb": ("magnus_ccb", "predicted", "hrrn")}
-    for policy, (batcher_policy, admission, order) in expected.items():
-        result = raw["policies"][policy]
-        env = result["worker_env"]
-        assert (result["backend"], result["batcher_policy"]) == ("paged", batcher_policy)
-        assert (env["MAGNUS_WORKER_ADMISSION"], env["MAGNUS_WORKER_PAGED_ORDER"]) == (admission, order)
-        burst = result["rates"]["400.0"]
-        assert all(r["status"] == "OK" for r in burst["requests"]), burst["requests"]
-        assert all(r["generated_tokens"] == r["true_gen_tokens"] for r in burst["requests"])
-        counters = burst["worker_counters"]["worker"]
-        assert counters["steps"] > 0 and counters["max_running_requests_since_start"] > 1
-        # how many are preempted depends on how fast leases arrive against steps (timing); those that
-        # were lost tokens to recompute, and still answered (above) with their whole length
-        assert (counters["preemptions"] > 0) == (counters["recomputed_tokens"] > 0)
-    log = (out / "logs" / "worker.log").read_text()
-    assert log.count("Theta=") == 4, "the static worker, then one paged worker per policy"
 
 
 def test_calibration_samples_round_trip_so_a_later_run_skips_calibrating(tmp_path, prepared_stack_db):
