@@ -38,10 +38,14 @@ def stack(tmp_path_factory):
 def test_streamed_completion_equals_the_unstreamed_one(stack):
     api = openai.OpenAI(base_url=f"{stack.url('gateway')}/v1", api_key="unused", max_retries=0, timeout=120)
     prompt = "Übersetze ins Chinesische: guten Morgen 🌅"
-    whole = api.completions.create(model="m", prompt=prompt, max_tokens=40).choices[0].text
-    chunks = list(api.completions.create(model="m", prompt=prompt, max_tokens=40, stream=True))
+    # 120 tokens: many stream intervals (20 ms) even on a fast machine. How many pieces a busy one
+    # sends depends on when its event loop gets the CPU (40 tokens once came as 2 pieces with both
+    # cores oversubscribed), so the test asks for what streaming promises: more than one piece,
+    # in order, adding up to the unstreamed answer.
+    whole = api.completions.create(model="m", prompt=prompt, max_tokens=120).choices[0].text
+    chunks = list(api.completions.create(model="m", prompt=prompt, max_tokens=120, stream=True))
     texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
-    assert len(texts) >= 3 and "".join(texts) == whole
+    assert len(texts) >= 2 and "".join(texts) == whole
 
 
 def test_client_leaving_frees_its_continuous_row(stack):
