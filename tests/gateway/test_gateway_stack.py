@@ -74,14 +74,16 @@ def test_completion_and_chat_with_usage_and_predicted_length(stack):
 def test_chat_stream_deltas_concatenate_to_the_unstreamed_answer(stack):
     api = client(stack)
     messages = [{"role": "user", "content": "写一首关于秋天的诗 🍂"}]
-    whole = api.chat.completions.create(model="m", messages=messages, max_tokens=48).choices[0].message.content
-    chunks = list(api.chat.completions.create(model="m", messages=messages, max_tokens=48, stream=True))
+    whole = api.chat.completions.create(model="m", messages=messages, max_tokens=96).choices[0].message.content
+    chunks = list(api.chat.completions.create(model="m", messages=messages, max_tokens=96, stream=True))
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(deltas) >= 3  # at least 2 deltas before the last
+    # the static batch hands its tokens over every 16 steps (6 times here); how many of those a busy
+    # machine's 20 ms stream flushes merge depends on when its event loop runs: more than one piece
+    assert len(deltas) >= 2
     assert "".join(deltas) == whole
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "length"
-    assert chunks[-1].usage.completion_tokens == 48 and chunks[-1].model_extra["magnus"]["predicted_tokens"] >= 1
+    assert chunks[-1].usage.completion_tokens == 96 and chunks[-1].model_extra["magnus"]["predicted_tokens"] >= 1
 
 
 def test_sse_shape_of_a_streamed_completion(stack):
