@@ -11,6 +11,7 @@ certificate for mutual TLS) and send the service token, exactly as the services 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,10 +41,43 @@ def worker_name(index: int) -> str:
     return WORKER if index == 0 else f"{WORKER}-{index}"
 
 
+_HANDED_OUT_PORTS: set[int] = set()
+LOWEST_TEST_PORT = 10000
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now. Under pytest-xdist each test worker draws at random from its own
+    slice of the ports below the kernel's ephemeral range: with the kernel's choice (port 0), two
+    workers starting stacks at once were handed the same just-released port (a service then failed
+    to bind, busy CI run 3 of 2026-12-02), and an outgoing connection can take an ephemeral one."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    index, count = int(worker[2:]), max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    span = (_ephemeral_low() - LOWEST_TEST_PORT) // count
+    first = LOWEST_TEST_PORT + index * span
+    for _ in range(1000):
+        port = random.randrange(first, first + span)
+        if port in _HANDED_OUT_PORTS:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT_PORTS.add(port)
+        return port
+    raise RuntimeError(f"no free port in {first}..{first + span - 1}")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass
