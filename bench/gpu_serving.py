@@ -86,6 +86,10 @@ class Job:
     predicted_tokens: int  # the point prediction
     p90_tokens: int
 
+    def prediction(self, kind: str) -> int:
+        """What a policy's admission is told: "none" (0, unknown), "point" or "p90"."""
+        return {"none": 0, "point": self.predicted_tokens, "p90": self.p90_tokens}[kind]
+
 
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -155,8 +159,8 @@ def run_paged(runner: ModelRunner, pool_blocks: int, policy: str, jobs: list[Job
         now_s = time.monotonic() - started_s
         while next_job < len(jobs) and offsets_s[next_job] <= now_s:
             job = jobs[next_job]
-            predicted = {"none": 0, "point": job.predicted_tokens, "p90": job.p90_tokens}[prediction]
-            engine.add_request(next_job, job.prompt_ids, job.max_new_tokens, predicted, replay_tokens=job.output_tokens)
+            engine.add_request(next_job, job.prompt_ids, job.max_new_tokens, job.prediction(prediction),
+                               replay_tokens=job.output_tokens)
             next_job += 1
         if engine.has_unfinished:
             for result in engine.step():

@@ -52,8 +52,7 @@ def simulate(policy: str, jobs: list[Job], offsets_s: list[float], pool_tokens: 
     while next_job < len(jobs) or scheduler.has_unfinished:
         while next_job < len(jobs) and offsets_s[next_job] <= now_s:
             job = jobs[next_job]
-            predicted = {"none": 0, "point": job.predicted_tokens, "p90": job.p90_tokens}[prediction]
-            scheduler.add(Request(next_job, job.prompt_ids, job.max_new_tokens, predicted,
+            scheduler.add(Request(next_job, job.prompt_ids, job.max_new_tokens, job.prediction(prediction),
                                   replay_tokens=job.output_tokens))
             next_job += 1
         if not scheduler.has_unfinished:
