@@ -29,6 +29,9 @@ from tools.stack import REPO_ROOT, Stack
 TRANSLATION_TASK = "mt_zh2en"
 # (batch size, prompt tokens, new tokens): enough for a first estimator, seconds to time on 2 cores.
 MICRO_GRID = [(b, n, g) for b in (1, 4) for n in (32, 128) for g in (8, 32)]
+# The adaptive policy's batch ceiling: many small batches rather than few large ones, whatever the
+# machine's speed (the estimator learns from batches; see SLOW_SPACING_S in the test).
+BATCH_CEILING = 4
 
 
 def run_cli(*args: str) -> str:
@@ -93,6 +96,7 @@ def learning_stack(request, tmp_path_factory, calibration) -> Iterator[LearningS
             extra_env={
                 **trainer_env,
                 "MAGNUS_WORKER_WORKER_ID": NORMAL_WORKER_ID,
+                "MAGNUS_BATCHER_MAX_BATCH_SIZE": str(BATCH_CEILING),
                 "MAGNUS_PREDICTOR_LOAD_RETRY_S": "0.5",
                 "MAGNUS_ESTIMATOR_LOAD_RETRY_S": "0.5",
             },

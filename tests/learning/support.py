@@ -30,6 +30,9 @@ TRAINER_PERIOD_S = 2.0
 TIME_MISS_ABS_S = 0.2
 VALIDATION_WINDOW_ROWS = 10
 NORMAL_WORKER_ID = "worker-normal"
+# Generous: the batcher refuses (RESOURCE_EXHAUSTED) a request whose estimated queue wait and run
+# exceed its deadline, and a busy 2-core machine runs the slow worker's backlog slowly.
+REQUEST_DEADLINE_S = 300.0
 
 
 @dataclass
@@ -60,6 +63,17 @@ def short_prompts(task: str, count: int) -> list[generation_pb2.Prompt]:
     return prompts
 
 
+def capped(prompts: Sequence[generation_pb2.Prompt], max_new_tokens: int) -> list[generation_pb2.Prompt]:
+    """Copies of `prompts` generating at most `max_new_tokens` each."""
+    copies = []
+    for prompt in prompts:
+        copy = generation_pb2.Prompt()
+        copy.CopyFrom(prompt)
+        copy.max_new_tokens = min(prompt.max_new_tokens, max_new_tokens)
+        copies.append(copy)
+    return copies
+
+
 def interleave(*lists: list[generation_pb2.Prompt]) -> list[generation_pb2.Prompt]:
     return [p for group in zip(*lists, strict=True) for p in group]
 
@@ -77,7 +91,7 @@ async def send_spaced(target: str, prompts: Sequence[generation_pb2.Prompt], spa
     async def one(stub, prompt: generation_pb2.Prompt, delay_s: float) -> Outcome:
         await asyncio.sleep(delay_s)
         try:
-            response = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=120)
+            response = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=REQUEST_DEADLINE_S)
             return Outcome(prompt, response, None)
         except grpc.aio.AioRpcError as error:
             return Outcome(prompt, None, f"{error.code().name}: {error.details()}")
