@@ -52,8 +52,6 @@ LAUNCHES = [dict(block_l=bl, num_warps=w) for bl in (32, 64, 128) for w in (4, 8
 SPLITS = (1, 2, 4, 8)
 GEMM_LAUNCHES = [dict(block_n=n, block_k=k, num_stages=st, num_warps=4)
                  for n in (32, 64, 128) for k in (128, 256) for st in (3, 5)]
-# 8 warps: at 64 rows a tile's product is 4x a 16-row one's, and 4 warps may not keep the loads in flight
-GEMM_LAUNCHES += [dict(block_n=n, block_k=128, num_stages=st, num_warps=8) for n in (64, 128) for st in (3, 5)]
 LOG: list[str] = []
 
 
@@ -211,12 +209,10 @@ def tune_attention(case: Case, batch: int, bw: float, dtype, sweep: bool) -> lis
     return rows
 
 
-def tune_gemms(case: Case, batch: int, dtype) -> tuple[dict, list[dict], dict]:
+def tune_gemms(case: Case, batch: int, dtype) -> tuple[dict, list[dict]]:
     """Each of the step's products alone, cuBLAS (as torch runs it) against the skinny Triton GEMM
     per launch shape; every layer's matrix in turn (32 distinct weights per graph, so the smaller
-    ones are not served from L2). Returns ({weight shape: best launch, where faster than cuBLAS},
-    rows, {weight shape: best skinny launch, faster or not}): with the norms and SiLU-and-mul folded
-    into the skinny products' prologues, a skinny product slower than cuBLAS alone may still win."""
+    ones are not served from L2). Returns {weight shape: best launch, where faster than cuBLAS}."""
     weights, device = case.weights, case.device
     kinds = {
         "qkv": ([(l.qkv, l.qkv_bias) for l in weights.layers], False),
@@ -225,7 +221,7 @@ def tune_gemms(case: Case, batch: int, dtype) -> tuple[dict, list[dict], dict]:
         "down": ([(l.down, None) for l in weights.layers], True),
         "lm_head": ([(weights.lm_head, None)], False),
     }
-    chosen, rows, best_skinny = {}, [], {}
+    chosen, rows = {}, []
     for kind, (matrices, has_residual) in kinds.items():
         width, depth = matrices[0][0].shape
         x = torch.randn(batch, depth, device=device, dtype=dtype)
@@ -237,7 +233,7 @@ def tune_gemms(case: Case, batch: int, dtype) -> tuple[dict, list[dict], dict]:
 
         cublas_s = graphed_time_s(run, device) / len(matrices)
         rows.append(dict(kind=kind, batch=batch, launch="cublas", us=cublas_s * 1e6))
-        best_s, best, skinny_s = cublas_s, None, float("inf")
+        best_s, best = cublas_s, None
         smoke_launches = [dict(block_n=32, block_k=64, num_stages=2)] if attention.IS_INTERPRETED else []
         for launch in GEMM_LAUNCHES if device.type == "cuda" else smoke_launches:
             if depth % launch["block_k"]:
@@ -248,15 +244,13 @@ def tune_gemms(case: Case, batch: int, dtype) -> tuple[dict, list[dict], dict]:
                 rows.append(dict(kind=kind, batch=batch, launch=launch, error=type(error).__name__))
                 continue
             rows.append(dict(kind=kind, batch=batch, launch=launch, us=seconds * 1e6))
-            if seconds < skinny_s:
-                skinny_s, best_skinny[(width, depth)] = seconds, launch
             if seconds < best_s:
                 best_s, best = seconds, launch
         rows.append(dict(kind=kind, batch=batch, launch="best", chosen=best, us=best_s * 1e6,
                          cublas_us=cublas_s * 1e6, calls=len(matrices)))
         if best is not None:
             chosen[(width, depth)] = best
-    return chosen, rows, best_skinny
+    return chosen, rows
 
 
 def gemms_time_s(case: Case, batch: int, dtype, library: str | None = None) -> float:
@@ -285,10 +279,9 @@ def gemms_time_s(case: Case, batch: int, dtype, library: str | None = None) -> f
         torch.backends.cuda.preferred_blas_library(default)
 
 
-def time_step(case: Case, batch: int, launch: dict, gemm_launch: dict, *, fuse: bool = True
-              ) -> tuple[float, list[int]]:
+def time_step(case: Case, batch: int, launch: dict, gemm_launch: dict) -> tuple[float, list[int]]:
     decoder = case.decoder
-    decoder.attention_launch, decoder.gemm_launch, decoder.fuse_prologues = launch, gemm_launch, fuse
+    decoder.attention_launch, decoder.gemm_launch = launch, gemm_launch
     if case.device.type != "cuda":
         inputs = decoder.empty_inputs(batch, case.table_width)
         case.fill(inputs, batch)
@@ -323,25 +316,16 @@ def run_shape(name: str, config: PagedModelConfig, batches: list[int], lengths: 
             shape_result.setdefault("attention_tuning", []).extend(tuning)
             best = min(tuning, key=lambda r: r["us"])
             launch = {k: best[k] for k in (*LAUNCHES[0], "num_splits") if k in best}
-            gemm_launch, gemm_rows, all_skinny = tune_gemms(case, batch, dtype) if batch <= MAX_ROWS else ({}, [], {})
+            gemm_launch, gemm_rows = tune_gemms(case, batch, dtype) if batch <= MAX_ROWS else ({}, [])
             shape_result.setdefault("gemm_tuning", []).extend(gemm_rows)
             cublas_s, tokens = time_step(case, batch, launch, {})
-            # the skinny products where faster alone, without and with the prologues; then every product
-            # skinny, prologues fused (the norms' and SiLU's kernels gone from the step)
-            unfused_s, _ = time_step(case, batch, launch, gemm_launch, fuse=False) if gemm_launch else (None, [])
             skinny_s, skinny_tokens = time_step(case, batch, launch, gemm_launch) if gemm_launch else (None, [])
-            all_skinny_s, _ = time_step(case, batch, launch, all_skinny) if all_skinny else (None, [])
-            variants = {"cublas": cublas_s, "skinny_unfused": unfused_s, "skinny_fused": skinny_s,
-                        "all_skinny_fused": all_skinny_s}
-            best_variant = min((v for v in variants if variants[v] is not None), key=variants.get)
-            step_s = variants[best_variant]
+            step_s = min(cublas_s, skinny_s or cublas_s)
             best_gemms = [r for r in gemm_rows if r["launch"] == "best"]
             roof = case.roofline(batch, bw, flops_rate)
             row = dict(shape=name, kv_layout=kv_layout, rows=batch, mean_context=statistics.mean(lengths[:batch]),
                        step_ms=step_s * 1e3, ratio=step_s * 1e3 / roof["roofline_ms"],
                        step_cublas_ms=cublas_s * 1e3, step_skinny_gemm_ms=skinny_s and skinny_s * 1e3,
-                       step_variants_ms={k: v and v * 1e3 for k, v in variants.items()}, step_variant=best_variant,
-                       all_skinny_launch={f"{n}x{k}": v for (n, k), v in all_skinny.items()},
                        gemms_ms=gemms_time_s(case, batch, dtype) * 1e3,
                        gemms_best_ms=sum(r["us"] * r["calls"] for r in best_gemms) / 1e3 if best_gemms else None,
                        gemm_launch={f"{n}x{k}": v for (n, k), v in gemm_launch.items()},
@@ -361,8 +345,7 @@ def run_shape(name: str, config: PagedModelConfig, batches: list[int], lengths: 
 def _format_row(row: dict) -> str:
     return (f"{row['shape']:10s} {row['kv_layout']:11s} rows {row['rows']:4d} mean_context {row['mean_context']:6.1f} "
             f"step {row['step_ms']:7.3f} ms roofline {row['roofline_ms']:7.3f} ms ({row['bound']}) "
-            f"ratio {row['ratio']:5.2f}x ({row['step_variant']}: "
-            + " ".join(f"{k} {v:.3f}" for k, v in row['step_variants_ms'].items() if v) + ") | cublas step {row['step_cublas_ms']:7.3f} gemms {row['gemms_ms']:7.3f} ms "
+            f"ratio {row['ratio']:5.2f}x | cublas step {row['step_cublas_ms']:7.3f} gemms {row['gemms_ms']:7.3f} ms "
             f"(best {row['gemms_best_ms'] or float('nan'):7.3f}) attention {row['attention_ms']:6.3f} ms "
             f"({row['attention_bandwidth_fraction']:.0%} of copy bw)")
 

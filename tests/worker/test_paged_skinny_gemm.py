@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.worker.paged.fused_ops import rms_norm, silu_mul
-from services.worker.paged.skinny_gemm import gated_linear, linear, normed_linear
+from services.worker.paged.skinny_gemm import linear
 from tests.worker.paged_support import needs_triton, triton_device
 
 
@@ -31,33 +30,6 @@ def test_triton_equals_torch(rows, has_bias, has_residual):
     out = linear(x, w, b, r, launch=dict(block_n=32, block_k=32, num_stages=2))
     expected = x @ w.T + (b if b is not None else 0) + (r if r is not None else 0)
     torch.testing.assert_close(out, expected, rtol=3e-3, atol=3e-2)  # tf32 products on a GPU
-
-
-def test_prologues_without_launch_are_the_separate_torch_ops():
-    gen = torch.Generator().manual_seed(1)
-    x, norm, w, b = (torch.randn(*s, generator=gen) for s in ((3, 8), (8,), (5, 8), (5,)))
-    torch.testing.assert_close(normed_linear(x, norm, 1e-6, w, b), rms_norm(x, norm, 1e-6) @ w.T + b)
-    gate_up, r = torch.randn(3, 16, generator=gen), torch.randn(3, 5, generator=gen)
-    torch.testing.assert_close(gated_linear(gate_up, w, residual=r), silu_mul(gate_up) @ w.T + r)
-
-
-@needs_triton
-@pytest.mark.parametrize("rows", [1, 5, 40])
-def test_prologues_in_the_kernel_equal_the_separate_ops(rows):
-    """RMSNorm folded into the product (1 / rms applied in the epilogue) and silu(gate) * up as its
-    A tile equal normalising or gating first, then multiplying."""
-    device = triton_device()
-    gen = torch.Generator().manual_seed(rows)
-    width, depth = 72, 64
-    x = (torch.randn(rows, depth, generator=gen) * 3).to(device)
-    norm = torch.rand(depth, generator=gen).add(0.5).to(device)
-    w, b = torch.randn(width, depth, generator=gen).to(device), torch.randn(width, generator=gen).to(device)
-    launch = dict(block_n=32, block_k=32, num_stages=2)
-    expected = rms_norm(x, norm, 1e-6, use_triton=False) @ w.T + b
-    torch.testing.assert_close(normed_linear(x, norm, 1e-6, w, b, launch=launch), expected, rtol=3e-3, atol=3e-2)
-    gate_up, r = torch.randn(rows, 2 * depth, generator=gen).to(device), torch.randn(rows, width, generator=gen).to(device)
-    expected = silu_mul(gate_up, use_triton=False) @ w.T + r
-    torch.testing.assert_close(gated_linear(gate_up, w, residual=r, launch=launch), expected, rtol=3e-3, atol=3e-2)
 
 
 def test_refuses_rows_it_was_not_built_for():

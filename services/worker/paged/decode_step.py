@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from services.worker.fast_decoder import LayerWeights, view_rows_of
 from services.worker.paged.attention import paged_decode_attention, paged_decode_attention_reference
 from services.worker.paged.fused_ops import rms_norm, rope_and_write_kv, silu_mul
-from services.worker.paged.skinny_gemm import gated_linear, linear, normed_linear
+from services.worker.paged.skinny_gemm import linear
 
 
 @dataclass(frozen=True)
@@ -179,9 +179,6 @@ class PagedDecoder:
         self.attention_launch = attention_launch or {}
         # weight shape (N, K) -> skinny_gemm launch; shapes not in it (or use_triton False) use torch
         self.gemm_launch: dict[tuple[int, int], dict] = {}
-        # where a product has a skinny launch, the RMSNorm before it / the SiLU-and-mul before down
-        # run in its prologue (skinny_gemm's normed_linear / gated_linear); False: separate kernels
-        self.fuse_prologues = True
         device, dtype = weights.embed.device, weights.embed.dtype
         self.device, self.dtype = device, dtype
         # num_blocks + 1: the last block is the padding rows' scratch. Every cache is indexed
@@ -240,7 +237,8 @@ class PagedDecoder:
         config, weights, use_triton = self.config, self.weights, self.use_triton
         hidden = F.embedding(inputs.token_ids, weights.embed)
         for layer, k_cache, v_cache in zip(weights.layers, self.k_caches, self.v_caches, strict=True):
-            qkv = self._normed_linear(hidden, layer.input_norm, layer.qkv, layer.qkv_bias)
+            normed = rms_norm(hidden, layer.input_norm, config.rms_norm_eps, use_triton=use_triton)
+            qkv = linear(normed, layer.qkv, layer.qkv_bias, launch=self._gemm(layer.qkv))
             q = rope_and_write_kv(qkv, self.cos, self.sin, inputs.positions, inputs.slot_mapping, k_cache, v_cache,
                                   config.num_heads, use_triton=use_triton)
             if use_triton is False:
@@ -250,20 +248,12 @@ class PagedDecoder:
                 attended = paged_decode_attention(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens,
                                                   self.scale, **self.attention_launch)
             hidden = linear(attended.view(inputs.batch, -1), layer.out, residual=hidden, launch=self._gemm(layer.out))
-            gate_up = self._normed_linear(hidden, layer.post_norm, layer.gate_up)
-            launch = self._gemm(layer.down)
-            if launch is not None and self.fuse_prologues:
-                hidden = gated_linear(gate_up, layer.down, residual=hidden, launch=launch)
-            else:
-                hidden = linear(silu_mul(gate_up, use_triton=use_triton), layer.down, residual=hidden, launch=launch)
-        return self._normed_linear(hidden, weights.final_norm, weights.lm_head)
-
-    def _normed_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
-        eps, launch = self.config.rms_norm_eps, self._gemm(weight)
-        if launch is not None and self.fuse_prologues:
-            return normed_linear(x, norm_weight, eps, weight, bias, launch=launch)
-        return linear(rms_norm(x, norm_weight, eps, use_triton=self.use_triton), weight, bias, launch=launch)
+            normed = rms_norm(hidden, layer.post_norm, config.rms_norm_eps, use_triton=use_triton)
+            gate_up = linear(normed, layer.gate_up, launch=self._gemm(layer.gate_up))
+            activated = silu_mul(gate_up, use_triton=use_triton)
+            hidden = linear(activated, layer.down, residual=hidden, launch=self._gemm(layer.down))
+        normed = rms_norm(hidden, weights.final_norm, config.rms_norm_eps, use_triton=use_triton)
+        return linear(normed, weights.lm_head, launch=self._gemm(weights.lm_head))
 
     def _gemm(self, weight: torch.Tensor) -> dict | None:
         return None if self.use_triton is False else self.gemm_launch.get(tuple(weight.shape))
