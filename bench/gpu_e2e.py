@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import re
 import shutil
 import sqlite3
@@ -51,6 +50,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
+from bench.arrivals import poisson_offsets_s  # noqa: E402
 from bench.e2e_paged import (  # noqa: E402
     BENCH_ONLY_POLICIES, PAGED_POLICIES, PagedKnobs, PhaseCounters, paged_worker_env,
 )
@@ -68,14 +68,6 @@ def say(message: str) -> None:
 
 def load_workload(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def arrival_offsets_s(count: int, rate_per_s: float, seed: int) -> list[float]:
-    rng, at_s, offsets = random.Random(seed), 0.0, []
-    for _ in range(count):
-        offsets.append(at_s)
-        at_s += rng.expovariate(rate_per_s)
-    return offsets
 
 
 async def send_all(target: str, rows: list[dict], offsets_s: list[float], tag: str, stream: bool = False) -> list[dict]:
@@ -386,7 +378,7 @@ class Bench:
             "backend": "paged" if self.is_paged(policy) else "rows" if self.is_continuous(policy) else "static",
             "batcher_policy": self.batcher_policy(policy), "worker_env": worker_env})
         for index, (rate, rows) in enumerate(phases(self.args, workload)):
-            offsets = arrival_offsets_s(len(rows), rate, ARRIVAL_SEED + index)
+            offsets = poisson_offsets_s(len(rows), rate, ARRIVAL_SEED + index)
             for stream in self.args.stream_modes:  # the same requests and arrivals, unstreamed then streamed
                 counters = (PhaseCounters({name: self.stack.metrics_url(name) for name in self.workers})
                             if self.is_continuous(policy) else None)

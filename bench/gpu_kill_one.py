@@ -13,7 +13,8 @@ import time
 
 import urllib.request
 
-from bench.gpu_e2e import ARRIVAL_SEED, arrival_offsets_s, say, send_all
+from bench.arrivals import poisson_offsets_s
+from bench.gpu_e2e import ARRIVAL_SEED, say, send_all
 
 LEASE_S, HEARTBEAT_S = 20.0, 2.0
 
@@ -29,7 +30,7 @@ def kill_one(bench, policy: str, rows: list[dict]) -> dict:
     bench.stack.wait_healthy(bench.workers, timeout_s=900)
     victim = bench.workers[-1]
     tag = f"kill-one-{policy}"
-    offsets = arrival_offsets_s(len(rows), bench.args.saturation_rate, ARRIVAL_SEED + 99)
+    offsets = poisson_offsets_s(len(rows), bench.args.saturation_rate, ARRIVAL_SEED + 99)
 
     async def scenario() -> tuple[list[dict], float]:
         started_s = time.monotonic()

@@ -56,6 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.arrivals import poisson_offsets_s  # noqa: E402
 from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, PagedWeights  # noqa: E402
 from services.worker.paged.engine import PagedEngine  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
@@ -132,14 +133,6 @@ def trace_jobs(path: Path, ratios: list[tuple[float, float]], vocab: int, num: i
             if len(jobs) == num:
                 break
     return jobs, [s - stamps[0] for s in stamps]
-
-
-def poisson_offsets_s(count: int, rate_per_s: float, seed: int) -> list[float]:
-    rng, now_s, offsets = random.Random(seed), 0.0, []
-    for _ in range(count):
-        offsets.append(now_s)
-        now_s += rng.expovariate(rate_per_s)
-    return offsets
 
 
 # ---- one phase on the paged engine ---------------------------------------------------------------
