@@ -4,13 +4,31 @@ one), the named services started and SERVING, stopped however the module ends.""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tools.stack import Stack
+import pytest
+
+from tools.stack import REPO_ROOT, Stack
 
 ASYNCIO_ERRORS = ("never retrieved", "destroyed but it is pending", "Exception in callback")
+
+
+def run_python(args: list[str], timeout_s: float | None = None) -> str:
+    """`python ARGS` from the repo root (a script path, or "-m", module, ...), as the Makefile or a user
+    runs it; returns its stdout, or fails the test with the tail of its output."""
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+def run_cli(*args: str) -> str:
+    """A set-up CLI module (`python -m ARGS`) the way the Makefile runs it."""
+    return run_python(["-m", *args])
 
 
 @contextmanager

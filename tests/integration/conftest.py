@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tools.stack import REPO_ROOT, Stack
+from tests.stack_support import run_cli
+from tools.stack import Stack
 
 from tools.demo import DEFAULT_DATA_DIR as DATA_DIR  # noqa: E402
-
-
-def run_cli(*args: str) -> None:
-    """Run a set-up CLI the way the Makefile does; fail the test with its output if it fails."""
-    result = subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
 def prepare_models(workdir: Path, database_url: str) -> Path:

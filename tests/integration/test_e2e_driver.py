@@ -10,21 +10,15 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
 import sys
 
 import pytest
 
+from tests.stack_support import run_python as run
 from tools.demo import DEFAULT_DATA_DIR as DATA_DIR
 from tools.stack import REPO_ROOT
 
 pytestmark = pytest.mark.integration
-
-
-def run(args: list[str], timeout_s: float) -> None:
-    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
-    if result.returncode != 0:
-        pytest.fail(f"{args[0]} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
 
 
 def test_driver_runs_pack_and_continuous_batching_end_to_end(tmp_path, prepared_stack_db):

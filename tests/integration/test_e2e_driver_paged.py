@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from tests.integration.test_e2e_driver import run
+from tests.stack_support import run_python as run
 from tools.demo import DEFAULT_DATA_DIR as DATA_DIR
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,6 @@ written into each backend's DB). The trainer runs every 2 s instead of every 2-3
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +21,9 @@ from tests.learning.support import (
     VALIDATION_WINDOW_ROWS,
     LearningStack,
 )
+from tests.stack_support import run_cli
 from tools.demo import DEFAULT_DATA_DIR as DATA_DIR
-from tools.stack import REPO_ROOT, Stack
+from tools.stack import Stack
 
 TRANSLATION_TASK = "mt_zh2en"
 # (batch size, prompt tokens, new tokens): enough for a first estimator, seconds to time on 2 cores.
@@ -32,13 +31,6 @@ MICRO_GRID = [(b, n, g) for b in (1, 4) for n in (32, 128) for g in (8, 32)]
 # The adaptive policy's batch ceiling: many small batches rather than few large ones, whatever the
 # machine's speed (the estimator learns from batches; see SLOW_SPACING_S in the test).
 BATCH_CEILING = 4
-
-
-def run_cli(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result.stdout
 
 
 @pytest.fixture(scope="session")
