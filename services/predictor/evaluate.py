@@ -49,6 +49,8 @@ def describe(name: str) -> str:
         *([f"depth <= {c.max_depth}"] if c.max_depth else []),
         *(["median of trees"] if c.aggregate == "median" else []),
         *(["exact-match table of seen prompts"] if c.use_exact_cache else []),
+        *(["+ per-instruction ridge on the forest's error over word / character n-gram counts (lexical stage)"]
+          if c.use_lexical_stage else []),
     ]
     return ", ".join(parts)
 
