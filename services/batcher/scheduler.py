@@ -189,6 +189,14 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
         self.waiting_pulls[future] = worker_id
         return future
 
+    def pull_ready(self, worker_id: str, max_batches: int) -> list[Lease]:
+        """Up to `max_batches` leases of batches ready now, in the policy's order (no waiting): the
+        rest of a pull that asked for several (a continuous worker with free rows)."""
+        leases: list[Lease] = []
+        while len(leases) < max_batches and (lease := self._lease_next(worker_id)) is not None:
+            leases.append(lease)
+        return leases
+
     def cancel_pull(self, future: asyncio.Future[Lease]) -> None:
         """Forget a long-poll that timed out or whose caller left (its lease, if any, will expire)."""
         self.waiting_pulls.pop(future, None)

@@ -29,6 +29,9 @@ from services.shared.validation import check_range, check_text
 
 log = logging.getLogger(__name__)
 
+# Most batches one PullBatch may lease or one CompleteBatches may report (the worker's rows bound it).
+MAX_BATCHES_PER_CALL = 1024
+
 
 def _generation_input(prompt: generation_pb2.Prompt) -> GenerationInput:
     """The domain request, accounted to the caller's tenant (auth.tenant_for: an API key's own)."""
@@ -213,6 +216,17 @@ def lease_to_proto(lease: Lease) -> worker_queue_pb2.Batch:
     )
 
 
+def _checked_report(request: worker_queue_pb2.CompleteBatchRequest) -> BatchReport:
+    check_text("batch_id", request.batch_id, max_bytes=64)
+    check_range("run_s", request.run_s, low=0, high=1e7)
+    return BatchReport(
+        outputs=[ItemOutput(r.request_id, r.text, r.generated_tokens, r.is_preempted) for r in request.results],
+        run_s=request.run_s,
+        valid_tokens=request.valid_tokens,
+        total_tokens=request.total_tokens,
+    )
+
+
 class WorkerQueueServicer:
     def __init__(self, scheduler: Scheduler, *, lease_s: float, heartbeat_interval_s: float, max_wait_s: float) -> None:
         self._scheduler = scheduler
@@ -250,31 +264,39 @@ class WorkerQueueServicer:
         check_range("wait_s", request.wait_s, low=0, high=3600)
         if request.worker_id not in self._scheduler.workers:
             raise Unavailable(f"worker {request.worker_id!r} is not registered; call RegisterWorker")
+        check_range("max_batches", request.max_batches, low=0, high=MAX_BATCHES_PER_CALL)
         wait_s = min(request.wait_s or self._max_wait_s, self._max_wait_s)
         pulled = self._scheduler.pull(request.worker_id)
-        if isinstance(pulled, Lease):
-            return worker_queue_pb2.PullBatchResponse(batch=lease_to_proto(pulled))
-        try:
-            await asyncio.wait({pulled}, timeout=wait_s)
-        finally:
+        if not isinstance(pulled, Lease):
+            try:
+                await asyncio.wait({pulled}, timeout=wait_s)
+            finally:
+                if not pulled.done():
+                    self._scheduler.cancel_pull(pulled)
             if not pulled.done():
-                self._scheduler.cancel_pull(pulled)
-        if not pulled.done():
-            return worker_queue_pb2.PullBatchResponse()
-        return worker_queue_pb2.PullBatchResponse(batch=lease_to_proto(pulled.result()))
+                return worker_queue_pb2.PullBatchResponse()
+            pulled = pulled.result()
+        more = self._scheduler.pull_ready(request.worker_id, max(0, request.max_batches - 1))
+        return worker_queue_pb2.PullBatchResponse(
+            batch=lease_to_proto(pulled), more_batches=[lease_to_proto(lease) for lease in more]
+        )
 
     async def CompleteBatch(self, request, context) -> worker_queue_pb2.CompleteBatchResponse:
         check_text("worker_id", request.worker_id, max_bytes=128)
-        check_text("batch_id", request.batch_id, max_bytes=64)
-        check_range("run_s", request.run_s, low=0, high=1e7)
-        report = BatchReport(
-            outputs=[ItemOutput(r.request_id, r.text, r.generated_tokens, r.is_preempted) for r in request.results],
-            run_s=request.run_s,
-            valid_tokens=request.valid_tokens,
-            total_tokens=request.total_tokens,
-        )
+        report = _checked_report(request)
         is_accepted = self._scheduler.complete(request.worker_id, request.batch_id, report)
         return worker_queue_pb2.CompleteBatchResponse(is_accepted=is_accepted)
+
+    async def CompleteBatches(self, request, context) -> worker_queue_pb2.CompleteBatchesResponse:
+        check_text("worker_id", request.worker_id, max_bytes=128)
+        check_range("completions", len(request.completions), low=1, high=MAX_BATCHES_PER_CALL)
+        for index, completion in enumerate(request.completions):  # all checked before any is applied
+            if completion.worker_id not in ("", request.worker_id):
+                raise InvalidArgument(f"completions[{index}].worker_id", "must be empty or the request's worker_id")
+        reports = [(c.batch_id, _checked_report(c)) for c in request.completions]
+        return worker_queue_pb2.CompleteBatchesResponse(
+            is_accepted=[self._scheduler.complete(request.worker_id, batch_id, report) for batch_id, report in reports]
+        )
 
     async def ReportBatchFailure(self, request, context) -> worker_queue_pb2.ReportBatchFailureResponse:
         check_text("worker_id", request.worker_id, max_bytes=128)

@@ -47,6 +47,7 @@ INTERNAL_METHODS = frozenset(
         "/magnus.v1.WorkerQueueService/RegisterWorker",
         "/magnus.v1.WorkerQueueService/PullBatch",
         "/magnus.v1.WorkerQueueService/CompleteBatch",
+        "/magnus.v1.WorkerQueueService/CompleteBatches",
         "/magnus.v1.WorkerQueueService/ReportBatchFailure",
         "/magnus.v1.WorkerQueueService/Heartbeat",
         "/magnus.v1.WorkerQueueService/StreamTokens",

@@ -59,6 +59,9 @@ class WorkerSettings(ServiceSettings):
     max_concurrent_pulls: int = Field(
         8, ge=1, le=64, description="Continuous mode: PullBatch calls in flight at once, at most one per free row "
         "(one-request leases arrive one round trip apart per call).")
+    max_batches_per_pull: int = Field(
+        16, ge=1, le=1024, description="Continuous mode: batches one PullBatch may lease (the first waited for, "
+        "the rest only if ready), at most one per free row; 1 = one per call (an older batcher gives one anyway).")
     rpc_timeout_s: float = Field(5.0, gt=0, description="Deadline of every RPC except PullBatch's wait, seconds.")
     heartbeat_interval_s: float = Field(
         2.0, gt=0, description="Heartbeat interval used when the batcher does not name one, seconds."

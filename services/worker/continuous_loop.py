@@ -2,7 +2,10 @@
 
 Every pulled batch (one request under the batcher's `ccb` policy) becomes its own asyncio task: its
 items go to the ContinuousBatcher, its lease is heartbeated while they decode, and it is reported
-once its last item ended. Registration, pulling, backoff, heartbeats and reports are WorkerLoop's.
+once its last item ended. One PullBatch may lease several batches (up to the free rows it was asked
+for) and finished batches are reported several per call (completions.py): each one-request lease
+costs the event loop, which shares the GIL with the engine thread, a fraction of a call, not two.
+Registration, pulling, backoff, heartbeats and failure reports are WorkerLoop's.
 The ContinuousBatcher's thread is started and stopped by whoever built it (the server).
 """
 
@@ -18,6 +21,7 @@ from concurrent.futures import Future
 from magnus.v1 import worker_queue_pb2 as pb
 from magnus.v1 import worker_queue_pb2_grpc as pb_grpc
 from services.worker import metrics
+from services.worker.completions import CompletionSender
 from services.worker.continuous import ContinuousBatcher, ContinuousResult
 from services.worker.engine import BatchCancelled, BatchOutOfMemory, BatchOutput
 from services.worker.puller import (
@@ -27,6 +31,7 @@ from services.worker.puller import (
     WorkerLoop,
     _Failure,
     _observe,
+    completion_request,
 )
 from services.worker.token_stream import TokenStream
 
@@ -51,11 +56,12 @@ class ContinuousWorkerLoop(WorkerLoop):
         self._slot_freed = asyncio.Event()
         self._batches: dict[asyncio.Task[None], list[Future]] = {}  # batch task -> its item futures
         self._busy_since_s = 0.0
+        self._completions = CompletionSender(stub, identity.worker_id, timing)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.runner.on_slot_freed = lambda: _call_soon(loop, self._slot_freed.set)
-        pulls: set[asyncio.Task[pb.Batch | None]] = set()
+        pulls: dict[asyncio.Task[list[pb.Batch]], int] = {}  # a pull in flight -> the batches it may bring
         try:
             while not self._stopping.is_set():
                 if not self.is_registered:
@@ -64,10 +70,13 @@ class ContinuousWorkerLoop(WorkerLoop):
                     else:
                         await self._register()
                     continue
-                # a pull in flight may bring a row's work: never more pulls than free rows
-                wanted = min(self.runner.free_slots(), self.timing.max_concurrent_pulls) - len(pulls)
-                for _ in range(max(0, wanted)):
-                    pulls.add(asyncio.create_task(self._pull()))
+                # each batch a pull may bring is a row's work (one request under ccb): never ask for more than
+                # the free rows, in up to max_concurrent_pulls calls
+                unasked_rows = self.runner.free_slots() - sum(pulls.values())
+                while unasked_rows > 0 and len(pulls) < self.timing.max_concurrent_pulls:
+                    asked = min(unasked_rows, self.timing.max_batches_per_pull)
+                    pulls[asyncio.create_task(self._pull(asked))] = asked
+                    unasked_rows -= asked
                 if pulls:
                     await self._take_pulled(pulls, wait_for_slot=True)
                 else:
@@ -83,6 +92,12 @@ class ContinuousWorkerLoop(WorkerLoop):
         self._stopping.set()
         if self._task is not None:  # it only has to leave its pull or wait
             await asyncio.wait({self._task}, timeout=self.timing.rpc_timeout_s * 2)
+        try:
+            await self._stop_batches(grace_s)
+        finally:
+            await self._completions.close()
+
+    async def _stop_batches(self, grace_s: float) -> None:
         if not self._batches:
             return
         _, running = await asyncio.wait(set(self._batches), timeout=grace_s)
@@ -97,7 +112,7 @@ class ContinuousWorkerLoop(WorkerLoop):
             log.error("batch task %s did not end in time; abandoning it", task.get_name())
             task.cancel()
 
-    async def _take_pulled(self, pulls: set[asyncio.Task[pb.Batch | None]], *, wait_for_slot: bool,
+    async def _take_pulled(self, pulls: dict[asyncio.Task[list[pb.Batch]], int], *, wait_for_slot: bool,
                            every: bool = False) -> None:
         """Wait until a pull ends (all of them when `every`; or a row frees, to pull for it too) and
         start the batches the ended ones brought."""
@@ -110,12 +125,13 @@ class ContinuousWorkerLoop(WorkerLoop):
         if slot is not None:
             slot.cancel()
         for task in [t for t in pulls if t.done()]:
-            pulls.discard(task)
+            del pulls[task]
             if task.cancelled():
                 continue
             if task.exception() is not None:
                 log.error("a pull crashed", exc_info=task.exception())
-            elif (batch := task.result()) is not None:
+                continue
+            for batch in task.result():
                 self._start_batch(batch)
 
     async def _wait_for_slot(self) -> None:
@@ -187,7 +203,13 @@ class ContinuousWorkerLoop(WorkerLoop):
             return
         outcome = batch_outcome(kept)
         _observe(outcome, busy_s=0.0)
-        await self._report(batch.batch_id, outcome, lease_s)
+        if isinstance(outcome, _Failure):
+            await self._report(batch.batch_id, outcome, lease_s)
+        else:
+            is_accepted = await self._completions.send(
+                completion_request(self.identity.worker_id, batch.batch_id, outcome), lease_s)
+            if is_accepted is False:
+                log.info("CompleteBatch for batch %s not accepted: the lease had moved on", batch.batch_id)
         self.num_batches_done += 1
 
 

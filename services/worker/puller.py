@@ -71,6 +71,9 @@ class LoopTiming:
     # worker served a burst at 80 req/s with one, 96-116 with 8 and 74 with 64: each one-request lease costs
     # host work on the event loop beside the engine thread (reports/gpu/serving.md, runs 4-7)
     max_concurrent_pulls: int = 8
+    # continuous mode: batches one PullBatch may lease (its first is waited for, the others only taken if
+    # ready), so a burst reaches the rows in a few calls, not one round trip per one-request lease
+    max_batches_per_pull: int = 16
 
 
 @dataclass
@@ -155,8 +158,7 @@ class WorkerLoop:
             if not self.is_registered:
                 await self._register()
                 continue
-            batch = await self._pull()
-            if batch is not None:
+            for batch in await self._pull():  # one at most: max_batches defaults to 1
                 await self._serve(batch)
         log.info("worker loop stopped after %d batches", self.num_batches_done)
 
@@ -190,9 +192,10 @@ class WorkerLoop:
         if self.on_registered is not None:
             await self.on_registered()
 
-    async def _pull(self) -> pb.Batch | None:
+    async def _pull(self, max_batches: int = 1) -> list[pb.Batch]:
+        """The batches one PullBatch leased (none when its wait elapsed, it failed or we are stopping)."""
         wait_s = self.timing.pull_wait_s
-        request = pb.PullBatchRequest(worker_id=self.identity.worker_id, wait_s=wait_s)
+        request = pb.PullBatchRequest(worker_id=self.identity.worker_id, wait_s=wait_s, max_batches=max_batches)
         call = asyncio.ensure_future(self.stub.PullBatch(request, timeout=wait_s + self.timing.rpc_timeout_s))
         stop = asyncio.ensure_future(self._stopping.wait())
         await asyncio.wait({call, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -200,18 +203,18 @@ class WorkerLoop:
         if not call.done():
             # Stopping: a batch leased to us in this instant is requeued when its lease expires.
             call.cancel()
-            return None
+            return []
         try:
             response = call.result()
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 await self._back_off("PullBatch", error)
-            return None
+            return []
         self._backoff.reset()
         if response.HasField("batch"):
-            return response.batch
+            return [response.batch, *response.more_batches[: max_batches - 1]]
         await self._idle_heartbeat()
-        return None
+        return []
 
     async def _idle_heartbeat(self) -> None:
         """Between pulls, learn whether the batcher still knows us (it may have restarted)."""
@@ -333,26 +336,34 @@ class WorkerLoop:
         else:
             rpc_name, rpc = "CompleteBatch", self.stub.CompleteBatch
             request = completion_request(worker_id, batch_id, outcome)
-        loop = asyncio.get_running_loop()
-        deadline_s = loop.time() + lease_s
-        backoff = Backoff(self.timing.backoff_initial_s, self.timing.backoff_max_s)
-        while True:
-            try:
-                response = await rpc(request, timeout=self.timing.rpc_timeout_s)
-                break
-            except grpc.aio.AioRpcError as error:
-                delay_s = backoff.next_delay_s()
-                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or (
-                    loop.time() + delay_s > deadline_s
-                ):
-                    log.warning("%s for batch %s failed for good: %s", rpc_name, batch_id, error.code().name)
-                    return
-                log.warning(
-                    "%s for batch %s failed (%s); retrying in %.1f s", rpc_name, batch_id, error.code().name, delay_s
-                )
-                await asyncio.sleep(delay_s)
-        if not response.is_accepted:
+        deadline_s = asyncio.get_running_loop().time() + lease_s
+        response = await call_while_lease_lives(rpc, request, f"{rpc_name} for batch {batch_id}", deadline_s, self.timing)
+        if response is not None and not response.is_accepted:
             log.info("%s for batch %s not accepted: the lease had moved on", rpc_name, batch_id)
+
+
+RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def call_while_lease_lives(rpc, request, what: str, deadline_s: float, timing: LoopTiming, *,
+                                 raised: tuple[grpc.StatusCode, ...] = ()):
+    """`rpc(request)`'s response, retried with backoff while the batcher may be briefly away and a retry
+    could still land before `deadline_s` (loop time: the lease's end); None once it failed for good.
+    Errors with a code in `raised` are the caller's to handle (e.g. UNIMPLEMENTED by an older batcher)."""
+    loop = asyncio.get_running_loop()
+    backoff = Backoff(timing.backoff_initial_s, timing.backoff_max_s)
+    while True:
+        try:
+            return await rpc(request, timeout=timing.rpc_timeout_s)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in raised:
+                raise
+            delay_s = backoff.next_delay_s()
+            if error.code() not in RETRIED_CODES or loop.time() + delay_s > deadline_s:
+                log.warning("%s failed for good: %s", what, error.code().name)
+                return None
+            log.warning("%s failed (%s); retrying in %.1f s", what, error.code().name, delay_s)
+            await asyncio.sleep(delay_s)
 
 
 def _observe(outcome: BatchOutput | _Failure, busy_s: float) -> None:

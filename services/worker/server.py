@@ -91,6 +91,7 @@ def timing_of(settings: WorkerSettings) -> LoopTiming:
     return LoopTiming(
         pull_wait_s=settings.pull_wait_s,
         max_concurrent_pulls=settings.max_concurrent_pulls,
+        max_batches_per_pull=settings.max_batches_per_pull,
         rpc_timeout_s=settings.rpc_timeout_s,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         backoff_initial_s=settings.backoff_initial_s,

@@ -127,6 +127,9 @@ INTERNAL_CALLS = {
     "RegisterWorker": wq.RegisterWorkerRequest(worker_id="w", kv_bytes_per_token=1, free_kv_bytes=1 << 30),
     "PullBatch": wq.PullBatchRequest(worker_id="w", wait_s=0.01),
     "CompleteBatch": wq.CompleteBatchRequest(worker_id="w", batch_id="b"),
+    "CompleteBatches": wq.CompleteBatchesRequest(
+        worker_id="w", completions=[wq.CompleteBatchRequest(worker_id="w", batch_id="b")]
+    ),
     "ReportBatchFailure": wq.ReportBatchFailureRequest(worker_id="w", batch_id="b", kind=wq.FAILURE_KIND_OTHER),
     "Heartbeat": wq.HeartbeatRequest(worker_id="w"),
     "StreamTokens": wq.StreamTokensRequest(worker_id="w"),

@@ -23,6 +23,9 @@ WORKER_CALLS = {
     "RegisterWorker": wq.RegisterWorkerRequest(worker_id="forged", kv_bytes_per_token=1, free_kv_bytes=1 << 30),
     "PullBatch": wq.PullBatchRequest(worker_id="forged", wait_s=0.01),
     "CompleteBatch": wq.CompleteBatchRequest(worker_id="forged", batch_id="b"),
+    "CompleteBatches": wq.CompleteBatchesRequest(
+        worker_id="forged", completions=[wq.CompleteBatchRequest(worker_id="forged", batch_id="b")]
+    ),
     "Heartbeat": wq.HeartbeatRequest(worker_id="forged"),
     "StreamTokens": wq.StreamTokensRequest(worker_id="forged"),
 }

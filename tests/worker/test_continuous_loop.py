@@ -62,9 +62,9 @@ def static_engine(tiny_model_dir) -> StaticBatchEngine:
     )
 
 
-@pytest_asyncio.fixture
-async def fake():
-    queue = FakeQueue()
+@pytest_asyncio.fixture(params=["older batcher", "batch RPCs"])
+async def fake(request):
+    queue = FakeQueue(has_batch_rpcs=request.param == "batch RPCs")
     server, port = await start_fake(queue)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield queue, pb_grpc.WorkerQueueServiceStub(channel)
@@ -112,8 +112,11 @@ async def test_pulls_only_while_a_slot_is_free_and_heartbeats_each_lease(fake):
     for i in range(3):
         await queue.batches.put(make_batch(f"b{i}", [(f"r{i}", f"prompt {i}", 4)]))
     await eventually(lambda: len(batcher.submitted) == 2)
+    pulls = queue.names().count("PullBatch")  # 1 with batch RPCs (it asked for both rows), else 2
     await asyncio.sleep(0.3)  # both rows busy: no third pull meanwhile
-    assert queue.names().count("PullBatch") == 2 and len(batcher.submitted) == 2 and queue.batches.qsize() == 1
+    assert queue.names().count("PullBatch") == pulls <= 2 and len(batcher.submitted) == 2 and queue.batches.qsize() == 1
+    asked = [r.max_batches for n, r in queue.calls if n == "PullBatch"]
+    assert asked[0] == 2 and asked[1:] in ([], [1]), "one pull for the two free rows; an older batcher's one more"
     pulled = sorted(item.request_id for item, _ in batcher.submitted)  # two of the three, by two concurrent pulls
     first, second = batcher.index(pulled[0]), batcher.index(pulled[1])
     await batcher.finish(second, generated_tokens=3)
@@ -233,4 +236,26 @@ async def test_shutdown_hands_back_batches_that_outlive_the_grace(fake):
     assert name == "ReportBatchFailure" and failure.kind == pb.FAILURE_KIND_WORKER_STOPPING
     assert failure.message == SHUTTING_DOWN_MESSAGE
     assert batcher.submitted[batcher.index("l")][1].cancelled()
-    assert queue.names().count("PullBatch") >= 2 and not loop._batches
+    assert queue.names().count("PullBatch") >= (1 if queue.has_batch_rpcs else 2) and not loop._batches
+
+
+async def test_one_pull_fills_the_free_rows_with_ready_batches(fake):
+    queue, stub = fake
+    for i in range(5):  # queued before the worker starts: its first pull finds all five ready
+        await queue.batches.put(make_batch(f"b{i}", [(f"r{i}", f"prompt {i}", 4)]))
+    batcher = FakeBatcher(slots=3)
+    loop = ContinuousWorkerLoop(stub, batcher, IDENTITY, FAST)
+    loop.start()
+    await eventually(lambda: len(batcher.submitted) == 3)
+    await asyncio.sleep(0.2)  # the rows are full: nothing more is pulled
+    asked = [r.max_batches for n, r in queue.calls if n == "PullBatch"]
+    assert len(batcher.submitted) == 3 and queue.batches.qsize() == 2
+    assert asked == ([3] if queue.has_batch_rpcs else [3, 2, 1]), "one call with batch RPCs; else one per row"
+    for index in range(3):
+        await batcher.finish(index)
+    await eventually(lambda: len(batcher.submitted) == 5)  # the freed rows take the last two
+    for index in (3, 4):
+        await batcher.finish(index)
+    reports = sorted([(await next_report(queue))[1].batch_id for _ in range(5)])
+    await loop.stop(1.0)
+    assert reports == [f"b{i}" for i in range(5)]

@@ -29,9 +29,13 @@ IDENTITY = WorkerIdentity("w1", kv_bytes_per_token=512, free_kv_bytes=1 << 30, m
 
 
 class FakeQueue:
-    """Hands out the batches put in `batches`; records every call as (method, request)."""
+    """Hands out the batches put in `batches`; records every call as (method, request). With
+    `has_batch_rpcs` a pull leases up to max_batches ready batches and CompleteBatches works (each of its
+    completions reported as a CompleteBatch); without, it is an older batcher: one batch a pull and
+    CompleteBatches UNIMPLEMENTED."""
 
-    def __init__(self, heartbeat_interval_s: float = 0.05) -> None:
+    def __init__(self, heartbeat_interval_s: float = 0.05, has_batch_rpcs: bool = False) -> None:
+        self.has_batch_rpcs = has_batch_rpcs
         self.batches: asyncio.Queue[pb.Batch] = asyncio.Queue()
         self.calls: list[tuple[str, object]] = []
         self.reports: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
@@ -54,12 +58,23 @@ class FakeQueue:
             batch = await asyncio.wait_for(self.batches.get(), request.wait_s)
         except TimeoutError:
             return pb.PullBatchResponse()
-        return pb.PullBatchResponse(batch=batch)
+        more = []
+        while self.has_batch_rpcs and len(more) < request.max_batches - 1 and not self.batches.empty():
+            more.append(self.batches.get_nowait())
+        return pb.PullBatchResponse(batch=batch, more_batches=more)
 
     async def CompleteBatch(self, request, context):
         self.calls.append(("CompleteBatch", request))
         await self.reports.put(("CompleteBatch", request))
         return pb.CompleteBatchResponse(is_accepted=True)
+
+    async def CompleteBatches(self, request, context):
+        self.calls.append(("CompleteBatches", request))
+        if not self.has_batch_rpcs:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        for completion in request.completions:
+            await self.reports.put(("CompleteBatch", completion))
+        return pb.CompleteBatchesResponse(is_accepted=[True] * len(request.completions))
 
     async def ReportBatchFailure(self, request, context):
         self.calls.append(("ReportBatchFailure", request))
