@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The services path A/B on the GPU: bench/gpu_e2e.py's phases for this tree and for a baseline tree, one
+# after the other on the same machine (the services path varies ~20 % between machines: compare within a run).
+#
+#   bench/gpu_e2e_ab.sh OUT BASE_DIR [gpu_e2e args...]
+#
+# BASE_DIR: another revision's tree with its generated protos, made here with
+#   rev=557a93e; rm -rf var/old && mkdir -p var/old && git archive $rev services bench tools protos | tar -x -C var/old \
+#     && (cd var/old && ../../.venv/bin/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. \
+#         --grpc_python_out=. protos/magnus/v1/*.proto)
+# and carried with var/e2e and the wheels of bench/GPU_SERVING_E2E.md (carry [".whl", "magnus", "var/e2e", "var/old"]).
+# Each variant's output goes to OUT/<name>.tgz and OUT/<name>.log; env MAGNUS_AB_VARIANTS picks and orders
+# them ("new old" by default; "new64" = this tree with MAGNUS_WORKER_MAX_BATCHES_PER_PULL=64).
+set -uo pipefail
+out=$(realpath -m "$1"); base=$(realpath "$2"); shift 2
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+if [ -d "$root/.whl" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$root"/.whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
+export PYTHONUNBUFFERED=1
+common=(--backend paged --workload "$root/var/e2e/workload.jsonl" --state "$root/var/e2e/state"
+        --calibration "$root/reports/gpu/e2e_raw/h100_calibration.json" --skip-calibration "$@")
+for variant in ${MAGNUS_AB_VARIANTS:-new old}; do
+  case $variant in
+    new) dir=$root; env=() ;;
+    new64) dir=$root; env=(MAGNUS_WORKER_MAX_BATCHES_PER_PULL=64) ;;
+    old) dir=$base; env=() ;;
+    *) echo "unknown variant $variant"; exit 2 ;;
+  esac
+  started=$(date +%s)
+  (cd "$dir" && env "${env[@]}" python3 bench/gpu_e2e.py "${common[@]}" --out "$out/$variant" \
+     --workdir "/tmp/magnus-ab-$variant") > "$out/$variant.log" 2>&1
+  echo "$variant: rc $? in $(( $(date +%s) - started )) s"
+  grep -E " ok, |Traceback|Error" "$out/$variant.log" | tail -6
+  (cd "$out" && tar czf "$variant.tgz" "$variant" && rm -rf "$variant")
+done
