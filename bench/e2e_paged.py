@@ -83,6 +83,9 @@ COUNTERS = {
     "steps": "magnus_worker_continuous_steps_total",
     "step_s": "magnus_worker_continuous_step_seconds_total",
     "running_row_steps": "magnus_worker_continuous_active_row_steps_total",
+    "decode_only_steps": "magnus_worker_paged_decode_only_steps_total",
+    "decode_only_step_s": "magnus_worker_paged_decode_only_step_seconds_total",
+    "batched_tokens": "magnus_worker_paged_batched_tokens_total",
 }
 RUNNING = "magnus_worker_paged_running_requests"
 MAX_RUNNING_SINCE_START = "magnus_worker_paged_max_running_requests"

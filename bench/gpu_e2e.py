@@ -395,7 +395,10 @@ class Bench:
                     paged_line = (f", {sum(m['preemptions'] for m in moved.values()):.0f} preemptions "
                                   f"({sum(m['recomputed_tokens'] for m in moved.values()):.0f} tokens recomputed), "
                                   f"running mean {sum(m['mean_running_requests'] for m in moved.values()):.1f} "
-                                  f"max {sum(m['max_running_requests_sampled'] for m in moved.values()):.0f}")
+                                  f"max {sum(m['max_running_requests_sampled'] for m in moved.values()):.0f}, "
+                                  f"{sum(m['steps'] for m in moved.values()):.0f} steps "
+                                  f"({sum(m['decode_only_steps'] for m in moved.values()):.0f} decode-only) of "
+                                  f"{1000 * sum(m['step_s'] for m in moved.values()) / max(1, sum(m['steps'] for m in moved.values())):.1f} ms")
                 ok = [r for r in records if r["status"] == "OK"]
                 mean_s = sum(r["latency_s"] for r in ok) / max(1, len(ok))
                 ttft = sorted(r["ttft_s"] for r in ok if "ttft_s" in r)

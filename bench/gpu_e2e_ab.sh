@@ -9,8 +9,9 @@
 #     && (cd var/old && ../../.venv/bin/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. \
 #         --grpc_python_out=. protos/magnus/v1/*.proto)
 # and carried with var/e2e and the wheels of bench/GPU_SERVING_E2E.md (carry [".whl", "magnus", "var/e2e", "var/old"]).
-# Each variant's output goes to OUT/<name>.tgz and OUT/<name>.log; env MAGNUS_AB_VARIANTS picks and orders
-# them ("new old" by default; "new64" = this tree with MAGNUS_WORKER_MAX_BATCHES_PER_PULL=64).
+# Each variant's output goes to OUT/<name>.tgz and OUT/<name>.log. Env MAGNUS_AB_VARIANTS picks and orders them
+# ("new old" by default): each is NAME[:VAR=VALUE[,VAR=VALUE...]], run from BASE_DIR when NAME starts with "old",
+# else from this tree, with those variables set, e.g. "new new_gil1ms:MAGNUS_WORKER_GIL_SWITCH_INTERVAL_S=0.001".
 set -uo pipefail
 out=$(realpath -m "$1"); base=$(realpath "$2"); shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,16 +24,13 @@ export PYTHONUNBUFFERED=1
 common=(--backend paged --workload "$root/var/e2e/workload.jsonl" --state "$root/var/e2e/state"
         --calibration "$root/reports/gpu/e2e_raw/h100_calibration.json" --skip-calibration "$@")
 for variant in ${MAGNUS_AB_VARIANTS:-new old}; do
-  case $variant in
-    new) dir=$root; env=() ;;
-    new64) dir=$root; env=(MAGNUS_WORKER_MAX_BATCHES_PER_PULL=64) ;;
-    old) dir=$base; env=() ;;
-    *) echo "unknown variant $variant"; exit 2 ;;
-  esac
+  name=${variant%%:*}; env=()
+  [[ $variant == *:* ]] && IFS=, read -r -a env <<< "${variant#*:}"
+  dir=$root; [[ $name == old* ]] && dir=$base
   started=$(date +%s)
-  (cd "$dir" && env "${env[@]}" python3 bench/gpu_e2e.py "${common[@]}" --out "$out/$variant" \
-     --workdir "/tmp/magnus-ab-$variant") > "$out/$variant.log" 2>&1
+  (cd "$dir" && env "${env[@]}" python3 bench/gpu_e2e.py "${common[@]}" --out "$out/$name" \
+     --workdir "/tmp/magnus-ab-$name") > "$out/$name.log" 2>&1
   echo "$variant: rc $? in $(( $(date +%s) - started )) s"
-  grep -E " ok, |Traceback|Error" "$out/$variant.log" | tail -6
-  (cd "$out" && tar czf "$variant.tgz" "$variant" && rm -rf "$variant")
+  grep -E " ok, |Traceback|Error" "$out/$name.log" | tail -6
+  (cd "$out" && tar czf "$name.tgz" "$name" && rm -rf "$name")
 done

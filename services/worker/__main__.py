@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from services.shared.logs import setup_logging
 from services.worker.config import WorkerSettings
@@ -12,6 +13,8 @@ from services.worker.server import serve
 def main() -> None:
     settings = WorkerSettings()
     setup_logging("worker", settings.log_level)
+    if settings.gil_switch_interval_s:
+        sys.setswitchinterval(settings.gil_switch_interval_s)
     asyncio.run(serve(settings))
 
 

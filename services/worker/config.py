@@ -63,6 +63,10 @@ class WorkerSettings(ServiceSettings):
         16, ge=1, le=1024, description="Continuous mode: batches one PullBatch may lease (the first waited for, "
         "the rest only if ready), at most one per free row; 1 = one per call (an older batcher gives one anyway).")
     rpc_timeout_s: float = Field(5.0, gt=0, description="Deadline of every RPC except PullBatch's wait, seconds.")
+    gil_switch_interval_s: float = Field(
+        0.0, ge=0, le=0.1, description="sys.setswitchinterval for the worker process, seconds: how long the engine "
+        "thread may wait for the GIL while the event loop (gRPC, leases) holds it, and the reverse; 0 = Python's "
+        "default (5 ms).")
     heartbeat_interval_s: float = Field(
         2.0, gt=0, description="Heartbeat interval used when the batcher does not name one, seconds."
     )

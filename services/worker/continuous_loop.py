@@ -147,7 +147,8 @@ class ContinuousWorkerLoop(WorkerLoop):
 
     def _start_batch(self, batch: pb.Batch) -> None:
         items = self._open_stream(batch)
-        log.info("batch %s: %d requests, L=%d", batch.batch_id, len(items), batch.input_tokens_max)
+        # debug: a continuous worker starts ~100 one-request batches a second under load
+        log.debug("batch %s: %d requests, L=%d", batch.batch_id, len(items), batch.input_tokens_max)
         # submitted before the next free_slots() check, so the loop does not pull for these rows again
         futures = [self.runner.submit(item) for item in items]
         if not self._batches:

@@ -64,6 +64,15 @@ PAGED_PREEMPTIONS = Counter(
 PAGED_RECOMPUTED_TOKENS = Counter(
     "magnus_worker_paged_recomputed_tokens_total", "Cached tokens thrown away by preemptions (prefilled again)."
 )
+PAGED_DECODE_ONLY_STEPS = Counter(
+    "magnus_worker_paged_decode_only_steps_total", "Paged steps of decode rows only (graph-replayed; the rest are mixed)."
+)
+PAGED_DECODE_ONLY_STEP_SECONDS = Counter(
+    "magnus_worker_paged_decode_only_step_seconds_total", "Time of the paged decode-only steps, seconds."
+)
+PAGED_BATCHED_TOKENS = Counter(
+    "magnus_worker_paged_batched_tokens_total", "Tokens the paged steps computed (decode rows + prefill chunks)."
+)
 PAGED_RUNNING_REQUESTS = Gauge("magnus_worker_paged_running_requests", "Requests running in the paged engine now.")
 PAGED_WAITING_REQUESTS = Gauge(
     "magnus_worker_paged_waiting_requests", "Requests in the paged engine waiting to be admitted (preempted ones too)."

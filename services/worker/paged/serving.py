@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,7 +29,7 @@ from services.worker.engine import (
     StaticBatchEngine,
     is_out_of_memory,
 )
-from services.worker.paged.engine import PagedEngine, RequestResult
+from services.worker.paged.engine import EngineStats, PagedEngine, RequestResult
 from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, PagedWeights
 from services.worker.paged.runner import ModelRunner
 from services.worker.paged.scheduler import SchedulerConfig
@@ -85,6 +85,7 @@ class PagedBatcher(EngineThread):
         self._in_engine: dict[int, _Pending] = {}  # engine thread only
         self._keys = itertools.count()
         self._num_preemptions = self._num_recomputed_tokens = 0  # engine thread: last values exported
+        self._exported_stats = EngineStats()  # engine thread: the engine's stats as last exported
 
     # ---- any thread ----------------------------------------------------------------------------
     def _enqueue(self, item: EngineItem, future: Future, submitted_s: float) -> None:
@@ -182,6 +183,11 @@ class PagedBatcher(EngineThread):
         metrics.PAGED_PREEMPTIONS.inc(scheduler.num_preemptions - self._num_preemptions)
         metrics.PAGED_RECOMPUTED_TOKENS.inc(scheduler.num_recomputed_tokens - self._num_recomputed_tokens)
         self._num_preemptions, self._num_recomputed_tokens = scheduler.num_preemptions, scheduler.num_recomputed_tokens
+        stats, exported = self.engine.stats, self._exported_stats
+        metrics.PAGED_DECODE_ONLY_STEPS.inc(stats.decode_only_steps - exported.decode_only_steps)
+        metrics.PAGED_DECODE_ONLY_STEP_SECONDS.inc(stats.decode_only_step_s - exported.decode_only_step_s)
+        metrics.PAGED_BATCHED_TOKENS.inc(stats.batched_tokens - exported.batched_tokens)
+        self._exported_stats = replace(stats)
 
     def _stream(self, sampled: dict[int, int]) -> None:
         sink = self.hf_engine.token_sink
