@@ -105,6 +105,20 @@ def scrape(url: str) -> dict[str, float]:
     return samples
 
 
+WORKER_RPCS = ("PullBatch", "CompleteBatch", "CompleteBatches", "Heartbeat", "StreamTokens")
+
+
+def worker_rpc_calls(samples: dict[str, float]) -> dict[str, float]:
+    """The batcher's handled worker-protocol calls by method (all status codes), from its /metrics."""
+    calls = dict.fromkeys(WORKER_RPCS, 0.0)
+    for key, value in samples.items():
+        if key.startswith("magnus_rpc_requests_total{") and 'grpc_service="magnus.v1.WorkerQueueService"' in key:
+            method = key.split('grpc_method="', 1)[1].split('"', 1)[0]
+            if method in calls:
+                calls[method] += value
+    return calls
+
+
 class PhaseCounters:
     """The workers' paged counters over one phase: read at start and at finish, and the running
     requests sampled in between (the engine's own maximum is only kept since the worker started)."""

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from magnus.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
 from bench.arrivals import poisson_offsets_s  # noqa: E402
 from bench.e2e_paged import (  # noqa: E402
-    BENCH_ONLY_POLICIES, PAGED_POLICIES, PagedKnobs, PhaseCounters, paged_worker_env,
+    BENCH_ONLY_POLICIES, PAGED_POLICIES, PagedKnobs, PhaseCounters, paged_worker_env, scrape, worker_rpc_calls,
 )
 from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES, SERVING_POLICY_NAMES  # noqa: E402
 from tools.stack import Stack  # noqa: E402
@@ -382,13 +382,16 @@ class Bench:
             for stream in self.args.stream_modes:  # the same requests and arrivals, unstreamed then streamed
                 counters = (PhaseCounters({name: self.stack.metrics_url(name) for name in self.workers})
                             if self.is_continuous(policy) else None)
+                rpcs_before = worker_rpc_calls(scrape(self.stack.metrics_url("batcher")))
                 started_s = time.monotonic()
                 records = asyncio.run(send_all(self.stack.target("batcher"), rows, offsets,
                                                f"{self.tag(policy)}-{rate}{'-stream' if stream else ''}", stream=stream))
                 wall_s = time.monotonic() - started_s
                 batches = self.logged_batches({r["batch_id"] for r in records if r.get("batch_id")})
                 rates = result["rates"] if not stream else result.setdefault("streamed_rates", {})
-                rates[str(rate)] = {"wall_s": wall_s, "requests": records, "batches": batches}
+                rpcs = worker_rpc_calls(scrape(self.stack.metrics_url("batcher")))
+                rates[str(rate)] = {"wall_s": wall_s, "requests": records, "batches": batches,
+                                    "worker_rpc_calls": {m: rpcs[m] - rpcs_before[m] for m in rpcs}}
                 paged_line = ""
                 if counters is not None:
                     rates[str(rate)]["worker_counters"] = moved = counters.finish()
@@ -406,7 +409,8 @@ class Bench:
                              if ttft else "")
                 say(f"{self.num_workers}w {policy:9s} rate {rate:6.1f}/s{' streamed' if stream else ''}: {len(ok)}/{len(records)} ok, "
                     f"{len(ok) / max(r['done_s'] for r in ok) if ok else 0:.1f} req/s done, mean {mean_s:.2f} s, "
-                    f"{len(batches)} batches{ttft_line}{paged_line}")
+                    f"{len(batches)} batches{ttft_line}{paged_line}; worker calls: "
+                    + ", ".join(f"{n:.0f} {m}" for m, n in rates[str(rate)]["worker_rpc_calls"].items() if n))
                 self.save()
 
     def logged_batches(self, batch_ids: set[str], timeout_s: float = 15.0) -> list[dict]:

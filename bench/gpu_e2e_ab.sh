@@ -12,6 +12,7 @@
 # Each variant's output goes to OUT/<name>.tgz and OUT/<name>.log. Env MAGNUS_AB_VARIANTS picks and orders them
 # ("new old" by default): each is NAME[:VAR=VALUE[,VAR=VALUE...]], run from BASE_DIR when NAME starts with "old",
 # else from this tree, with those variables set, e.g. "new new_gil1ms:MAGNUS_WORKER_GIL_SWITCH_INTERVAL_S=0.001".
+# MAGNUS_AB_PYSPY=path/to/py-spy samples the worker's GIL holder for 8 s of each burst into <name>.tgz.
 set -uo pipefail
 out=$(realpath -m "$1"); base=$(realpath "$2"); shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,9 +29,16 @@ for variant in ${MAGNUS_AB_VARIANTS:-new old}; do
   [[ $variant == *:* ]] && IFS=, read -r -a env <<< "${variant#*:}"
   dir=$root; [[ $name == old* ]] && dir=$base
   started=$(date +%s)
+  if [ -n "${MAGNUS_AB_PYSPY:-}" ]; then  # who holds the worker's GIL during the burst (py-spy binary path)
+    (for _ in $(seq 900); do grep -q "rate   12.0/s" "$out/$name.log" 2>/dev/null && break; sleep 1; done
+     sleep 0.3; pid=$(pgrep -n -f "services.worker") && mkdir -p "$out/$name" && "$MAGNUS_AB_PYSPY" record --pid "$pid" \
+       --duration 8 --rate 200 --gil --threads --nonblocking --format raw -o "$out/$name/pyspy_gil.txt" \
+       > "$out/$name/pyspy.log" 2>&1) &
+  fi
   (cd "$dir" && env "${env[@]}" python3 bench/gpu_e2e.py "${common[@]}" --out "$out/$name" \
      --workdir "/tmp/magnus-ab-$name") > "$out/$name.log" 2>&1
-  echo "$variant: rc $? in $(( $(date +%s) - started )) s"
+  rc=$?; wait
+  echo "$variant: rc $rc in $(( $(date +%s) - started )) s"
   grep -E " ok, |Traceback|Error" "$out/$name.log" | tail -6
   (cd "$out" && tar czf "$name.tgz" "$name" && rm -rf "$name")
 done
