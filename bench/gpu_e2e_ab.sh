@@ -12,7 +12,8 @@
 # Each variant's output goes to OUT/<name>.tgz and OUT/<name>.log. Env MAGNUS_AB_VARIANTS picks and orders them
 # ("new old" by default): each is NAME[:VAR=VALUE[,VAR=VALUE...]], run from BASE_DIR when NAME starts with "old",
 # else from this tree, with those variables set, e.g. "new new_gil1ms:MAGNUS_WORKER_GIL_SWITCH_INTERVAL_S=0.001".
-# MAGNUS_AB_PYSPY=path/to/py-spy samples the worker's GIL holder for 8 s of each burst into <name>.tgz.
+# MAGNUS_AB_PYSPY=path/to/py-spy samples the worker's GIL holder for 8 s of each burst into <name>.tgz
+# (MAGNUS_AB_PYSPY_ARGS, default --gil; --idle samples every thread's wall time instead).
 set -uo pipefail
 out=$(realpath -m "$1"); base=$(realpath "$2"); shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,7 +33,7 @@ for variant in ${MAGNUS_AB_VARIANTS:-new old}; do
   if [ -n "${MAGNUS_AB_PYSPY:-}" ]; then  # who holds the worker's GIL during the burst (py-spy binary path)
     (for _ in $(seq 900); do grep -q "rate   12.0/s" "$out/$name.log" 2>/dev/null && break; sleep 1; done
      sleep 0.3; pid=$(pgrep -n -f "services.worker") && mkdir -p "$out/$name" && "$MAGNUS_AB_PYSPY" record --pid "$pid" \
-       --duration 8 --rate 200 --gil --threads --nonblocking --format raw -o "$out/$name/pyspy_gil.txt" \
+       --duration 8 --rate 200 ${MAGNUS_AB_PYSPY_ARGS:---gil} --threads --nonblocking --format raw -o "$out/$name/pyspy_gil.txt" \
        > "$out/$name/pyspy.log" 2>&1) &
   fi
   (cd "$dir" && env "${env[@]}" python3 bench/gpu_e2e.py "${common[@]}" --out "$out/$name" \

@@ -167,6 +167,9 @@ def run_paged(runner: ModelRunner, pool_blocks: int, policy: str, jobs: list[Job
         preemptions=scheduler.num_preemptions, recomputed_tokens=scheduler.num_recomputed_tokens,
         steps=stats.steps, decode_only_steps=stats.decode_only_steps,
         mean_step_ms=round(1e3 * stats.step_s / max(1, stats.steps), 2),
+        decode_only_step_ms=round(1e3 * stats.decode_only_step_s / max(1, stats.decode_only_steps), 2),
+        mixed_step_ms=round(1e3 * (stats.step_s - stats.decode_only_step_s)
+                            / max(1, stats.steps - stats.decode_only_steps), 2),
         mean_tokens_per_step=round(stats.batched_tokens / max(1, stats.steps), 1))
 
 
