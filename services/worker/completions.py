@@ -39,6 +39,7 @@ class CompletionSender:
         self.stub, self.worker_id, self.timing = stub, worker_id, timing
         self.num_calls = 0  # CompleteBatches / CompleteBatch calls made (tests and logs)
         self._queue: list[_Queued] = []
+        self._sending: list[_Queued] = []  # the group of the call in flight
         self._queued = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._has_batch_rpc = True  # False once the batcher answered UNIMPLEMENTED
@@ -55,11 +56,12 @@ class CompletionSender:
         return await asyncio.shield(queued.accepted)  # a cancelled batch task must not lose the others' answers
 
     async def close(self) -> None:
-        """Stop the sender (after the last batch was reported; what is still queued gets None)."""
+        """Stop the sender (after the last batch was reported): reports still queued or in flight get None."""
+        unanswered = [*self._sending, *self._queue]
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for queued in self._queue:
+        for queued in unanswered:
             _answer(queued, None)
         self._queue.clear()
 
@@ -68,7 +70,7 @@ class CompletionSender:
             await self._queued.wait()
             self._queued.clear()
             while self._queue:
-                group = self._queue[:MAX_COMPLETIONS_PER_CALL]
+                group = self._sending = self._queue[:MAX_COMPLETIONS_PER_CALL]
                 del self._queue[:MAX_COMPLETIONS_PER_CALL]
                 try:
                     await self._send_group(group)
@@ -76,6 +78,8 @@ class CompletionSender:
                     log.exception("sending %d completions failed", len(group))
                     for queued in group:
                         _answer(queued, None)
+                finally:
+                    self._sending = []
 
     async def _send_group(self, group: list[_Queued]) -> None:
         if self._has_batch_rpc:

@@ -76,3 +76,15 @@ async def test_a_batcher_that_stays_away_gets_none_after_the_lease_not_a_hang():
         sender = CompletionSender(pb_grpc.WorkerQueueServiceStub(channel), "w1", FAST)
         assert await asyncio.wait_for(sender.send(report("a"), lease_s=0.5), 10) is None
         await sender.close()
+
+
+async def test_closing_answers_the_report_in_flight_and_the_queued_ones(gated):
+    queue, stub = gated
+    sender = CompletionSender(stub, "w1", FAST)
+    in_flight = asyncio.ensure_future(sender.send(report("a"), lease_s=5.0))
+    await asyncio.wait_for(queue.first_call_arrived.wait(), 10)
+    queued = asyncio.ensure_future(sender.send(report("b"), lease_s=5.0))
+    await asyncio.sleep(0.05)
+    await sender.close()  # e.g. the worker stopping with the batcher stuck
+    assert await asyncio.wait_for(asyncio.gather(in_flight, queued), 10) == [None, None]
+    queue.release.set()
