@@ -35,7 +35,10 @@ class PrefillBatch:
     token_index: torch.Tensor  # [P, Q] int64: flat token index of query i of chunk p (padding: 0)
     cache_blocks: torch.Tensor  # [P, L] int64: block of position j of chunk p's request (padding: scratch)
     cache_offsets: torch.Tensor  # [P, L] int64: its offset in the block
-    mask: torch.Tensor  # [P, 1, Q, L] bool: query i sees position j (causal; a padding query sees position 0)
+    # [P, 1, G * Q, L] bool: query i (of each of the G query heads sharing a K/V head, G = 1 without
+    # grouped-query attention) sees position j (causal; a padding query sees position 0). Built once per
+    # step, not per layer: a mixed step is bound by its kernel launches (reports/gpu/serving_e2e_ab)
+    mask: torch.Tensor
     valid_rows: torch.Tensor  # [V] int64: rows of the flattened [P * Q] that are real queries
     valid_tokens: torch.Tensor  # [V] int64: their flat token indices
 
@@ -53,6 +56,9 @@ class MixedInputs:
     query_starts: list[int]  # S + 1 offsets (host)
     decode_chunks: torch.Tensor  # [Sd] int64: chunks of one token (their token index = query_starts[i])
     decode_token_indices: torch.Tensor  # [Sd] int64
+    # the decode chunks' rows of block_tables / context_lens, gathered once per step rather than per layer
+    decode_block_tables: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
     prefill: PrefillBatch | None = None  # the chunks of > 1 token (None: there are none)
 
     @property
@@ -98,7 +104,7 @@ def batched_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     group = heads // kv_heads
     queries = (q[prefill.token_index].view(num_chunks, num_queries, kv_heads, group, head_dim)
                .permute(0, 2, 3, 1, 4).reshape(num_chunks, kv_heads, group * num_queries, head_dim))
-    mask = prefill.mask if group == 1 else prefill.mask.repeat(1, 1, group, 1)  # [P, 1, G * Q, L]
+    mask = prefill.mask if prefill.mask.shape[2] == group * num_queries else prefill.mask.repeat(1, 1, group, 1)
     with sdpa_backends(q.device):
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
     out = out.view(num_chunks, kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
@@ -118,7 +124,9 @@ def mixed_attention(decoder: PagedDecoder, q: torch.Tensor, k_cache: torch.Tenso
     out = torch.empty_like(q)
     if len(inputs.decode_chunks):
         rows = inputs.decode_token_indices
-        tables, lens = inputs.block_tables[inputs.decode_chunks], inputs.context_lens[inputs.decode_chunks]
+        tables, lens = inputs.decode_block_tables, inputs.decode_context_lens
+        if tables is None or lens is None:
+            tables, lens = inputs.block_tables[inputs.decode_chunks], inputs.context_lens[inputs.decode_chunks]
         if decoder.use_triton is False:
             out[rows] = paged_decode_attention_reference(q[rows], k_cache, v_cache, tables, lens, decoder.scale)
         else:

@@ -103,11 +103,12 @@ class ModelRunner:
         token_ids, positions, slots, flat_tables, context_lens, sample_indices, decode_chunks, decode_tokens = (
             self._to_device(token_ids, positions, slots, flat_tables, [c.context_tokens for c in chunks],
                             sample_indices, decode_chunks, [query_starts[i] for i in decode_chunks]))
+        block_tables, context_lens = flat_tables.to(torch.int32).view(len(chunks), width), context_lens.to(torch.int32)
         mixed = MixedInputs(
-            token_ids=token_ids, positions=positions, slot_mapping=slots,
-            block_tables=flat_tables.to(torch.int32).view(len(chunks), width),
-            context_lens=context_lens.to(torch.int32), sample_indices=sample_indices, query_starts=query_starts,
+            token_ids=token_ids, positions=positions, slot_mapping=slots, block_tables=block_tables,
+            context_lens=context_lens, sample_indices=sample_indices, query_starts=query_starts,
             decode_chunks=decode_chunks, decode_token_indices=decode_tokens,
+            decode_block_tables=block_tables[decode_chunks], decode_context_lens=context_lens[decode_chunks],
             prefill=self._prefill_batch([(c, query_starts[i]) for i, c in enumerate(chunks) if not is_decode[i]])
             if not all(is_decode) else None,
         )
@@ -138,7 +139,9 @@ class ModelRunner:
         is_query = query < lengths[:, None, None]
         mask = ((position <= starts[:, None, None] + query) & is_query) | (~is_query & (position == 0))
         shape = (len(chunks), -1)
-        return PrefillBatch(token_index.view(shape), blocks.view(shape), offsets.view(shape), mask[:, None],
+        group = self.decoder.config.num_heads // self.decoder.config.num_kv_heads
+        mask = mask[:, None] if group == 1 else mask[:, None].repeat(1, 1, group, 1)  # see PrefillBatch.mask
+        return PrefillBatch(token_index.view(shape), blocks.view(shape), offsets.view(shape), mask,
                             valid_rows, valid_tokens)
 
     def _fits_rows(self, chunks: Sequence[ScheduledChunk], num_tokens: int) -> bool:
