@@ -1,7 +1,7 @@
 """Finished batches' reports of a continuous worker, several per CompleteBatches call.
 
-A continuous worker's one-request leases end many a second; one CompleteBatch each costs the event
-loop (which shares the GIL with the engine thread) a call per request. Reports queue here and one task
+A continuous worker's one-request leases end many a second; one CompleteBatch each would cost both
+processes a call per request. Reports queue here and one task
 sends whatever queued while the previous call was in flight: no timer, so an idle worker reports at
 once and a busy one in few calls. An older batcher without CompleteBatches (UNIMPLEMENTED) gets one
 CompleteBatch per report from then on.
