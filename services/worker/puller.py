@@ -68,8 +68,8 @@ class LoopTiming:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 10.0
     # continuous mode: PullBatch calls in flight at once (never more than free rows). On an H200 the paged
-    # worker served a burst at 80 req/s with one, 96-116 with 8 and 74 with 64: each one-request lease costs
-    # host work on the event loop beside the engine thread (reports/gpu/serving.md, runs 4-7)
+    # worker served a burst at 80 req/s with one, 96-116 with 8 and 74 with 64 (reports/gpu/serving.md, runs
+    # 4-7); with several batches a pull (below) the engine's mixed steps bound it (reports/gpu/serving_e2e_ab)
     max_concurrent_pulls: int = 8
     # continuous mode: batches one PullBatch may lease (its first is waited for, the others only taken if
     # ready), so a burst reaches the rows in a few calls, not one round trip per one-request lease

@@ -57,8 +57,8 @@ class MixedInputs:
     decode_chunks: torch.Tensor  # [Sd] int64: chunks of one token (their token index = query_starts[i])
     decode_token_indices: torch.Tensor  # [Sd] int64
     # the decode chunks' rows of block_tables / context_lens, gathered once per step rather than per layer
-    decode_block_tables: torch.Tensor | None = None
-    decode_context_lens: torch.Tensor | None = None
+    decode_block_tables: torch.Tensor  # [Sd, W] int32
+    decode_context_lens: torch.Tensor  # [Sd] int32
     prefill: PrefillBatch | None = None  # the chunks of > 1 token (None: there are none)
 
     @property
@@ -104,9 +104,8 @@ def batched_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     group = heads // kv_heads
     queries = (q[prefill.token_index].view(num_chunks, num_queries, kv_heads, group, head_dim)
                .permute(0, 2, 3, 1, 4).reshape(num_chunks, kv_heads, group * num_queries, head_dim))
-    mask = prefill.mask if prefill.mask.shape[2] == group * num_queries else prefill.mask.repeat(1, 1, group, 1)
     with sdpa_backends(q.device):
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=prefill.mask, scale=scale)
     out = out.view(num_chunks, kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(num_chunks * num_queries, heads, head_dim)[prefill.valid_rows]
 
@@ -125,8 +124,6 @@ def mixed_attention(decoder: PagedDecoder, q: torch.Tensor, k_cache: torch.Tenso
     if len(inputs.decode_chunks):
         rows = inputs.decode_token_indices
         tables, lens = inputs.decode_block_tables, inputs.decode_context_lens
-        if tables is None or lens is None:
-            tables, lens = inputs.block_tables[inputs.decode_chunks], inputs.context_lens[inputs.decode_chunks]
         if decoder.use_triton is False:
             out[rows] = paged_decode_attention_reference(q[rows], k_cache, v_cache, tables, lens, decoder.scale)
         else:
