@@ -122,10 +122,11 @@ def main() -> None:
     weights = PagedWeights.random(shape, device, dtype)
     decoder = PagedDecoder(shape, weights, cache_blocks, BLOCK_TOKENS)
     max_model_tokens = 512 if args.workload == "mix" else 4096
-    runner = ModelRunner(decoder, use_cuda_graphs=not args.smoke, max_model_tokens=max_model_tokens)
     max_running = 32 if args.smoke else 256
+    runner = ModelRunner(decoder, use_cuda_graphs=not args.smoke, max_model_tokens=max_model_tokens,
+                         max_graph_chunks=max_running)
     warm_s = time.monotonic()
-    captured = runner.warm_up(max_running)
+    captured = runner.warm_up(max_running, 2048)
     warm_s = time.monotonic() - warm_s
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {captured} graphs in "
           f"{warm_s:.1f} s", flush=True)

@@ -60,7 +60,7 @@ from bench.arrivals import poisson_offsets_s  # noqa: E402
 from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, PagedWeights  # noqa: E402
 from services.worker.paged.engine import PagedEngine  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
-from services.worker.paged.runner import ModelRunner  # noqa: E402
+from services.worker.paged.runner import DEFAULT_ROWS_ATTENDED_LIMIT, ModelRunner  # noqa: E402
 from services.worker.paged.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 BLOCK_TOKENS = 16
@@ -280,6 +280,11 @@ def main() -> int:
                         help="azure_conv: KV pool capped at this many tokens, as on a card with less memory left "
                         "after the weights (e.g. 40,000 ~ a 7B multi-head model on a 40 GB card); 0 = all of it")
     parser.add_argument("--max-running", type=int, default=256)
+    parser.add_argument("--mixed-graphs", choices=("on", "off"), default="on",
+                        help="capture the steps with prefill chunks per token bucket (off: they run eagerly)")
+    parser.add_argument("--rows-attended-limit", type=int, default=DEFAULT_ROWS_ATTENDED_LIMIT,
+                        help="steps whose prefill tokens attend at most this many positions run as decode rows "
+                        "(ModelRunner's rows_attended_limit; 0: every step with a prefill is a mixed step)")
     parser.add_argument("--reserve-gib", type=float, default=24.0,
                         help="GPU memory left out of the KV pool (step activations; transformers' own cache later)")
     parser.add_argument("--hf-timeout-s", type=float, default=120.0, help="the peer's limit per phase")
@@ -293,11 +298,15 @@ def main() -> int:
     weights = PagedWeights.from_hf(model, share=True)
     blocks = pool_blocks_for(model, device, args.reserve_gib, args.smoke)
     decoder = PagedDecoder(PagedModelConfig.from_hf(model.config), weights, blocks, BLOCK_TOKENS)
-    runner = ModelRunner(decoder, use_cuda_graphs=not args.smoke, max_model_tokens=MAX_MODEL_TOKENS)
     max_running = 16 if args.smoke else args.max_running
-    captured = runner.warm_up(runner.graph_rows[-1])  # decode rows and rows-path prefills
+    runner = ModelRunner(decoder, use_cuda_graphs=not args.smoke, max_model_tokens=MAX_MODEL_TOKENS,
+                         max_graph_chunks=max_running, rows_attended_limit=args.rows_attended_limit,
+                         **({} if args.mixed_graphs == "on" else {"mixed_graph_tokens": ()}))
+    warm_s = time.monotonic()
+    captured = runner.warm_up(runner.graph_rows[-1], 2048)  # decode rows, rows-path prefills, mixed steps
     say(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: {blocks} blocks of {BLOCK_TOKENS} "
-        f"tokens ({blocks * BLOCK_TOKENS} tokens), {captured} decode graphs")
+        f"tokens ({blocks * BLOCK_TOKENS} tokens), {captured} step graphs ({runner.num_mixed_graph_captures} mixed) "
+        f"in {time.monotonic() - warm_s:.1f} s")
     ratios = error_ratios(args.lengths)
     mix = mix_jobs(args.lengths, vocab)
     scale = 0.1 if args.smoke else 1.0
@@ -317,7 +326,8 @@ def main() -> int:
     report = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   date=datetime.now(UTC).isoformat(timespec="seconds"), commands=["python3 " + " ".join(sys.argv)],
                   torch=torch.__version__, pool_tokens=blocks * BLOCK_TOKENS, max_running=max_running,
-                  token_budget=2048, block_tokens=BLOCK_TOKENS, workloads={})
+                  token_budget=2048, block_tokens=BLOCK_TOKENS, mixed_graphs=args.mixed_graphs,
+                  rows_attended_limit=args.rows_attended_limit, workloads={})
     warm = mix[-32:]  # Triton autotune and cuBLAS heuristics before anything is timed
     run_paged(runner, blocks, "magnus_ccb", warm, [0.0] * len(warm), max_running)
     for name in [w for w in args.workloads.split(",") if w]:

@@ -118,6 +118,10 @@ class WorkerSettings(ServiceSettings):
         "(it resumes later by recompute): the most predicted output left, or the last admitted.",
     )
     use_cuda_graphs: bool = Field(True, description="Capture and replay decode steps (static backend, CUDA only).")
+    paged_mixed_graphs: bool = Field(
+        True, description="Paged backend with use_cuda_graphs: also capture the steps that hold prefill chunks, one "
+        "graph per token bucket up to paged_token_budget (captured at start-up); off: those steps run eagerly.",
+    )
     max_cuda_graphs: int = Field(
         1024, ge=1, description="Captured decode steps kept (one per batch size and 32-token length bucket)."
     )

@@ -147,16 +147,20 @@ def test_a_request_longer_than_the_pool_is_refused(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or attention.triton is None, reason="needs a GPU with Triton")
-def test_gpu_engine_with_triton_kernels_and_graphs_gives_the_cpu_tokens(model, workload, alone_tokens):
+@pytest.mark.parametrize("rows_attended_limit", [None, 0])  # 0: every step with a prefill is a mixed step
+def test_gpu_engine_with_triton_kernels_and_graphs_gives_the_cpu_tokens(model, workload, alone_tokens,
+                                                                        rows_attended_limit):
     gpu_model = copy.deepcopy(model).cuda()
     tokens = {}
+    limit = {} if rows_attended_limit is None else {"rows_attended_limit": rows_attended_limit}
     for use_graphs in (False, True):
         runner = ModelRunner.from_hf(gpu_model, num_blocks=64, block_tokens=4, use_cuda_graphs=use_graphs,
-                                     max_model_tokens=128)
+                                     max_model_tokens=128, **limit)
         results = run_all(PagedEngine.build(runner, SchedulerConfig(max_running=4, token_budget=16)), workload)
         tokens[use_graphs] = [results[i].output_ids for i in range(len(workload))]
         if use_graphs:
             assert runner.num_graph_captures > 0
+            assert runner.num_mixed_graph_captures > 0 or rows_attended_limit is None
     # float32 on both, but TF32 tensor-core products and split softmax on the GPU: a near tie may flip
     matches = {flag: sum(a == b for a, b in zip(got, alone_tokens)) for flag, got in tokens.items()}
     print(f"GPU paged engine: sequences equal to the CPU's, eager {matches[False]}/10, graphs {matches[True]}/10")

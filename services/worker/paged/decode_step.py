@@ -172,11 +172,13 @@ class PagedDecoder:
 
     def __init__(self, config: PagedModelConfig, weights: PagedWeights, num_blocks: int, block_tokens: int = 16,
                  *, use_triton: bool | None = None, attention_launch: dict | None = None,
+                 varlen_launch: dict | None = None,
                  kv_layout: str = "token_major") -> None:
         self.config, self.weights = config, weights
         self.num_blocks, self.block_tokens = num_blocks, block_tokens
         self.use_triton = use_triton
         self.attention_launch = attention_launch or {}
+        self.varlen_launch = varlen_launch or {}  # the mixed step's attention (varlen_attention's launch)
         # weight shape (N, K) -> skinny_gemm launch; shapes not in it (or use_triton False) use torch
         self.gemm_launch: dict[tuple[int, int], dict] = {}
         device, dtype = weights.embed.device, weights.embed.dtype

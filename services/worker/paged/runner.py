@@ -6,10 +6,9 @@ chunks (token ids, positions, block tables), never requests, queues or the pool'
 
 A plan of decode rows only runs `PagedDecoder.decode`, on a GPU replayed as a CUDA graph captured
 once per row bucket (block tables padded to a fixed width, so one graph serves every length); a
-plan with prefill chunks runs `mixed_step.mixed_forward` eagerly, all its chunks of more than one
-token attended in one padded call (`mixed_step.PrefillBatch`). Host-side, a step's integer
-inputs are packed into one pinned staging buffer and sent in one asynchronous copy; the only sync
-is reading the sampled tokens.
+plan with prefill chunks runs `mixed_step.mixed_forward`, on a GPU replayed as a CUDA graph captured
+once per token bucket (`mixed_step.GraphedMixed`). Host-side, a step's integer inputs are packed into
+one pinned staging buffer and sent in one asynchronous copy; the only sync is reading the sampled tokens.
 """
 
 from __future__ import annotations
@@ -20,11 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.paged.decode_step import GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights, StepInputs
-from services.worker.paged.mixed_step import MixedInputs, PrefillBatch, mixed_forward
+from services.worker.paged.mixed_step import GraphedMixed, MixedInputs, MixedLayout, mixed_forward
 from services.worker.paged.scheduler import ScheduledChunk, StepPlan
 
 # up to 256 rows: decode steps; above: steps whose short prefills run as rows (`prepare`)
 DEFAULT_GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# token buckets of the captured mixed steps (decode rows + prefill chunks): a step runs in the smallest
+# that holds it, its padding tokens computed and dropped, so a bucket wastes at most ~1/8 of a step
+DEFAULT_MIXED_GRAPH_TOKENS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
 # A step whose prefill tokens attend at most this many positions in all (the sum over tokens) runs
 # each token as a decode row: see `ModelRunner.prepare`. ~8 MiB of K/V a layer for the 7B shape.
 DEFAULT_ROWS_ATTENDED_LIMIT = 16_384
@@ -37,7 +39,8 @@ class PreparedStep:
     sampled_ids: list[Hashable]
     decode: StepInputs | None = None  # decode rows only, eager
     graphed: GraphedDecode | None = None  # decode rows only, inputs filled into this graph's buffers
-    mixed: MixedInputs | None = None
+    mixed: MixedInputs | None = None  # prefill chunks, eager
+    mixed_graph: GraphedMixed | None = None  # prefill chunks, inputs copied into this graph's buffer
     num_rows: int = 0
     sample_rows: torch.Tensor | None = None  # decode paths: rows whose next token is sampled (None: all)
 
@@ -47,7 +50,11 @@ class ModelRunner:
 
     def __init__(self, decoder: PagedDecoder, *, use_cuda_graphs: bool = False,
                  graph_rows: Sequence[int] = DEFAULT_GRAPH_ROWS, max_model_tokens: int | None = None,
-                 rows_attended_limit: int = DEFAULT_ROWS_ATTENDED_LIMIT) -> None:
+                 rows_attended_limit: int = DEFAULT_ROWS_ATTENDED_LIMIT,
+                 mixed_graph_tokens: Sequence[int] = DEFAULT_MIXED_GRAPH_TOKENS, max_graph_chunks: int = 512) -> None:
+        """mixed_graph_tokens: the token buckets of captured mixed steps (empty: mixed steps run
+        eagerly); max_graph_chunks: chunks a captured mixed step holds at most (the scheduler's
+        max_running): each sampled row of the bucket computes its logits, so more costs LM-head time."""
         self.decoder = decoder
         self.device = decoder.device
         self.block_tokens = decoder.block_tokens
@@ -57,13 +64,18 @@ class ModelRunner:
         self.graph_table_width = -(-max_model_tokens // self.block_tokens)
         self.rows_attended_limit = rows_attended_limit
         self._graphs: dict[int, GraphedDecode] = {}
+        self.mixed_graph_tokens = sorted(mixed_graph_tokens)
+        self.max_graph_chunks = max_graph_chunks
+        self._mixed_graphs: dict[int, GraphedMixed] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
-        self.num_graph_captures = 0
+        self.num_graph_captures = 0  # decode and mixed
+        self.num_mixed_graph_captures = 0
 
     @classmethod
     def from_hf(cls, model, num_blocks: int, block_tokens: int = 16, **options) -> ModelRunner:
         """Over copies of a transformers Llama-family model's weights (q/k/v and gate/up fused)."""
-        decoder_options = {k: options.pop(k) for k in ("use_triton", "kv_layout", "attention_launch") if k in options}
+        decoder_options = {k: options.pop(k) for k in ("use_triton", "kv_layout", "attention_launch", "varlen_launch")
+                           if k in options}
         decoder = PagedDecoder(PagedModelConfig.from_hf(model.config), PagedWeights.from_hf(model), num_blocks,
                                block_tokens, **decoder_options)
         return cls(decoder, **options)
@@ -89,60 +101,35 @@ class ModelRunner:
             # Every token a row of the decode step: a prefill token at position p attends positions
             # 0..p through the same paged kernel, after the step wrote the K/V of all its rows, which
             # is causal attention. So a step with a few short prefills (a joiner at low load) replays
-            # the decode step's CUDA graph instead of running the eager mixed step, ~4x longer on an
-            # H200 (reports/gpu/serving). Logits of unsampled rows are computed and dropped.
+            # the decode step's CUDA graph instead of the mixed step (~4x longer on an H200 when the
+            # mixed step ran eagerly: reports/gpu/serving). Logits of unsampled rows are computed and dropped.
             row_tables = [c.block_table for c in chunks for _ in c.token_ids]
             sample_rows = [query_starts[i + 1] - 1 for i, c in enumerate(chunks) if c.is_sampled]
             return self._prepare_decode(sampled_ids, token_ids, positions, slots, row_tables, sample_rows)
         tables = [c.block_table for c in chunks]
-        is_decode = [len(c.token_ids) == 1 for c in chunks]
-        decode_chunks = [i for i, flag in enumerate(is_decode) if flag]
         sample_indices = [query_starts[i + 1] - 1 for i, c in enumerate(chunks) if c.is_sampled]
-        width = max(len(t) for t in tables)
-        flat_tables = [b for t in tables for b in (*t, *(0,) * (width - len(t)))]
-        token_ids, positions, slots, flat_tables, context_lens, sample_indices, decode_chunks, decode_tokens = (
-            self._to_device(token_ids, positions, slots, flat_tables, [c.context_tokens for c in chunks],
-                            sample_indices, decode_chunks, [query_starts[i] for i in decode_chunks]))
-        block_tables, context_lens = flat_tables.to(torch.int32).view(len(chunks), width), context_lens.to(torch.int32)
-        mixed = MixedInputs(
-            token_ids=token_ids, positions=positions, slot_mapping=slots, block_tables=block_tables,
-            context_lens=context_lens, sample_indices=sample_indices, query_starts=query_starts,
-            decode_chunks=decode_chunks, decode_token_indices=decode_tokens,
-            decode_block_tables=block_tables[decode_chunks], decode_context_lens=context_lens[decode_chunks],
-            prefill=self._prefill_batch([(c, query_starts[i]) for i, c in enumerate(chunks) if not is_decode[i]])
-            if not all(is_decode) else None,
-        )
-        return PreparedStep(sampled_ids, mixed=mixed, num_rows=len(chunks))
+        context_lens = [c.context_tokens for c in chunks]
+        graphed = self._mixed_graph_for(len(token_ids), len(chunks), max(map(len, tables)))
+        layout = graphed.layout if graphed is not None else MixedLayout(
+            len(token_ids), len(chunks), len(sample_indices), max(map(len, tables)))
+        flat = torch.from_numpy(layout.pack(token_ids, positions, slots, query_starts, context_lens, tables,
+                                            sample_indices, scratch_slot=self.decoder.scratch_slot,
+                                            scratch_block=self.decoder.num_blocks))
+        if graphed is not None:
+            # pinned by torch's caching host allocator, which reuses the block only once this copy ran
+            graphed.buffer.copy_(flat.pin_memory(), non_blocking=True)
+            return PreparedStep(sampled_ids, mixed_graph=graphed, num_rows=len(chunks))
+        buffer = flat.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else flat
+        return PreparedStep(sampled_ids, mixed=layout.views(buffer), num_rows=len(chunks))
 
-    def _prefill_batch(self, chunks: list[tuple[ScheduledChunk, int]]) -> PrefillBatch:
-        """The chunks of > 1 token (with the flat index of their first token), padded for one attention call."""
-        block_tokens, scratch = self.block_tokens, self.decoder.num_blocks
-        num_queries = max(len(c.token_ids) for c, _ in chunks)
-        # positions padded to a multiple of 16: the memory-efficient attention kernel wants its
-        # mask's rows aligned so (else it copies the mask each call), and fewer shapes recur
-        num_positions = -(-max(c.context_tokens for c, _ in chunks) // 16) * 16
-        token_index, blocks, offsets, valid_rows, valid_tokens, starts, lengths = [], [], [], [], [], [], []
-        for p, (chunk, first) in enumerate(chunks):
-            n, context = len(chunk.token_ids), chunk.context_tokens
-            token_index += [*range(first, first + n), *(0,) * (num_queries - n)]
-            blocks += [chunk.block_table[j // block_tokens] for j in range(context)]
-            blocks += [scratch] * (num_positions - context)
-            offsets += [j % block_tokens for j in range(context)] + [0] * (num_positions - context)
-            valid_rows += range(p * num_queries, p * num_queries + n)
-            valid_tokens += range(first, first + n)
-            starts.append(chunk.start_position)
-            lengths.append(n)
-        token_index, blocks, offsets, valid_rows, valid_tokens, starts, lengths = self._to_device(
-            token_index, blocks, offsets, valid_rows, valid_tokens, starts, lengths)
-        query = torch.arange(num_queries, device=self.device)[None, :, None]
-        position = torch.arange(num_positions, device=self.device)[None, None, :]
-        is_query = query < lengths[:, None, None]
-        mask = ((position <= starts[:, None, None] + query) & is_query) | (~is_query & (position == 0))
-        shape = (len(chunks), -1)
-        group = self.decoder.config.num_heads // self.decoder.config.num_kv_heads
-        mask = mask[:, None] if group == 1 else mask[:, None].repeat(1, 1, group, 1)  # see PrefillBatch.mask
-        return PrefillBatch(token_index.view(shape), blocks.view(shape), offsets.view(shape), mask,
-                            valid_rows, valid_tokens)
+    def _mixed_graph_for(self, num_tokens: int, num_chunks: int, table_width: int) -> GraphedMixed | None:
+        """The captured mixed step of the smallest token bucket that holds this step (None: run it eagerly)."""
+        if not self.use_cuda_graphs or table_width > self.graph_table_width:
+            return None
+        bucket = next((size for size in self.mixed_graph_tokens if size >= num_tokens), None)
+        if bucket is None or num_chunks > self._graph_chunks(bucket):
+            return None
+        return self._mixed_graph(bucket)
 
     def _fits_rows(self, chunks: Sequence[ScheduledChunk], num_tokens: int) -> bool:
         """The step can run as decode rows: no more rows than the largest graph bucket, and its prefill
@@ -189,7 +176,10 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, prepared: PreparedStep) -> dict[Hashable, int]:
         """Run the step; returns the greedy next token of every sampled chunk's request (one sync)."""
-        if prepared.mixed is not None:
+        if prepared.mixed_graph is not None:
+            prepared.mixed_graph.replay()
+            tokens = prepared.mixed_graph.next_tokens[:len(prepared.sampled_ids)]
+        elif prepared.mixed is not None:
             tokens = mixed_forward(self.decoder, prepared.mixed).argmax(dim=-1)
         else:
             if prepared.graphed is not None:
@@ -201,8 +191,9 @@ class ModelRunner:
                 tokens = tokens[prepared.sample_rows]
         return dict(zip(prepared.sampled_ids, tokens.tolist(), strict=True))
 
-    def warm_up(self, max_rows: int) -> int:
-        """CUDA graphs: capture the decode step of every row bucket up to `max_rows` now, so no
+    def warm_up(self, max_rows: int, max_tokens: int = 0) -> int:
+        """CUDA graphs: capture the decode step of every row bucket up to `max_rows` and the mixed
+        step of every token bucket up to `max_tokens` (the scheduler's token budget) now, so no
         served step waits for a capture. Returns the number captured."""
         if not self.use_cuda_graphs:
             return 0
@@ -210,6 +201,9 @@ class ModelRunner:
         for rows in self.graph_rows:
             if rows <= max(max_rows, self.graph_rows[0]):
                 self._graph(rows)
+        for tokens in self.mixed_graph_tokens:
+            if max_tokens and tokens <= max(max_tokens, self.mixed_graph_tokens[0]):
+                self._mixed_graph(tokens)
         return self.num_graph_captures - before
 
     def _graph(self, rows: int) -> GraphedDecode:
@@ -219,10 +213,23 @@ class ModelRunner:
             self.num_graph_captures += 1
         return self._graphs[rows]
 
+    def _graph_chunks(self, tokens: int) -> int:
+        return min(tokens, self.max_graph_chunks)
+
+    def _mixed_graph(self, tokens: int) -> GraphedMixed:
+        if tokens not in self._mixed_graphs:
+            with torch.no_grad():
+                self._mixed_graphs[tokens] = GraphedMixed(self.decoder, tokens, self._graph_chunks(tokens),
+                                                          self.graph_table_width, pool=self._graph_pool)
+            self.num_graph_captures += 1
+            self.num_mixed_graph_captures += 1
+        return self._mixed_graphs[tokens]
+
     # ---- free ----------------------------------------------------------------------------------
     def free(self) -> None:
         """Release the graphs and the KV cache; the runner cannot step afterwards."""
         self._graphs.clear()
+        self._mixed_graphs.clear()
         self.decoder.k_caches.clear()
         self.decoder.v_caches.clear()
         if self.device.type == "cuda":

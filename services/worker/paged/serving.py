@@ -51,10 +51,12 @@ class _Pending:
 
 
 def build_paged_engine(hf_engine: StaticBatchEngine, config: SchedulerConfig, *, block_tokens: int = 16,
-                       cpu_kv_budget_bytes: int, cuda_reserve_bytes: int, use_cuda_graphs: bool = True) -> PagedEngine:
+                       cpu_kv_budget_bytes: int, cuda_reserve_bytes: int, use_cuda_graphs: bool = True,
+                       mixed_graphs: bool = True) -> PagedEngine:
     """A PagedEngine over `hf_engine`'s model weights, shared (its tokenizer and stop tokens stay
     there). The KV pool takes `cpu_kv_budget_bytes` on a CPU; on CUDA what is free once q/k/v and
-    gate/up are fused, less `cuda_reserve_bytes` (activations of a step, allocator slack)."""
+    gate/up are fused, less `cuda_reserve_bytes` (activations of a step, allocator slack).
+    mixed_graphs: with use_cuda_graphs, steps with prefill chunks are captured too (else eager)."""
     model = hf_engine.model
     weights = PagedWeights.from_hf(model, share=True)  # the model's forward still works (calibration runs it)
     if hf_engine.device.type == "cuda":
@@ -67,7 +69,8 @@ def build_paged_engine(hf_engine: StaticBatchEngine, config: SchedulerConfig, *,
                          f"({hf_engine.kv_bytes_per_token} bytes a token)")
     decoder = PagedDecoder(PagedModelConfig.from_hf(model.config), weights, num_blocks, block_tokens)
     runner = ModelRunner(decoder, use_cuda_graphs=use_cuda_graphs,
-                         max_model_tokens=min(hf_engine.max_context_tokens, num_blocks * block_tokens))
+                         max_model_tokens=min(hf_engine.max_context_tokens, num_blocks * block_tokens),
+                         max_graph_chunks=config.max_running, **({} if mixed_graphs else {"mixed_graph_tokens": ()}))
     return PagedEngine.build(runner, config, hf_engine.stop_ids(stop_at_eos=not hf_engine.trace_replay))
 
 
@@ -97,11 +100,14 @@ class PagedBatcher(EngineThread):
             return max(0, self.slots - self._num_in_hand)
 
     def warm_up(self, max_attend_tokens: int = 0) -> None:
-        """Before start(): capture the decode graphs of every row bucket (CUDA only)."""
+        """Before start(): capture the decode graphs of every row bucket and the mixed graphs of every
+        token bucket up to the token budget (CUDA only)."""
         started_s = time.monotonic()
-        # every bucket: steps of decode rows plus short prefills run as rows of the larger ones
-        if captured := self.engine.runner.warm_up(self.engine.runner.graph_rows[-1]):
-            log.info("paged engine: captured %d decode graphs in %.1f s", captured, time.monotonic() - started_s)
+        runner = self.engine.runner
+        # every row bucket: steps of decode rows plus short prefills run as rows of the larger ones
+        if captured := runner.warm_up(runner.graph_rows[-1], self.engine.scheduler.config.token_budget):
+            log.info("paged engine: captured %d step graphs (%d mixed) in %.1f s", captured,
+                     runner.num_mixed_graph_captures, time.monotonic() - started_s)
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _serve(self) -> None:
