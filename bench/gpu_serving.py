@@ -61,6 +61,7 @@ from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, Pa
 from services.worker.paged.engine import PagedEngine  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
 from services.worker.paged.runner import DEFAULT_ROWS_ATTENDED_LIMIT, ModelRunner  # noqa: E402
+from services.worker.paged.skinny_gemm import DEFAULT_SKINNY_ROWS  # noqa: E402
 from services.worker.paged.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 BLOCK_TOKENS = 16
@@ -282,6 +283,8 @@ def main() -> int:
     parser.add_argument("--max-running", type=int, default=256)
     parser.add_argument("--mixed-graphs", choices=("on", "off"), default="on",
                         help="capture the steps with prefill chunks per token bucket (off: they run eagerly)")
+    parser.add_argument("--skinny-gemm-rows", type=int, default=DEFAULT_SKINNY_ROWS,
+                        help="decode steps of up to this many rows use the skinny Triton GEMM (0: cuBLAS only)")
     parser.add_argument("--rows-attended-limit", type=int, default=DEFAULT_ROWS_ATTENDED_LIMIT,
                         help="steps whose prefill tokens attend at most this many positions run as decode rows "
                         "(ModelRunner's rows_attended_limit; 0: every step with a prefill is a mixed step)")
@@ -298,6 +301,7 @@ def main() -> int:
     weights = PagedWeights.from_hf(model, share=True)
     blocks = pool_blocks_for(model, device, args.reserve_gib, args.smoke)
     decoder = PagedDecoder(PagedModelConfig.from_hf(model.config), weights, blocks, BLOCK_TOKENS)
+    decoder.skinny_gemm_rows = args.skinny_gemm_rows
     max_running = 16 if args.smoke else args.max_running
     runner = ModelRunner(decoder, use_cuda_graphs=not args.smoke, max_model_tokens=MAX_MODEL_TOKENS,
                          max_graph_chunks=max_running, rows_attended_limit=args.rows_attended_limit,
@@ -327,7 +331,7 @@ def main() -> int:
                   date=datetime.now(UTC).isoformat(timespec="seconds"), commands=["python3 " + " ".join(sys.argv)],
                   torch=torch.__version__, pool_tokens=blocks * BLOCK_TOKENS, max_running=max_running,
                   token_budget=2048, block_tokens=BLOCK_TOKENS, mixed_graphs=args.mixed_graphs,
-                  rows_attended_limit=args.rows_attended_limit, workloads={})
+                  rows_attended_limit=args.rows_attended_limit, skinny_gemm_rows=args.skinny_gemm_rows, workloads={})
     warm = mix[-32:]  # Triton autotune and cuBLAS heuristics before anything is timed
     run_paged(runner, blocks, "magnus_ccb", warm, [0.0] * len(warm), max_running)
     for name in [w for w in args.workloads.split(",") if w]:

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from services.worker.paged import attention
 from services.worker.paged.decode_step import GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights
 from services.worker.paged.kv_blocks import BlockPool
+from services.worker.paged.skinny_gemm import default_launch
 from tests.worker.paged_support import needs_triton, triton_device
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -105,6 +106,34 @@ def test_triton_step_equals_torch_step(kind, kv_layout):
     steps = [run_staggered(decoder, sequences, [0, 2, 1], bucket=4) for decoder in decoders]
     for a, b in zip(*steps, strict=True):
         torch.testing.assert_close(b, a, rtol=3e-3, atol=3e-3)
+
+
+@needs_triton
+def test_default_skinny_launches_equal_torch_step():
+    """Without swept launches a step of <= skinny_gemm_rows rows runs skinny_gemm.default_launch's
+    kernels (every K here a multiple of 128) and gives the torch step's logits."""
+    device = triton_device()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "hidden_size": 128, "intermediate_size": 256},
+                                         num_key_value_heads=4)).float().eval()
+    config = PagedModelConfig.from_hf(model.config)
+    weights = PagedWeights.from_hf(model.to(device))
+    matrices = [weights.lm_head, *(m for layer in weights.layers for m in (layer.qkv, layer.out, layer.gate_up,
+                                                                           layer.down))]
+    assert all(default_launch(tuple(m.shape)) is not None for m in matrices)
+    gen = torch.Generator().manual_seed(5)
+    sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in (5, 3)]
+    decoders = [PagedDecoder(config, weights, 30, 4, use_triton=flag) for flag in (False, True)]
+    steps = [run_staggered(decoder, sequences, [0, 1], bucket=2) for decoder in decoders]
+    for a, b in zip(*steps, strict=True):
+        torch.testing.assert_close(b, a, rtol=3e-3, atol=3e-3)
+
+
+def test_default_launch_follows_the_swept_winners():
+    assert default_launch((22016, 4096)) == dict(block_n=64, block_k=128, num_stages=3, num_warps=4)  # gate/up
+    assert default_launch((4096, 11008)) == dict(block_n=32, block_k=256, num_stages=5, num_warps=4)  # down
+    assert default_launch((4608, 3584))["block_k"] == 256  # 3,584 = 14 x 256
+    assert default_launch((100, 96)) is None  # K not a multiple of 128: torch's product
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or attention.triton is None, reason="CUDA graphs need a GPU")

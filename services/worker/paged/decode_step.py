@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.fast_decoder import LayerWeights, view_rows_of
-from services.worker.paged.attention import paged_decode_attention, paged_decode_attention_reference
+from services.worker.paged.attention import is_available, paged_decode_attention, paged_decode_attention_reference
 from services.worker.paged.fused_ops import rms_norm, rope_and_write_kv, silu_mul
-from services.worker.paged.skinny_gemm import linear
+from services.worker.paged.skinny_gemm import DEFAULT_SKINNY_ROWS, default_launch, linear
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,10 @@ class PagedDecoder:
         self.use_triton = use_triton
         self.attention_launch = attention_launch or {}
         self.varlen_launch = varlen_launch or {}  # the mixed step's attention (varlen_attention's launch)
-        # weight shape (N, K) -> skinny_gemm launch; shapes not in it (or use_triton False) use torch
+        # weight shape (N, K) -> skinny_gemm launch (a bench's sweep); shapes not in it use
+        # skinny_gemm.default_launch in steps of up to skinny_gemm_rows rows, torch beyond (or use_triton False)
         self.gemm_launch: dict[tuple[int, int], dict] = {}
+        self.skinny_gemm_rows = DEFAULT_SKINNY_ROWS
         device, dtype = weights.embed.device, weights.embed.dtype
         self.device, self.dtype = device, dtype
         # num_blocks + 1: the last block is the padding rows' scratch. Every cache is indexed
@@ -236,11 +238,11 @@ class PagedDecoder:
     def decode(self, inputs: StepInputs) -> torch.Tensor:
         """One step for every row of `inputs`; returns logits [B, vocab] in the model's dtype.
         No host sync unless use_triton is False (the reference attention): capturable."""
-        config, weights, use_triton = self.config, self.weights, self.use_triton
+        config, weights, use_triton, rows = self.config, self.weights, self.use_triton, inputs.batch
         hidden = F.embedding(inputs.token_ids, weights.embed)
         for layer, k_cache, v_cache in zip(weights.layers, self.k_caches, self.v_caches, strict=True):
             normed = rms_norm(hidden, layer.input_norm, config.rms_norm_eps, use_triton=use_triton)
-            qkv = linear(normed, layer.qkv, layer.qkv_bias, launch=self._gemm(layer.qkv))
+            qkv = linear(normed, layer.qkv, layer.qkv_bias, launch=self._gemm(layer.qkv, rows))
             q = rope_and_write_kv(qkv, self.cos, self.sin, inputs.positions, inputs.slot_mapping, k_cache, v_cache,
                                   config.num_heads, use_triton=use_triton)
             if use_triton is False:
@@ -249,16 +251,21 @@ class PagedDecoder:
             else:
                 attended = paged_decode_attention(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens,
                                                   self.scale, **self.attention_launch)
-            hidden = linear(attended.view(inputs.batch, -1), layer.out, residual=hidden, launch=self._gemm(layer.out))
+            hidden = linear(attended.view(rows, -1), layer.out, residual=hidden, launch=self._gemm(layer.out, rows))
             normed = rms_norm(hidden, layer.post_norm, config.rms_norm_eps, use_triton=use_triton)
-            gate_up = linear(normed, layer.gate_up, launch=self._gemm(layer.gate_up))
+            gate_up = linear(normed, layer.gate_up, launch=self._gemm(layer.gate_up, rows))
             activated = silu_mul(gate_up, use_triton=use_triton)
-            hidden = linear(activated, layer.down, residual=hidden, launch=self._gemm(layer.down))
+            hidden = linear(activated, layer.down, residual=hidden, launch=self._gemm(layer.down, rows))
         normed = rms_norm(hidden, weights.final_norm, config.rms_norm_eps, use_triton=use_triton)
-        return linear(normed, weights.lm_head, launch=self._gemm(weights.lm_head))
+        return linear(normed, weights.lm_head, launch=self._gemm(weights.lm_head, rows))
 
-    def _gemm(self, weight: torch.Tensor) -> dict | None:
-        return None if self.use_triton is False else self.gemm_launch.get(tuple(weight.shape))
+    def _gemm(self, weight: torch.Tensor, rows: int) -> dict | None:
+        if self.use_triton is False or not is_available(weight.device):
+            return None
+        shape = tuple(weight.shape)
+        if shape in self.gemm_launch:
+            return self.gemm_launch[shape]
+        return default_launch(shape) if rows <= self.skinny_gemm_rows else None
 
 
 class GraphedDecode:

@@ -6,6 +6,7 @@ Here one program owns BLOCK_N output columns for all rows and walks K in BLOCK_K
 `num_stages`-deep pipeline of weight tiles; the rows are padded to BLOCK_M (>= 16, for tl.dot) in
 registers only. Bias and residual are added in the epilogue. Launch shapes are chosen by measurement
 (bench/gpu_paged_step.py) and passed in; without one, or on the CPU, torch's own products run.
+`default_launch` is the rule those sweeps' winners follow, for decode steps whose shapes were not swept.
 """
 
 from __future__ import annotations
@@ -19,6 +20,23 @@ if triton is not None:
     import triton.language as tl
 
 MAX_ROWS = 64
+# Up to this many rows the skinny kernel with `default_launch` replaces cuBLAS in the served decode
+# step: reports/gpu/paged_step run 4, at 1 and 16 rows, 3.93 vs 4.38 ms (Llama-2-7B) and 4.03 vs 4.44
+# (Qwen2-7B) a step with swept launches; at 64 rows it won for only some matrices.
+DEFAULT_SKINNY_ROWS = 16
+
+
+def default_launch(weight_shape: tuple[int, int]) -> dict | None:
+    """The launch run 4's sweep picked at 1-16 rows, as a rule of the weight's shape (N, K): wide
+    matrices (the MLP's gate/up, the LM head) 64 columns a program over 128-deep K tiles in 3 stages,
+    the others 32 columns over 256-deep tiles in 5 (13 of its 18 winners; the rest within a few %).
+    None when K is not a multiple of 128."""
+    width, depth = weight_shape
+    if width >= 16384 and depth % 128 == 0:
+        return dict(block_n=64, block_k=128, num_stages=3, num_warps=4)
+    if depth % 256 == 0:
+        return dict(block_n=32, block_k=256, num_stages=5, num_warps=4)
+    return dict(block_n=32, block_k=128, num_stages=5, num_warps=4) if depth % 128 == 0 else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
