@@ -16,7 +16,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if [ "${MAGNUS_AB_TESTS:-1}" = 1 ]; then
   started=$(date +%s)
-  (cd "$root" && timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/worker/test_paged_mixed_step.py \
+  (cd "$root" && timeout 240 python3 -m pytest -q -p no:cacheprovider --noconftest tests/worker/test_paged_mixed_step.py \
      tests/worker/test_paged_decode_step.py tests/worker/test_paged_attention.py \
      "tests/worker/test_paged_engine.py::test_gpu_engine_with_triton_kernels_and_graphs_gives_the_cpu_tokens" -rs -s \
      > "$out/pytest.log" 2>&1)

@@ -137,7 +137,8 @@ if triton is not None:
                 high = middle
         return low - 1
 
-    @triton.jit
+    # num_chunks varies from step to step: specializing on it (== 1, % 16) would compile new variants mid-serving
+    @triton.jit(do_not_specialize=["num_chunks"])
     def _varlen_paged_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, starts_ptr, out_ptr, num_chunks,
         q_stride_t, q_stride_h, k_stride_block, k_stride_tok, k_stride_h, v_stride_block, v_stride_tok, v_stride_h,
