@@ -16,6 +16,10 @@ from services.worker.paged.attention import is_available, triton
 if triton is not None:
     import triton.language as tl
 
+# heads of q, k and v one rotary program handles: one per (row, head) made ~100 programs of 128 elements
+# a token, and a 721-token mixed step spent 1.4 ms of its 24 on them (reports/gpu/mixed_step, run 1)
+ROPE_HEADS_PER_PROGRAM = 8
+
 
 def _use_triton(x: torch.Tensor, use_triton: bool | None) -> bool:
     return is_available(x.device) if use_triton is None else use_triton
@@ -72,10 +76,11 @@ def rope_and_write_kv(
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("rope_and_write_kv needs K and V caches of one layout, head_dim contiguous")
     q = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _rope_write_kernel[(batch, num_heads + 2 * num_kv_heads)](
+    total_heads = num_heads + 2 * num_kv_heads
+    _rope_write_kernel[(batch, triton.cdiv(total_heads, ROPE_HEADS_PER_PROGRAM))](
         qkv, cos, sin, positions, slot_mapping, q, k_cache, v_cache, qkv.stride(0), q.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_heads, num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_TOKENS=block_tokens, num_warps=1,
+        HEAD_DIM=head_dim, BLOCK_TOKENS=block_tokens, HEADS=ROPE_HEADS_PER_PROGRAM, num_warps=4,
     )
     return q
 
@@ -106,26 +111,30 @@ if triton is not None:
     def _rope_write_kernel(
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_cache_ptr, v_cache_ptr, qkv_stride, q_stride,
         cache_stride_block, cache_stride_tok, cache_stride_h, num_heads, num_kv_heads,
-        HEAD_DIM: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEADS: tl.constexpr,
     ):
-        # one program per (row, head of q, k or v): HEAD_DIM elements each
-        row, head = tl.program_id(0), tl.program_id(1)
+        # one program per (row, HEADS consecutive heads of q, k and v): [HEADS, HEAD_DIM] elements
+        row = tl.program_id(0)
+        heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
         dims = tl.arange(0, HEAD_DIM)
-        base = qkv_ptr + row * qkv_stride + head * HEAD_DIM
-        x = tl.load(base + dims).to(tl.float32)
+        is_q = heads < num_heads
+        is_k = (heads >= num_heads) & (heads < num_heads + num_kv_heads)
+        is_v = (heads >= num_heads + num_kv_heads) & (heads < num_heads + 2 * num_kv_heads)
+        is_head = (is_q | is_k | is_v)[:, None]
+        base = qkv_ptr + row * qkv_stride + heads[:, None] * HEAD_DIM
+        x = tl.load(base + dims[None, :], mask=is_head, other=0.0).to(tl.float32)
+        partner = tl.load(base + ((dims + HEAD_DIM // 2) % HEAD_DIM)[None, :], mask=is_head, other=0.0).to(tl.float32)
+        position = tl.load(pos_ptr + row).to(tl.int64)
+        c = tl.load(cos_ptr + position * HEAD_DIM + dims)[None, :]
+        s = tl.load(sin_ptr + position * HEAD_DIM + dims)[None, :]
+        rotated = x * c + tl.where(dims[None, :] < HEAD_DIM // 2, -partner, partner) * s
+        tl.store(q_ptr + row * q_stride + heads[:, None] * HEAD_DIM + dims[None, :],
+                 rotated.to(q_ptr.dtype.element_ty), mask=is_q[:, None])
         slot = tl.load(slot_ptr + row).to(tl.int64)
         kv_row = (slot // BLOCK_TOKENS) * cache_stride_block + (slot % BLOCK_TOKENS) * cache_stride_tok
-        if head < num_heads + num_kv_heads:
-            partner = tl.load(base + (dims + HEAD_DIM // 2) % HEAD_DIM).to(tl.float32)
-            position = tl.load(pos_ptr + row).to(tl.int64)
-            c = tl.load(cos_ptr + position * HEAD_DIM + dims)
-            s = tl.load(sin_ptr + position * HEAD_DIM + dims)
-            rotated = x * c + tl.where(dims < HEAD_DIM // 2, -partner, partner) * s
-            if head < num_heads:
-                tl.store(q_ptr + row * q_stride + head * HEAD_DIM + dims, rotated.to(q_ptr.dtype.element_ty))
-            else:
-                tl.store(k_cache_ptr + kv_row + (head - num_heads) * cache_stride_h + dims,
-                         rotated.to(k_cache_ptr.dtype.element_ty))
-        else:
-            tl.store(v_cache_ptr + kv_row + (head - num_heads - num_kv_heads) * cache_stride_h + dims,
-                     x.to(v_cache_ptr.dtype.element_ty))
+        k_head = tl.where(is_k, heads - num_heads, 0)
+        tl.store(k_cache_ptr + kv_row + k_head[:, None] * cache_stride_h + dims[None, :],
+                 rotated.to(k_cache_ptr.dtype.element_ty), mask=is_k[:, None])
+        v_head = tl.where(is_v, heads - num_heads - num_kv_heads, 0)
+        tl.store(v_cache_ptr + kv_row + v_head[:, None] * cache_stride_h + dims[None, :],
+                 x.to(v_cache_ptr.dtype.element_ty), mask=is_v[:, None])
