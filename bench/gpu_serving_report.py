@@ -1,12 +1,14 @@
 """reports/gpu/serving.json and serving.png from what the GPU runs wrote (here, no GPU needed).
 
-    python bench/gpu_serving_report.py \
-        --engine reports/gpu/serving_run/serving.json reports/gpu/serving_trace_pool40k/serving.json \
+    python bench/gpu_serving_report.py --engine reports/gpu/serving_run2/serving.json \
+        reports/gpu/serving_run2_peer/serving.json reports/gpu/serving_trace_pool40k/serving.json \
         --steps reports/gpu/paged_step/run4_final_sweep.json \
-        --e2e reports/gpu/serving_e2e/e2e_raw.json.gz reports/gpu/serving_e2e_run5/e2e_raw.json.gz --out reports/gpu
+        --e2e reports/gpu/serving_e2e/e2e_raw.json.gz reports/gpu/serving_e2e_run5/e2e_raw.json.gz \
+        reports/gpu/serving_e2e_ab/run11/new_e2e_raw.json.gz --out reports/gpu
 
 --engine: bench/gpu_serving.py's serving.json files (the engine alone, every policy and the peer); a
-workload already taken from an earlier file is added as NAME_poolTOKENS (the same trace, a smaller pool);
+workload already taken from an earlier file is added as NAME_poolTOKENS when its pool differs (the same
+trace, a smaller pool), else its new policies join the earlier file's (`add_policies`);
 --steps: bench/gpu_paged_step.py's sweep (the decode step against its roofline);
 --e2e: bench/gpu_e2e.py --backend paged's e2e_raw.json(.gz) files (the same engine behind the five
 services); a policy's figures come from the last file that ran it, its streamed ones from the last
@@ -77,6 +79,17 @@ def end_to_end(raw: dict) -> dict:
     return result
 
 
+def add_policies(known: dict, workload: dict, report: dict) -> None:
+    """A later run of a workload already taken (same pool): its policies the first run lacks join it
+    (e.g. a peer whose phases the first run's time budget skipped); those it has are kept apart as
+    `repeats`, with that run's date, so a ratio can be taken within one run."""
+    for policy, figures in workload["policies"].items():
+        if policy in known["policies"]:
+            known.setdefault("repeats", []).append(dict(policy=policy, date=report["date"], **figures))
+        else:
+            known["policies"][policy] = dict(figures, date=report["date"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", type=Path, nargs="+", required=True)
@@ -88,7 +101,11 @@ def main() -> int:
     for path in args.engine[1:]:
         more = load(path)
         for name, workload in more["workloads"].items():
-            key = name if name not in report["workloads"] else f"{name}_pool{workload.get('pool_tokens', 0)}"
+            known = report["workloads"].get(name)
+            if known is not None and known.get("pool_tokens") == workload.get("pool_tokens"):
+                add_policies(known, workload, more)
+                continue
+            key = name if known is None else f"{name}_pool{workload.get('pool_tokens', 0)}"
             report["workloads"][key] = workload
         report["commands"] = report["commands"] + more["commands"]
     sweep = load(args.steps)
