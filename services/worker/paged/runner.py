@@ -27,7 +27,7 @@ DEFAULT_GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 3
 # token buckets of the captured mixed steps (decode rows + prefill chunks): a step runs in the smallest
 # that holds it, its padding tokens computed and dropped, which costs GEMM time (a 1,312-token step in a
 # 1,536 bucket ran 38.3 ms captured against 32.4 ms of kernels eagerly, reports/gpu/mixed_step run 1):
-# hence a bucket every 128 tokens (18 graphs, captured at start-up in ~4-8 s on an H200)
+# hence a bucket every 128 tokens (17 graphs; with the decode ones captured at start-up in 4-8 s on an H200)
 DEFAULT_MIXED_GRAPH_TOKENS = (64, *range(128, 2048 + 1, 128))
 # A step whose prefill tokens attend at most this many positions in all (the sum over tokens) runs
 # each token as a decode row: see `ModelRunner.prepare`. ~8 MiB of K/V a layer for the 7B shape.
