@@ -28,14 +28,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.worker.paged.decode_step import LLAMA2_7B, PagedDecoder, PagedModelConfig, PagedWeights  # noqa: E402
+from services.worker.paged.decode_step import (  # noqa: E402
+    LLAMA2_7B, QWEN2_7B, PagedDecoder, PagedModelConfig, PagedWeights,
+)
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
 from services.worker.paged.mixed_step import mixed_forward  # noqa: E402
 from services.worker.paged.runner import ModelRunner  # noqa: E402
 from services.worker.paged.scheduler import ScheduledChunk, StepPlan  # noqa: E402
 from services.worker.paged.varlen_attention import varlen_paged_attention  # noqa: E402
 
-SERVED = PagedModelConfig(**{**vars(LLAMA2_7B), "vocab_size": 151936})
+SHAPES = {"served": PagedModelConfig(**{**vars(LLAMA2_7B), "vocab_size": 151936}), "qwen2-7b": QWEN2_7B}
 SMOKE = PagedModelConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_layers=2, num_heads=4,
                          num_kv_heads=4)
 BLOCK_TOKENS = 16
@@ -100,9 +102,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="served",
+                        help="served: Llama-2-7B layers with Qwen's vocabulary (bench/gpu_serving.py's); "
+                        "qwen2-7b: grouped-query attention, 4 KV heads")
+    parser.add_argument("--no-profile", action="store_true", help="skip the eager kernel table")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
-    config, dtype = (SMOKE, torch.float32) if args.smoke else (SERVED, torch.bfloat16)
+    config, dtype = (SMOKE, torch.float32) if args.smoke else (SHAPES[args.shape], torch.bfloat16)
     weights = PagedWeights.random(config, device, dtype)
     num_blocks = 6000
     decoder = PagedDecoder(config, weights, num_blocks, BLOCK_TOKENS)
@@ -114,6 +120,7 @@ def main() -> int:
     matrix_params = sum(layer.qkv.numel() + layer.out.numel() + layer.gate_up.numel() + layer.down.numel()
                         for layer in weights.layers)
     report = dict(device=torch.cuda.get_device_name() if not args.smoke else "cpu", torch=torch.__version__,
+                  shape=args.shape,
                   date=datetime.now(UTC).isoformat(timespec="seconds"), command="python3 " + " ".join(sys.argv),
                   matmul_tflops=round(rate / 1e12, 1), steps=[])
     print(f"{report['device']}: bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
@@ -134,8 +141,10 @@ def main() -> int:
                 entry["graph_ms"] = round(event_ms(lambda: runner.step(graphed)), 2)  # noqa: B023
             eager_runner = ModelRunner(decoder, max_model_tokens=4096, rows_attended_limit=0)
             eager = eager_runner.prepare(plan)
-            entry["eager_gpu_kernels"] = kernel_table(eager_runner, eager)[:12]
-            entry["eager_gpu_ms"] = round(sum(k["ms_per_step"] for k in kernel_table(eager_runner, eager)), 2)
+            if not args.no_profile:
+                kernels = kernel_table(eager_runner, eager)
+                entry["eager_gpu_kernels"] = kernels[:12]
+                entry["eager_gpu_ms"] = round(sum(k["ms_per_step"] for k in kernels), 2)
             inputs = eager.mixed
             q = torch.randn(tokens, config.num_heads, config.head_dim, device=device, dtype=dtype)
             k_cache, v_cache = decoder.k_caches[0], decoder.v_caches[0]
