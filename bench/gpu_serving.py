@@ -60,7 +60,9 @@ from bench.arrivals import poisson_offsets_s  # noqa: E402
 from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, PagedWeights  # noqa: E402
 from services.worker.paged.engine import PagedEngine  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
-from services.worker.paged.runner import DEFAULT_ROWS_ATTENDED_LIMIT, ModelRunner  # noqa: E402
+from services.worker.paged.runner import (  # noqa: E402
+    DEFAULT_MIXED_GRAPH_TOKENS, DEFAULT_ROWS_ATTENDED_LIMIT, ModelRunner,
+)
 from services.worker.paged.skinny_gemm import DEFAULT_SKINNY_ROWS  # noqa: E402
 from services.worker.paged.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
@@ -305,7 +307,7 @@ def main() -> int:
     max_running = 16 if args.smoke else args.max_running
     runner = ModelRunner(decoder, use_cuda_graphs=not args.smoke, max_model_tokens=MAX_MODEL_TOKENS,
                          max_graph_chunks=max_running, rows_attended_limit=args.rows_attended_limit,
-                         **({} if args.mixed_graphs == "on" else {"mixed_graph_tokens": ()}))
+                         mixed_graph_tokens=DEFAULT_MIXED_GRAPH_TOKENS if args.mixed_graphs == "on" else ())
     warm_s = time.monotonic()
     captured = runner.warm_up(runner.graph_rows[-1], 2048)  # decode rows, rows-path prefills, mixed steps
     say(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: {blocks} blocks of {BLOCK_TOKENS} "

@@ -71,6 +71,17 @@ def _each_chunk_alone(decoder, chunks, q) -> torch.Tensor:
     return expected
 
 
+def _padded(decoder, chunks, inputs, *, extra_tokens: int, extra_chunks: int, extra_width: int):
+    """`inputs` repacked into a larger bucket, as a captured step's buffer holds them, on the same device."""
+    layout = MixedLayout(inputs.token_ids.shape[0] + extra_tokens, len(chunks) + extra_chunks,
+                         len(chunks) + extra_chunks, inputs.block_tables.shape[1] + extra_width)
+    return layout.views(torch.from_numpy(layout.pack(
+        inputs.token_ids.tolist(), inputs.positions.tolist(), inputs.slot_mapping.tolist(),
+        inputs.query_starts.tolist(), inputs.context_lens.tolist(), [c.block_table for c in chunks],
+        inputs.sample_indices.tolist(), scratch_slot=decoder.scratch_slot, scratch_block=decoder.num_blocks,
+    )).to(decoder.device))
+
+
 def _attend(decoder, inputs, q, use_triton, **launch):
     return varlen_paged_attention(q, decoder.k_caches[0], decoder.v_caches[0], inputs.block_tables,
                                   inputs.context_lens, inputs.query_starts, decoder.scale, use_triton=use_triton,
@@ -101,12 +112,7 @@ def test_varlen_kernel_ignores_padding_tokens_and_chunks():
     decoder = _decoder(2, "token_major", device=KERNEL_DEVICE)
     chunks, inputs, q = _step(decoder, seed=2)
     live = q.shape[0]
-    layout = MixedLayout(live + 37, len(chunks) + 5, len(chunks) + 5, inputs.block_tables.shape[1] + 3)
-    padded = layout.views(torch.from_numpy(layout.pack(
-        inputs.token_ids.tolist(), inputs.positions.tolist(), inputs.slot_mapping.tolist(),
-        inputs.query_starts.tolist(), inputs.context_lens.tolist(), [c.block_table for c in chunks],
-        inputs.sample_indices.tolist(), scratch_slot=decoder.scratch_slot, scratch_block=decoder.num_blocks,
-    )).to(KERNEL_DEVICE))
+    padded = _padded(decoder, chunks, inputs, extra_tokens=37, extra_chunks=5, extra_width=3)
     q_padded = torch.cat([q, torch.randn(37, *q.shape[1:], device=q.device)])
     out = _attend(decoder, padded, q_padded, None, block_n=16)
     torch.testing.assert_close(out[:live], _each_chunk_alone(decoder, chunks, q), **KERNEL_TOLERANCE)
@@ -136,12 +142,7 @@ def test_mixed_forward_of_a_padded_step_equals_the_live_step():
     written = [c.clone() for c in (*decoder.k_caches, *decoder.v_caches)]
     for cache, before in zip((*decoder.k_caches, *decoder.v_caches), caches, strict=True):
         cache.copy_(before)
-    layout = MixedLayout(inputs.token_ids.shape[0] + 11, len(chunks) + 4, len(chunks) + 4,
-                         inputs.block_tables.shape[1] + 2)
-    padded = layout.views(torch.from_numpy(layout.pack(
-        inputs.token_ids.tolist(), inputs.positions.tolist(), inputs.slot_mapping.tolist(),
-        inputs.query_starts.tolist(), inputs.context_lens.tolist(), [c.block_table for c in chunks],
-        inputs.sample_indices.tolist(), scratch_slot=decoder.scratch_slot, scratch_block=decoder.num_blocks)))
+    padded = _padded(decoder, chunks, inputs, extra_tokens=11, extra_chunks=4, extra_width=2)
     padded_logits = mixed_forward(decoder, padded)
     torch.testing.assert_close(padded_logits[: logits.shape[0]], logits, rtol=1e-5, atol=1e-5)
     for cache, expected in zip((*decoder.k_caches, *decoder.v_caches), written, strict=True):

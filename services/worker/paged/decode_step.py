@@ -14,13 +14,15 @@ the live ones in a bucket are padding: they write to and read from a scratch blo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from services.worker.fast_decoder import LayerWeights, view_rows_of
-from services.worker.paged.attention import is_available, paged_decode_attention, paged_decode_attention_reference
+from services.worker.paged.attention import paged_decode_attention, paged_decode_attention_reference
 from services.worker.paged.fused_ops import rms_norm, rope_and_write_kv, silu_mul
 from services.worker.paged.skinny_gemm import DEFAULT_SKINNY_ROWS, default_launch, linear
 
@@ -260,12 +262,33 @@ class PagedDecoder:
         return linear(normed, weights.lm_head, launch=self._gemm(weights.lm_head, rows))
 
     def _gemm(self, weight: torch.Tensor, rows: int) -> dict | None:
-        if self.use_triton is False or not is_available(weight.device):
+        """The skinny kernel's launch for this product, or None for torch's (`linear` also runs torch's
+        where Triton does not run)."""
+        if self.use_triton is False:
             return None
         shape = tuple(weight.shape)
         if shape in self.gemm_launch:
             return self.gemm_launch[shape]
         return default_launch(shape) if rows <= self.skinny_gemm_rows else None
+
+
+Outputs = TypeVar("Outputs")
+
+
+def capture_step(run: Callable[[], Outputs], pool=None) -> tuple[torch.cuda.CUDAGraph, Outputs]:
+    """`run` captured as a CUDA graph (in the graph pool `pool`), and the tensors it returned, which
+    each replay rewrites. It runs twice first on a side stream: that compiles the Triton kernels and
+    warms cuBLAS outside the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = run()
+    return graph, outputs
 
 
 class GraphedDecode:
@@ -276,16 +299,12 @@ class GraphedDecode:
 
     def __init__(self, decoder: PagedDecoder, batch: int, table_width: int, pool=None) -> None:
         self.inputs = decoder.empty_inputs(batch, table_width)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compiles the Triton kernels and warms cuBLAS outside the capture
-            for _ in range(2):
-                decoder.decode(self.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = decoder.decode(self.inputs)
-            self.next_tokens = self.logits.argmax(dim=-1)
+
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            logits = decoder.decode(self.inputs)
+            return logits, logits.argmax(dim=-1)
+
+        self.graph, (self.logits, self.next_tokens) = capture_step(step, pool)
 
     def replay(self) -> None:
         self.graph.replay()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from services.worker.paged.decode_step import PagedDecoder
+from services.worker.paged.decode_step import PagedDecoder, capture_step
 from services.worker.paged.fused_ops import rms_norm, rope_and_write_kv, silu_mul
 from services.worker.paged.skinny_gemm import linear
 from services.worker.paged.varlen_attention import varlen_paged_attention
@@ -121,15 +121,7 @@ class GraphedMixed:
             [], [], [], [0], [], [], [], scratch_slot=decoder.scratch_slot, scratch_block=decoder.num_blocks,
         )).to(decoder.device)
         inputs = self.layout.views(self.buffer)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compiles the Triton kernels and warms cuBLAS outside the capture
-            for _ in range(2):
-                mixed_forward(decoder, inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.next_tokens = mixed_forward(decoder, inputs).argmax(dim=-1)
+        self.graph, self.next_tokens = capture_step(lambda: mixed_forward(decoder, inputs).argmax(dim=-1), pool)
 
     def replay(self) -> None:
         self.graph.replay()

@@ -111,18 +111,18 @@ class ModelRunner:
         tables = [c.block_table for c in chunks]
         sample_indices = [query_starts[i + 1] - 1 for i, c in enumerate(chunks) if c.is_sampled]
         context_lens = [c.context_tokens for c in chunks]
-        graphed = self._mixed_graph_for(len(token_ids), len(chunks), max(map(len, tables)))
+        width = max(map(len, tables))
+        graphed = self._mixed_graph_for(len(token_ids), len(chunks), width)
         layout = graphed.layout if graphed is not None else MixedLayout(
-            len(token_ids), len(chunks), len(sample_indices), max(map(len, tables)))
+            len(token_ids), len(chunks), len(sample_indices), width)
         flat = torch.from_numpy(layout.pack(token_ids, positions, slots, query_starts, context_lens, tables,
                                             sample_indices, scratch_slot=self.decoder.scratch_slot,
                                             scratch_block=self.decoder.num_blocks))
         if graphed is not None:
-            # pinned by torch's caching host allocator, which reuses the block only once this copy ran
+            # straight into the graph's input buffer; pinned as in `_upload`
             graphed.buffer.copy_(flat.pin_memory(), non_blocking=True)
             return PreparedStep(sampled_ids, mixed_graph=graphed, num_rows=len(chunks))
-        buffer = flat.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else flat
-        return PreparedStep(sampled_ids, mixed=layout.views(buffer), num_rows=len(chunks))
+        return PreparedStep(sampled_ids, mixed=layout.views(self._upload(flat)), num_rows=len(chunks))
 
     def _mixed_graph_for(self, num_tokens: int, num_chunks: int, table_width: int) -> GraphedMixed | None:
         """The captured mixed step of the smallest token bucket that holds this step (None: run it eagerly)."""
@@ -168,11 +168,15 @@ class ModelRunner:
         """int64 tensors of `lists` on the device: one host buffer (pinned on CUDA), one copy."""
         sizes = [len(values) for values in lists]
         flat = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
+        return list(self._upload(flat).split(sizes))
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """`host` on the device in one asynchronous copy (itself on the CPU)."""
         if self.device.type != "cuda":
-            return list(flat.split(sizes))
+            return host
         # a pinned block from torch's caching host allocator, which reuses it only once this copy ran
         # (one reused staging buffer could be overwritten by a later call while its copy was queued)
-        return list(flat.pin_memory().to(self.device, non_blocking=True).split(sizes))
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     # ---- step ----------------------------------------------------------------------------------
     @torch.inference_mode()

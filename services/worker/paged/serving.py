@@ -31,7 +31,7 @@ from services.worker.engine import (
 )
 from services.worker.paged.engine import EngineStats, PagedEngine, RequestResult
 from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, PagedWeights
-from services.worker.paged.runner import ModelRunner
+from services.worker.paged.runner import DEFAULT_MIXED_GRAPH_TOKENS, ModelRunner
 from services.worker.paged.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def build_paged_engine(hf_engine: StaticBatchEngine, config: SchedulerConfig, *,
     decoder = PagedDecoder(PagedModelConfig.from_hf(model.config), weights, num_blocks, block_tokens)
     runner = ModelRunner(decoder, use_cuda_graphs=use_cuda_graphs,
                          max_model_tokens=min(hf_engine.max_context_tokens, num_blocks * block_tokens),
-                         max_graph_chunks=config.max_running, **({} if mixed_graphs else {"mixed_graph_tokens": ()}))
+                         max_graph_chunks=config.max_running,
+                         mixed_graph_tokens=DEFAULT_MIXED_GRAPH_TOKENS if mixed_graphs else ())
     return PagedEngine.build(runner, config, hf_engine.stop_ids(stop_at_eos=not hf_engine.trace_replay))
 
 

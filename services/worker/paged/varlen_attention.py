@@ -114,6 +114,7 @@ def varlen_paged_attention_triton(q, k_cache, v_cache, block_tables, context_len
         raise ValueError("varlen_paged_attention needs the head dimension contiguous")
     num_chunks = context_lens.shape[0]
     group = heads // kv_heads
+    block_m = _block_m(block_m, group)
     block_q, tiles = num_query_tiles(num_tokens, num_chunks, heads, kv_heads, block_m)
     out = torch.zeros_like(q)
     if num_tokens == 0 or num_chunks == 0:
@@ -123,7 +124,7 @@ def varlen_paged_attention_triton(q, k_cache, v_cache, block_tables, context_len
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), scale,
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=_block_m(block_m, group), BLOCK_N=block_n, HEAD_DIM=head_dim,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_TOKENS=block_tokens, num_warps=num_warps, num_stages=num_stages,
     )
     return out
