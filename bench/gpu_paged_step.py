@@ -39,7 +39,7 @@ from services.worker.paged.decode_step import (  # noqa: E402
     LLAMA2_7B, QWEN2_7B, GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights,
 )
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
-from services.worker.paged.skinny_gemm import MAX_ROWS, linear  # noqa: E402
+from services.worker.paged.skinny_gemm import linear  # noqa: E402
 
 SHAPES = {"llama2-7b": LLAMA2_7B, "qwen2-7b": QWEN2_7B}
 SMOKE = PagedModelConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_layers=2, num_heads=4,
@@ -50,8 +50,25 @@ BLOCK_TOKENS = 16
 # and warps are swept here (128-token chunks and 8 warps added for the short grouped-query grids)
 LAUNCHES = [dict(block_l=bl, num_warps=w) for bl in (32, 64, 128) for w in (4, 8)]
 SPLITS = (1, 2, 4, 8)
-GEMM_LAUNCHES = [dict(block_n=n, block_k=k, num_stages=st, num_warps=4)
+
+
+def gemm_launches(batch: int) -> list[dict]:
+    """The Triton GEMM launches swept at this many rows. Up to 16 rows run 4's set (32-128 columns,
+    128/256-deep K tiles, 3 or 5 stages) plus split-K; at 64 rows wide column tiles split 2-8 ways
+    along K (x re-read once per column tile); beyond, 64/128-row tiles as a compute-bound GEMM."""
+    if batch <= 16:
+        return ([dict(block_n=n, block_k=k, num_stages=st, num_warps=4)
                  for n in (32, 64, 128) for k in (128, 256) for st in (3, 5)]
+                + [dict(block_n=n, block_k=128, num_stages=4, num_warps=4, splits=sp)
+                   for n, sp in ((64, 2), (128, 2), (128, 4))])
+    if batch <= 64:
+        return [dict(block_n=n, block_k=k, num_stages=st, num_warps=4, splits=sp)
+                for n, sp in ((32, 1), (32, 2), (64, 1), (64, 2), (64, 4), (128, 1), (128, 2), (128, 4), (256, 4), (256, 8))
+                for k, st in ((64, 4), (128, 3), (128, 4))]
+    return [dict(block_m=m, block_n=n, block_k=64, num_stages=st, num_warps=w, splits=sp)
+            for m, n, w in ((64, 128, 4), (64, 256, 8), (128, 128, 8), (128, 256, 8))
+            for st in (3, 4) for sp in (1, 2)]
+
 LOG: list[str] = []
 
 
@@ -210,8 +227,8 @@ def tune_attention(case: Case, batch: int, bw: float, dtype, sweep: bool) -> lis
 
 
 def tune_gemms(case: Case, batch: int, dtype) -> tuple[dict, list[dict]]:
-    """Each of the step's products alone, cuBLAS (as torch runs it) against the skinny Triton GEMM
-    per launch shape; every layer's matrix in turn (32 distinct weights per graph, so the smaller
+    """Each of the step's products alone, cuBLAS (as torch runs it) against the Triton GEMM
+    per launch shape (`gemm_launches`); every layer's matrix in turn (32 distinct weights per graph, so the smaller
     ones are not served from L2). Returns {weight shape: best launch, where faster than cuBLAS}."""
     weights, device = case.weights, case.device
     kinds = {
@@ -235,7 +252,7 @@ def tune_gemms(case: Case, batch: int, dtype) -> tuple[dict, list[dict]]:
         rows.append(dict(kind=kind, batch=batch, launch="cublas", us=cublas_s * 1e6))
         best_s, best = cublas_s, None
         smoke_launches = [dict(block_n=32, block_k=64, num_stages=2)] if attention.IS_INTERPRETED else []
-        for launch in GEMM_LAUNCHES if device.type == "cuda" else smoke_launches:
+        for launch in gemm_launches(batch) if device.type == "cuda" else smoke_launches:
             if depth % launch["block_k"]:
                 continue
             try:
@@ -317,7 +334,7 @@ def run_shape(name: str, config: PagedModelConfig, batches: list[int], lengths: 
             shape_result.setdefault("attention_tuning", []).extend(tuning)
             best = min(tuning, key=lambda r: r["us"])
             launch = {k: best[k] for k in (*LAUNCHES[0], "num_splits") if k in best}
-            gemm_launch, gemm_rows = tune_gemms(case, batch, dtype) if batch <= MAX_ROWS else ({}, [])
+            gemm_launch, gemm_rows = tune_gemms(case, batch, dtype)
             shape_result.setdefault("gemm_tuning", []).extend(gemm_rows)
             cublas_s, tokens = time_step(case, batch, launch, {})
             skinny_s, skinny_tokens = time_step(case, batch, launch, gemm_launch) if gemm_launch else (None, [])

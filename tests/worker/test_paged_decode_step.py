@@ -109,9 +109,11 @@ def test_triton_step_equals_torch_step(kind, kv_layout):
 
 
 @needs_triton
-def test_default_skinny_launches_equal_torch_step():
+@pytest.mark.parametrize("bucket", [2, 32])
+def test_default_skinny_launches_equal_torch_step(bucket):
     """Without swept launches a step of <= skinny_gemm_rows rows runs skinny_gemm.default_launch's
-    kernels (every K here a multiple of 128) and gives the torch step's logits."""
+    kernels (every K here a multiple of 128; at 32 rows only `down`, split along K) and gives the
+    torch step's logits."""
     device = triton_device()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**TINY, "hidden_size": 128, "intermediate_size": 256},
@@ -124,7 +126,7 @@ def test_default_skinny_launches_equal_torch_step():
     gen = torch.Generator().manual_seed(5)
     sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in (5, 3)]
     decoders = [PagedDecoder(config, weights, 30, 4, use_triton=flag) for flag in (False, True)]
-    steps = [run_staggered(decoder, sequences, [0, 1], bucket=2) for decoder in decoders]
+    steps = [run_staggered(decoder, sequences, [0, 1], bucket=bucket) for decoder in decoders]
     for a, b in zip(*steps, strict=True):
         torch.testing.assert_close(b, a, rtol=3e-3, atol=3e-3)
 
@@ -134,6 +136,11 @@ def test_default_launch_follows_the_swept_winners():
     assert default_launch((4096, 11008)) == dict(block_n=32, block_k=256, num_stages=5, num_warps=4)  # down
     assert default_launch((4608, 3584))["block_k"] == 256  # 3,584 = 14 x 256
     assert default_launch((100, 96)) is None  # K not a multiple of 128: torch's product
+    # 17-64 rows: only the deep down projection, split along K; the rest cuBLAS; beyond 64 all cuBLAS
+    assert default_launch((3584, 18944), rows=48) == dict(block_n=64, block_k=128, num_stages=3, num_warps=4,
+                                                          splits=4)
+    assert default_launch((37888, 3584), rows=48) is None
+    assert default_launch((3584, 18944), rows=96) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or attention.triton is None, reason="CUDA graphs need a GPU")

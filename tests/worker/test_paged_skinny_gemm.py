@@ -1,4 +1,5 @@
-"""The skinny GEMM equals torch's product (with bias and residual) where Triton runs; torch otherwise."""
+"""The Triton GEMM equals torch's product (with bias and residual) where Triton runs, in one pass, in
+row tiles and split along K; torch otherwise."""
 
 from __future__ import annotations
 
@@ -32,9 +33,27 @@ def test_triton_equals_torch(rows, has_bias, has_residual):
     torch.testing.assert_close(out, expected, rtol=3e-3, atol=3e-2)  # tf32 products on a GPU
 
 
-def test_refuses_rows_it_was_not_built_for():
+@needs_triton
+@pytest.mark.parametrize("rows,block_m,splits", [(40, None, 2), (40, None, 3), (70, 32, 1), (70, 32, 4)])
+@pytest.mark.parametrize("has_bias,has_residual", [(False, False), (True, True)])
+def test_row_tiles_and_split_k_equal_torch(rows, block_m, splits, has_bias, has_residual):
+    """Several row tiles (70 rows in 32-row tiles: a partial last tile) and K split 2-4 ways, also
+    unevenly (5 K tiles in 3 or 4 splits): the partial sums plus bias and residual equal torch's."""
+    device = triton_device()
+    gen = torch.Generator().manual_seed(rows + splits)
+    width, depth = 72, 80
+    x = torch.randn(rows, depth, generator=gen).to(device)
+    w = torch.randn(width, depth, generator=gen).to(device)
+    b = torch.randn(width, generator=gen).to(device) if has_bias else None
+    r = torch.randn(rows, width, generator=gen).to(device) if has_residual else None
+    out = linear(x, w, b, r, launch=dict(block_n=32, block_k=16, num_stages=2, block_m=block_m, splits=splits))
+    expected = x @ w.T + (b if b is not None else 0) + (r if r is not None else 0)
+    torch.testing.assert_close(out, expected, rtol=3e-3, atol=3e-2)
+
+
+def test_refuses_depth_not_a_multiple_of_block_k():
     if triton_device() is None:
         pytest.skip("the Triton path only")
-    x = torch.randn(65, 32, device=triton_device())
-    with pytest.raises(ValueError):
-        linear(x, torch.randn(8, 32, device=x.device), launch=dict(block_n=32, block_k=32))
+    x = torch.randn(4, 40, device=triton_device())
+    with pytest.raises(ValueError, match="block_k"):
+        linear(x, torch.randn(8, 40, device=x.device), launch=dict(block_n=32, block_k=32))

@@ -182,7 +182,8 @@ class PagedDecoder:
         self.attention_launch = attention_launch or {}
         self.varlen_launch = varlen_launch or {}  # the mixed step's attention (varlen_attention's launch)
         # weight shape (N, K) -> skinny_gemm launch (a bench's sweep); shapes not in it use
-        # skinny_gemm.default_launch in steps of up to skinny_gemm_rows rows, torch beyond (or use_triton False)
+        # skinny_gemm.default_launch (which may say torch) in steps of up to skinny_gemm_rows rows, torch
+        # beyond (or use_triton False)
         self.gemm_launch: dict[tuple[int, int], dict] = {}
         self.skinny_gemm_rows = DEFAULT_SKINNY_ROWS
         device, dtype = weights.embed.device, weights.embed.dtype
@@ -269,7 +270,7 @@ class PagedDecoder:
         shape = tuple(weight.shape)
         if shape in self.gemm_launch:
             return self.gemm_launch[shape]
-        return default_launch(shape) if rows <= self.skinny_gemm_rows else None
+        return default_launch(shape, rows) if rows <= self.skinny_gemm_rows else None
 
 
 Outputs = TypeVar("Outputs")
