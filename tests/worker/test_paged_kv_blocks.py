@@ -8,7 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.worker.paged.kv_blocks import BlockPool, PoolExhaustedError
+from services.worker.paged.kv_blocks import BlockPool, PoolExhaustedError, padded_tables
 
 
 def test_allocate_grow_free_counts_and_slots():
@@ -52,6 +52,14 @@ def test_table_tensor_is_padded_int32():
         pool.table_tensor(["a"], width=2)
 
 
+def test_padded_tables_pads_each_row_and_refuses_a_longer_table():
+    rows = padded_tables([(3, 1), (), (4, 5, 9)], width=4, pad_block=-1)
+    assert rows.tolist() == [[3, 1, -1, -1], [-1, -1, -1, -1], [4, 5, 9, -1]]
+    assert padded_tables([], width=3, pad_block=0).shape == (0, 3)
+    with pytest.raises(ValueError):
+        padded_tables([(1, 2, 3)], width=2, pad_block=0)
+
+
 class PoolMachine(RuleBasedStateMachine):
     """Random admit/grow/finish/preempt; after every step no block leaks or is owned twice, and
     every table covers exactly its sequence's tokens."""
@@ -84,6 +92,22 @@ class PoolMachine(RuleBasedStateMachine):
         else:
             with pytest.raises(PoolExhaustedError):
                 self.pool.grow(seq)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def extend_all(self, data):
+        growth = data.draw(st.dictionaries(st.sampled_from(sorted(self.tokens)), st.integers(0, 6)))
+        needed = sum(self.pool.blocks_to_grow(seq, n) for seq, n in growth.items())
+        assert self.pool.blocks_to_extend(growth) == needed
+        if needed <= self.pool.num_free_blocks:
+            self.pool.extend_all(growth)
+            for seq, n in growth.items():
+                self.tokens[seq] += n
+        else:
+            free_before = self.pool.num_free_blocks
+            with pytest.raises(PoolExhaustedError):
+                self.pool.extend_all(growth)
+            assert self.pool.num_free_blocks == free_before  # all or none
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), is_preempt=st.booleans())

@@ -90,6 +90,12 @@ def test_block_projection_checks_and_adds_as_peak_blocks(running, joiners, block
         holding.append(joiner)
 
 
+@given(st.lists(st.tuples(st.integers(0, 400), st.integers(0, 300)), max_size=40), st.sampled_from([1, 3, 16, 64]))
+def test_block_projection_peak_is_peak_blocks_at_larger_sizes(holding, block_tokens):
+    # BlockProjection sums at each end through prefix sums and a histogram of remainders, not n x n
+    assert BlockProjection(holding, block_tokens).peak_with(0, 0) == peak_blocks([*holding, (0, 0)], block_tokens)
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random add / step / abort on a small pool under every admission, order and preemption rule:
     no block leaks or is owned twice, only running requests hold blocks, and each holds a slot for

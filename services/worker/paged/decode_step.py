@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -225,17 +226,27 @@ class PagedDecoder:
             context_lens=torch.ones(batch, dtype=torch.int32, device=self.device),
         )
 
-    def fill(self, inputs: StepInputs, token_ids, positions, slot_mapping, block_tables: torch.Tensor) -> None:
+    def fill(self, inputs: StepInputs, token_ids, positions, slot_mapping, block_tables) -> None:
         """Write live rows 0..n-1 into `inputs` in place and reset the rest to padding.
-        block_tables [n, <= W]; context_lens follow from positions."""
+        token_ids, positions, slot_mapping: n ints each (sequences or arrays); block_tables [n, <= W]
+        (a tensor or array, on the host or the device); context_lens follow from positions."""
         live = len(token_ids)
         if live > inputs.batch:
             raise ValueError(f"{live} rows do not fit a bucket of {inputs.batch}")
-        long = dict(dtype=torch.int64)
-        inputs.token_ids.zero_()[:live].copy_(torch.tensor(token_ids, **long))
-        inputs.positions.zero_()[:live].copy_(torch.tensor(positions, **long))
-        inputs.slot_mapping.fill_(self.scratch_slot)[:live].copy_(torch.tensor(slot_mapping, **long))
-        inputs.block_tables.fill_(self.num_blocks)[:live, : block_tables.shape[1]].copy_(block_tables)
+        rows = np.stack([np.asarray(v, dtype=np.int64) for v in (token_ids, positions, slot_mapping)])
+        tables = torch.as_tensor(block_tables)
+        width = tables.shape[1] if tables.dim() == 2 else 0
+        host = torch.from_numpy(rows.reshape(-1))
+        if tables.device.type == "cpu":  # the tables travel in the same buffer
+            host = torch.cat((host, tables.reshape(-1).to(torch.int64)))
+        # one pinned buffer, one asynchronous copy: the GPU waits on this host work every decode step
+        staged = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        if tables.device.type == "cpu":
+            tables = staged[3 * live:].view(live, width)
+        inputs.token_ids.zero_()[:live].copy_(staged[:live])
+        inputs.positions.zero_()[:live].copy_(staged[live:2 * live])
+        inputs.slot_mapping.fill_(self.scratch_slot)[:live].copy_(staged[2 * live:3 * live])
+        inputs.block_tables.fill_(self.num_blocks)[:live, :width].copy_(tables)
         inputs.context_lens.fill_(1)[:live].copy_(inputs.positions[:live] + 1)
 
     def decode(self, inputs: StepInputs) -> torch.Tensor:

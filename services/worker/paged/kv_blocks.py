@@ -13,11 +13,24 @@ table, so num_free_blocks + num_used_blocks == num_blocks after any sequence of 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from itertools import chain
 
+import numpy as np
 import torch
 
 SeqId = Hashable
+
+
+def padded_tables(tables: Sequence[Sequence[int]], width: int, pad_block: int, dtype=np.int64) -> np.ndarray:
+    """Block tables as a [len(tables), width] array, each padded with `pad_block`: filled through one
+    mask, not row by row (a step holds hundreds). ValueError if a table is longer than `width`."""
+    lengths = np.fromiter(map(len, tables), np.int64, len(tables))
+    if len(tables) and lengths.max() > width:
+        raise ValueError(f"width {width} is shorter than the longest table ({lengths.max()} blocks)")
+    rows = np.full((len(tables), width), pad_block, dtype)
+    rows[np.arange(width) < lengths[:, None]] = np.fromiter(chain.from_iterable(tables), dtype, int(lengths.sum()))
+    return rows
 
 
 class PoolExhaustedError(RuntimeError):
@@ -39,6 +52,9 @@ class BlockPool:
         # FIFO reuse: a freed block goes to the back, so recently freed slots are reused last
         self._free: deque[int] = deque(range(num_blocks))
         self._tables: dict[SeqId, list[int]] = {}
+        # block_table's tuples, kept until the table changes: a decoding sequence takes a new block
+        # once every block_tokens steps, while the scheduler reads its table every step
+        self._table_tuples: dict[SeqId, tuple[int, ...]] = {}
         self._num_tokens: dict[SeqId, int] = {}
         self.num_preemptions = 0
 
@@ -67,7 +83,10 @@ class BlockPool:
         return self._num_tokens[seq]
 
     def block_table(self, seq: SeqId) -> tuple[int, ...]:
-        return tuple(self._tables[seq])
+        table = self._table_tuples.get(seq)
+        if table is None:
+            table = self._table_tuples[seq] = tuple(self._tables[seq])
+        return table
 
     # ---- admit ------------------------------------------------------------------------------
     def can_allocate(self, num_tokens: int) -> bool:
@@ -99,6 +118,7 @@ class BlockPool:
             if not self._free:
                 raise PoolExhaustedError(f"no free block for sequence {seq!r} to grow into")
             table.append(self._free.popleft())
+            self._table_tuples.pop(seq, None)
         self._num_tokens[seq] = position + 1
         return self.slot(seq, position)
 
@@ -113,10 +133,34 @@ class BlockPool:
     def extend(self, seq: SeqId, num_tokens: int) -> None:
         """Append `num_tokens` tokens to `seq` (a chunk, or one decoded token), all or none."""
         needed = self.blocks_to_grow(seq, num_tokens)
-        if needed > len(self._free):
-            raise PoolExhaustedError(f"{needed} blocks needed for sequence {seq!r} to grow, {len(self._free)} free")
-        self._tables[seq].extend(self._free.popleft() for _ in range(needed))
+        if needed > 0:  # most calls add a decoded token to a block with room
+            if needed > len(self._free):
+                raise PoolExhaustedError(f"{needed} blocks needed for sequence {seq!r} to grow, "
+                                         f"{len(self._free)} free")
+            self._tables[seq].extend(self._free.popleft() for _ in range(needed))
+            self._table_tuples.pop(seq, None)
         self._num_tokens[seq] += num_tokens
+
+    def blocks_to_extend(self, growth: Mapping[SeqId, int]) -> int:
+        """New blocks `extend_all(growth)` takes: blocks_to_grow summed over its sequences (one pass
+        over a step's hundreds of running sequences, not a call each)."""
+        tables, num_tokens, block_tokens = self._tables, self._num_tokens, self.block_tokens
+        return sum(-(-(num_tokens[seq] + tokens) // block_tokens) - len(tables[seq]) for seq, tokens in growth.items())
+
+    def extend_all(self, growth: Mapping[SeqId, int]) -> None:
+        """`extend(seq, num_tokens)` for every (seq, num_tokens) of `growth`, in its order; all or none."""
+        needed = self.blocks_to_extend(growth)
+        if needed > len(self._free):
+            raise PoolExhaustedError(f"{needed} blocks needed for {len(growth)} sequences to grow, "
+                                     f"{len(self._free)} free")
+        tables, num_tokens, block_tokens, free = self._tables, self._num_tokens, self.block_tokens, self._free
+        for seq, tokens in growth.items():
+            table, held = tables[seq], num_tokens[seq] + tokens
+            new_blocks = -(-held // block_tokens) - len(table)
+            if new_blocks > 0:  # most add a decoded token to a block with room
+                table.extend(free.popleft() for _ in range(new_blocks))
+                self._table_tuples.pop(seq, None)
+            num_tokens[seq] = held
 
     def slot(self, seq: SeqId, position: int) -> int:
         """Flat cache slot of token `position` (0-based) of `seq`."""
@@ -129,6 +173,7 @@ class BlockPool:
     def free(self, seq: SeqId) -> tuple[int, ...]:
         """Return a finished sequence's blocks to the pool; returns the blocks freed."""
         blocks = self._tables.pop(seq)
+        self._table_tuples.pop(seq, None)
         del self._num_tokens[seq]
         self._free.extend(blocks)
         return tuple(blocks)
@@ -155,5 +200,5 @@ class BlockPool:
         width = longest if width is None else width
         if width < longest:
             raise ValueError(f"width {width} is shorter than the longest table ({longest} blocks)")
-        rows = [self._tables[s] + [pad_block] * (width - len(self._tables[s])) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32).reshape(len(seqs), width).to(device)
+        rows = padded_tables([self._tables[s] for s in seqs], width, pad_block, np.int32)
+        return torch.from_numpy(rows).to(device)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from services.worker.paged.decode_step import PagedDecoder, capture_step
 from services.worker.paged.fused_ops import rms_norm, rope_and_write_kv, silu_mul
+from services.worker.paged.kv_blocks import padded_tables
 from services.worker.paged.skinny_gemm import linear
 from services.worker.paged.varlen_attention import varlen_paged_attention
 
@@ -81,9 +82,9 @@ class MixedLayout:
         starts_[len(query_starts):] = live
         lens_[: len(context_lens)] = context_lens
         table_rows = tables_.reshape(self.chunks, self.table_width)
-        table_rows.fill(scratch_block)
-        for row, table in zip(table_rows, tables, strict=False):
-            row[: len(table)] = table
+        live_chunks = min(len(tables), self.chunks)
+        table_rows[:live_chunks] = padded_tables(tables[:live_chunks], self.table_width, scratch_block)
+        table_rows[live_chunks:] = scratch_block
         samples_[: len(sample_indices)] = sample_indices
         return flat
 

@@ -33,17 +33,37 @@ class BlockProjection:
         self.block_tokens = block_tokens
         tokens, steps = np.array(holding, dtype=np.int64).reshape(-1, 2).T
         self.tokens, self.steps = tokens, steps
-        self.usage = self._usage_at(steps)  # [n]: blocks held at t = steps_k, request k's last step
+        self.usage = self._usage_at_ends()  # [n]: blocks held at t = steps_k, request k's last step
+        self._checked: tuple[int, int, np.ndarray, int] | None = None  # peak_with's last joiner, for add
 
-    def _usage_at(self, times: np.ndarray) -> np.ndarray:
-        is_alive = self.steps[None, :] >= times[:, None]
-        return (-(-(self.tokens[None, :] + times[:, None]) // self.block_tokens) * is_alive).sum(axis=1)
+    def _usage_at_ends(self) -> np.ndarray:
+        """`peak_blocks`'s sum at every end, in O(n (log n + block_tokens)) rather than its n x n (a
+        scheduler builds this for hundreds of running requests in a step that admits). Request i holds
+        ceil((tokens_i + t) / b) = q_i + t // b + [r_i >= b - t % b] blocks at step t, where
+        tokens_i + b - 1 = q_i * b + r_i; the requests alive at t (steps_i >= t) are a prefix of them
+        sorted by steps, longest first, so the sum takes prefix sums of q and of a histogram of r."""
+        b, n = self.block_tokens, len(self.steps)
+        order = np.argsort(-self.steps, kind="stable")
+        q, r = np.divmod(self.tokens[order] + (b - 1), b)
+        q_sums = np.zeros(n + 1, np.int64)
+        np.cumsum(q, out=q_sums[1:])
+        # at_least[m, x]: of the first m in that order, how many have r >= x (x = b: none)
+        at_least = np.zeros((n + 1, b + 1), np.int64)
+        at_least[np.arange(1, n + 1), r] = 1
+        at_least = at_least.cumsum(axis=0)[:, ::-1].cumsum(axis=1)[:, ::-1]
+        alive = n - np.searchsorted(np.sort(self.steps), self.steps, side="left")  # [k]: with steps_i >= steps_k
+        t_blocks, t_rest = np.divmod(self.steps, b)
+        return q_sums[alive] + alive * t_blocks + at_least[alive, b - t_rest]
 
     def _with(self, tokens: int, steps: int) -> tuple[np.ndarray, int]:
         """Usage at the others' ends with the request added, and at its own end."""
+        if self._checked is not None and self._checked[:2] == (tokens, steps):
+            return self._checked[2:]  # admission checks a joiner, then adds it
         extra = np.where(self.steps <= steps, -(-(tokens + self.steps) // self.block_tokens), 0)
-        own_end = int(self._usage_at(np.array([steps]))[0]) - (-(tokens + steps) // self.block_tokens)
-        return self.usage + extra, own_end
+        others_at_own_end = -(-(self.tokens[self.steps >= steps] + steps) // self.block_tokens)
+        own_end = int(others_at_own_end.sum()) - (-(tokens + steps) // self.block_tokens)
+        self._checked = (tokens, steps, self.usage + extra, own_end)
+        return self._checked[2:]
 
     def peak_with(self, tokens: int, steps: int) -> int:
         """peak_blocks of the requests and one more holding `tokens` now, for `steps` more steps."""
@@ -54,3 +74,4 @@ class BlockProjection:
         at_ends, own_end = self._with(tokens, steps)
         self.usage = np.append(at_ends, own_end)
         self.tokens, self.steps = np.append(self.tokens, tokens), np.append(self.steps, steps)
+        self._checked = None

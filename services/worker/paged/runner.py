@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 from services.worker.paged.decode_step import GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights, StepInputs
+from services.worker.paged.kv_blocks import padded_tables
 from services.worker.paged.mixed_step import GraphedMixed, MixedInputs, MixedLayout, mixed_forward
-from services.worker.paged.scheduler import ScheduledChunk, StepPlan
+from services.worker.paged.scheduler import StepPlan
 
 # up to 256 rows: decode steps; above: steps whose short prefills run as rows (`prepare`)
 DEFAULT_GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -90,39 +93,50 @@ class ModelRunner:
     def prepare(self, plan: StepPlan) -> PreparedStep:
         """The plan's inputs on the device (asynchronously copied); no model work."""
         chunks, block_tokens = plan.chunks, self.block_tokens
+        num_chunks = len(chunks)
         sampled_ids = [c.request_id for c in chunks if c.is_sampled]
-        token_ids, positions, slots, query_starts = [], [], [], [0]
-        for chunk in chunks:
-            token_ids += chunk.token_ids
-            span = range(chunk.start_position, chunk.context_tokens)
-            positions += span
-            slots += [chunk.block_table[p // block_tokens] * block_tokens + p % block_tokens for p in span]
-            query_starts.append(len(token_ids))
+        tables = [c.block_table for c in chunks]
+        # per chunk, then per token through numpy: a step holds hundreds of rows and a prefill
+        # chunk up to the token budget, and the GPU waits on this
+        chunk_tokens = np.fromiter(map(len, (c.token_ids for c in chunks)), np.int64, num_chunks)
+        start_positions = np.fromiter((c.start_position for c in chunks), np.int64, num_chunks)
+        is_sampled = np.fromiter((c.is_sampled for c in chunks), bool, num_chunks)
+        query_starts = np.zeros(num_chunks + 1, np.int64)
+        np.cumsum(chunk_tokens, out=query_starts[1:])
+        num_tokens = int(query_starts[-1])
+        if plan.is_decode_only:
+            token_ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, num_chunks)
+            token_chunks, positions = np.arange(num_chunks), start_positions
+        else:
+            token_ids = np.fromiter(chain.from_iterable(c.token_ids for c in chunks), np.int64, num_tokens)
+            token_chunks = np.repeat(np.arange(num_chunks), chunk_tokens)
+            positions = np.arange(num_tokens) + np.repeat(start_positions - query_starts[:-1], chunk_tokens)
+        # padded with -1: a position past its request's table gets a negative slot, which _check_slots refuses
+        table_rows = padded_tables(tables, max(map(len, tables)), -1)
+        slots = table_rows[token_chunks, positions // block_tokens] * block_tokens + positions % block_tokens
         self._check_slots(slots)
-        if plan.is_decode_only or self._fits_rows(chunks, len(token_ids)):
+        sample_indices = query_starts[1:][is_sampled] - 1
+        if plan.is_decode_only or self._fits_rows(chunk_tokens, start_positions, num_tokens):
             # Every token a row of the decode step: a prefill token at position p attends positions
             # 0..p through the same paged kernel, after the step wrote the K/V of all its rows, which
             # is causal attention. So a step with a few short prefills (a joiner at low load) replays
             # the decode step's CUDA graph instead of the mixed step (~4x longer on an H200 when the
             # mixed step ran eagerly: reports/gpu/serving). Logits of unsampled rows are computed and dropped.
-            row_tables = [c.block_table for c in chunks for _ in c.token_ids]
-            sample_rows = [query_starts[i + 1] - 1 for i, c in enumerate(chunks) if c.is_sampled]
-            return self._prepare_decode(sampled_ids, token_ids, positions, slots, row_tables, sample_rows)
-        tables = [c.block_table for c in chunks]
-        sample_indices = [query_starts[i + 1] - 1 for i, c in enumerate(chunks) if c.is_sampled]
-        context_lens = [c.context_tokens for c in chunks]
-        width = max(map(len, tables))
-        graphed = self._mixed_graph_for(len(token_ids), len(chunks), width)
-        layout = graphed.layout if graphed is not None else MixedLayout(
-            len(token_ids), len(chunks), len(sample_indices), width)
+            row_tables = table_rows.clip(min=0)[token_chunks].astype(np.int32)  # padded with block 0
+            return self._prepare_decode(sampled_ids, token_ids, positions, slots, row_tables, sample_indices)
+        context_lens = start_positions + chunk_tokens
+        width = table_rows.shape[1]
+        graphed = self._mixed_graph_for(num_tokens, num_chunks, width)
+        layout = graphed.layout if graphed is not None else MixedLayout(num_tokens, num_chunks, len(sample_indices),
+                                                                       width)
         flat = torch.from_numpy(layout.pack(token_ids, positions, slots, query_starts, context_lens, tables,
                                             sample_indices, scratch_slot=self.decoder.scratch_slot,
                                             scratch_block=self.decoder.num_blocks))
         if graphed is not None:
             # straight into the graph's input buffer; pinned as in `_upload`
             graphed.buffer.copy_(flat.pin_memory(), non_blocking=True)
-            return PreparedStep(sampled_ids, mixed_graph=graphed, num_rows=len(chunks))
-        return PreparedStep(sampled_ids, mixed=layout.views(self._upload(flat)), num_rows=len(chunks))
+            return PreparedStep(sampled_ids, mixed_graph=graphed, num_rows=num_chunks)
+        return PreparedStep(sampled_ids, mixed=layout.views(self._upload(flat)), num_rows=num_chunks)
 
     def _mixed_graph_for(self, num_tokens: int, num_chunks: int, table_width: int) -> GraphedMixed | None:
         """The captured mixed step of the smallest token bucket that holds this step (None: run it eagerly)."""
@@ -133,42 +147,36 @@ class ModelRunner:
             return None
         return self._mixed_graph(bucket)
 
-    def _fits_rows(self, chunks: Sequence[ScheduledChunk], num_tokens: int) -> bool:
+    def _fits_rows(self, chunk_tokens: np.ndarray, start_positions: np.ndarray, num_tokens: int) -> bool:
         """The step can run as decode rows: no more rows than the largest graph bucket, and its prefill
         tokens attend few positions (each row reads its whole prefix)."""
         if num_tokens > self.graph_rows[-1]:
             return False
-        attended = sum(len(c.token_ids) * (c.start_position + 1 + c.context_tokens) // 2
-                       for c in chunks if len(c.token_ids) > 1)
-        return attended <= self.rows_attended_limit
+        # a chunk of n tokens from position s attends s + 1 .. s + n positions, token by token
+        attended = chunk_tokens * (2 * start_positions + 1 + chunk_tokens) // 2
+        return int(attended.sum(where=chunk_tokens > 1)) <= self.rows_attended_limit
 
-    def _check_slots(self, slots: Sequence[int]) -> None:
+    def _check_slots(self, slots: np.ndarray) -> None:
         """A plan's slots within the cache: a scheduler bug fails here, by name, not as a device assert."""
-        if slots and not 0 <= min(slots) <= max(slots) < self.decoder.num_blocks * self.block_tokens:
-            raise RuntimeError(f"step plan writes slots {min(slots)}..{max(slots)} outside the cache of "
+        if len(slots) and not 0 <= slots.min() <= slots.max() < self.decoder.num_blocks * self.block_tokens:
+            raise RuntimeError(f"step plan writes slots {slots.min()}..{slots.max()} outside the cache of "
                                f"{self.decoder.num_blocks * self.block_tokens}")
 
-    def _prepare_decode(self, sampled_ids, token_ids, positions, slots, tables, sample_rows) -> PreparedStep:
-        rows = len(token_ids)
-        sample = None if sample_rows == list(range(rows)) else self._to_device(sample_rows)[0]
+    def _prepare_decode(self, sampled_ids: list[Hashable], token_ids: np.ndarray, positions: np.ndarray,
+                        slots: np.ndarray, tables: np.ndarray, sample_rows: np.ndarray) -> PreparedStep:
+        """tables: [rows, width] int32, each row's blocks padded; sample_rows: increasing row indices."""
+        rows, width = tables.shape
+        # increasing and distinct, so as many as the rows means every row
+        sample = None if len(sample_rows) == rows else self._upload(torch.from_numpy(sample_rows))
+        table = torch.from_numpy(tables)
         bucket = next((size for size in self.graph_rows if size >= rows), None)
-        if self.use_cuda_graphs and bucket is not None and max(map(len, tables)) <= self.graph_table_width:
+        if self.use_cuda_graphs and bucket is not None and width <= self.graph_table_width:
             graphed = self._graph(bucket)
-            width = max(map(len, tables))
-            table = torch.tensor([(*t, *(0,) * (width - len(t))) for t in tables], dtype=torch.int32)
-            self.decoder.fill(graphed.inputs, token_ids, positions, slots, table.to(self.device, non_blocking=True))
+            self.decoder.fill(graphed.inputs, token_ids, positions, slots, table)
             return PreparedStep(sampled_ids, graphed=graphed, num_rows=rows, sample_rows=sample)
-        width = max(map(len, tables))
         inputs = self.decoder.empty_inputs(rows, width)
-        table = torch.tensor([(*t, *(0,) * (width - len(t))) for t in tables], dtype=torch.int32)
-        self.decoder.fill(inputs, token_ids, positions, slots, table.to(self.device))
+        self.decoder.fill(inputs, token_ids, positions, slots, table)
         return PreparedStep(sampled_ids, decode=inputs, num_rows=rows, sample_rows=sample)
-
-    def _to_device(self, *lists: Sequence[int]) -> list[torch.Tensor]:
-        """int64 tensors of `lists` on the device: one host buffer (pinned on CUDA), one copy."""
-        sizes = [len(values) for values in lists]
-        flat = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
-        return list(self._upload(flat).split(sizes))
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """`host` on the device in one asynchronous copy (itself on the CPU)."""

@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
+from functools import cached_property
 
 from typing import TYPE_CHECKING
 
@@ -183,7 +184,7 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not self.chunks
 
-    @property
+    @cached_property  # the runner and the engine's accounting ask it of every step
     def is_decode_only(self) -> bool:
         return all(len(c.token_ids) == 1 for c in self.chunks)
 
@@ -204,6 +205,7 @@ class Scheduler:
         self.num_recomputed_tokens = 0
         self.max_running_seen = 0
         self._num_admitted = 0
+        self._work_steps: dict[RequestId, int] = {}  # HRRN's denominator, of each waiting request (fixed)
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -219,6 +221,7 @@ class Scheduler:
         request.status, request.arrival_step = RequestStatus.WAITING, self.num_steps
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._work_steps[request.request_id] = self._predicted_work_steps(request)
 
     def abort(self, request_id: RequestId) -> Request | None:
         """Drop an unfinished request wherever it is, freeing its blocks; None if unknown or finished."""
@@ -228,6 +231,7 @@ class Scheduler:
         for queue in (self.waiting, self.preempted):
             if request in queue:
                 queue.remove(request)
+        self._work_steps.pop(request_id, None)
         if request in self.running:
             self.running.remove(request)
             self.pool.free(request_id)
@@ -248,9 +252,13 @@ class Scheduler:
         self.num_steps += 1
         preempted = self._make_room_for_running()
         budget = self.config.token_budget
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefilling = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
-        chunks = [self._chunk(r, 1) for r in decodes]
+        chunks, prefilling = [], []
+        for request in self.running:
+            uncomputed = request.num_tokens - request.num_computed_tokens
+            if uncomputed == 1:
+                chunks.append(self._decode_chunk(request))
+            elif uncomputed > 1:
+                prefilling.append(request)
         budget -= len(chunks)
         for request in prefilling:
             if budget == 0:
@@ -262,6 +270,8 @@ class Scheduler:
         projection = None  # of the running requests' block use, made on the first predicted check
         static = self.config.static_batches
         admits = not preempted and not (static and (self.running or self.preempted))
+        # the loop's own first check, made before ordering every waiting request for nothing
+        admits = admits and (budget > 0 or static) and len(self.running) < self.config.max_running
         for request in self._admission_order() if admits else ():
             if (budget == 0 and not static) or len(self.running) >= self.config.max_running:
                 break
@@ -285,18 +295,20 @@ class Scheduler:
         """Apply a step's results: its chunks are cached, each sampled chunk's request gets its token
         (sampled[request_id]). Returns the requests that finished (their blocks freed)."""
         finished = []
+        requests, running, stop_ids = self.requests, RequestStatus.RUNNING, self.stop_ids
         for chunk in plan.chunks:
-            request = self.requests.get(chunk.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            request = requests.get(chunk.request_id)
+            if request is None or request.status != running:
                 continue  # aborted while the step ran
             request.num_computed_tokens += len(chunk.token_ids)
             if not chunk.is_sampled:
                 continue
             token = sampled[chunk.request_id]
-            request.output_ids.append(token)
-            if token in self.stop_ids or len(request.output_ids) == request.replay_tokens:
+            output_ids = request.output_ids
+            output_ids.append(token)
+            if token in stop_ids or len(output_ids) == request.replay_tokens:
                 self._finish(request, RequestStatus.FINISHED_STOPPED)
-            elif len(request.output_ids) >= request.max_new_tokens:
+            elif len(output_ids) >= request.max_new_tokens:
                 self._finish(request, RequestStatus.FINISHED_LENGTH)
             else:
                 continue
@@ -307,21 +319,24 @@ class Scheduler:
     def _make_room_for_running(self) -> list[RequestId]:
         """Give every running request slots for its known tokens (a decoder's new one), preempting
         by the rule while the free blocks fall short (check, then act)."""
+        pool = self.pool
+        held = pool.num_tokens
+        # per request id, its known tokens without a slot yet (1 after a decoded token), where any
+        growing = {}
+        for request in self.running:
+            uncached = request.num_tokens - held(request.request_id)
+            if uncached:
+                growing[request.request_id] = uncached
+        needed = pool.blocks_to_extend(growing)
         preempted = []
-        while True:
-            needed = sum(self.pool.blocks_to_grow(r.request_id, self._uncached(r)) for r in self.running)
-            if needed <= self.pool.num_free_blocks:
-                break
+        while needed > pool.num_free_blocks:
             victim = self._victim()
+            if victim.request_id in growing:
+                needed -= pool.blocks_to_grow(victim.request_id, growing.pop(victim.request_id))
             self._preempt(victim)
             preempted.append(victim.request_id)
-        for request in self.running:
-            self.pool.extend(request.request_id, self._uncached(request))
+        pool.extend_all(growing)
         return preempted
-
-    def _uncached(self, request: Request) -> int:
-        """Known tokens without a slot yet: 1 after a decoded token, else 0."""
-        return request.num_tokens - self.pool.num_tokens(request.request_id)
 
     def _victim(self) -> Request:
         if self.config.preempt_rule is PreemptRule.YOUNGEST:
@@ -343,31 +358,46 @@ class Scheduler:
         if self.config.order is WaitOrder.FCFS:
             waiting = list(self.waiting)
         else:
-            waiting = sorted(self.waiting, key=self._response_ratio, reverse=True)  # stable: ties stay FCFS
+            # the response ratio, (waited + predicted work) / predicted work in steps, of each
+            # (a step orders every waiting request: a comprehension, not a method call each)
+            now_steps, work_steps = self.num_steps, self._work_steps
+            waiting = list(self.waiting)
+            ratios = [(now_steps - r.arrival_step + work_steps[r.request_id]) / work_steps[r.request_id]
+                      for r in waiting]
+            order = sorted(range(len(ratios)), key=ratios.__getitem__, reverse=True)  # stable: ties stay FCFS
+            waiting = [waiting[i] for i in order]
         return [*self.preempted, *waiting]
 
-    def _response_ratio(self, request: Request) -> float:
-        """(waited + predicted work) / predicted work, in steps: a decode step per output token,
-        and the prompt's chunks."""
-        work_steps = request.predicted_output_tokens + math.ceil(len(request.prompt_ids) / self.config.token_budget)
-        return (self.num_steps - request.arrival_step + work_steps) / work_steps
+    def _predicted_work_steps(self, request: Request) -> int:
+        """HRRN's predicted work of a request, in steps: a decode step per output token, and the
+        prompt's chunks."""
+        return request.predicted_output_tokens + math.ceil(len(request.prompt_ids) / self.config.token_budget)
 
     def _predicted_holding(self, request: Request, tokens: int) -> tuple[int, int]:
         """(tokens held now, steps it is predicted to grow on)."""
         return tokens, request.predicted_total_tokens(self.config.margin) - request.num_tokens
 
     def _projection(self) -> BlockProjection:
-        holding = [self._predicted_holding(r, self.pool.num_tokens(r.request_id)) for r in self.running]
+        margin, held = self.config.margin, self.pool.num_tokens
+        # `_predicted_holding` of every running request, inlined: hundreds a step that admits
+        holding = [(held(r.request_id), r.predicted_total_tokens(margin) - r.num_tokens) for r in self.running]
         return BlockProjection(holding, self.pool.block_tokens)
 
     def _admit(self, request: Request) -> None:
         queue = self.preempted if request.status == RequestStatus.PREEMPTED else self.waiting
         queue.remove(request)
+        self._work_steps.pop(request.request_id, None)
         self.pool.allocate(request.request_id, request.num_tokens)
         self._num_admitted += 1
         request.admitted_order = self._num_admitted
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+
+    def _decode_chunk(self, request: Request) -> ScheduledChunk:
+        """`_chunk(request, 1)` of a request with one token left to compute, its last known one."""
+        token = request.output_ids[-1] if request.output_ids else request.prompt_ids[-1]
+        return ScheduledChunk(request.request_id, (token,), request.num_computed_tokens,
+                              self.pool.block_table(request.request_id), is_sampled=True)
 
     def _chunk(self, request: Request, max_tokens: int) -> ScheduledChunk:
         start = request.num_computed_tokens
