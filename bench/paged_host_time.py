@@ -34,16 +34,29 @@ TINY = PagedModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=64, n
                         num_kv_heads=4, max_positions=4096)
 
 
-def burst_engine(lengths: Path, policy: str) -> PagedEngine:
-    decoder = PagedDecoder(TINY, PagedWeights.random(TINY, "cpu", torch.float32), POOL_BLOCKS, 16, use_triton=False)
-    runner = ModelRunner(decoder, max_model_tokens=4096)
-    runner.step = lambda prepared: dict.fromkeys(prepared.sampled_ids, 7)  # no model: host work only
+def burst_engine(lengths: Path, policy: str, device: str = "cpu", requests: int = 1000,
+                 output_tokens: int = 0) -> PagedEngine:
+    """requests: the burst's first this many; output_tokens > 0: each generates that many (a steady
+    small batch, as at low load) instead of its recorded length. On "cuda" the runner captures and fills
+    CUDA graphs and uploads every step's inputs as served, but still runs no model."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    decoder = PagedDecoder(TINY, PagedWeights.random(TINY, device, dtype), POOL_BLOCKS, 16,
+                           use_triton=False if device == "cpu" else None)
+    runner = ModelRunner(decoder, max_model_tokens=4096, use_cuda_graphs=device != "cpu")
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)  # a served step's one sync
+
+    def step(prepared) -> dict:  # no model: host work only
+        sync()
+        return dict.fromkeys(prepared.sampled_ids, 7)
+
+    runner.step = step
     fields, prediction = POLICIES[policy]
     config = SchedulerConfig(max_running=256, token_budget=2048, **fields)
     engine = PagedEngine(runner, Scheduler(config, BlockPool(POOL_BLOCKS, 16)))
-    for i, job in enumerate(mix_jobs(lengths, TINY.vocab_size)[200:1200]):  # gpu_serving's burst rows
-        engine.add_request(i, job.prompt_ids, job.max_new_tokens, job.prediction(prediction),
-                           replay_tokens=job.output_tokens)
+    for i, job in enumerate(mix_jobs(lengths, TINY.vocab_size)[200:200 + requests]):  # gpu_serving's burst rows
+        outputs = output_tokens or job.output_tokens
+        engine.add_request(i, job.prompt_ids, output_tokens or job.max_new_tokens, job.prediction(prediction),
+                           replay_tokens=outputs)
     return engine
 
 
@@ -53,9 +66,14 @@ def main() -> int:
     parser.add_argument("--policy", default="magnus_ccb", choices=sorted(POLICIES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cuda: graphs filled and inputs uploaded as served")
+    parser.add_argument("--requests", type=int, default=1000, help="the burst's first this many")
+    parser.add_argument("--output-tokens", type=int, default=0, help="> 0: each request generates this many")
     args = parser.parse_args()
     for _ in range(1 if args.profile else args.repeats):
-        engine = burst_engine(args.lengths, args.policy)
+        engine = burst_engine(args.lengths, args.policy, args.device, args.requests, args.output_tokens)
+        if args.device != "cpu":  # captures outside the timing, as the worker's warm-up does
+            engine.runner.warm_up(256, 2048)
         profiler = cProfile.Profile() if args.profile else None
         started_s = time.perf_counter()
         if profiler:
@@ -65,7 +83,7 @@ def main() -> int:
             profiler.disable()
         host_s = time.perf_counter() - started_s
         stats = engine.stats
-        print(f"{args.policy}: {stats.steps} steps ({stats.decode_only_steps} decode-only), {host_s:.2f} s of host "
+        print(f"{args.policy}, {args.device}, {args.requests} requests: {stats.steps} steps ({stats.decode_only_steps} decode-only), {host_s:.2f} s of host "
               f"work, {1e3 * host_s / stats.steps:.2f} ms a step{' (profiled)' if profiler else ''}", flush=True)
         if profiler:
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(20)

@@ -8,7 +8,7 @@ A plan of decode rows only runs `PagedDecoder.decode`, on a GPU replayed as a CU
 once per row bucket (block tables padded to a fixed width, so one graph serves every length); a
 plan with prefill chunks runs `mixed_step.mixed_forward`, on a GPU replayed as a CUDA graph captured
 once per token bucket (`mixed_step.GraphedMixed`). Host-side, a step's integer inputs are packed into
-one pinned staging buffer and sent in one asynchronous copy; the only sync is reading the sampled tokens.
+one buffer and sent in one copy (`decode_step.upload`); the only sync is reading the sampled tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from itertools import chain
 import numpy as np
 import torch
 
-from services.worker.paged.decode_step import GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights, StepInputs
+from services.worker.paged.decode_step import (
+    GraphedDecode, PagedDecoder, PagedModelConfig, PagedWeights, StepInputs, upload,
+)
 from services.worker.paged.kv_blocks import padded_tables
 from services.worker.paged.mixed_step import GraphedMixed, MixedInputs, MixedLayout, mixed_forward
 from services.worker.paged.scheduler import StepPlan
@@ -133,10 +135,9 @@ class ModelRunner:
                                             sample_indices, scratch_slot=self.decoder.scratch_slot,
                                             scratch_block=self.decoder.num_blocks))
         if graphed is not None:
-            # straight into the graph's input buffer; pinned as in `_upload`
-            graphed.buffer.copy_(flat.pin_memory(), non_blocking=True)
+            graphed.buffer.copy_(upload(flat, self.device))  # into the graph's input buffer
             return PreparedStep(sampled_ids, mixed_graph=graphed, num_rows=num_chunks)
-        return PreparedStep(sampled_ids, mixed=layout.views(self._upload(flat)), num_rows=num_chunks)
+        return PreparedStep(sampled_ids, mixed=layout.views(upload(flat, self.device)), num_rows=num_chunks)
 
     def _mixed_graph_for(self, num_tokens: int, num_chunks: int, table_width: int) -> GraphedMixed | None:
         """The captured mixed step of the smallest token bucket that holds this step (None: run it eagerly)."""
@@ -167,7 +168,7 @@ class ModelRunner:
         """tables: [rows, width] int32, each row's blocks padded; sample_rows: increasing row indices."""
         rows, width = tables.shape
         # increasing and distinct, so as many as the rows means every row
-        sample = None if len(sample_rows) == rows else self._upload(torch.from_numpy(sample_rows))
+        sample = None if len(sample_rows) == rows else upload(torch.from_numpy(sample_rows), self.device)
         table = torch.from_numpy(tables)
         bucket = next((size for size in self.graph_rows if size >= rows), None)
         if self.use_cuda_graphs and bucket is not None and width <= self.graph_table_width:
@@ -177,14 +178,6 @@ class ModelRunner:
         inputs = self.decoder.empty_inputs(rows, width)
         self.decoder.fill(inputs, token_ids, positions, slots, table)
         return PreparedStep(sampled_ids, decode=inputs, num_rows=rows, sample_rows=sample)
-
-    def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        """`host` on the device in one asynchronous copy (itself on the CPU)."""
-        if self.device.type != "cuda":
-            return host
-        # a pinned block from torch's caching host allocator, which reuses it only once this copy ran
-        # (one reused staging buffer could be overwritten by a later call while its copy was queued)
-        return host.pin_memory().to(self.device, non_blocking=True)
 
     # ---- step ----------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -8,7 +8,8 @@ in registers only. Bias and residual are added in the epilogue.
 
 `splits` > 1 divides K among that many programs per output tile (split-K), each writing an fp32
 partial that a second kernel sums (with bias and residual) in a fixed order, so results do not
-depend on timing. Why: at 64 rows a narrow matrix (N = 3,584) in 32-column tiles is 112 programs on
+depend on timing; `block_m` tiles the rows (any row count). Launches with neither run
+`_skinny_gemm_kernel`: one program per column tile holding every row (<= 64). Why: at 64 rows a narrow matrix (N = 3,584) in 32-column tiles is 112 programs on
 132 SMs, each re-reading all of x from L2 (twice the bytes of its weight tile); wide tiles split
 along K keep the SMs busy and read x once per tile.
 
@@ -66,30 +67,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     rows, depth = x.shape
     width = weight.shape[0]
-    block_k, block_n, splits = launch["block_k"], launch["block_n"], launch.get("splits", 1)
-    block_m = launch.get("block_m") or min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
+    block_k, block_n = launch["block_k"], launch["block_n"]
     if depth % block_k or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"Triton linear needs K % block_k == 0 and contiguous rows, got x {tuple(x.shape)}, "
                          f"block_k {block_k}")
-    k_tiles = depth // block_k
-    splits = min(splits, k_tiles)
-    k_per_split = -(-k_tiles // splits) * block_k
-    splits = -(-depth // k_per_split)  # no empty split
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(width, block_n), splits)
-    tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=launch.get("num_stages", 4),
-                 num_warps=launch.get("num_warps", 4))
+    stages = dict(num_stages=launch.get("num_stages", 4), num_warps=launch.get("num_warps", 4))
     epilogue = (bias if bias is not None else out, residual if residual is not None else out,
                 residual.stride(0) if residual is not None else 0)
     flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None)
-    if splits == 1:
-        _gemm_kernel[grid](x, weight, *epilogue, out, rows, width, depth, k_per_split, x.stride(0),
-                           weight.stride(0), out.stride(0), 0, **flags, IS_PARTIAL=False, **tiles)
+    if launch.get("splits", 1) == 1 and launch.get("block_m") is None and rows <= MAX_BLOCK_M:
+        _skinny_gemm_kernel[(triton.cdiv(width, block_n),)](
+            x, weight, *epilogue, out, rows, width, depth, x.stride(0), weight.stride(0), out.stride(0), **flags,
+            BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k, **stages)
         return out
+    block_m = launch.get("block_m") or min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
+    k_tiles = depth // block_k
+    splits = min(launch.get("splits", 1), k_tiles)
+    k_per_split = -(-k_tiles // splits) * block_k
+    splits = -(-depth // k_per_split)  # no empty split
     partial = torch.empty(splits, rows, width, dtype=torch.float32, device=x.device)
-    _gemm_kernel[grid](x, weight, *epilogue, partial, rows, width, depth, k_per_split, x.stride(0),
-                       weight.stride(0), width, rows * width, HAS_BIAS=False, HAS_RESIDUAL=False,
-                       IS_PARTIAL=True, **tiles)
+    _split_gemm_kernel[(triton.cdiv(rows, block_m), triton.cdiv(width, block_n), splits)](
+        x, weight, partial, rows, width, depth, k_per_split, x.stride(0), weight.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **stages)
     block = 1024
     _sum_splits_kernel[(triton.cdiv(rows * width, block),)](
         partial, *epilogue, out, rows * width, width, out.stride(0), splits, **flags, BLOCK=block)
@@ -99,14 +99,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 if triton is not None:
 
     @triton.jit
-    def _gemm_kernel(
-        x_ptr, w_ptr, bias_ptr, res_ptr, res_stride, out_ptr, rows, width, depth, k_per_split,
-        x_stride, w_stride, out_stride, split_stride,
-        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_PARTIAL: tl.constexpr,
+    def _skinny_gemm_kernel(
+        x_ptr, w_ptr, bias_ptr, res_ptr, res_stride, out_ptr, rows, width, depth, x_stride, w_stride, out_stride,
+        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # rows vary fastest across programs: the row tiles of one weight tile run together and share
-        # it through L2
+        """One program per BLOCK_N columns: every row, all of K, the epilogue fused. Kept apart from
+        _split_gemm_kernel: one kernel for both (a program id for rows, K bounds per split) made the
+        Llama-2-7B step's products at 1-16 rows 2-4 % slower on an H200 (bench/gpu_gemm_ab.py,
+        reports/gpu/serving.md, 2026-12-04)."""
+        row = tl.arange(0, BLOCK_M)
+        col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        is_row, is_col = row < rows, col < width
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in tl.range(0, depth, BLOCK_K):
+            a = tl.load(x_ptr + row[:, None] * x_stride + (k0 + ks)[None, :], mask=is_row[:, None], other=0.0)
+            b = tl.load(w_ptr + col[:, None].to(tl.int64) * w_stride + (k0 + ks)[None, :], mask=is_col[:, None],
+                        other=0.0)
+            acc += tl.dot(a, tl.trans(b))
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + col, mask=is_col, other=0.0).to(tl.float32)[None, :]
+        is_out = is_row[:, None] & is_col[None, :]
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + row[:, None] * res_stride + col[None, :], mask=is_out, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row[:, None] * out_stride + col[None, :], acc.to(out_ptr.dtype.element_ty), mask=is_out)
+
+    @triton.jit
+    def _split_gemm_kernel(
+        x_ptr, w_ptr, partial_ptr, rows, width, depth, k_per_split, x_stride, w_stride,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """partial[split] = x[the tile's rows] @ weight[the tile's columns, the split's K].T in fp32. Row
+        tiles vary fastest across programs: those of one weight tile run together and share it in L2."""
         row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         k_start = tl.program_id(2) * k_per_split
@@ -115,23 +140,12 @@ if triton is not None:
         is_row, is_col = row < rows, col < width
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in tl.range(k_start, k_end, BLOCK_K):
-            a = tl.load(x_ptr + row[:, None].to(tl.int64) * x_stride + (k0 + ks)[None, :], mask=is_row[:, None],
-                        other=0.0)
+            a = tl.load(x_ptr + row[:, None] * x_stride + (k0 + ks)[None, :], mask=is_row[:, None], other=0.0)
             b = tl.load(w_ptr + col[:, None].to(tl.int64) * w_stride + (k0 + ks)[None, :], mask=is_col[:, None],
                         other=0.0)
             acc += tl.dot(a, tl.trans(b))
-        is_out = is_row[:, None] & is_col[None, :]
-        if IS_PARTIAL:
-            at = tl.program_id(2).to(tl.int64) * split_stride + row[:, None].to(tl.int64) * out_stride + col[None, :]
-            tl.store(out_ptr + at, acc, mask=is_out)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + col, mask=is_col, other=0.0).to(tl.float32)[None, :]
-            if HAS_RESIDUAL:
-                acc += tl.load(res_ptr + row[:, None] * res_stride + col[None, :], mask=is_out,
-                               other=0.0).to(tl.float32)
-            tl.store(out_ptr + row[:, None] * out_stride + col[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=is_out)
+        at = tl.program_id(2).to(tl.int64) * rows * width + row[:, None] * width + col[None, :]
+        tl.store(partial_ptr + at, acc, mask=is_row[:, None] & is_col[None, :])
 
     @triton.jit
     def _sum_splits_kernel(
