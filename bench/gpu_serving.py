@@ -140,13 +140,13 @@ def trace_jobs(path: Path, ratios: list[tuple[float, float]], vocab: int, num: i
 
 # ---- one phase on the paged engine ---------------------------------------------------------------
 def run_paged(runner: ModelRunner, pool_blocks: int, policy: str, jobs: list[Job], offsets_s: list[float],
-              max_running: int) -> dict:
+              max_running: int, overlap: bool = False) -> dict:
     fields, prediction = POLICIES[policy]
     if policy == "vs":  # the paper's fixed batch: as many requests as the pool holds at 2,048 tokens each
         max_running = max(1, min(max_running, pool_blocks * BLOCK_TOKENS // 2048))
     config = SchedulerConfig(max_running=max_running, token_budget=2048, **fields)
     scheduler = Scheduler(config, BlockPool(pool_blocks, runner.block_tokens), stop_ids=())
-    engine = PagedEngine(runner, scheduler)
+    engine = PagedEngine(runner, scheduler, overlap=overlap)
     if runner.device.type == "cuda":
         torch.cuda.synchronize()
     started_s, next_job, done_s, first_s = time.monotonic(), 0, {}, {}
@@ -283,6 +283,8 @@ def main() -> int:
                         help="azure_conv: KV pool capped at this many tokens, as on a card with less memory left "
                         "after the weights (e.g. 40,000 ~ a 7B multi-head model on a 40 GB card); 0 = all of it")
     parser.add_argument("--max-running", type=int, default=256)
+    parser.add_argument("--overlap", choices=("on", "off"), default="off",
+                        help="plan and launch step N+1 while step N runs (PagedEngine's overlap)")
     parser.add_argument("--mixed-graphs", choices=("on", "off"), default="on",
                         help="capture the steps with prefill chunks per token bucket (off: they run eagerly)")
     parser.add_argument("--skinny-gemm-rows", type=int, default=DEFAULT_SKINNY_ROWS,
@@ -333,9 +335,10 @@ def main() -> int:
                   date=datetime.now(UTC).isoformat(timespec="seconds"), commands=["python3 " + " ".join(sys.argv)],
                   torch=torch.__version__, pool_tokens=blocks * BLOCK_TOKENS, max_running=max_running,
                   token_budget=2048, block_tokens=BLOCK_TOKENS, mixed_graphs=args.mixed_graphs,
-                  rows_attended_limit=args.rows_attended_limit, skinny_gemm_rows=args.skinny_gemm_rows, workloads={})
+                  rows_attended_limit=args.rows_attended_limit, skinny_gemm_rows=args.skinny_gemm_rows,
+                  overlap=args.overlap, workloads={})
     warm = mix[-32:]  # Triton autotune and cuBLAS heuristics before anything is timed
-    run_paged(runner, blocks, "magnus_ccb", warm, [0.0] * len(warm), max_running)
+    run_paged(runner, blocks, "magnus_ccb", warm, [0.0] * len(warm), max_running, args.overlap == "on")
     for name in [w for w in args.workloads.split(",") if w]:
         workload = workloads[name]
         entry = report["workloads"].setdefault(name, dict(rate_per_s=workload["rate_per_s"], policies={},
@@ -350,7 +353,8 @@ def main() -> int:
                     say(f"time budget spent: {name} {policy} {phase} not run")
                     continue
                 jobs, offsets = workload[phase]
-                result = run_paged(runner, workload["pool_blocks"], policy, jobs, offsets, max_running)
+                result = run_paged(runner, workload["pool_blocks"], policy, jobs, offsets, max_running,
+                                   args.overlap == "on")
                 entry["policies"].setdefault(policy, {})[phase] = result
                 say(f"{name} {policy} {phase}: {json.dumps(result)}")
                 write(args.out, report)

@@ -118,6 +118,11 @@ class WorkerSettings(ServiceSettings):
         "(it resumes later by recompute): the most predicted output left, or the last admitted.",
     )
     use_cuda_graphs: bool = Field(True, description="Capture and replay decode steps (static backend, CUDA only).")
+    paged_overlap: bool = Field(
+        False, description="Paged backend: plan and launch step N+1 while step N runs on the device, so the host's "
+        "work between steps is hidden (a request that stops at N computes one token more, dropped). Off until "
+        "measured on a GPU (reports/gpu/serving.md).",
+    )
     paged_mixed_graphs: bool = Field(
         True, description="Paged backend with use_cuda_graphs: also capture the steps that hold prefill chunks, one "
         "graph per token bucket up to paged_token_budget (captured at start-up); off: those steps run eagerly.",

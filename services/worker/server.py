@@ -57,7 +57,7 @@ def paged_batcher(settings: WorkerSettings, engine: StaticBatchEngine) -> PagedB
     paged = build_paged_engine(engine, config, block_tokens=settings.paged_block_tokens,
                                cpu_kv_budget_bytes=settings.kv_budget_bytes,
                                cuda_reserve_bytes=settings.cuda_reserve_bytes, use_cuda_graphs=settings.use_cuda_graphs,
-                               mixed_graphs=settings.paged_mixed_graphs)
+                               mixed_graphs=settings.paged_mixed_graphs, overlap=settings.paged_overlap)
     return PagedBatcher(engine, paged)
 
 

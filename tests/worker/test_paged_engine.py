@@ -34,10 +34,10 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 def engine_for(model, num_blocks: int, block_tokens: int = 4, stop_ids=(), rows_attended_limit: int = 16_384,
-               **config) -> PagedEngine:
+               overlap: bool = False, **config) -> PagedEngine:
     runner = ModelRunner.from_hf(model, num_blocks=num_blocks, block_tokens=block_tokens,
                                  rows_attended_limit=rows_attended_limit)
-    return PagedEngine.build(runner, SchedulerConfig(**config), stop_ids)
+    return PagedEngine.build(runner, SchedulerConfig(**config), stop_ids, overlap=overlap)
 
 
 def run_all(engine: PagedEngine, requests) -> dict:
@@ -128,8 +128,52 @@ def test_stop_token_ends_a_request_and_is_kept(model, workload, alone_tokens):
     assert result.total_s >= result.first_token_s >= result.queued_s >= 0
 
 
-def test_abort_frees_the_blocks(model, workload):
-    engine = engine_for(model, num_blocks=32, max_running=4)
+# overlap: step N+1 planned and launched before step N's tokens are read (PagedEngine's overlap)
+OVERLAP_CASES = {
+    "batch": dict(num_blocks=64, max_running=4, token_budget=64),
+    "chunked-prefill": dict(num_blocks=64, max_running=2, token_budget=5),
+    "mixed-step": dict(num_blocks=64, max_running=4, token_budget=64, rows_attended_limit=0),
+    "preempting": dict(num_blocks=12, max_running=6, token_budget=32, margin=0.5),
+    "preempting-greedy": dict(num_blocks=12, max_running=6, token_budget=32, admission=Admission.GREEDY,
+                              preempt_rule=PreemptRule.YOUNGEST),
+}
+
+
+@pytest.mark.parametrize("case", OVERLAP_CASES)
+def test_overlapped_steps_give_the_same_tokens(model, workload, alone_tokens, case):
+    engine = engine_for(model, overlap=True, **OVERLAP_CASES[case])
+    results = run_all(engine, workload)
+    assert [results[i].output_ids for i in range(len(workload))] == alone_tokens
+    if case.startswith("preempting"):
+        assert engine.scheduler.num_preemptions > 0
+        assert sum(r.num_preemptions for r in results.values()) == engine.scheduler.num_preemptions
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_stop_tokens_end_requests_and_only_their_tokens_stream(model, workload, alone_tokens, overlap):
+    """A stop token common to several requests: each ends on its first one (kept), in a batch where
+    others run on; overlapped, the token a stopped request computed one step too far is dropped,
+    never streamed."""
+    counts = {}
+    for tokens in alone_tokens:
+        for token in set(tokens[1:-1]):
+            counts[token] = counts.get(token, 0) + 1
+    stop = max(counts, key=counts.get)
+    expected = [tokens[: tokens.index(stop) + 1] if stop in tokens else tokens for tokens in alone_tokens]
+    assert sum(len(e) < len(t) for e, t in zip(expected, alone_tokens)) >= 2  # the case is exercised
+    engine = engine_for(model, num_blocks=64, max_running=4, token_budget=64, stop_ids=[stop], overlap=overlap)
+    streamed: dict[int, list[int]] = {}
+    engine.on_tokens = lambda sampled: [streamed.setdefault(key, []).append(token) for key, token in sampled.items()]
+    results = run_all(engine, workload)
+    assert [results[i].output_ids for i in range(len(workload))] == expected
+    assert [streamed[i] for i in range(len(workload))] == expected
+    for i, (got, full) in enumerate(zip(expected, alone_tokens)):
+        assert results[i].finish_reason is (FinishReason.STOP if len(got) < len(full) else FinishReason.LENGTH)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_abort_frees_the_blocks(model, workload, overlap):
+    engine = engine_for(model, num_blocks=32, max_running=4, overlap=overlap)
     for request_id, (prompt, max_new, predicted) in enumerate(workload[:4]):
         engine.add_request(request_id, prompt, max_new, predicted)
     engine.step()
@@ -148,20 +192,23 @@ def test_a_request_longer_than_the_pool_is_refused(model):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or attention.triton is None, reason="needs a GPU with Triton")
 @pytest.mark.parametrize("rows_attended_limit", [None, 0])  # 0: every step with a prefill is a mixed step
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
 def test_gpu_engine_with_triton_kernels_and_graphs_gives_the_cpu_tokens(model, workload, alone_tokens,
-                                                                        rows_attended_limit):
+                                                                        rows_attended_limit, overlap):
     gpu_model = copy.deepcopy(model).cuda()
     tokens = {}
     limit = {} if rows_attended_limit is None else {"rows_attended_limit": rows_attended_limit}
     for use_graphs in (False, True):
         runner = ModelRunner.from_hf(gpu_model, num_blocks=64, block_tokens=4, use_cuda_graphs=use_graphs,
                                      max_model_tokens=128, **limit)
-        results = run_all(PagedEngine.build(runner, SchedulerConfig(max_running=4, token_budget=16)), workload)
+        engine = PagedEngine.build(runner, SchedulerConfig(max_running=4, token_budget=16), overlap=overlap)
+        results = run_all(engine, workload)
         tokens[use_graphs] = [results[i].output_ids for i in range(len(workload))]
         if use_graphs:
             assert runner.num_graph_captures > 0
             assert runner.num_mixed_graph_captures > 0 or rows_attended_limit is None
     # float32 on both, but TF32 tensor-core products and split softmax on the GPU: a near tie may flip
     matches = {flag: sum(a == b for a, b in zip(got, alone_tokens)) for flag, got in tokens.items()}
-    print(f"GPU paged engine: sequences equal to the CPU's, eager {matches[False]}/10, graphs {matches[True]}/10")
+    print(f"GPU paged engine{' (overlapped steps)' if overlap else ''}: sequences equal to the CPU's, "
+          f"eager {matches[False]}/10, graphs {matches[True]}/10")
     assert min(matches.values()) >= 8

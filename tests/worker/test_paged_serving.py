@@ -37,10 +37,12 @@ def counter(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 
 
-def test_paged_batcher_answers_as_generate_alone_with_a_pool_that_preempts(hf_engine):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_paged_batcher_answers_as_generate_alone_with_a_pool_that_preempts(hf_engine, overlap):
     # 24 blocks of 4 tokens (Delta = 512 bytes a token in float32): 96 tokens for 8 requests of up to ~40
     config = SchedulerConfig(max_running=8, token_budget=16, admission="greedy")
-    engine = build_paged_engine(hf_engine, config, block_tokens=4, cpu_kv_budget_bytes=96 * 512, cuda_reserve_bytes=0)
+    engine = build_paged_engine(hf_engine, config, block_tokens=4, cpu_kv_budget_bytes=96 * 512, cuda_reserve_bytes=0,
+                                overlap=overlap)
     batcher = PagedBatcher(hf_engine, engine)
     batcher.start()
     items = [EngineItem(f"r{i}", text, 24, predicted_tokens=4) for i, text in enumerate(TEXTS)]

@@ -161,11 +161,12 @@ class PagedWeights:
 PIN_BYTES = 16 * 1024
 
 
-def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` (a CPU tensor) on `device` in one copy."""
+def upload(host: torch.Tensor, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """`host` (a CPU tensor) on `device` in one copy; pin: always pinned and asynchronous (a step may
+    still run, which a plain copy would wait for)."""
     if device.type != "cuda":
         return host
-    if host.numel() * host.element_size() < PIN_BYTES:
+    if not pin and host.numel() * host.element_size() < PIN_BYTES:
         return host.to(device)  # the GPU is idle between steps (each ends at its sync): nothing to overlap
     # a pinned block from torch's caching host allocator, which reuses it only once this copy ran
     # (one reused staging buffer could be overwritten by a later call while its copy was queued)
@@ -243,10 +244,11 @@ class PagedDecoder:
             context_lens=torch.ones(batch, dtype=torch.int32, device=self.device),
         )
 
-    def fill(self, inputs: StepInputs, token_ids, positions, slot_mapping, block_tables) -> None:
+    def fill(self, inputs: StepInputs, token_ids, positions, slot_mapping, block_tables, *, pin: bool = False) -> None:
         """Write live rows 0..n-1 into `inputs` in place and reset the rest to padding.
         token_ids, positions, slot_mapping: n ints each (sequences or arrays); block_tables [n, <= W]
-        (a tensor or array, on the host or the device); context_lens follow from positions."""
+        (a tensor or array, on the host or the device); context_lens follow from positions. pin: as
+        `upload`'s."""
         live = len(token_ids)
         if live > inputs.batch:
             raise ValueError(f"{live} rows do not fit a bucket of {inputs.batch}")
@@ -256,7 +258,7 @@ class PagedDecoder:
         host = torch.from_numpy(rows.reshape(-1))
         if tables.device.type == "cpu":  # the tables travel in the same buffer
             host = torch.cat((host, tables.reshape(-1).to(torch.int64)))
-        staged = upload(host, self.device)  # one buffer, one copy
+        staged = upload(host, self.device, pin)  # one buffer, one copy
         if tables.device.type == "cpu":
             tables = staged[3 * live:].view(live, width)
         inputs.token_ids.zero_()[:live].copy_(staged[:live])

@@ -14,8 +14,8 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from services.worker.paged.kv_blocks import BlockPool
-from services.worker.paged.runner import ModelRunner
-from services.worker.paged.scheduler import FinishReason, Request, Scheduler, SchedulerConfig
+from services.worker.paged.runner import LaunchedStep, ModelRunner
+from services.worker.paged.scheduler import FinishReason, Request, Scheduler, SchedulerConfig, StepPlan
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,20 @@ class EngineStats:
 
 
 class PagedEngine:
-    """Add requests, call `step` until `has_unfinished` is False; results come back from `step`."""
+    """Add requests, call `step` until `has_unfinished` is False; results come back from `step`.
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, clock: Callable[[], float] = time.monotonic) -> None:
+    overlap: plan and prepare step N+1 while step N runs on the device (vLLM v1's async scheduling):
+    each `step` launches the next step before reading the previous one's tokens, and a decode row
+    takes its token from the previous step's output on the device. A request that samples a stop
+    token at N has computed one more token at N+1 by the time that is known; it is dropped."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, clock: Callable[[], float] = time.monotonic,
+                 *, overlap: bool = False) -> None:
         if scheduler.pool.num_blocks > runner.num_blocks or runner.block_tokens != scheduler.pool.block_tokens:
             raise ValueError("the scheduler's pool must be blocks of the runner's cache (as many or fewer)")
         self.runner, self.scheduler, self.clock = runner, scheduler, clock
+        self.overlap = overlap
+        self._running: tuple[StepPlan, LaunchedStep] | None = None  # overlap: the step launched, not yet read
         self.stats = EngineStats()
         self.on_tokens: Callable[[dict[Hashable, int]], None] | None = None  # each step's sampled tokens
         self._timings: dict[Hashable, _Timing] = {}
@@ -68,7 +76,7 @@ class PagedEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._running is not None
 
     def add_request(self, request_id: Hashable, prompt_ids: list[int], max_new_tokens: int,
                     predicted_tokens: int = 0, replay_tokens: int = 0) -> None:
@@ -84,15 +92,40 @@ class PagedEngine:
         return None if request is None else self._result(request)
 
     def step(self) -> list[RequestResult]:
-        """One engine step; returns the requests that finished in it."""
+        """One engine step; returns the requests that finished in it (overlap: in the step before)."""
+        if self.overlap:
+            return self._step_overlapped()
         started_s = self.clock()
         plan = self.scheduler.schedule()
         sampled = self.runner.step(self.runner.prepare(plan)) if not plan.is_empty else {}
+        taken = self._taken(sampled)
         finished = self.scheduler.update(plan, sampled)
-        self._account(plan, sampled, started_s)
-        if self.on_tokens is not None and sampled:
-            self.on_tokens(sampled)
+        self._account(plan, started_s)
+        self._note_tokens(taken)
         return [self._result(request) for request in finished]
+
+    def _step_overlapped(self) -> list[RequestResult]:
+        """Plan, prepare and launch step N+1 while step N runs, then read N's tokens and apply them."""
+        started_s = self.clock()
+        plan = self.scheduler.schedule()
+        running, self._running = self._running, None
+        if not plan.is_empty:
+            launched = self.runner.launch(self.runner.prepare(plan, previous=running and running[1]))
+            self.scheduler.commit(plan)
+            self._running = (plan, launched)
+        finished, taken = [], {}
+        if running is not None:
+            sampled = self.runner.collect(running[1])
+            taken = self._taken(sampled)
+            finished = self.scheduler.resolve(running[0], sampled)
+        self._account(plan, started_s, draining=running is not None)
+        self._note_tokens(taken)
+        return [self._result(request) for request in finished]
+
+    def _taken(self, sampled: dict[Hashable, int]) -> dict[Hashable, int]:
+        """The sampled tokens the scheduler will keep: not those of requests aborted, or (overlap)
+        already ended by a stop token one step before."""
+        return {request_id: token for request_id, token in sampled.items() if self.scheduler.awaits_token(request_id)}
 
     def run(self) -> dict[Hashable, RequestResult]:
         """Step until every added request finished; their results by id."""
@@ -101,26 +134,35 @@ class PagedEngine:
             results.update((r.request_id, r) for r in self.step())
         return results
 
-    def _account(self, plan, sampled, started_s: float) -> None:
-        if plan.is_empty and self.has_unfinished:
+    def _account(self, plan: StepPlan, started_s: float, draining: bool = False) -> None:
+        """draining (overlap): a step was read in this call, so an empty plan need not mean a stall."""
+        if plan.is_empty and not draining and self.scheduler.has_unfinished:
             raise RuntimeError("the scheduler planned nothing while requests wait: a request no pool state admits")
         now_s = self.clock()
         stats = self.stats
+        if plan.is_empty and draining:
+            return
         stats.steps += 1
         stats.decode_only_steps += plan.is_decode_only
         stats.batched_tokens += plan.num_batched_tokens
         stats.rows += len(plan.chunks)
-        stats.step_s += now_s - started_s
+        stats.step_s += now_s - started_s  # overlap: from planning this step to reading the one before
         if plan.is_decode_only:
             stats.decode_only_step_s += now_s - started_s
         for chunk in plan.chunks:
             timing = self._timings.get(chunk.request_id)
             if timing is not None and timing.scheduled_s is None:
                 timing.scheduled_s = started_s
+
+    def _note_tokens(self, sampled: dict[Hashable, int]) -> None:
+        """First-token times, and the step's tokens to `on_tokens`."""
+        now_s = self.clock()
         for request_id in sampled:
             timing = self._timings.get(request_id)
             if timing is not None and timing.first_token_s is None:
                 timing.first_token_s = now_s
+        if self.on_tokens is not None and sampled:
+            self.on_tokens(sampled)
 
     def _result(self, request: Request) -> RequestResult:
         timing = self._timings.pop(request.request_id)

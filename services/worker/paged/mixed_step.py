@@ -121,7 +121,7 @@ class GraphedMixed:
         self.buffer = torch.from_numpy(self.layout.pack(
             [], [], [], [0], [], [], [], scratch_slot=decoder.scratch_slot, scratch_block=decoder.num_blocks,
         )).to(decoder.device)
-        inputs = self.layout.views(self.buffer)
+        self.inputs = inputs = self.layout.views(self.buffer)  # views of `buffer`
         self.graph, self.next_tokens = capture_step(lambda: mixed_forward(decoder, inputs).argmax(dim=-1), pool)
 
     def replay(self) -> None:

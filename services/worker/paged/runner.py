@@ -25,7 +25,7 @@ from services.worker.paged.decode_step import (
 )
 from services.worker.paged.kv_blocks import padded_tables
 from services.worker.paged.mixed_step import GraphedMixed, MixedInputs, MixedLayout, mixed_forward
-from services.worker.paged.scheduler import StepPlan
+from services.worker.paged.scheduler import PENDING_TOKEN, StepPlan
 
 # up to 256 rows: decode steps; above: steps whose short prefills run as rows (`prepare`)
 DEFAULT_GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -50,6 +50,21 @@ class PreparedStep:
     mixed_graph: GraphedMixed | None = None  # prefill chunks, inputs copied into this graph's buffer
     num_rows: int = 0
     sample_rows: torch.Tensor | None = None  # decode paths: rows whose next token is sampled (None: all)
+
+
+@dataclass
+class LaunchedStep:
+    """A step launched and not yet read (`ModelRunner.launch`): its sampled tokens on the device, in
+    `sampled_ids` order, and on their way to the host."""
+
+    sampled_ids: list[Hashable]
+    tokens: torch.Tensor  # [R] int64 on the device, a copy no later replay overwrites
+    host_tokens: torch.Tensor  # [R] int64 on the host, filled once `ready` has passed
+    ready: torch.cuda.Event | None  # recorded after the copy to the host (None on the CPU)
+
+    @property
+    def row_of(self) -> dict[Hashable, int]:
+        return {request_id: row for row, request_id in enumerate(self.sampled_ids)}
 
 
 class ModelRunner:
@@ -92,8 +107,10 @@ class ModelRunner:
         return self.decoder.num_blocks
 
     # ---- prepare -------------------------------------------------------------------------------
-    def prepare(self, plan: StepPlan) -> PreparedStep:
-        """The plan's inputs on the device (asynchronously copied); no model work."""
+    def prepare(self, plan: StepPlan, previous: LaunchedStep | None = None) -> PreparedStep:
+        """The plan's inputs on the device; no model work. A decode row whose token is PENDING_TOKEN
+        (sampled by the step still running, see `Scheduler.commit`) takes it from `previous`'s tokens
+        on the device, so this can run while that step does: then every copy is asynchronous."""
         chunks, block_tokens = plan.chunks, self.block_tokens
         num_chunks = len(chunks)
         sampled_ids = [c.request_id for c in chunks if c.is_sampled]
@@ -113,6 +130,15 @@ class ModelRunner:
             token_ids = np.fromiter(chain.from_iterable(c.token_ids for c in chunks), np.int64, num_tokens)
             token_chunks = np.repeat(np.arange(num_chunks), chunk_tokens)
             positions = np.arange(num_tokens) + np.repeat(start_positions - query_starts[:-1], chunk_tokens)
+        pending = np.flatnonzero(token_ids == PENDING_TOKEN)  # their rows: a decode chunk's one token
+        if len(pending):
+            if previous is None:
+                raise RuntimeError("a step plan feeds pending tokens but no launched step samples them")
+            row_of = previous.row_of
+            pending_from = [row_of[chunks[chunk].request_id] for chunk in token_chunks[pending]]
+            token_ids[pending] = 0  # in the vocabulary until the device copy replaces it
+        taking = (pending, pending_from) if len(pending) else None
+        pin = previous is not None  # the previous step may still run: no copy may wait for it
         # padded with -1: a position past its request's table gets a negative slot, which _check_slots refuses
         table_rows = padded_tables(tables, max(map(len, tables)), -1)
         slots = table_rows[token_chunks, positions // block_tokens] * block_tokens + positions % block_tokens
@@ -125,7 +151,10 @@ class ModelRunner:
             # the decode step's CUDA graph instead of the mixed step (~4x longer on an H200 when the
             # mixed step ran eagerly: reports/gpu/serving). Logits of unsampled rows are computed and dropped.
             row_tables = table_rows.clip(min=0)[token_chunks].astype(np.int32)  # padded with block 0
-            return self._prepare_decode(sampled_ids, token_ids, positions, slots, row_tables, sample_indices)
+            prepared = self._prepare_decode(sampled_ids, token_ids, positions, slots, row_tables, sample_indices, pin)
+            inputs = prepared.graphed.inputs if prepared.graphed is not None else prepared.decode
+            self._take_pending(inputs.token_ids, taking, previous, pin)
+            return prepared
         context_lens = start_positions + chunk_tokens
         width = table_rows.shape[1]
         graphed = self._mixed_graph_for(num_tokens, num_chunks, width)
@@ -135,9 +164,20 @@ class ModelRunner:
                                             sample_indices, scratch_slot=self.decoder.scratch_slot,
                                             scratch_block=self.decoder.num_blocks))
         if graphed is not None:
-            graphed.buffer.copy_(upload(flat, self.device))  # into the graph's input buffer
+            graphed.buffer.copy_(upload(flat, self.device, pin))  # into the graph's input buffer
+            self._take_pending(graphed.inputs.token_ids, taking, previous, pin)
             return PreparedStep(sampled_ids, mixed_graph=graphed, num_rows=num_chunks)
-        return PreparedStep(sampled_ids, mixed=layout.views(upload(flat, self.device)), num_rows=num_chunks)
+        inputs = layout.views(upload(flat, self.device, pin))
+        self._take_pending(inputs.token_ids, taking, previous, pin)
+        return PreparedStep(sampled_ids, mixed=inputs, num_rows=num_chunks)
+
+    def _take_pending(self, token_ids: torch.Tensor, taking, previous: LaunchedStep | None, pin: bool) -> None:
+        """token_ids[rows] = previous.tokens[sources] on the device, for taking = (rows, sources)."""
+        if taking is None:
+            return
+        rows, sources = taking
+        both = upload(torch.from_numpy(np.concatenate((rows, np.asarray(sources, np.int64)))), self.device, pin)
+        token_ids.index_copy_(0, both[:len(rows)], previous.tokens.index_select(0, both[len(rows):]))
 
     def _mixed_graph_for(self, num_tokens: int, num_chunks: int, table_width: int) -> GraphedMixed | None:
         """The captured mixed step of the smallest token bucket that holds this step (None: run it eagerly)."""
@@ -164,39 +204,58 @@ class ModelRunner:
                                f"{self.decoder.num_blocks * self.block_tokens}")
 
     def _prepare_decode(self, sampled_ids: list[Hashable], token_ids: np.ndarray, positions: np.ndarray,
-                        slots: np.ndarray, tables: np.ndarray, sample_rows: np.ndarray) -> PreparedStep:
+                        slots: np.ndarray, tables: np.ndarray, sample_rows: np.ndarray, pin: bool) -> PreparedStep:
         """tables: [rows, width] int32, each row's blocks padded; sample_rows: increasing row indices."""
         rows, width = tables.shape
         # increasing and distinct, so as many as the rows means every row
-        sample = None if len(sample_rows) == rows else upload(torch.from_numpy(sample_rows), self.device)
+        sample = None if len(sample_rows) == rows else upload(torch.from_numpy(sample_rows), self.device, pin)
         table = torch.from_numpy(tables)
         bucket = next((size for size in self.graph_rows if size >= rows), None)
         if self.use_cuda_graphs and bucket is not None and width <= self.graph_table_width:
             graphed = self._graph(bucket)
-            self.decoder.fill(graphed.inputs, token_ids, positions, slots, table)
+            self.decoder.fill(graphed.inputs, token_ids, positions, slots, table, pin=pin)
             return PreparedStep(sampled_ids, graphed=graphed, num_rows=rows, sample_rows=sample)
         inputs = self.decoder.empty_inputs(rows, width)
-        self.decoder.fill(inputs, token_ids, positions, slots, table)
+        self.decoder.fill(inputs, token_ids, positions, slots, table, pin=pin)
         return PreparedStep(sampled_ids, decode=inputs, num_rows=rows, sample_rows=sample)
 
     # ---- step ----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self, prepared: PreparedStep) -> dict[Hashable, int]:
         """Run the step; returns the greedy next token of every sampled chunk's request (one sync)."""
+        return dict(zip(prepared.sampled_ids, self._run(prepared).tolist(), strict=True))
+
+    def launch(self, prepared: PreparedStep) -> LaunchedStep:
+        """Run the step without waiting for it: its tokens come back from `collect`, and the next
+        step can be prepared meanwhile (`prepare(plan, previous=...)`)."""
+        tokens = self._run(prepared).clone()  # outside inference mode: a plain tensor later steps may read
+        if self.device.type != "cuda":
+            return LaunchedStep(prepared.sampled_ids, tokens, tokens, None)
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedStep(prepared.sampled_ids, tokens, host_tokens, ready)
+
+    def collect(self, launched: LaunchedStep) -> dict[Hashable, int]:
+        """The launched step's tokens by request id (waits for that step only, not for later ones)."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        return dict(zip(launched.sampled_ids, launched.host_tokens.tolist(), strict=True))
+
+    @torch.inference_mode()
+    def _run(self, prepared: PreparedStep) -> torch.Tensor:
+        """Launch the step's work; its greedy tokens [R] on the device, in sampled_ids order."""
         if prepared.mixed_graph is not None:
             prepared.mixed_graph.replay()
-            tokens = prepared.mixed_graph.next_tokens[:len(prepared.sampled_ids)]
-        elif prepared.mixed is not None:
-            tokens = mixed_forward(self.decoder, prepared.mixed).argmax(dim=-1)
+            return prepared.mixed_graph.next_tokens[:len(prepared.sampled_ids)]
+        if prepared.mixed is not None:
+            return mixed_forward(self.decoder, prepared.mixed).argmax(dim=-1)
+        if prepared.graphed is not None:
+            prepared.graphed.replay()
+            tokens = prepared.graphed.next_tokens[:prepared.num_rows]
         else:
-            if prepared.graphed is not None:
-                prepared.graphed.replay()
-                tokens = prepared.graphed.next_tokens[:prepared.num_rows]
-            else:
-                tokens = self.decoder.decode(prepared.decode).argmax(dim=-1)
-            if prepared.sample_rows is not None:
-                tokens = tokens[prepared.sample_rows]
-        return dict(zip(prepared.sampled_ids, tokens.tolist(), strict=True))
+            tokens = self.decoder.decode(prepared.decode).argmax(dim=-1)
+        return tokens if prepared.sample_rows is None else tokens[prepared.sample_rows]
 
     def warm_up(self, max_rows: int, max_tokens: int = 0) -> int:
         """CUDA graphs: capture the decode step of every row bucket up to `max_rows` and the mixed

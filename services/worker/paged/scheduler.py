@@ -42,6 +42,9 @@ if TYPE_CHECKING:  # bookkeeping only: the scheduler itself needs no torch
     from services.worker.paged.kv_blocks import BlockPool
 
 RequestId = Hashable
+# An output token a running step samples, not yet read (`Scheduler.commit`); a plan's decode row may
+# carry it, for the runner to take from that step's output on the device
+PENDING_TOKEN = -1
 
 
 class Admission(str, Enum):
@@ -127,6 +130,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0  # cached tokens thrown away by preemptions (computed again on resume)
+    num_pending_tokens: int = 0  # the last output_ids, PENDING_TOKEN: sampled by steps not yet resolved
     arrival_step: int = 0
     admitted_order: int = 0  # larger = admitted (or resumed) later
 
@@ -206,6 +210,8 @@ class Scheduler:
         self.max_running_seen = 0
         self._num_admitted = 0
         self._work_steps: dict[RequestId, int] = {}  # HRRN's denominator, of each waiting request (fixed)
+        # requests that reached their length at commit (no longer running), with the status they end in
+        self._ending: dict[RequestId, RequestStatus] = {}
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -232,11 +238,18 @@ class Scheduler:
             if request in queue:
                 queue.remove(request)
         self._work_steps.pop(request_id, None)
-        if request in self.running:
-            self.running.remove(request)
+        if request in self.running or self._ending.pop(request_id, None) is not None:
+            if request in self.running:
+                self.running.remove(request)
             self.pool.free(request_id)
         request.status = RequestStatus.FINISHED_ABORTED
         return request
+
+    def awaits_token(self, request_id: RequestId) -> bool:
+        """A launched step's token for this request will be kept by `resolve` (it is unfinished and
+        holds a PENDING_TOKEN; in `update`, committed just before)."""
+        request = self.requests.get(request_id)
+        return request is not None and (request.num_pending_tokens > 0 or request.status == RequestStatus.RUNNING)
 
     @property
     def has_unfinished(self) -> bool:
@@ -294,22 +307,55 @@ class Scheduler:
     def update(self, plan: StepPlan, sampled: Mapping[RequestId, int]) -> list[Request]:
         """Apply a step's results: its chunks are cached, each sampled chunk's request gets its token
         (sampled[request_id]). Returns the requests that finished (their blocks freed)."""
-        finished = []
-        requests, running, stop_ids = self.requests, RequestStatus.RUNNING, self.stop_ids
+        self.commit(plan)
+        return self.resolve(plan, sampled)
+
+    def commit(self, plan: StepPlan) -> None:
+        """The step of `plan` is running: its chunks count as cached and each sampled chunk's request
+        holds a PENDING_TOKEN for the token the step samples, so the next step can be planned before
+        this one's tokens are read (`resolve` puts them in). A request that reaches its length here
+        (max_new_tokens, or replay_tokens) stops running now; its result waits for `resolve`."""
+        requests, running = self.requests, RequestStatus.RUNNING
         for chunk in plan.chunks:
             request = requests.get(chunk.request_id)
             if request is None or request.status != running:
-                continue  # aborted while the step ran
+                continue  # aborted
             request.num_computed_tokens += len(chunk.token_ids)
             if not chunk.is_sampled:
                 continue
+            output_ids = request.output_ids
+            output_ids.append(PENDING_TOKEN)
+            request.num_pending_tokens += 1
+            if len(output_ids) == request.replay_tokens:
+                self._ending[request.request_id] = RequestStatus.FINISHED_STOPPED
+            elif len(output_ids) >= request.max_new_tokens:
+                self._ending[request.request_id] = RequestStatus.FINISHED_LENGTH
+            else:
+                continue
+            self.running.remove(request)  # planned no further; its blocks stay until resolve
+
+    def resolve(self, plan: StepPlan, sampled: Mapping[RequestId, int]) -> list[Request]:
+        """The tokens of `plan`'s step (committed, and resolved in step order): each replaces its
+        request's oldest PENDING_TOKEN. Returns the requests that finished (their blocks freed): those
+        that reached their length at commit, and those that sampled a stop token; a step planned
+        meanwhile may have run such a request one token further, which is dropped."""
+        finished = []
+        requests, stop_ids = self.requests, self.stop_ids
+        for chunk in plan.chunks:
+            request = requests.get(chunk.request_id)
+            if request is None or not chunk.is_sampled or request.num_pending_tokens == 0:
+                continue  # aborted, or finished by an earlier token
             token = sampled[chunk.request_id]
             output_ids = request.output_ids
-            output_ids.append(token)
-            if token in stop_ids or len(output_ids) == request.replay_tokens:
+            at = len(output_ids) - request.num_pending_tokens
+            output_ids[at] = token
+            request.num_pending_tokens -= 1
+            if token in stop_ids:
+                del output_ids[at + 1:]
+                request.num_pending_tokens = 0
                 self._finish(request, RequestStatus.FINISHED_STOPPED)
-            elif len(output_ids) >= request.max_new_tokens:
-                self._finish(request, RequestStatus.FINISHED_LENGTH)
+            elif request.num_pending_tokens == 0 and request.request_id in self._ending:  # its last token
+                self._finish(request, self._ending[request.request_id])
             else:
                 continue
             finished.append(request)
@@ -381,6 +427,8 @@ class Scheduler:
         margin, held = self.config.margin, self.pool.num_tokens
         # `_predicted_holding` of every running request, inlined: hundreds a step that admits
         holding = [(held(r.request_id), r.predicted_total_tokens(margin) - r.num_tokens) for r in self.running]
+        # ending requests (overlap: ended at commit, freed at resolve) hold their blocks one step more
+        holding += [(held(request_id), 0) for request_id in self._ending]
         return BlockProjection(holding, self.pool.block_tokens)
 
     def _admit(self, request: Request) -> None:
@@ -406,7 +454,13 @@ class Scheduler:
                               self.pool.block_table(request.request_id), is_sampled=end == request.num_tokens)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        """End a running, ending (left running at commit) or preempted request; free what it holds."""
+        if request.status == RequestStatus.PREEMPTED:
+            self.preempted.remove(request)  # holds no blocks
+        else:
+            if request in self.running:  # an ending request left running at commit
+                self.running.remove(request)
+            self.pool.free(request.request_id)
+        self._ending.pop(request.request_id, None)
         request.status = status
-        self.running.remove(request)
-        self.pool.free(request.request_id)
         del self.requests[request.request_id]

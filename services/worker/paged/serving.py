@@ -52,11 +52,12 @@ class _Pending:
 
 def build_paged_engine(hf_engine: StaticBatchEngine, config: SchedulerConfig, *, block_tokens: int = 16,
                        cpu_kv_budget_bytes: int, cuda_reserve_bytes: int, use_cuda_graphs: bool = True,
-                       mixed_graphs: bool = True) -> PagedEngine:
+                       mixed_graphs: bool = True, overlap: bool = False) -> PagedEngine:
     """A PagedEngine over `hf_engine`'s model weights, shared (its tokenizer and stop tokens stay
     there). The KV pool takes `cpu_kv_budget_bytes` on a CPU; on CUDA what is free once q/k/v and
     gate/up are fused, less `cuda_reserve_bytes` (activations of a step, allocator slack).
-    mixed_graphs: with use_cuda_graphs, steps with prefill chunks are captured too (else eager)."""
+    mixed_graphs: with use_cuda_graphs, steps with prefill chunks are captured too (else eager).
+    overlap: PagedEngine's (step N+1 launched before step N is read)."""
     model = hf_engine.model
     weights = PagedWeights.from_hf(model, share=True)  # the model's forward still works (calibration runs it)
     if hf_engine.device.type == "cuda":
@@ -72,7 +73,8 @@ def build_paged_engine(hf_engine: StaticBatchEngine, config: SchedulerConfig, *,
                          max_model_tokens=min(hf_engine.max_context_tokens, num_blocks * block_tokens),
                          max_graph_chunks=config.max_running,
                          mixed_graph_tokens=DEFAULT_MIXED_GRAPH_TOKENS if mixed_graphs else ())
-    return PagedEngine.build(runner, config, hf_engine.stop_ids(stop_at_eos=not hf_engine.trace_replay))
+    return PagedEngine.build(runner, config, hf_engine.stop_ids(stop_at_eos=not hf_engine.trace_replay),
+                             overlap=overlap)
 
 
 class PagedBatcher(EngineThread):
