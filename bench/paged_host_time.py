@@ -1,11 +1,14 @@
 """Host time of the paged engine's steps (schedule, prepare, update) on the mix's burst, the model stubbed (CPU).
 
     python bench/paged_host_time.py [--lengths var/serving/mix_lengths.jsonl] [--profile]
+        [--device cuda] [--requests N --output-tokens M] [--overlap]
 
 The same 1,000 requests and scheduler settings as `bench/gpu_serving.py`'s mix burst (magnus_ccb, 256
-running, 2,048 tokens a step, the H200's 10,914-block pool); the runner prepares every step's inputs as
-on a CPU (eager) and its `step` returns a fixed token instead of running a model, so what is timed is the
-host work a GPU step waits on between replays. The plan is deterministic: the step counts equal the GPU
+running, 2,048 tokens a step, the H200's 10,914-block pool), or its first N generating M tokens each (a
+steady small batch); the runner prepares every step's inputs as served (on cuda: graphs filled, inputs
+uploaded, the step's one sync) but returns a fixed token instead of running a model, so what is timed
+is the host work a GPU step waits on between replays (with --overlap, the work that overlapped steps
+hide behind the previous step). The plan is deterministic: the step counts equal the GPU
 run's. --profile prints cProfile's top functions (and slows the run ~3x).
 """
 
@@ -35,7 +38,7 @@ TINY = PagedModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=64, n
 
 
 def burst_engine(lengths: Path, policy: str, device: str = "cpu", requests: int = 1000,
-                 output_tokens: int = 0) -> PagedEngine:
+                 output_tokens: int = 0, overlap: bool = False) -> PagedEngine:
     """requests: the burst's first this many; output_tokens > 0: each generates that many (a steady
     small batch, as at low load) instead of its recorded length. On "cuda" the runner captures and fills
     CUDA graphs and uploads every step's inputs as served, but still runs no model."""
@@ -43,16 +46,13 @@ def burst_engine(lengths: Path, policy: str, device: str = "cpu", requests: int 
     decoder = PagedDecoder(TINY, PagedWeights.random(TINY, device, dtype), POOL_BLOCKS, 16,
                            use_triton=False if device == "cpu" else None)
     runner = ModelRunner(decoder, max_model_tokens=4096, use_cuda_graphs=device != "cpu")
-    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)  # a served step's one sync
-
-    def step(prepared) -> dict:  # no model: host work only
-        sync()
-        return dict.fromkeys(prepared.sampled_ids, 7)
-
-    runner.step = step
+    # no model: each step "samples" token 7 for its sampled rows, on the runner's device, so what is
+    # timed is the host work (and, on cuda, the copies and the one sync a served step makes)
+    runner._run = lambda prepared: torch.full((len(prepared.sampled_ids),), 7, dtype=torch.int64,
+                                              device=runner.device)
     fields, prediction = POLICIES[policy]
     config = SchedulerConfig(max_running=256, token_budget=2048, **fields)
-    engine = PagedEngine(runner, Scheduler(config, BlockPool(POOL_BLOCKS, 16)))
+    engine = PagedEngine(runner, Scheduler(config, BlockPool(POOL_BLOCKS, 16)), overlap=overlap)
     for i, job in enumerate(mix_jobs(lengths, TINY.vocab_size)[200:200 + requests]):  # gpu_serving's burst rows
         outputs = output_tokens or job.output_tokens
         engine.add_request(i, job.prompt_ids, output_tokens or job.max_new_tokens, job.prediction(prediction),
@@ -69,9 +69,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cuda: graphs filled and inputs uploaded as served")
     parser.add_argument("--requests", type=int, default=1000, help="the burst's first this many")
     parser.add_argument("--output-tokens", type=int, default=0, help="> 0: each request generates this many")
+    parser.add_argument("--overlap", action="store_true", help="PagedEngine's overlapped steps")
     args = parser.parse_args()
     for _ in range(1 if args.profile else args.repeats):
-        engine = burst_engine(args.lengths, args.policy, args.device, args.requests, args.output_tokens)
+        engine = burst_engine(args.lengths, args.policy, args.device, args.requests, args.output_tokens, args.overlap)
         if args.device != "cpu":  # captures outside the timing, as the worker's warm-up does
             engine.runner.warm_up(256, 2048)
         profiler = cProfile.Profile() if args.profile else None
@@ -83,8 +84,10 @@ def main() -> int:
             profiler.disable()
         host_s = time.perf_counter() - started_s
         stats = engine.stats
-        print(f"{args.policy}, {args.device}, {args.requests} requests: {stats.steps} steps ({stats.decode_only_steps} decode-only), {host_s:.2f} s of host "
-              f"work, {1e3 * host_s / stats.steps:.2f} ms a step{' (profiled)' if profiler else ''}", flush=True)
+        mode = ", overlap" if args.overlap else ""
+        print(f"{args.policy}, {args.device}, {args.requests} requests{mode}: {stats.steps} steps "
+              f"({stats.decode_only_steps} decode-only), {host_s:.2f} s of host work, "
+              f"{1e3 * host_s / stats.steps:.2f} ms a step{' (profiled)' if profiler else ''}", flush=True)
         if profiler:
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(20)
     return 0
