@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1
 if [ "${MAGNUS_AB_TESTS:-1}" = 1 ]; then
   started=$(date +%s)
   (cd "$root" && timeout 240 python3 -m pytest -q -p no:cacheprovider --noconftest tests/worker/test_paged_mixed_step.py \
-     tests/worker/test_paged_decode_step.py tests/worker/test_paged_attention.py \
+     tests/worker/test_paged_decode_step.py tests/worker/test_paged_attention.py tests/worker/test_paged_skinny_gemm.py \
      "tests/worker/test_paged_engine.py::test_gpu_engine_with_triton_kernels_and_graphs_gives_the_cpu_tokens" -rs -s \
      > "$out/pytest.log" 2>&1)
   echo "tests: rc $? in $(( $(date +%s) - started )) s: $(tail -1 "$out/pytest.log")"
