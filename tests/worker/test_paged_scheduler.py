@@ -288,3 +288,64 @@ def test_replay_tokens_end_a_request_as_stopped_while_admission_sees_max_new_tok
         finished += scheduler.update(plan, {c.request_id: 1 for c in plan.chunks if c.is_sampled})
     assert [(r.request_id, len(r.output_ids), r.finish_reason) for r in finished] == [
         (0, 2, FinishReason.STOP), (1, 2, FinishReason.STOP)]
+
+
+def position_token(chunk, prompt_tokens: int, true_output: int) -> int:
+    """A model whose token depends only on the request and the position it samples at (not on the
+    token fed, which an overlapped step does not know yet): EOS once the request has its true length."""
+    output_index = chunk.context_tokens - prompt_tokens  # outputs before the one sampled now
+    return EOS if output_index + 1 >= true_output else 1 + (chunk.request_id + chunk.context_tokens) % 5
+
+
+def drive(scheduler: Scheduler, requests: list[tuple[int, int, int, int]], overlap: bool) -> dict:
+    """Run (prompt, true output, max_new_tokens, predicted) requests to the end, serially (`update`)
+    or overlapped (step N+1 planned and committed before step N resolves); results by id."""
+    for request_id, (prompt, _, max_new, predicted) in enumerate(requests):
+        scheduler.add(Request(request_id, [1] * prompt, max_new_tokens=max_new, predicted_tokens=predicted))
+
+    def sample(plan):
+        return {c.request_id: position_token(c, requests[c.request_id][0], requests[c.request_id][1])
+                for c in plan.chunks if c.is_sampled}
+
+    finished, in_flight, steps = {}, None, 0
+    while scheduler.has_unfinished or in_flight is not None:
+        plan = scheduler.schedule()
+        check_plan(plan, scheduler)
+        if not overlap:
+            done = scheduler.update(plan, sample(plan))
+        else:
+            launched = (plan, sample(plan)) if not plan.is_empty else None
+            if launched:
+                scheduler.commit(plan)
+            done = scheduler.resolve(*in_flight) if in_flight else []
+            in_flight = launched
+        finished.update((r.request_id, (list(r.output_ids), r.finish_reason)) for r in done)
+        pool = scheduler.pool
+        assert pool.num_free_blocks + pool.num_used_blocks == pool.num_blocks
+        steps += 1
+        assert steps < 5_000, "no progress"
+    assert scheduler.pool.num_free_blocks == scheduler.pool.num_blocks
+    return finished
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 14), st.integers(1, 14), st.integers(0, 16)),
+                         min_size=1, max_size=10),
+       admission=st.sampled_from(list(Admission)), preempt_rule=st.sampled_from(list(PreemptRule)),
+       num_blocks=st.integers(7, 16), max_running=st.integers(1, 4))
+def test_overlapped_steps_end_every_request_as_serial_steps(requests, admission, preempt_rule, num_blocks,
+                                                           max_running):
+    """Committing step N+1 before resolving step N (overlap) gives every request the tokens and the
+    finish reason serial steps give, on pools small enough to preempt, with stop tokens and length
+    limits; no block leaks, and a request that stopped at N drops the token it computed at N+1."""
+    def scheduler():
+        config = SchedulerConfig(max_running=max_running, token_budget=max_running + 6, admission=admission,
+                                 preempt_rule=preempt_rule, margin=0.5)
+        return Scheduler(config, BlockPool(num_blocks=num_blocks, block_tokens=4), stop_ids=[EOS])
+
+    requests = [r for r in requests if r[0] + r[2] <= num_blocks * 4]
+    serial, overlapped = drive(scheduler(), requests, False), drive(scheduler(), requests, True)
+    assert overlapped == serial and len(serial) == len(requests)
+    for (_, true_output, max_new, _), (tokens, reason) in zip(requests, (serial[i] for i in range(len(requests)))):
+        assert len(tokens) == min(true_output, max_new)
+        assert reason is (FinishReason.STOP if true_output <= max_new else FinishReason.LENGTH)
