@@ -61,14 +61,15 @@ def test_paged_batcher_answers_as_generate_alone_with_a_pool_that_preempts(hf_en
 
 
 @pytest.mark.asyncio
-async def test_paged_worker_answers_through_the_batcher(hf_engine):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+async def test_paged_worker_answers_through_the_batcher(hf_engine, overlap):
     batcher_settings = BatcherSettings(port=0, metrics_port=-1, policy="magnus_ccb")
     steps_before = counter("magnus_worker_continuous_steps_total")
     async with inprocess_batcher(batcher_settings, with_worker=False) as batcher:
         settings = WorkerSettings(
             port=0, batcher_target=f"127.0.0.1:{batcher.internal_port}", worker_id="paged-worker", pull_wait_s=0.2,
             mode="continuous", backend="paged", paged_block_tokens=4, paged_max_running=4, paged_token_budget=32,
-            kv_budget_bytes=128 * 512,
+            kv_budget_bytes=128 * 512, paged_overlap=overlap,
         )
         worker = ServiceRunner("worker", settings)
         task = asyncio.create_task(serve(settings, engine=hf_engine, runner=worker))
