@@ -136,6 +136,7 @@ OVERLAP_CASES = {
     "preempting": dict(num_blocks=12, max_running=6, token_budget=32, margin=0.5),
     "preempting-greedy": dict(num_blocks=12, max_running=6, token_budget=32, admission=Admission.GREEDY,
                               preempt_rule=PreemptRule.YOUNGEST),
+    "static-batches": dict(num_blocks=64, max_running=3, token_budget=16, static_batches=True),
 }
 
 
