@@ -46,6 +46,7 @@ for workload, entry in report["workloads"].items():
         burst, rate = phases.get("burst", {}), phases.get("rate", {})
         print(f"{sys.argv[2]:>14} {workload} {policy}: burst {burst.get('requests_per_s')} req/s, mixed step "
               f"{burst.get('mixed_step_ms')} ms, decode-only {burst.get('decode_only_step_ms')} ms, steps "
-              f"{burst.get('steps')}; at rate mean {rate.get('mean_latency_s')} s p99 {rate.get('p99_latency_s')} s")
+              f"{burst.get('steps')}; at rate mean {rate.get('mean_latency_s')} s p99 {rate.get('p99_latency_s')} s, "
+              f"decode-only {rate.get('decode_only_step_ms')} ms")
 PY
 done
