@@ -132,14 +132,7 @@ class BlockPool:
 
     def extend(self, seq: SeqId, num_tokens: int) -> None:
         """Append `num_tokens` tokens to `seq` (a chunk, or one decoded token), all or none."""
-        needed = self.blocks_to_grow(seq, num_tokens)
-        if needed > 0:  # most calls add a decoded token to a block with room
-            if needed > len(self._free):
-                raise PoolExhaustedError(f"{needed} blocks needed for sequence {seq!r} to grow, "
-                                         f"{len(self._free)} free")
-            self._tables[seq].extend(self._free.popleft() for _ in range(needed))
-            self._table_tuples.pop(seq, None)
-        self._num_tokens[seq] += num_tokens
+        self.extend_all({seq: num_tokens})
 
     def blocks_to_extend(self, growth: Mapping[SeqId, int]) -> int:
         """New blocks `extend_all(growth)` takes: blocks_to_grow summed over its sequences (one pass
@@ -151,8 +144,8 @@ class BlockPool:
         """`extend(seq, num_tokens)` for every (seq, num_tokens) of `growth`, in its order; all or none."""
         needed = self.blocks_to_extend(growth)
         if needed > len(self._free):
-            raise PoolExhaustedError(f"{needed} blocks needed for {len(growth)} sequences to grow, "
-                                     f"{len(self._free)} free")
+            grown = ", ".join(map(repr, list(growth)[:3])) + (", ..." if len(growth) > 3 else "")
+            raise PoolExhaustedError(f"{needed} blocks needed for sequences {grown} to grow, {len(self._free)} free")
         tables, num_tokens, block_tokens, free = self._tables, self._num_tokens, self.block_tokens, self._free
         for seq, tokens in growth.items():
             table, held = tables[seq], num_tokens[seq] + tokens
