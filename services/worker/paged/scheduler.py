@@ -238,9 +238,10 @@ class Scheduler:
             if request in queue:
                 queue.remove(request)
         self._work_steps.pop(request_id, None)
-        if request in self.running or self._ending.pop(request_id, None) is not None:
-            if request in self.running:
-                self.running.remove(request)
+        if request in self.running:
+            self.running.remove(request)
+            self.pool.free(request_id)
+        elif self._ending.pop(request_id, None) is not None:  # ended at commit, holds its blocks until resolve
             self.pool.free(request_id)
         request.status = RequestStatus.FINISHED_ABORTED
         return request
