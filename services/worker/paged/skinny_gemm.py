@@ -8,10 +8,10 @@ in registers only. Bias and residual are added in the epilogue.
 
 `splits` > 1 divides K among that many programs per output tile (split-K), each writing an fp32
 partial that a second kernel sums (with bias and residual) in a fixed order, so results do not
-depend on timing; `block_m` tiles the rows (any row count). Launches with neither run
-`_skinny_gemm_kernel`: one program per column tile holding every row (<= 64). Why: at 64 rows a narrow matrix (N = 3,584) in 32-column tiles is 112 programs on
-132 SMs, each re-reading all of x from L2 (twice the bytes of its weight tile); wide tiles split
-along K keep the SMs busy and read x once per tile.
+depend on timing; `block_m` tiles the rows (any row count). Why split: at 64 rows a narrow matrix
+(N = 3,584) in 32-column tiles is 112 programs on 132 SMs, each re-reading all of x from L2 (twice
+the bytes of its weight tile); wide tiles split along K keep the SMs busy and read x once per tile.
+Launches with neither run `_skinny_gemm_kernel`: one program per column tile holding every row (<= 64).
 
 Launch shapes are chosen by measurement (bench/gpu_paged_step.py) and passed in; without one, or on
 the CPU, torch's own products run. `default_launch` is the rule those sweeps' winners follow, for
