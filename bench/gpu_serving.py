@@ -283,7 +283,7 @@ def main() -> int:
                         help="azure_conv: KV pool capped at this many tokens, as on a card with less memory left "
                         "after the weights (e.g. 40,000 ~ a 7B multi-head model on a 40 GB card); 0 = all of it")
     parser.add_argument("--max-running", type=int, default=256)
-    parser.add_argument("--overlap", choices=("on", "off"), default="off",
+    parser.add_argument("--overlap", choices=("on", "off"), default="on",
                         help="plan and launch step N+1 while step N runs (PagedEngine's overlap)")
     parser.add_argument("--mixed-graphs", choices=("on", "off"), default="on",
                         help="capture the steps with prefill chunks per token bucket (off: they run eagerly)")

@@ -119,9 +119,9 @@ class WorkerSettings(ServiceSettings):
     )
     use_cuda_graphs: bool = Field(True, description="Capture and replay decode steps (static backend, CUDA only).")
     paged_overlap: bool = Field(
-        False, description="Paged backend: plan and launch step N+1 while step N runs on the device, so the host's "
-        "work between steps is hidden (a request that stops at N computes one token more, dropped). Off until "
-        "measured on a GPU (reports/gpu/serving.md).",
+        True, description="Paged backend: plan and launch step N+1 while step N runs on the device, so the host's "
+        "work between steps is hidden (a request that stops at N computes one token more, dropped). On: +10-16 % "
+        "burst throughput on an H200 (reports/gpu/serving_ab run 5); off: one step at a time.",
     )
     paged_mixed_graphs: bool = Field(
         True, description="Paged backend with use_cuda_graphs: also capture the steps that hold prefill chunks, one "
