@@ -12,8 +12,9 @@
 # Each variant's output goes to OUT/<name>.tgz and OUT/<name>.log. Env MAGNUS_AB_VARIANTS picks and orders them
 # ("new old" by default): each is NAME[:VAR=VALUE[,VAR=VALUE...]], run from BASE_DIR when NAME starts with "old",
 # else from this tree, with those variables set, e.g. "new new_gil1ms:MAGNUS_WORKER_GIL_SWITCH_INTERVAL_S=0.001".
-# MAGNUS_AB_PYSPY=path/to/py-spy samples the worker's GIL holder for 8 s of each burst into <name>.tgz
-# (MAGNUS_AB_PYSPY_ARGS, default --gil; --idle samples every thread's wall time instead).
+# MAGNUS_AB_PYSPY=path/to/py-spy samples the GIL holder of each service in MAGNUS_AB_PYSPY_SERVICES (default
+# "worker"; e.g. "worker batcher predictor driver", driver = bench/gpu_e2e.py, the clients) for MAGNUS_AB_PYSPY_S (8) s of each burst into <name>.tgz as
+# pyspy_<service>.txt (MAGNUS_AB_PYSPY_ARGS, default --gil; --idle samples every thread's wall time instead).
 set -uo pipefail
 out=$(realpath -m "$1"); base=$(realpath "$2"); shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,11 +31,14 @@ for variant in ${MAGNUS_AB_VARIANTS:-new old}; do
   [[ $variant == *:* ]] && IFS=, read -r -a env <<< "${variant#*:}"
   dir=$root; [[ $name == old* ]] && dir=$base
   started=$(date +%s)
-  if [ -n "${MAGNUS_AB_PYSPY:-}" ]; then  # who holds the worker's GIL during the burst (py-spy binary path)
-    (for _ in $(seq 900); do grep -q "rate   12.0/s" "$out/$name.log" 2>/dev/null && break; sleep 1; done
-     sleep 0.3; pid=$(pgrep -n -f "services.worker") && mkdir -p "$out/$name" && "$MAGNUS_AB_PYSPY" record --pid "$pid" \
-       --duration 8 --rate 200 ${MAGNUS_AB_PYSPY_ARGS:---gil} --threads --nonblocking --format raw -o "$out/$name/pyspy_gil.txt" \
-       > "$out/$name/pyspy.log" 2>&1) &
+  if [ -n "${MAGNUS_AB_PYSPY:-}" ]; then  # who holds each service's GIL during the burst (py-spy binary path)
+    for service in ${MAGNUS_AB_PYSPY_SERVICES:-worker}; do
+      (for _ in $(seq 900); do grep -q "rate   12.0/s" "$out/$name.log" 2>/dev/null && break; sleep 1; done
+       sleep 0.3; pattern="services.$service"; [ "$service" = driver ] && pattern="bench/gpu_e2e.py"
+       pid=$(pgrep -n -f "$pattern") && mkdir -p "$out/$name" && "$MAGNUS_AB_PYSPY" record \
+         --pid "$pid" --duration "${MAGNUS_AB_PYSPY_S:-8}" --rate 200 ${MAGNUS_AB_PYSPY_ARGS:---gil} --threads --nonblocking \
+         --format raw -o "$out/$name/pyspy_${service}.txt" > "$out/$name/pyspy_${service}.log" 2>&1) &
+    done
   fi
   (cd "$dir" && env "${env[@]}" python3 bench/gpu_e2e.py "${common[@]}" --out "$out/$name" \
      --workdir "/tmp/magnus-ab-$name") > "$out/$name.log" 2>&1

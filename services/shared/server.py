@@ -33,6 +33,16 @@ LIVENESS_SERVICE = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """The channel options of `channel_options`, and how many calls the gRPC core may hold before the
+    event loop takes them up: one limit, no random early drops below it (soft = hard)."""
+    return [
+        *channel_options(settings.max_message_bytes),
+        ("grpc.server.max_pending_requests", settings.max_unanswered_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_unanswered_rpcs),
+    ]
+
+
 class ServiceRunner:
     """Owns one grpc.aio server and its health state."""
 
@@ -57,14 +67,14 @@ class ServiceRunner:
         self.settings = settings
         self.authorizer = make_authorizer(auth)
         self.tls = tls or TlsSettings()
-        self.server = grpc.aio.server(options=channel_options(settings.max_message_bytes))
+        self.server = grpc.aio.server(options=server_options(settings))
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
         self._internal_names: list[str] = []
         self._internal_port_setting = internal_port
         self.internal_server = (
-            None if internal_port is None else grpc.aio.server(options=channel_options(settings.max_message_bytes))
+            None if internal_port is None else grpc.aio.server(options=server_options(settings))
         )
         self._shutdown = asyncio.Event()
         self.port = 0

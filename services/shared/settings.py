@@ -43,6 +43,11 @@ class ServiceSettings(BaseSettings):
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent, bytes."
     )
+    max_unanswered_rpcs: int = Field(
+        50_000, ge=1, description="Calls the gRPC core holds before the service's code has taken them up; past it "
+        "gRPC cancels new calls (CANCELLED). gRPC's own default, 1,000 (dropping at random up to 3,000), cancelled "
+        "part of any larger burst before admission could answer it (RESOURCE_EXHAUSTED when a queue is full).",
+    )
 
     @property
     def address(self) -> str:

@@ -1,0 +1,199 @@
+"""The batcher's ingest: how fast Generate calls become queued requests, and its CPU per request.
+
+On the H200 host the services' burst is bounded by the batcher's admission (serving_e2e_ab run 12: 1,000
+requests sent at 400 req/s were queued at ~210 req/s, then run at once by the worker). This bench takes
+the GPU out: it starts the predictor, the estimator and the batcher from a bootstrapped state (e.g.
+`var/e2e/state`, `bash bench/gpu_setup.sh`), registers a fake continuous worker in this process that
+leases every ready batch and completes each after --hold-s seconds (so leases pile up as on the GPU),
+and sends --requests mix prompts as fast as one asyncio client can (or at --rate), each with a
+deadline as clients give. Reported per repeat: the queued rate (requests over the span of their
+queued_at stamps), the batcher's CPU seconds per 1,000 requests (from /proc: user + system over the
+whole run, completions and pulls included) and the client's rate.
+
+    python bench/batcher_ingest.py --state var/e2e/state --workload var/e2e/workload.jsonl \
+        [--base var/old] [--repeats 2] [--out reports/batcher_ingest.json]
+
+--base runs the batcher from another tree too (the A/B on one machine), alternating with this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from magnus.v1 import generation_pb2, generation_pb2_grpc, worker_queue_pb2 as wq  # noqa: E402
+from magnus.v1 import worker_queue_pb2_grpc  # noqa: E402
+from bench.gpu_e2e import import_calibration  # noqa: E402
+from tools.stack import BATCHER_INTERNAL, Stack  # noqa: E402
+
+WORKER_ID = "fake-gpu"
+CALIBRATION = Path(__file__).resolve().parents[1] / "reports/gpu/e2e_raw/h100_calibration.json"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class FakeWorker:
+    """A continuous worker that runs nothing: each leased batch completes `hold_s` after its lease."""
+
+    def __init__(self, channel: grpc.aio.Channel, hold_s: float, slots: int) -> None:
+        self.stub = worker_queue_pb2_grpc.WorkerQueueServiceStub(channel)
+        self.hold_s, self.slots = hold_s, slots
+        self.running: list[tuple[float, wq.Batch]] = []
+        self.stopping = False
+
+    async def register(self) -> None:
+        await self.stub.RegisterWorker(wq.RegisterWorkerRequest(
+            worker_id=WORKER_ID, kv_bytes_per_token=524_288, free_kv_bytes=118_572_974_080, model_name="fake",
+            device="fake", max_batch_size=self.slots, max_context_tokens=4096, incarnation_id=str(time.time())))
+
+    async def pull_loop(self) -> None:
+        while not self.stopping:
+            free = self.slots - sum(len(b.items) for _, b in self.running)
+            if free <= 0:
+                await asyncio.sleep(0.005)
+                continue
+            reply = await self.stub.PullBatch(wq.PullBatchRequest(worker_id=WORKER_ID, wait_s=0.2,
+                                                                  max_batches=min(free, 16)))
+            batches = ([reply.batch] if reply.HasField("batch") else []) + list(reply.more_batches)
+            self.running += [(time.monotonic() + self.hold_s, b) for b in batches]
+
+    async def complete_loop(self) -> None:
+        while not self.stopping or self.running:
+            now_s = time.monotonic()
+            due = [b for t, b in self.running if t <= now_s]
+            self.running = [(t, b) for t, b in self.running if t > now_s]
+            if due:
+                await self.stub.CompleteBatches(wq.CompleteBatchesRequest(worker_id=WORKER_ID, completions=[
+                    wq.CompleteBatchRequest(worker_id=WORKER_ID, batch_id=b.batch_id, run_s=self.hold_s, results=[
+                        wq.ItemResult(request_id=i.request_id, text="ok", generated_tokens=i.max_new_tokens)
+                        for i in b.items]) for b in due]))
+            await asyncio.sleep(0.02)
+
+
+async def send(target: str, rows: list[dict], rate: float, tag: str) -> list[dict]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        started_s = time.monotonic()
+
+        async def one(index: int, row: dict) -> dict:
+            if rate:
+                await asyncio.sleep(max(0.0, started_s + index / rate - time.monotonic()))
+            prompt = generation_pb2.Prompt(instruction=row["instruction"], user_input=row["user_input"],
+                                           max_new_tokens=row["gen_tokens"], tenant_id="ingest",
+                                           client_request_id=f"{tag}-{index}")
+            sent_s = time.monotonic()
+            try:
+                reply = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=300)
+            except grpc.aio.AioRpcError as error:
+                return dict(status=error.code().name, sent_s=sent_s - started_s, error=error.details(), debug=error.debug_error_string(),
+                            failed_s=time.monotonic() - started_s)
+            return dict(status="OK", sent_s=sent_s - started_s, done_s=time.monotonic() - started_s,
+                        queued_at_s=reply.timings.queued_at.ToNanoseconds() / 1e9)
+
+        return await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
+
+
+async def one_run(stack: Stack, rows: list[dict], args: argparse.Namespace, tag: str) -> dict:
+    async with grpc.aio.insecure_channel(stack.target(BATCHER_INTERNAL)) as channel:
+        worker = FakeWorker(channel, args.hold_s, args.slots)
+        await worker.register()
+        loops = [asyncio.create_task(worker.pull_loop()), asyncio.create_task(worker.complete_loop())]
+        pid = stack.processes["batcher"].pid
+        cpu_before_s, started_s = cpu_s(pid), time.monotonic()
+        records = await send(stack.target("batcher"), rows, args.rate, tag)
+        wall_s, cpu_used_s = time.monotonic() - started_s, cpu_s(pid) - cpu_before_s
+        worker.stopping = True
+        await asyncio.gather(*loops)
+    ok = [r for r in records if r["status"] == "OK"]
+    queued = sorted(r["queued_at_s"] for r in ok)
+    failed = [r for r in records if r["status"] != "OK"]
+    if failed:
+        print(f"{len(failed)} failed, e.g. {failed[0]}", flush=True)
+    return dict(requests=len(rows), ok=len(ok), statuses=sorted({r["status"] for r in records}),
+                queued_per_s=round((len(queued) - 1) / (queued[-1] - queued[0]), 1),
+                sent_per_s=round(len(rows) / max(r["sent_s"] for r in records), 1),
+                done_per_s=round(len(ok) / wall_s, 1),
+                batcher_cpu_s_per_1000=round(1000 * cpu_used_s / len(rows), 3))
+
+
+def start_stack(workdir: Path, state: Path, batcher_dir: Path) -> Stack:
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    shutil.copy(state / "log.db", workdir / "log.db")
+    shutil.copytree(state / "model-store", workdir / "model-store")
+    with sqlite3.connect(workdir / "log.db") as connection:  # store-relative: the folder moved
+        connection.execute("UPDATE model_versions SET artifact_uri = kind || '/v' || version || '.joblib'")
+    stack = Stack(workdir=workdir, database_url=f"sqlite+aiosqlite:///{workdir / 'log.db'}",
+                  model_store_dir=workdir / "model-store", extra_env={
+                      "MAGNUS_BATCHER_POLICY": "magnus_ccb", "MAGNUS_BATCHER_LEASE_S": "600",
+                      "MAGNUS_BATCHER_MAX_PENDING_REQUESTS": "100000", "MAGNUS_BATCHER_MAX_PENDING_PER_TENANT": "100000"})
+    import_calibration(workdir / "log.db", CALIBRATION)  # the estimator's first version fits on these
+    subprocess.run([sys.executable, "-m", "services.estimator.bootstrap", "--if-missing"], env=stack.env(), check=True,
+                   cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
+    stack.start("predictor")
+    stack.start("estimator")
+    stack.wait_healthy(("predictor", "estimator"), timeout_s=300)
+    # the batcher of `batcher_dir` (its own services/ and generated magnus/ come first from its cwd)
+    with open(stack.log_path("batcher"), "ab") as log_file:
+        stack.processes["batcher"] = subprocess.Popen([sys.executable, "-m", "services.batcher"], cwd=batcher_dir,
+                                                      env=stack.env(), stdout=log_file, stderr=subprocess.STDOUT,
+                                                      start_new_session=True)
+    stack.wait_healthy(("batcher",), timeout_s=120)
+    return stack
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state", type=Path, default=Path("var/e2e/state"))
+    parser.add_argument("--workload", type=Path, default=Path("var/e2e/workload.jsonl"))
+    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--rate", type=float, default=0.0, help="requests/s; 0 = as fast as the client sends")
+    parser.add_argument("--hold-s", type=float, default=0.5, help="the fake worker's run time of each batch")
+    parser.add_argument("--slots", type=int, default=256, help="requests the fake worker runs at once")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--base", type=Path, default=None, help="another tree whose batcher runs too (A/B)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/magnus-ingest"))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows = [json.loads(line) for line in args.workload.read_text().splitlines() if line.strip()]
+    here = Path(__file__).resolve().parents[1]
+    trees = {"this": here, **({"base": args.base.resolve()} if args.base else {})}
+    results: dict[str, list[dict]] = {name: [] for name in trees}
+    for repeat in range(args.repeats):
+        for name, tree in trees.items():
+            stack = start_stack(args.workdir, args.state.resolve(), tree)
+            try:
+                rows_now = rows[repeat * args.requests:(repeat + 1) * args.requests] or rows[:args.requests]
+                result = asyncio.run(one_run(stack, rows_now, args, f"{name}-{repeat}"))
+            finally:
+                stack.stop_all()
+            results[name].append(result)
+            print(f"{name:>5} repeat {repeat}: {json.dumps(result)}", flush=True)
+    report = dict(command=" ".join(["python", *sys.argv]), cpu_count=os.cpu_count(),
+                  load_avg_1min_at_end=round(os.getloadavg()[0], 2), trees={k: str(v) for k, v in trees.items()},
+                  results=results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
