@@ -180,7 +180,7 @@ def main() -> int:
         for name, tree in trees.items():
             stack = start_stack(args.workdir, args.state.resolve(), tree)
             try:
-                rows_now = rows[repeat * args.requests:(repeat + 1) * args.requests] or rows[:args.requests]
+                rows_now = [rows[(repeat * args.requests + i) % len(rows)] for i in range(args.requests)]
                 result = asyncio.run(one_run(stack, rows_now, args, f"{name}-{repeat}"))
             finally:
                 stack.stop_all()

@@ -82,7 +82,7 @@ class AdmissionChecks:
             return
         scale, learned = self.run_time_scale, self.run_time_model
         leases = list(self.leases.values())
-        running_s = running_left_s([self.expected_run_s(x.batch) for x in leases], [now_s - x.started_s for x in leases])
+        running_s = running_left_s(self.expected_runs_s([x.batch for x in leases]), [now_s - x.started_s for x in leases])
         queued_s = learned.predict_total_s(self.open_batches.columns)
         if queued_s is None:
             queued_s = scale * queued_work_s(self.open_batches.columns)

@@ -426,8 +426,15 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
 
     def expected_run_s(self, batch: QueuedBatch) -> float:
         """A batch's run time for deadline decisions: the learned model's, else the scaled estimate."""
-        learned_s = self.run_time_model.predict_s(batch.size, batch.input_tokens_max, batch.gen_tokens_max)
-        return learned_s if learned_s is not None else self.run_time_scale * batch_estimate_s(batch)
+        return self.expected_runs_s([batch])[0]
+
+    def expected_runs_s(self, batches: list[QueuedBatch]) -> list[float]:
+        """`expected_run_s` of each batch, with one call to the learned model for all of them."""
+        learned_s = self.run_time_model.predict_each_s([b.size for b in batches], [b.input_tokens_max for b in batches],
+                                                       [b.gen_tokens_max for b in batches])
+        if learned_s is None:
+            return [self.run_time_scale * batch_estimate_s(batch) for batch in batches]
+        return learned_s.tolist()
 
     def _take_lease(self, worker_id: str, batch_id: str) -> Lease | None:
         lease = self.leases.get(batch_id)

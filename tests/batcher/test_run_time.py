@@ -95,3 +95,41 @@ def test_completion_rate_and_littles_wait() -> None:
     assert rate.per_s(20.0) == pytest.approx(4.0)
     assert littles_wait_s(20, rate.per_s(20.0)) == pytest.approx(5.0)
     assert rate.per_s(40.0) is None  # all of it older than the window
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_predict_each_is_predict_of_each_and_sums_to_the_queued_total(seed: int) -> None:
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+    model = RunTimeModel()
+    for _ in range(32):
+        size, input_tokens, gen_tokens = int(rng.integers(1, 17)), int(rng.integers(8, 200)), int(rng.integers(4, 64))
+        model.observe(size, input_tokens, gen_tokens, true_run_s(size, input_tokens, gen_tokens))
+    shapes = rng.integers(1, 300, size=(20, 3))
+    each = model.predict_each_s(shapes[:, 0], shapes[:, 1], shapes[:, 2])
+    assert each == pytest.approx([model.predict_s(*map(int, row)) for row in shapes])
+    columns = SimpleNamespace(size=np.concatenate((shapes[:, 0], [0, 0])), input_max=np.concatenate((shapes[:, 1], [5, 5])),
+                              gen_max=np.concatenate((shapes[:, 2], [5, 5])))  # two empty slots: not counted
+    assert model.predict_total_s(columns) == pytest.approx(float(np.sum(each)))
+    assert RunTimeModel().predict_each_s([1], [2], [3]) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(st.floats(0.0, 4.0), st.integers(1, 9), st.booleans()), min_size=1, max_size=60))
+def test_completion_rate_equals_a_recount_of_its_window(steps) -> None:
+    """The running sum gives what counting the window's completions at every call would."""
+    from services.batcher.policy.wait import CompletionRate
+
+    window_s, rate, now_s, seen = 10.0, CompletionRate(window_s=10.0), 0.0, []
+    for gap_s, num, is_query in steps:
+        now_s += gap_s
+        if is_query:
+            events = [e for e in seen if e[0] >= now_s - window_s]
+            expected = (None if len(events) < 2 or now_s - events[0][0] < 1.0
+                        else sum(n for _, n in events[1:]) / (now_s - events[0][0]))
+            assert rate.per_s(now_s) == (None if expected is None else pytest.approx(expected))
+        else:
+            rate.add(now_s, num)
+            seen.append((now_s, num))

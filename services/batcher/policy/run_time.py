@@ -59,16 +59,21 @@ class RunTimeModel:
             return None
         return float(np.dot(coefficients, _features(size, input_tokens, gen_tokens)))
 
-    def predict_total_s(self, columns) -> float | None:
-        """Summed run time of the queued batches in `columns` (policy/columns.BatchColumns), or None."""
+    def predict_each_s(self, size, input_tokens, gen_tokens) -> np.ndarray | None:
+        """`predict_s` of many batches at once (array-likes of their shapes), or None. The batcher asks
+        this for every running lease at each admission: one call instead of one per lease."""
         coefficients = self._fitted()
         if coefficients is None:
             return None
-        live = columns.size > 0
-        size, input_max, gen_max = (np.asarray(a, dtype=float)[live] for a in
-                                    (columns.size, columns.input_max, columns.gen_max))
+        size, input_tokens, gen_tokens = (np.asarray(a, dtype=float) for a in (size, input_tokens, gen_tokens))
         c0, c1, c2, c3 = coefficients
-        return float(np.sum(c0 + c1 * size * input_max + c2 * gen_max + c3 * size * gen_max))
+        return c0 + c1 * size * input_tokens + c2 * gen_tokens + c3 * size * gen_tokens
+
+    def predict_total_s(self, columns) -> float | None:
+        """Summed run time of the queued batches in `columns` (policy/columns.BatchColumns), or None."""
+        live = np.asarray(columns.size) > 0
+        each_s = self.predict_each_s(*(np.asarray(a)[live] for a in (columns.size, columns.input_max, columns.gen_max)))
+        return None if each_s is None else float(np.sum(each_s))
 
     def _fitted(self) -> np.ndarray | None:
         if self._is_stale:

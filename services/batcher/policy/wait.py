@@ -100,19 +100,25 @@ class CompletionRate:
 
     def __init__(self, window_s: float = 10.0) -> None:
         self._window_s = window_s
-        self._events: deque[tuple[float, int]] = deque()  # (monotonic s, requests answered)
+        self._events: deque[tuple[float, int]] = deque()  # (monotonic s, requests answered), oldest first
+        self._num_requests = 0  # summed over _events: per_s runs at every admission, in O(1)
 
     def add(self, now_s: float, num_requests: int) -> None:
         self._events.append((now_s, num_requests))
-        while self._events and self._events[0][0] < now_s - self._window_s:
-            self._events.popleft()
+        self._num_requests += num_requests
+        self._forget_before(now_s - self._window_s)
 
     def per_s(self, now_s: float) -> float | None:
         """The rate, or None with fewer than two completions or under a second between them."""
-        events = [e for e in self._events if e[0] >= now_s - self._window_s]
-        if len(events) < 2 or now_s - events[0][0] < 1.0:
+        self._forget_before(now_s - self._window_s)  # times only move forward: what left the window stays out
+        if len(self._events) < 2 or now_s - self._events[0][0] < 1.0:
             return None
-        return sum(n for _, n in events[1:]) / (now_s - events[0][0])
+        first_s, first_num = self._events[0]
+        return (self._num_requests - first_num) / (now_s - first_s)
+
+    def _forget_before(self, since_s: float) -> None:
+        while self._events and self._events[0][0] < since_s:
+            self._num_requests -= self._events.popleft()[1]
 
 
 def littles_wait_s(num_pending: int, completions_per_s: float | None) -> float:
