@@ -81,3 +81,19 @@ async def fresh_database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]
         yield url
     finally:
         await drop_database(url)
+
+
+@asynccontextmanager
+async def migrated_log_db(backend: str, tmp_path: Path):
+    """(engine, session factory) of a fresh log DB ("sqlite" | "postgresql") at the head revision."""
+    import asyncio
+
+    from services.shared.db import make_engine, make_session_factory, upgrade
+
+    async with fresh_database_url(backend, tmp_path) as url:
+        await asyncio.to_thread(upgrade, url)
+        engine = make_engine(url)
+        try:
+            yield engine, make_session_factory(engine)
+        finally:
+            await engine.dispose()

@@ -11,9 +11,9 @@ import pytest_asyncio
 from sqlalchemy import event
 
 from services.batcher.logged_results import MAX_KEYS_PER_QUERY, LoggedResultLookup
-from services.shared.db import RequestRow, make_engine, make_session_factory, upgrade
+from services.shared.db import RequestRow
 from services.shared.db.models import BatchRow
-from tests.databases import fresh_database_url
+from tests.databases import migrated_log_db
 
 NOW = datetime.now(UTC)
 
@@ -31,10 +31,7 @@ def _row(seq_id: int, tenant: str, key: str, text: str | None, batch_id: str | N
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
 async def log(request, tmp_path):
     """(session factory, engine) of a migrated log DB holding the rows the tests look up."""
-    async with fresh_database_url(request.param, tmp_path) as url:
-        await asyncio.to_thread(upgrade, url)
-        engine = make_engine(url)
-        session_factory = make_session_factory(engine)
+    async with migrated_log_db(request.param, tmp_path) as (engine, session_factory):
         async with session_factory() as session, session.begin():
             session.add(BatchRow(id="batch-7", size=7, input_tokens_max=5, predicted_gen_tokens_max=3, outcome="ok"))
             session.add_all([
@@ -45,10 +42,7 @@ async def log(request, tmp_path):
                 _row(5, "acme", "no-text", None),  # logged before results were kept
                 *[_row(100 + i, "acme", f"k{i}", f"answer {i}") for i in range(300)],
             ])
-        try:
-            yield session_factory, engine
-        finally:
-            await engine.dispose()
+        yield session_factory, engine
 
 
 @pytest.mark.asyncio

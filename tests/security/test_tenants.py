@@ -15,8 +15,8 @@ from magnus.v1 import generation_pb2, generation_pb2_grpc
 from services.batcher.config import BatcherSettings
 from services.batcher.logged_results import make_logged_result_lookup
 from services.shared.auth import AuthSettings, api_key_entry, bearer_metadata
-from services.shared.db import RequestRow, make_engine, make_session_factory, upgrade
-from tests.databases import fresh_database_url
+from services.shared.db import RequestRow
+from tests.databases import migrated_log_db
 from tests.inprocess_batcher import inprocess_batcher
 
 ACME_KEY, BETA_KEY = "acme-key-0c1d", "beta-key-77e2"
@@ -117,10 +117,7 @@ async def test_an_in_flight_idempotency_key_refuses_another_request_and_joins_a_
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
 async def log_db(request, tmp_path):
     """A migrated log DB with one completed request of tenant acme under id "logged"."""
-    async with fresh_database_url(request.param, tmp_path) as url:
-        await asyncio.to_thread(upgrade, url)
-        engine = make_engine(url)
-        session_factory = make_session_factory(engine)
+    async with migrated_log_db(request.param, tmp_path) as (_, session_factory):
         now = datetime.now(UTC)
         async with session_factory() as session, session.begin():
             session.add(
@@ -132,10 +129,7 @@ async def log_db(request, tmp_path):
                     started_at=now - timedelta(seconds=1), finished_at=now,
                 )
             )
-        try:
-            yield session_factory
-        finally:
-            await engine.dispose()
+        yield session_factory
 
 
 @pytest.mark.asyncio
