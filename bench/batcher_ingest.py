@@ -6,7 +6,7 @@ the GPU out: it starts the predictor, the estimator and the batcher from a boots
 `var/e2e/state`, `bash bench/gpu_setup.sh`), registers a fake continuous worker in this process that
 leases every ready batch and completes each after --hold-s seconds (so leases pile up as on the GPU),
 and sends --requests mix prompts as fast as one asyncio client can (or at --rate), each with a
-deadline as clients give. Reported per repeat: the queued rate (requests over the span of their
+deadline as clients give (--stream: as GenerateStream callers, the fake worker streaming their tokens). Reported per repeat: the queued rate (requests over the span of their
 queued_at stamps), the batcher's CPU seconds per 1,000 requests (from /proc: user + system over the
 whole run, completions and pulls included) and the client's rate.
 
@@ -56,6 +56,7 @@ class FakeWorker:
         self.stub = worker_queue_pb2_grpc.WorkerQueueServiceStub(channel)
         self.hold_s, self.slots = hold_s, slots
         self.running: list[tuple[float, wq.Batch]] = []
+        self.streamed_tokens: dict[str, int] = {}  # request id -> tokens reported so far
         self.stopping = False
 
     async def register(self) -> None:
@@ -77,6 +78,7 @@ class FakeWorker:
     async def complete_loop(self) -> None:
         while not self.stopping or self.running:
             now_s = time.monotonic()
+            await self._stream(now_s)
             due = [b for t, b in self.running if t <= now_s]
             self.running = [(t, b) for t, b in self.running if t > now_s]
             if due:
@@ -86,8 +88,38 @@ class FakeWorker:
                         for i in b.items]) for b in due]))
             await asyncio.sleep(0.02)
 
+    async def _stream(self, now_s: float) -> None:
+        """Each streamed request's tokens as if generated evenly over the batch's hold, one call a turn."""
+        leases = []
+        for done_s, batch in self.running:
+            share = min(1.0, 1.0 - (done_s - now_s) / self.hold_s)
+            deltas = []
+            for item in batch.items:
+                if not item.is_streamed:
+                    continue
+                sent, total = self.streamed_tokens.get(item.request_id, 0), int(share * item.max_new_tokens)
+                if total > sent:
+                    deltas.append(wq.RequestTokens(request_id=item.request_id, token_offset=sent, num_tokens=total - sent,
+                                                   text_delta="x" * (total - sent)))
+                    self.streamed_tokens[item.request_id] = total
+            if deltas:
+                leases.append(wq.LeaseTokens(batch_id=batch.batch_id, requests=deltas))
+        if leases:
+            await self.stub.StreamTokens(wq.StreamTokensRequest(worker_id=WORKER_ID, leases=leases))
 
-async def send(target: str, rows: list[dict], rate: float, tag: str) -> list[dict]:
+
+async def streamed(stub, prompt) -> tuple[generation_pb2.GenerateResponse | None, int]:
+    """GenerateStream read to its end: the FINISHED event's result and how many TOKENS events came."""
+    result, token_events = None, 0
+    async for event in stub.GenerateStream(generation_pb2.GenerateStreamRequest(prompt=prompt), timeout=300):
+        if event.phase == generation_pb2.REQUEST_PHASE_TOKENS:
+            token_events += 1
+        elif event.phase == generation_pb2.REQUEST_PHASE_FINISHED:
+            result = event.result
+    return result, token_events
+
+
+async def send(target: str, rows: list[dict], rate: float, tag: str, stream: bool = False) -> list[dict]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         started_s = time.monotonic()
@@ -99,13 +131,17 @@ async def send(target: str, rows: list[dict], rate: float, tag: str) -> list[dic
                                            max_new_tokens=row["gen_tokens"], tenant_id="ingest",
                                            client_request_id=f"{tag}-{index}")
             sent_s = time.monotonic()
+            token_events = 0
             try:
-                reply = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=300)
+                if stream:
+                    reply, token_events = await streamed(stub, prompt)
+                else:
+                    reply = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=300)
             except grpc.aio.AioRpcError as error:
                 return dict(status=error.code().name, sent_s=sent_s - started_s, error=error.details(), debug=error.debug_error_string(),
                             failed_s=time.monotonic() - started_s)
             return dict(status="OK", sent_s=sent_s - started_s, done_s=time.monotonic() - started_s,
-                        queued_at_s=reply.timings.queued_at.ToNanoseconds() / 1e9)
+                        queued_at_s=reply.timings.queued_at.ToNanoseconds() / 1e9, token_events=token_events)
 
         return await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
 
@@ -117,7 +153,7 @@ async def one_run(stack: Stack, rows: list[dict], args: argparse.Namespace, tag:
         loops = [asyncio.create_task(worker.pull_loop()), asyncio.create_task(worker.complete_loop())]
         pid = stack.processes["batcher"].pid
         cpu_before_s, started_s = cpu_s(pid), time.monotonic()
-        records = await send(stack.target("batcher"), rows, args.rate, tag)
+        records = await send(stack.target("batcher"), rows, args.rate, tag, args.stream)
         wall_s, cpu_used_s = time.monotonic() - started_s, cpu_s(pid) - cpu_before_s
         worker.stopping = True
         await asyncio.gather(*loops)
@@ -130,7 +166,8 @@ async def one_run(stack: Stack, rows: list[dict], args: argparse.Namespace, tag:
                 queued_per_s=round((len(queued) - 1) / (queued[-1] - queued[0]), 1),
                 sent_per_s=round(len(rows) / max(r["sent_s"] for r in records), 1),
                 done_per_s=round(len(ok) / wall_s, 1),
-                batcher_cpu_s_per_1000=round(1000 * cpu_used_s / len(rows), 3))
+                batcher_cpu_s_per_1000=round(1000 * cpu_used_s / len(rows), 3),
+                mean_token_events=round(sum(r.get("token_events", 0) for r in ok) / max(1, len(ok)), 2))
 
 
 def start_stack(workdir: Path, state: Path, batcher_dir: Path) -> Stack:
@@ -168,6 +205,8 @@ def main() -> int:
     parser.add_argument("--hold-s", type=float, default=0.5, help="the fake worker's run time of each batch")
     parser.add_argument("--slots", type=int, default=256, help="requests the fake worker runs at once")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--stream", action="store_true",
+                        help="GenerateStream callers; the fake worker streams each request's tokens every 20 ms")
     parser.add_argument("--base", type=Path, default=None, help="another tree whose batcher runs too (A/B)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/magnus-ingest"))
     parser.add_argument("--out", type=Path, default=None)

@@ -117,3 +117,36 @@ async def test_callers_leaving_queued_or_running_requests_log_no_asyncio_errors(
     assert counter("magnus_cancelled_requests_total", stage="running") - running_before == 1
     errors = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert errors == [], errors
+
+
+async def test_token_deltas_queued_together_reach_a_streamed_caller_as_one_message_in_order():
+    """Deltas relayed before the caller's stream took the first of them go out merged (one gRPC message
+    each costs the batcher's loop more than the tokens in it), never reordered around the phases."""
+    async with inprocess_batcher(BatcherSettings(port=0, metrics_port=-1), with_worker=False) as runner:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{runner.internal_port}") as worker_channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            worker = wq_grpc.WorkerQueueServiceStub(worker_channel)
+            await worker.RegisterWorker(wq.RegisterWorkerRequest(worker_id="w", kv_bytes_per_token=1, free_kv_bytes=2**40))
+            stream = stub.GenerateStream(generation_pb2.GenerateStreamRequest(prompt=prompt("stream me")), timeout=30)
+            assert (await stream.read()).phase == generation_pb2.REQUEST_PHASE_QUEUED
+            batch = (await worker.PullBatch(wq.PullBatchRequest(worker_id="w", wait_s=1))).batch
+            assert (await stream.read()).phase == generation_pb2.REQUEST_PHASE_STARTED
+            request_id = batch.items[0].request_id
+            # three deltas in one report: relayed at once, before the stream's handler runs again
+            await worker.StreamTokens(wq.StreamTokensRequest(worker_id="w", leases=[wq.LeaseTokens(
+                batch_id=batch.batch_id, requests=[
+                    wq.RequestTokens(request_id=request_id, token_offset=offset, num_tokens=1, text_delta=text)
+                    for offset, text in enumerate(["Bon", "jour", " à"])])]))
+            tokens = await stream.read()
+            assert (tokens.phase, tokens.text_delta, tokens.num_tokens, tokens.generated_tokens) == (
+                generation_pb2.REQUEST_PHASE_TOKENS, "Bonjour à", 3, 3)
+            await worker.CompleteBatches(wq.CompleteBatchesRequest(worker_id="w", completions=[wq.CompleteBatchRequest(
+                batch_id=batch.batch_id, run_s=0.1, results=[
+                    wq.ItemResult(request_id=request_id, text="Bonjour à tous", generated_tokens=4)])]))
+            rest = []
+            while (event := await stream.read()) is not grpc.aio.EOF:
+                rest.append(event)
+            assert [(e.phase, e.text_delta, e.num_tokens) for e in rest[:-1]] == [
+                (generation_pb2.REQUEST_PHASE_TOKENS, " tous", 1)]
+            assert rest[-1].phase == generation_pb2.REQUEST_PHASE_FINISHED and rest[-1].result.text == "Bonjour à tous"
