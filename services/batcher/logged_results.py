@@ -26,6 +26,9 @@ from services.shared.db.models import RequestRow
 
 
 MAX_KEYS_PER_QUERY = 256  # bound values of one IN (...): well under any database's limit
+# Lookups wait for one another: a query that hangs (a stuck connection) must not hold every keyed
+# Generate. Past this its callers hear a TimeoutError, i.e. no earlier result known: their requests run.
+LOOKUP_TIMEOUT_S = 2.0
 
 
 def _answer(found: tuple[RequestRow, int | None] | None) -> tuple[RequestResult, str] | None:
@@ -54,8 +57,9 @@ class LoggedResultLookup:
     """lookup(tenant, client_request_id): the first completed result under that key and the
     request_sha256 of the request it answered, or None. Raises what the database raised."""
 
-    def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, session_factory: async_sessionmaker[AsyncSession], timeout_s: float = LOOKUP_TIMEOUT_S) -> None:
         self._session_factory = session_factory
+        self._timeout_s = timeout_s
         self._waiting: list[tuple[tuple[str, str], asyncio.Future]] = []
         self._running: asyncio.Task | None = None
 
@@ -78,8 +82,9 @@ class LoggedResultLookup:
 
     async def _answer_all(self, asked: list[tuple[tuple[str, str], asyncio.Future]]) -> None:
         try:
-            async with self._session_factory() as session:
-                found = await find_completed_requests(session, [key for key, _ in asked])
+            async with asyncio.timeout(self._timeout_s):
+                async with self._session_factory() as session:
+                    found = await find_completed_requests(session, [key for key, _ in asked])
             answers = {key: _answer(found.get(key)) for key, _ in asked}
         except Exception as error:  # noqa: BLE001 - each caller decides what a failed lookup means
             for _, future in asked:

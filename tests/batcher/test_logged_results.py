@@ -83,3 +83,26 @@ async def test_a_failing_database_fails_every_waiting_lookup_and_the_next_one_qu
     assert isinstance(results[0], RuntimeError)
     answer = await lookup("acme", "k1")
     assert answer is not None and answer[0].text == "answer 1"
+
+
+@pytest.mark.asyncio
+async def test_a_hung_query_times_out_for_its_callers_and_does_not_hold_the_next(log):
+    session_factory, _ = log
+    hang = asyncio.Event()
+
+    class Hanging:
+        async def __aenter__(self):
+            await hang.wait()  # never set: a stuck connection
+
+        async def __aexit__(self, *exc):
+            return False
+
+    factories = iter([Hanging, session_factory])
+    lookup = LoggedResultLookup(lambda: next(factories)(), timeout_s=0.2)
+    stuck = asyncio.ensure_future(lookup("acme", "k1"))
+    await asyncio.sleep(0)  # the first query is running (hung) when the second key is asked
+    second = asyncio.ensure_future(lookup("acme", "k2"))
+    with pytest.raises(TimeoutError):
+        await stuck
+    answer = await second
+    assert answer is not None and answer[0].text == "answer 2"
