@@ -8,13 +8,14 @@ import asyncio
 
 import grpc
 import pytest
+import torch
 from prometheus_client import REGISTRY
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc
 from services.batcher.config import BatcherSettings
 from services.shared.server import ServiceRunner
 from services.worker.config import WorkerSettings
-from services.worker.engine import BatchRejected, EngineItem, StaticBatchEngine
+from services.worker.engine import BatchOutOfMemory, BatchRejected, EngineItem, StaticBatchEngine
 from services.worker.paged.scheduler import SchedulerConfig
 from services.worker.paged.serving import PagedBatcher, build_paged_engine
 from services.worker.server import serve
@@ -86,3 +87,40 @@ async def test_paged_worker_answers_through_the_batcher(hf_engine, overlap):
         expected = alone(hf_engine, text, 12)
         assert (response.text, response.generated_tokens) == (expected.text, expected.generated_tokens)
     assert counter("magnus_worker_continuous_steps_total") > steps_before
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_a_failed_step_fails_the_requests_in_hand_and_the_engine_serves_the_next_ones(hf_engine, overlap, monkeypatch):
+    """A step that raises (a device OOM) fails the requests in hand with the worker's error, frees their
+    blocks, and later requests get exactly their tokens alone: with overlap too, where a step launched
+    before the failure is still read by the next turn."""
+    config = SchedulerConfig(max_running=8, token_budget=16)
+    engine = build_paged_engine(hf_engine, config, block_tokens=4, cpu_kv_budget_bytes=96 * 512, cuda_reserve_bytes=0,
+                                overlap=overlap)
+    runner, calls = engine.runner, {"n": 0}
+    name = "collect" if overlap else "step"
+    real = getattr(runner, name)
+
+    def fails_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, name, fails_once)
+    batcher = PagedBatcher(hf_engine, engine)
+    batcher.start()
+    try:
+        first = [batcher.submit(EngineItem(f"a{i}", text, 12, predicted_tokens=12)) for i, text in enumerate(TEXTS[:3])]
+        for future in first:
+            with pytest.raises(BatchOutOfMemory, match="out of memory in a paged step"):
+                future.result(timeout=120)
+        items = [EngineItem(f"b{i}", text, 12, predicted_tokens=12) for i, text in enumerate(TEXTS[3:6])]
+        results = [batcher.submit(item).result(timeout=120) for item in items]
+    finally:
+        batcher.stop(timeout_s=10)
+    for item, result in zip(items, results, strict=True):
+        expected = alone(hf_engine, item.prompt, item.max_new_tokens)
+        assert (result.output.text, result.output.generated_tokens) == (expected.text, expected.generated_tokens)
+    assert engine.scheduler.pool.num_free_blocks == engine.scheduler.pool.num_blocks
+    assert batcher.free_slots() == 8
