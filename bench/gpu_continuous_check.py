@@ -80,10 +80,10 @@ if BIG:
         sync(); return (time.perf_counter() - t) / n * 1e3
     with torch.inference_mode():
         st.generate(prompts, 0, [G] * B, set())  # captures the static graphs
-        s_state = st._state_for(B)
+        s_state = st.state_for(B)
         s_state.write_index.fill_(L); s_state.positions.fill_(L)
         static_ms = time_steps(s_state, L + 1)
-        r_state = st._state_for(B, is_ragged=True)
+        r_state = st.state_for(B, is_ragged=True)
         r_state.write_index.fill_(L); r_state.positions.fill_(L); r_state.mask[..., :L + 1] = 0
         ragged_ms = time_steps(r_state, L + 1)
     results["step_ms_B64_L512"] = dict(static=round(static_ms, 3), ragged=round(ragged_ms, 3))

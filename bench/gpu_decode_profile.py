@@ -99,7 +99,7 @@ def attention_rows(engine, batches, attend_lengths, kernels, device) -> list[dic
     backend, decoder = engine.static, engine.static.decoder
     rows = []
     for batch in batches:
-        state = backend._state_for(batch)
+        state = backend.state_for(batch)
         for attend in attend_lengths:
             state.mask.fill_(0.0)
             state.mask[: batch // 2, ..., :7] = float("-inf")  # half the rows left-padded by 7
@@ -163,7 +163,7 @@ def kernel_family(name: str) -> str:
 def profile_rows(engine, batch, prompt_tokens, attention, device) -> dict:
     """One eager decode step (compiled pieces) under torch.profiler: GPU time by kernel family."""
     backend = engine.static
-    state = backend._state_for(batch)
+    state = backend.state_for(batch)
     state.mask.fill_(0.0)
     state.write_index.fill_(prompt_tokens)
     attend = prompt_tokens + 32

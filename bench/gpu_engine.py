@@ -254,7 +254,7 @@ def numerics_check(engine, device, rng) -> dict:
     pads = (mask == 0).sum(dim=1)
     with torch.inference_mode():
         reference = model(input_ids=tokens, attention_mask=mask).logits[:, -1].float()
-        state = backend._state_for(4)
+        state = backend.state_for(4)
         ours = backend.decoder.prefill(tokens, pads, state.k_views, state.v_views, return_logits=True).float()
     relative = ((ours - reference).norm() / reference.norm()).item()
     agree = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()

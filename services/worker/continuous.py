@@ -134,7 +134,7 @@ class ContinuousBatcher(EngineThread):
                 f"(pool: {engine.static.capacity_tokens} tokens); a request needs at least 2"
             )
         self._stop_ids = engine.stop_ids(stop_at_eos=not engine.trace_replay)
-        self._state = engine.static._state_for(slots, is_ragged=True)
+        self._state = engine.static.state_for(slots, is_ragged=True)
         self._step_states = {rows: self._state if rows == slots else _first_rows(self._state, rows)
                              for rows in step_sizes(slots, engine.static.batch_bucket_rows)}
         device = engine.static.decoder.device
@@ -291,7 +291,7 @@ class ContinuousBatcher(EngineThread):
                 f"prompt + max_new_tokens = {needed_tokens} tokens exceeds the model's context "
                 f"of {self.engine.max_context_tokens}"
             )
-        self.engine._maybe_simulate_oom(1, len(prompt), item.max_new_tokens)
+        self.engine.raise_if_simulated_oom(1, len(prompt), item.max_new_tokens)
         return prompt
 
     def _prefill(self, slots: list[int], prompts: list[list[int]], max_new_tokens: list[int]) -> tuple[list[int], int]:
@@ -317,7 +317,7 @@ class ContinuousBatcher(EngineThread):
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_out_of_memory(error):
                 raise
-            self.engine._free_memory()
+            self.engine.free_memory()
             raise BatchOutOfMemory(
                 f"out of memory prefilling {len(prompts)} x {prompt_tokens} prompt tokens: {error}"
             ) from error
@@ -366,7 +366,7 @@ class ContinuousBatcher(EngineThread):
             active = [slot for slot, row in enumerate(self._rows) if row is not None]
             log.exception("continuous decode step failed: failing its %d requests", len(active))
             if is_out_of_memory(error):
-                self.engine._free_memory()
+                self.engine.free_memory()
                 error = BatchOutOfMemory(f"out of memory in a decode step of {len(active)} rows: {error}")
             for slot in active:
                 self._free_row(slot, error=error)

@@ -316,20 +316,20 @@ class StaticBatchEngine:
         # before text starts, and generate needs at least one position per row.
         rows = [list(row) if len(row) else [self.eos_token_ids[0]] for row in prompt_ids]
         prompt_tokens = max(len(row) for row in rows)
-        self._maybe_simulate_oom(len(rows), prompt_tokens, max(max_new_tokens))
+        self.raise_if_simulated_oom(len(rows), prompt_tokens, max(max_new_tokens))
         started_s = time.monotonic()
         try:
             output = self._generate(rows, prompt_tokens, max_new_tokens, stop_at_eos, cancel, preemption, row_stream)
         except KVCacheFull as error:
             raise BatchOutOfMemory(str(error)) from error
         except torch.OutOfMemoryError as error:
-            self._free_memory()
+            self.free_memory()
             shape = f"{len(rows)} x {prompt_tokens} prompt tokens"
             raise BatchOutOfMemory(f"out of device memory on {shape}: {error}") from error
         except RuntimeError as error:
             if not is_out_of_memory(error):
                 raise
-            self._free_memory()
+            self.free_memory()
             raise BatchOutOfMemory(f"out of host memory on {len(rows)} x {prompt_tokens} prompt tokens") from error
         if cancel is not None and cancel.is_set():
             raise BatchCancelled("batch cancelled before it finished")
@@ -351,7 +351,9 @@ class StaticBatchEngine:
                 f"prompt + max_new_tokens = {longest} tokens exceeds the model's context of {self.max_context_tokens}"
             )
 
-    def _maybe_simulate_oom(self, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> None:
+    def raise_if_simulated_oom(self, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Test hook (MAGNUS_WORKER_SIMULATE_OOM_ABOVE_TOKENS): BatchOutOfMemory, as a device would raise it,
+        for work of more slots than that; the batch loop and the continuous rows both ask before running."""
         slots_tokens = batch_size * (prompt_tokens + max_new_tokens)
         if 0 < self.simulate_oom_above_tokens < slots_tokens:
             raise BatchOutOfMemory(
@@ -393,7 +395,8 @@ class StaticBatchEngine:
             ),
         ).cpu()
 
-    def _free_memory(self) -> None:
+    def free_memory(self) -> None:
+        """After an out-of-memory error: drop the captured graphs and return cached blocks to the device."""
         if self.static is not None:
             self.static.drop_graphs()
         gc.collect()

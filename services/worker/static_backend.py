@@ -102,7 +102,7 @@ class StaticCacheBackend:
         """Every bucket a batch of 1..max_rows rows can run as (warm-up compiles and captures these)."""
         return sorted({bucket_rows(b, self.batch_bucket_rows) for b in range(1, max_rows + 1)})
 
-    def _state_for(self, batch: int, is_ragged: bool = False) -> DecodeState:
+    def state_for(self, batch: int, is_ragged: bool = False) -> DecodeState:
         """The step buffers of `batch` rows; is_ragged: one write_index per row (continuous batching)."""
         state = self._states.get((batch, is_ragged))
         if state is None:
@@ -154,7 +154,7 @@ class StaticCacheBackend:
         # padding rows (batch buckets) are never prefilled: their prompt stays masked, they attend only
         # to what their own decode steps write (finite: the pool only ever holds finite values)
         padded = self.padded_rows(batch, needed_tokens)
-        state = self._state_for(padded)
+        state = self.state_for(padded)
         state.tokens.fill_(pad_token_id)
         state.positions.zero_()
         state.tokens[:batch].copy_(self._prefill(tokens, pad_tokens, state))
@@ -315,7 +315,7 @@ class StaticCacheBackend:
                 break
             started_s = time.perf_counter()
             self.generate([[1] * prompt_tokens] * rows, 0, [new_tokens] * rows, set())
-            self.capture_attention_buckets(self._state_for(rows), rows, max_attend_tokens)
+            self.capture_attention_buckets(self.state_for(rows), rows, max_attend_tokens)
             if on_bucket is not None:
                 on_bucket(rows, time.perf_counter() - started_s)
             warmed.append(rows)
