@@ -29,8 +29,8 @@ from services.worker.puller import (
     LoopTiming,
     WorkerIdentity,
     WorkerLoop,
-    _Failure,
-    _observe,
+    BatchFailure,
+    observe_outcome,
     completion_request,
 )
 from services.worker.token_stream import TokenStream
@@ -203,8 +203,8 @@ class ContinuousWorkerLoop(WorkerLoop):
             log.info("batch %s: every request's caller left; nothing to report", batch.batch_id)
             return
         outcome = batch_outcome(kept)
-        _observe(outcome, busy_s=0.0)
-        if isinstance(outcome, _Failure):
+        observe_outcome(outcome, busy_s=0.0)
+        if isinstance(outcome, BatchFailure):
             await self._report(batch.batch_id, outcome, lease_s)
         else:
             is_accepted = await self._completions.send(
@@ -214,17 +214,17 @@ class ContinuousWorkerLoop(WorkerLoop):
         self.num_batches_done += 1
 
 
-def batch_outcome(results: Sequence[ContinuousResult | BaseException]) -> BatchOutput | _Failure:
+def batch_outcome(results: Sequence[ContinuousResult | BaseException]) -> BatchOutput | BatchFailure:
     """A batch's report from its items: any failure fails the whole batch (OOM first: the batcher splits it)."""
     errors = [r for r in results if isinstance(r, BaseException)]
     if any(isinstance(e, BatchOutOfMemory) for e in errors):
-        return _Failure(pb.FAILURE_KIND_OUT_OF_MEMORY, next(str(e) for e in errors if isinstance(e, BatchOutOfMemory)))
+        return BatchFailure(pb.FAILURE_KIND_OUT_OF_MEMORY, next(str(e) for e in errors if isinstance(e, BatchOutOfMemory)))
     if any(isinstance(e, (BatchCancelled, asyncio.CancelledError)) for e in errors):
-        return _Failure(pb.FAILURE_KIND_WORKER_STOPPING, SHUTTING_DOWN_MESSAGE)
+        return BatchFailure(pb.FAILURE_KIND_WORKER_STOPPING, SHUTTING_DOWN_MESSAGE)
     if errors:
-        return _Failure(pb.FAILURE_KIND_OTHER, f"{type(errors[0]).__name__}: {errors[0]}")
+        return BatchFailure(pb.FAILURE_KIND_OTHER, f"{type(errors[0]).__name__}: {errors[0]}")
     if not results:
-        return _Failure(pb.FAILURE_KIND_OTHER, "empty batch")
+        return BatchFailure(pb.FAILURE_KIND_OTHER, "empty batch")
     generated = [r.output.generated_tokens for r in results]
     return BatchOutput(
         items=[r.output for r in results],

@@ -97,7 +97,9 @@ class Backoff:
 
 
 @dataclass(frozen=True)
-class _Failure:
+class BatchFailure:
+    """How a batch in hand failed, as FailBatch reports it (both worker loops build these)."""
+
     kind: int  # pb.FailureKind
     message: str
 
@@ -275,7 +277,7 @@ class WorkerLoop:
             heartbeats.cancel()
             self._cancel_batch = None
             self._close_stream(batch.batch_id)
-        _observe(outcome, time.monotonic() - started_s)
+        observe_outcome(outcome, time.monotonic() - started_s)
         if lease_lost.is_set():
             log.info("batch %s: lease lost (requeued by the batcher); result dropped", batch.batch_id)
             return
@@ -284,17 +286,17 @@ class WorkerLoop:
 
     async def _run_batch(
         self, items: list[EngineItem], cancel: threading.Event, preemption: Preemption | None
-    ) -> BatchOutput | _Failure:
+    ) -> BatchOutput | BatchFailure:
         try:
             return await asyncio.to_thread(self.runner.run, items, cancel, preemption)
         except BatchOutOfMemory as error:
             log.warning("batch ran out of memory: %s", error)
-            return _Failure(pb.FAILURE_KIND_OUT_OF_MEMORY, str(error))
+            return BatchFailure(pb.FAILURE_KIND_OUT_OF_MEMORY, str(error))
         except BatchCancelled:
-            return _Failure(pb.FAILURE_KIND_WORKER_STOPPING, SHUTTING_DOWN_MESSAGE)
+            return BatchFailure(pb.FAILURE_KIND_WORKER_STOPPING, SHUTTING_DOWN_MESSAGE)
         except Exception as error:  # noqa: BLE001 - any engine error becomes a report, the worker lives on
             log.exception("batch failed")
-            return _Failure(pb.FAILURE_KIND_OTHER, f"{type(error).__name__}: {error}")
+            return BatchFailure(pb.FAILURE_KIND_OTHER, f"{type(error).__name__}: {error}")
 
     async def _heartbeat_while_running(
         self,
@@ -324,10 +326,10 @@ class WorkerLoop:
             if on_cancelled is not None and response.cancelled_request_ids:
                 on_cancelled(response.cancelled_request_ids)
 
-    async def _report(self, batch_id: str, outcome: BatchOutput | _Failure, lease_s: float) -> None:
+    async def _report(self, batch_id: str, outcome: BatchOutput | BatchFailure, lease_s: float) -> None:
         """Send the result, retrying while the lease could still be alive."""
         worker_id = self.identity.worker_id
-        if isinstance(outcome, _Failure):
+        if isinstance(outcome, BatchFailure):
             message = outcome.message.encode()[:MAX_FAILURE_MESSAGE_BYTES].decode(errors="ignore")
             rpc_name, rpc = "ReportBatchFailure", self.stub.ReportBatchFailure
             request = pb.ReportBatchFailureRequest(
@@ -366,8 +368,9 @@ async def call_while_lease_lives(rpc, request, what: str, deadline_s: float, tim
             await asyncio.sleep(delay_s)
 
 
-def _observe(outcome: BatchOutput | _Failure, busy_s: float) -> None:
-    if isinstance(outcome, _Failure):
+def observe_outcome(outcome: BatchOutput | BatchFailure, busy_s: float) -> None:
+    """The worker's batch metrics for one batch's end (both worker loops)."""
+    if isinstance(outcome, BatchFailure):
         failed = BatchOutcome.OOM if outcome.kind == pb.FAILURE_KIND_OUT_OF_MEMORY else BatchOutcome.FAILED
         metrics.observe_batch(failed, busy_s)
         return
