@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -73,6 +74,9 @@ class FakeWorker:
             reply = await self.stub.PullBatch(wq.PullBatchRequest(worker_id=WORKER_ID, wait_s=0.2,
                                                                   max_batches=min(free, 16)))
             batches = ([reply.batch] if reply.HasField("batch") else []) + list(reply.more_batches)
+            if self.hold_s <= 0 and batches:  # answer at once: what is left of a call's latency is the services'
+                await self._complete(batches)
+                continue
             self.running += [(time.monotonic() + self.hold_s, b) for b in batches]
 
     async def complete_loop(self) -> None:
@@ -82,11 +86,14 @@ class FakeWorker:
             due = [b for t, b in self.running if t <= now_s]
             self.running = [(t, b) for t, b in self.running if t > now_s]
             if due:
-                await self.stub.CompleteBatches(wq.CompleteBatchesRequest(worker_id=WORKER_ID, completions=[
-                    wq.CompleteBatchRequest(worker_id=WORKER_ID, batch_id=b.batch_id, run_s=self.hold_s, results=[
-                        wq.ItemResult(request_id=i.request_id, text="ok", generated_tokens=i.max_new_tokens)
-                        for i in b.items]) for b in due]))
+                await self._complete(due)
             await asyncio.sleep(0.02)
+
+    async def _complete(self, batches: list[wq.Batch]) -> None:
+        await self.stub.CompleteBatches(wq.CompleteBatchesRequest(worker_id=WORKER_ID, completions=[
+            wq.CompleteBatchRequest(worker_id=WORKER_ID, batch_id=b.batch_id, run_s=max(self.hold_s, 1e-3), results=[
+                wq.ItemResult(request_id=i.request_id, text="ok", generated_tokens=i.max_new_tokens)
+                for i in b.items]) for b in batches]))
 
     async def _stream(self, now_s: float) -> None:
         """Each streamed request's tokens as if generated evenly over the batch's hold, one call a turn."""
@@ -141,6 +148,7 @@ async def send(target: str, rows: list[dict], rate: float, tag: str, stream: boo
                 return dict(status=error.code().name, sent_s=sent_s - started_s, error=error.details(), debug=error.debug_error_string(),
                             failed_s=time.monotonic() - started_s)
             return dict(status="OK", sent_s=sent_s - started_s, done_s=time.monotonic() - started_s,
+                        latency_s=time.monotonic() - sent_s,
                         queued_at_s=reply.timings.queued_at.ToNanoseconds() / 1e9, token_events=token_events)
 
         return await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
@@ -167,7 +175,9 @@ async def one_run(stack: Stack, rows: list[dict], args: argparse.Namespace, tag:
                 sent_per_s=round(len(rows) / max(r["sent_s"] for r in records), 1),
                 done_per_s=round(len(ok) / wall_s, 1),
                 batcher_cpu_s_per_1000=round(1000 * cpu_used_s / len(rows), 3),
-                mean_token_events=round(sum(r.get("token_events", 0) for r in ok) / max(1, len(ok)), 2))
+                mean_token_events=round(sum(r.get("token_events", 0) for r in ok) / max(1, len(ok)), 2),
+                latency_ms_p50=round(1000 * statistics.median(r["latency_s"] for r in ok), 2),
+                latency_ms_mean=round(1000 * statistics.fmean(r["latency_s"] for r in ok), 2))
 
 
 def start_stack(workdir: Path, state: Path, batcher_dir: Path) -> Stack:
@@ -202,7 +212,8 @@ def main() -> int:
     parser.add_argument("--workload", type=Path, default=Path("var/e2e/workload.jsonl"))
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--rate", type=float, default=0.0, help="requests/s; 0 = as fast as the client sends")
-    parser.add_argument("--hold-s", type=float, default=0.5, help="the fake worker's run time of each batch")
+    parser.add_argument("--hold-s", type=float, default=0.5,
+                        help="the fake worker's run time of each batch; 0 = answer as pulled (latency of the services)")
     parser.add_argument("--slots", type=int, default=256, help="requests the fake worker runs at once")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--stream", action="store_true",
