@@ -189,9 +189,6 @@ class BlockPool:
         entries are never read by the attention kernel (it stops at each row's context length),
         but pad_block defaults to a real block index so that a stray read stays in bounds.
         """
-        longest = max((len(self._tables[s]) for s in seqs), default=0)
-        width = longest if width is None else width
-        if width < longest:
-            raise ValueError(f"width {width} is shorter than the longest table ({longest} blocks)")
-        rows = padded_tables([self._tables[s] for s in seqs], width, pad_block, np.int32)
-        return torch.from_numpy(rows).to(device)
+        tables = [self._tables[s] for s in seqs]
+        width = max(map(len, tables), default=0) if width is None else width
+        return torch.from_numpy(padded_tables(tables, width, pad_block, np.int32)).to(device)
