@@ -455,11 +455,11 @@ class Scheduler:
                               self.pool.block_table(request.request_id), is_sampled=end == request.num_tokens)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        """End a running, ending (left running at commit) or preempted request; free what it holds."""
+        """End a running, ending (taken out of `running` at commit) or preempted request; free what it holds."""
         if request.status == RequestStatus.PREEMPTED:
             self.preempted.remove(request)  # holds no blocks
         else:
-            if request in self.running:  # an ending request left running at commit
+            if request in self.running:  # not an ending one: those left `running` at commit
                 self.running.remove(request)
             self.pool.free(request.request_id)
         self._ending.pop(request.request_id, None)
