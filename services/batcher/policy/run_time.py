@@ -54,10 +54,8 @@ class RunTimeModel:
 
     def predict_s(self, size: int, input_tokens: int, gen_tokens: int) -> float | None:
         """Seconds a batch of this shape should run, or None while the model knows too little."""
-        coefficients = self._fitted()
-        if coefficients is None:
-            return None
-        return float(np.dot(coefficients, _features(size, input_tokens, gen_tokens)))
+        each_s = self.predict_each_s([size], [input_tokens], [gen_tokens])
+        return None if each_s is None else float(each_s[0])
 
     def predict_each_s(self, size, input_tokens, gen_tokens) -> np.ndarray | None:
         """`predict_s` of many batches at once (array-likes of their shapes), or None. The batcher asks
