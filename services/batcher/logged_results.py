@@ -16,7 +16,6 @@ answers up to MAX_KEYS_PER_QUERY keys where each had cost an ORM session of its 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -94,10 +93,3 @@ class LoggedResultLookup:
         for key, future in asked:
             if not future.done():  # its caller may have left
                 future.set_result(answers[key])
-
-
-def make_logged_result_lookup(
-    session_factory: async_sessionmaker[AsyncSession],
-) -> Callable[[str, str], Awaitable[tuple[RequestResult, str] | None]]:
-    """lookup(tenant, client_request_id), concurrent calls sharing queries (`LoggedResultLookup`)."""
-    return LoggedResultLookup(session_factory)

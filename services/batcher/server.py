@@ -12,7 +12,7 @@ from services.batcher import metrics as batcher_metrics
 from services.batcher.admission import Admission
 from services.batcher.config import BatcherSettings
 from services.batcher.estimate_refresher import EstimateRefresher
-from services.batcher.logged_results import make_logged_result_lookup
+from services.batcher.logged_results import LoggedResultLookup
 from services.batcher.policy.config import make_policy
 from services.batcher.policy.pack_cost import LinearBatchCost
 from services.batcher.predictor_client import PredictionCoalescer
@@ -93,7 +93,7 @@ async def serve(settings: BatcherSettings) -> None:
     )
     admission = Admission(
         scheduler, coalescer, get_token_counter(), settings, SYSTEM_CLOCK,
-        logged_result=make_logged_result_lookup(session_factory),
+        logged_result=LoggedResultLookup(session_factory),
     )
 
     # Workers' API on its own listener: a forged worker on the client network cannot even reach

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from magnus.v1 import generation_pb2, generation_pb2_grpc
 from services.batcher.config import BatcherSettings
-from services.batcher.logged_results import make_logged_result_lookup
+from services.batcher.logged_results import LoggedResultLookup
 from services.shared.auth import AuthSettings, api_key_entry, bearer_metadata
 from services.shared.db import RequestRow
 from tests.databases import migrated_log_db
@@ -134,7 +134,7 @@ async def log_db(request, tmp_path):
 
 @pytest.mark.asyncio
 async def test_after_a_restart_the_log_answers_the_same_request_and_refuses_another(log_db):
-    lookup = make_logged_result_lookup(log_db)
+    lookup = LoggedResultLookup(log_db)
     async with inprocess_batcher(BatcherSettings(port=0), auth=AUTH, logged_result=lookup) as runner:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)

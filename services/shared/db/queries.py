@@ -71,13 +71,6 @@ async def find_completed_requests(
     return {key: (row, sizes.get(row.batch_id)) for key, row in found.items()}
 
 
-async def find_completed_request(
-    session: AsyncSession, tenant_id: str, client_request_id: str
-) -> tuple[RequestRow, int | None] | None:
-    """The completed request logged under this idempotency key, with its batch's size, or None."""
-    return (await find_completed_requests(session, [(tenant_id, client_request_id)])).get((tenant_id, client_request_id))
-
-
 async def fetch_batches(
     session: AsyncSession, *, since_id: int | None = None, limit: int | None = None
 ) -> list[BatchRow]:
