@@ -34,9 +34,9 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from magnus.v1 import generation_pb2, generation_pb2_grpc, worker_queue_pb2 as wq  # noqa: E402
+from magnus.v1 import worker_queue_pb2 as wq  # noqa: E402
 from magnus.v1 import worker_queue_pb2_grpc  # noqa: E402
-from bench.gpu_e2e import import_calibration  # noqa: E402
+from bench.gpu_e2e import import_calibration, send_all  # noqa: E402
 from tools.stack import BATCHER_INTERNAL, Stack  # noqa: E402
 
 WORKER_ID = "fake-gpu"
@@ -115,45 +115,6 @@ class FakeWorker:
             await self.stub.StreamTokens(wq.StreamTokensRequest(worker_id=WORKER_ID, leases=leases))
 
 
-async def streamed(stub, prompt) -> tuple[generation_pb2.GenerateResponse | None, int]:
-    """GenerateStream read to its end: the FINISHED event's result and how many TOKENS events came."""
-    result, token_events = None, 0
-    async for event in stub.GenerateStream(generation_pb2.GenerateStreamRequest(prompt=prompt), timeout=300):
-        if event.phase == generation_pb2.REQUEST_PHASE_TOKENS:
-            token_events += 1
-        elif event.phase == generation_pb2.REQUEST_PHASE_FINISHED:
-            result = event.result
-    return result, token_events
-
-
-async def send(target: str, rows: list[dict], rate: float, tag: str, stream: bool = False) -> list[dict]:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        started_s = time.monotonic()
-
-        async def one(index: int, row: dict) -> dict:
-            if rate:
-                await asyncio.sleep(max(0.0, started_s + index / rate - time.monotonic()))
-            prompt = generation_pb2.Prompt(instruction=row["instruction"], user_input=row["user_input"],
-                                           max_new_tokens=row["gen_tokens"], tenant_id="ingest",
-                                           client_request_id=f"{tag}-{index}")
-            sent_s = time.monotonic()
-            token_events = 0
-            try:
-                if stream:
-                    reply, token_events = await streamed(stub, prompt)
-                else:
-                    reply = await stub.Generate(generation_pb2.GenerateRequest(prompt=prompt), timeout=300)
-            except grpc.aio.AioRpcError as error:
-                return dict(status=error.code().name, sent_s=sent_s - started_s, error=error.details(), debug=error.debug_error_string(),
-                            failed_s=time.monotonic() - started_s)
-            return dict(status="OK", sent_s=sent_s - started_s, done_s=time.monotonic() - started_s,
-                        latency_s=time.monotonic() - sent_s,
-                        queued_at_s=reply.timings.queued_at.ToNanoseconds() / 1e9, token_events=token_events)
-
-        return await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
-
-
 async def one_run(stack: Stack, rows: list[dict], args: argparse.Namespace, tag: str) -> dict:
     async with grpc.aio.insecure_channel(stack.target(BATCHER_INTERNAL)) as channel:
         worker = FakeWorker(channel, args.hold_s, args.slots)
@@ -161,7 +122,8 @@ async def one_run(stack: Stack, rows: list[dict], args: argparse.Namespace, tag:
         loops = [asyncio.create_task(worker.pull_loop()), asyncio.create_task(worker.complete_loop())]
         pid = stack.processes["batcher"].pid
         cpu_before_s, started_s = cpu_s(pid), time.monotonic()
-        records = await send(stack.target("batcher"), rows, args.rate, tag, args.stream)
+        offsets_s = [index / args.rate if args.rate else 0.0 for index in range(len(rows))]
+        records = await send_all(stack.target("batcher"), rows, offsets_s, tag, args.stream)
         wall_s, cpu_used_s = time.monotonic() - started_s, cpu_s(pid) - cpu_before_s
         worker.stopping = True
         await asyncio.gather(*loops)
