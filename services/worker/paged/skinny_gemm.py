@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.paged.attention import is_available, triton
+from services.worker.paged.fused_ops import rms_norm
 
 if triton is not None:
     import triton.language as tl
@@ -33,6 +34,11 @@ MAX_BLOCK_M = 64  # rows a program holds without a launch's block_m (more rows: 
 # for every matrix (reports/gpu/paged_step run 4: 3.93 vs 4.38 ms a step for Llama-2-7B, 4.03 vs 4.44
 # for Qwen2-7B), at 17-64 rows only for the deep, narrow `down` projection (run 8).
 DEFAULT_SKINNY_ROWS = 64
+
+
+# the split-K launch of a product whose norm is fused at rows where `default_launch` picks another
+# (decode_step's fuse_norms "force"): run 8's launch for the `down` product at 17-64 rows
+NORM_FUSED_LAUNCH = dict(block_n=64, block_k=128, num_stages=3, num_warps=4, splits=4)
 
 
 def default_launch(weight_shape: tuple[int, int], rows: int = 1) -> dict | None:
@@ -65,22 +71,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             out = torch.addmm(residual, x, weight.t())
             return out if bias is None else out + bias
         return F.linear(x, weight, bias)
+    _check_operands(x, weight, launch)
     rows, depth = x.shape
     width = weight.shape[0]
     block_k, block_n = launch["block_k"], launch["block_n"]
-    if depth % block_k or x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError(f"Triton linear needs K % block_k == 0 and contiguous rows, got x {tuple(x.shape)}, "
-                         f"block_k {block_k}")
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     stages = dict(num_stages=launch.get("num_stages", 4), num_warps=launch.get("num_warps", 4))
     epilogue = (bias if bias is not None else out, residual if residual is not None else out,
                 residual.stride(0) if residual is not None else 0)
     flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None)
-    if launch.get("splits", 1) == 1 and launch.get("block_m") is None and rows <= MAX_BLOCK_M:
+    if not runs_split(launch, rows):
         _skinny_gemm_kernel[(triton.cdiv(width, block_n),)](
             x, weight, *epilogue, out, rows, width, depth, x.stride(0), weight.stride(0), out.stride(0), **flags,
             BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k, **stages)
         return out
+    partial = _split_partials(x, weight, launch)
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(rows * width, block),)](
+        partial, *epilogue, out, rows * width, width, out.stride(0), partial.shape[0], **flags, BLOCK=block)
+    return out
+
+
+def _check_operands(x: torch.Tensor, weight: torch.Tensor, launch: dict) -> None:
+    if x.shape[1] % launch["block_k"] or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"Triton linear needs K % block_k == 0 and contiguous rows, got x {tuple(x.shape)}, "
+                         f"block_k {launch['block_k']}")
+
+
+def _split_partials(x: torch.Tensor, weight: torch.Tensor, launch: dict) -> torch.Tensor:
+    """The split-K kernel's fp32 partials [splits, M, N] of x @ weight.T (`linear` checked the shapes)."""
+    rows, depth = x.shape
+    width = weight.shape[0]
+    block_k, block_n = launch["block_k"], launch["block_n"]
     block_m = launch.get("block_m") or min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
     k_tiles = depth // block_k
     splits = min(launch.get("splits", 1), k_tiles)
@@ -89,11 +111,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     partial = torch.empty(splits, rows, width, dtype=torch.float32, device=x.device)
     _split_gemm_kernel[(triton.cdiv(rows, block_m), triton.cdiv(width, block_n), splits)](
         x, weight, partial, rows, width, depth, k_per_split, x.stride(0), weight.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **stages)
-    block = 1024
-    _sum_splits_kernel[(triton.cdiv(rows * width, block),)](
-        partial, *epilogue, out, rows * width, width, out.stride(0), splits, **flags, BLOCK=block)
-    return out
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_stages=launch.get("num_stages", 4), num_warps=launch.get("num_warps", 4))
+    return partial
+
+
+def runs_split(launch: dict | None, rows: int) -> bool:
+    """Whether `linear` runs `launch` at this many rows as the split-K kernels (whose second kernel
+    sees whole rows) rather than torch's product or the one-kernel skinny GEMM."""
+    return launch is not None and not (launch.get("splits", 1) == 1 and launch.get("block_m") is None
+                                       and rows <= MAX_BLOCK_M)
+
+
+def linear_and_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float, *,
+                    residual: torch.Tensor | None = None, launch: dict | None = None, fuse: bool = True,
+                    use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, rms_norm(out) * norm_weight) for out = x @ weight.T + residual: a product followed by the
+    next RMSNorm, as every decoder layer has twice. With a split-K launch (`runs_split`) the kernel that
+    sums the splits runs one program per row and normalises the row it has just written, so the norm
+    costs no kernel of its own (at 64 rows each kernel of a graph-replayed step costs a few us,
+    whatever its size); otherwise, or with fuse False, the product, then `rms_norm`."""
+    if not (fuse and runs_split(launch, x.shape[0]) and is_available(x.device)):
+        out = linear(x, weight, residual=residual, launch=launch)
+        return out, rms_norm(out, norm_weight, eps, use_triton=use_triton)
+    _check_operands(x, weight, launch)
+    partial = _split_partials(x, weight, launch)
+    rows, width = x.shape[0], weight.shape[0]
+    out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    normed = torch.empty_like(out)
+    _sum_splits_norm_kernel[(rows,)](
+        partial, residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
+        out, norm_weight, normed, rows, width, partial.shape[0], eps, HAS_RESIDUAL=residual is not None,
+        BLOCK=triton.next_power_of_2(width), num_warps=8)
+    return out, normed
 
 
 if triton is not None:
@@ -164,3 +214,26 @@ if triton is not None:
         if HAS_RESIDUAL:
             acc += tl.load(res_ptr + row * res_stride + col, mask=is_in, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * out_stride + col, acc.to(out_ptr.dtype.element_ty), mask=is_in)
+
+    @triton.jit
+    def _sum_splits_norm_kernel(
+        partial_ptr, res_ptr, res_stride, out_ptr, norm_w_ptr, normed_ptr, rows, width, splits, eps,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One row: out = sum over splits of partial [splits, M, N] (in split order) + residual, then
+        normed = RMSNorm(out) * norm_w computed from out as stored (rounded), as `rms_norm` would."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        is_col = cols < width
+        at = row * width + cols
+        acc = tl.zeros([BLOCK], tl.float32)
+        for split in range(splits):
+            acc += tl.load(partial_ptr + split * rows * width + at, mask=is_col, other=0.0)
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + row * res_stride + cols, mask=is_col, other=0.0).to(tl.float32)
+        out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + at, out, mask=is_col)
+        x = out.to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
+        w = tl.load(norm_w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+        tl.store(normed_ptr + at, (x * inv_rms * w).to(normed_ptr.dtype.element_ty), mask=is_col)

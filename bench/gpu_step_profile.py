@@ -1,0 +1,160 @@
+"""Where a graph-replayed paged decode step's time goes, kernel by kernel, and how much is gaps.
+
+Run on an H100/H200 (the device tool):  PYTHONUNBUFFERED=1 python3 bench/gpu_step_profile.py --out $OUT
+On the CPU `--smoke` runs the tiny shape eagerly (TRITON_INTERPRET=1 for the kernels): it checks the script.
+
+For each shape and row count the step is built as the worker serves it (`PagedDecoder` with its
+default launches: Triton products where `skinny_gemm.default_launch` picks them, cuBLAS elsewhere),
+captured as a CUDA graph (`GraphedDecode`), timed (median of 20 replays, CUDA events) and then
+replayed under torch.profiler. From the profiler's kernel records of one replay: the kernels' summed
+busy time by family (GEMM, attention, norm, rotary, SiLU, split-K sum, argmax, ...), their count,
+and the step's span minus the busy time = time between kernels (launch gaps, ramp-up and drain).
+`--variants` times the step again with decoder switches (`name:attr=value,...`), so a fusion can be
+compared against the same case in one run. Writes step_profile.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gpu_paged_step import SHAPES, SMOKE, Case, _event_time_s  # noqa: E402
+from services.worker.paged.decode_step import GraphedDecode, PagedWeights  # noqa: E402
+
+# kernel name fragments -> family (first match wins); cuBLAS kernels are named by their tile shape
+FAMILIES = (
+    ("paged_decode", "attention"), ("merge_splits", "attention merge"), ("rms_norm", "rms norm"),
+    ("rope_write", "rotary + kv write"), ("silu_mul", "silu-and-mul"), ("split_gemm", "triton gemm"),
+    ("skinny_gemm", "triton gemm"), ("sum_splits", "split-k sum"), ("gemm", "cublas gemm"),
+    ("sm90", "cublas gemm"), ("cutlass", "cublas gemm"), ("nvjet", "cublas gemm"), ("argmax", "argmax"),
+    ("reduce", "argmax"), ("embedding", "embedding"), ("index", "embedding"),
+)
+
+
+def family(name: str) -> str:
+    lowered = name.lower()
+    return next((label for fragment, label in FAMILIES if fragment in lowered), "other")
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name:attr=value,attr=value' -> (name, {attr: value}); values parsed as JSON where they parse."""
+    name, _, assignments = text.partition(":")
+    settings = {}
+    for assignment in filter(None, assignments.split(",")):
+        key, _, value = assignment.partition("=")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return name, settings
+
+
+def profile_replay(graphed: GraphedDecode) -> dict:
+    """Kernel records of one replay: busy time per family, kernel count, span and gaps (us)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graphed.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0]
+    if not kernels:
+        return {}
+    busy = defaultdict(float)
+    counts = defaultdict(int)
+    for kernel in kernels:
+        busy[family(kernel.name)] += kernel.device_time
+        counts[family(kernel.name)] += 1
+    starts = [k.time_range.start for k in kernels]
+    ends = [k.time_range.end for k in kernels]
+    span_us = max(ends) - min(starts)
+    busy_us = sum(busy.values())
+    return dict(kernels=len(kernels), span_us=span_us, busy_us=busy_us, gap_us=span_us - busy_us,
+                families={f: dict(us=busy[f], count=counts[f]) for f in sorted(busy, key=busy.get, reverse=True)},
+                top_kernels=sorted(({"name": k.name[:90], "us": k.device_time} for k in kernels),
+                                   key=lambda k: -k["us"])[:12])
+
+
+def step_ms(case: Case, batch: int, settings: dict) -> tuple[float, GraphedDecode | None, list[int]]:
+    decoder = case.decoder
+    saved = {key: getattr(decoder, key) for key in settings}
+    for key, value in settings.items():
+        setattr(decoder, key, value)
+    try:
+        if case.device.type != "cuda":
+            inputs = decoder.empty_inputs(batch, case.table_width)
+            case.fill(inputs, batch)
+            logits = decoder.decode(inputs)
+            return float("nan"), None, logits.argmax(-1)[:4].tolist()
+        graphed = GraphedDecode(decoder, batch, case.table_width)
+        case.fill(graphed.inputs, batch)
+        for _ in range(3):
+            graphed.replay()
+        times_s = [_event_time_s(graphed.replay) for _ in range(20)]
+        return statistics.median(times_s) * 1e3, graphed, graphed.next_tokens[:4].tolist()
+    finally:
+        for key, value in saved.items():
+            setattr(decoder, key, value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--shapes", default="qwen2-7b,llama2-7b")
+    parser.add_argument("--batches", default="16,64,256")
+    parser.add_argument("--min-context", type=int, default=32)
+    parser.add_argument("--max-context", type=int, default=512)
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="name:attr=value,... decoder attributes set for a second timing (e.g. fuse_norms=true)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batches = [2, 4] if args.smoke else [int(b) for b in args.batches.split(",")]
+    gen = torch.Generator().manual_seed(0)
+    max_context = 40 if args.smoke else args.max_context
+    lengths = torch.randint(args.min_context, max_context + 1, (max(*batches, 8),), generator=gen).tolist()
+    result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  torch=torch.__version__, command=" ".join(sys.argv),
+                  date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), context_lens=lengths, rows=[])
+    variants = [("served", {})] + [parse_variant(v) for v in args.variants]
+    shapes = {"smoke": SMOKE} if args.smoke else {name: SHAPES[name] for name in args.shapes.split(",")}
+    table = []
+    for name, config in shapes.items():
+        weights = PagedWeights.random(config, device, dtype)
+        case = Case(config, weights, lengths, "token_major")
+        for batch in batches:
+            for variant, settings in variants:
+                ms, graphed, tokens = step_ms(case, batch, settings)
+                profiled = profile_replay(graphed) if graphed is not None else {}
+                row = dict(shape=name, rows=batch, variant=variant, settings=settings, step_ms=ms,
+                           sample_tokens=tokens, **profiled)
+                result["rows"].append(row)
+                del graphed
+                families = row.get("families", {})
+                line = (f"{name:10s} rows {batch:4d} {variant:14s} step {ms:7.3f} ms tokens {tokens}"
+                        + (f" | kernels {row['kernels']} busy {row['busy_us']:.0f} us gaps {row['gap_us']:.0f} us | "
+                           + ", ".join(f"{f} {v['us']:.0f}/{v['count']}" for f, v in families.items())
+                           if families else ""))
+                print(line, flush=True)
+                table.append(line)
+                (args.out / "step_profile.json").write_text(json.dumps(result, indent=2))
+        del case, weights
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("\n" + "\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
