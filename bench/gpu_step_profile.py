@@ -9,8 +9,10 @@ captured as a CUDA graph (`GraphedDecode`), timed (median of 20 replays, CUDA ev
 replayed under torch.profiler. From the profiler's kernel records of one replay: the kernels' summed
 busy time by family (GEMM, attention, norm, rotary, SiLU, split-K sum, argmax, ...), their count,
 and the step's span minus the busy time = time between kernels (launch gaps, ramp-up and drain).
-`--variants` times the step again with decoder switches (`name:attr=value,...`), so a fusion can be
-compared against the same case in one run. Writes step_profile.json and prints a table.
+The roofline is bench/gpu_paged_step.py's (max of bytes / measured copy bandwidth and FLOPs / measured
+matrix rate). `--variants` times the step again with decoder attributes set (`name:attr=value,...`,
+e.g. `cublas:skinny_gemm_rows=0`), so a change can be compared against the same case in one run.
+Writes step_profile.json and prints a table.
 """
 
 from __future__ import annotations
@@ -27,16 +29,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_paged_step import SHAPES, SMOKE, Case, _event_time_s  # noqa: E402
+from bench.gpu_paged_step import (  # noqa: E402
+    SHAPES, SMOKE, Case, _event_time_s, copy_bandwidth_bytes_per_s, matmul_flops_per_s,
+)
 from services.worker.paged.decode_step import GraphedDecode, PagedWeights  # noqa: E402
 
 # kernel name fragments -> family (first match wins); cuBLAS kernels are named by their tile shape
 FAMILIES = (
-    ("paged_decode", "attention"), ("merge_splits", "attention merge"), ("rms_norm", "rms norm"),
+    ("paged_decode", "attention"), ("merge_splits", "attention merge"), ("add_rms_norm", "add + rms norm"),
+    ("rms_norm", "rms norm"),
     ("rope_write", "rotary + kv write"), ("silu_mul", "silu-and-mul"), ("split_gemm", "triton gemm"),
     ("skinny_gemm", "triton gemm"), ("sum_splits", "split-k sum"), ("gemm", "cublas gemm"),
-    ("sm90", "cublas gemm"), ("cutlass", "cublas gemm"), ("nvjet", "cublas gemm"), ("argmax", "argmax"),
-    ("reduce", "argmax"), ("embedding", "embedding"), ("index", "embedding"),
+    ("sm90", "cublas gemm"), ("cutlass", "cublas gemm"), ("nvjet", "cublas gemm"), ("splitk", "cublas gemm"),
+    ("argmax", "argmax"), ("embedding", "embedding"), ("index", "embedding"),
+    ("elementwise", "torch elementwise (copy, add)"),
 )
 
 
@@ -127,6 +133,9 @@ def main() -> int:
     result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   torch=torch.__version__, command=" ".join(sys.argv),
                   date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), context_lens=lengths, rows=[])
+    result["copy_bandwidth_bytes_per_s"] = bw = copy_bandwidth_bytes_per_s(device)
+    result["matmul_flops_per_s"] = flops_rate = matmul_flops_per_s(device)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, matrix rate {flops_rate / 1e12:.0f} TFLOP/s", flush=True)
     variants = [("served", {})] + [parse_variant(v) for v in args.variants]
     shapes = {"smoke": SMOKE} if args.smoke else {name: SHAPES[name] for name in args.shapes.split(",")}
     table = []
@@ -137,12 +146,14 @@ def main() -> int:
             for variant, settings in variants:
                 ms, graphed, tokens = step_ms(case, batch, settings)
                 profiled = profile_replay(graphed) if graphed is not None else {}
+                roofline_ms = case.roofline(batch, bw, flops_rate)["roofline_ms"]
                 row = dict(shape=name, rows=batch, variant=variant, settings=settings, step_ms=ms,
-                           sample_tokens=tokens, **profiled)
+                           roofline_ms=roofline_ms, ratio=ms / roofline_ms, sample_tokens=tokens, **profiled)
                 result["rows"].append(row)
                 del graphed
                 families = row.get("families", {})
-                line = (f"{name:10s} rows {batch:4d} {variant:14s} step {ms:7.3f} ms tokens {tokens}"
+                line = (f"{name:10s} rows {batch:4d} {variant:10s} step {ms:6.3f} ms roofline {roofline_ms:6.3f} "
+                        f"({row['ratio']:.2f}x) tokens {tokens}"
                         + (f" | kernels {row['kernels']} busy {row['busy_us']:.0f} us gaps {row['gap_us']:.0f} us | "
                            + ", ".join(f"{f} {v['us']:.0f}/{v['count']}" for f, v in families.items())
                            if families else ""))

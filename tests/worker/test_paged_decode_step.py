@@ -131,27 +131,6 @@ def test_default_skinny_launches_equal_torch_step(bucket):
         torch.testing.assert_close(b, a, rtol=3e-3, atol=3e-3)
 
 
-@needs_triton
-@pytest.mark.parametrize("fuse_norms,bucket", [("split", 32), ("force", 2), ("force", 32)])
-def test_norms_fused_into_split_k_sums_equal_torch_step(fuse_norms, bucket):
-    """fuse_norms: each out/down product's RMSNorm computed by its split-K summing kernel ("split":
-    where the launch splits, here `down` at 32 rows; "force": out and down split at any row count)
-    gives the torch step's logits."""
-    device = triton_device()
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "hidden_size": 128, "intermediate_size": 256},
-                                         num_key_value_heads=2, rope_theta=1e4)).float().eval()
-    config = PagedModelConfig.from_hf(model.config)
-    weights = PagedWeights.from_hf(model.to(device))
-    gen = torch.Generator().manual_seed(6)
-    sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in (5, 3)]
-    decoders = [PagedDecoder(config, weights, 30, 4, use_triton=flag) for flag in (False, True)]
-    decoders[1].fuse_norms = fuse_norms
-    steps = [run_staggered(decoder, sequences, [0, 1], bucket=bucket) for decoder in decoders]
-    for a, b in zip(*steps, strict=True):
-        torch.testing.assert_close(b, a, rtol=3e-3, atol=3e-3)
-
-
 def test_default_launch_follows_the_swept_winners():
     assert default_launch((22016, 4096)) == dict(block_n=64, block_k=128, num_stages=3, num_warps=4)  # gate/up
     assert default_launch((4096, 11008)) == dict(block_n=32, block_k=256, num_stages=5, num_warps=4)  # down

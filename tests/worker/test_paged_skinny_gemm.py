@@ -61,31 +61,28 @@ def test_refuses_depth_not_a_multiple_of_block_k():
 
 
 @needs_triton
-@pytest.mark.parametrize("rows,block_m,splits", [(1, None, 2), (40, None, 3), (70, 32, 4)])
-@pytest.mark.parametrize("has_residual", [False, True])
-def test_split_k_with_the_norm_fused_equals_product_then_norm(rows, block_m, splits, has_residual):
-    """The summing kernel's RMSNorm of each row it wrote equals `rms_norm` of `linear`'s output, and
-    its output equals `linear`'s (the residual stream the next layer adds to)."""
+@pytest.mark.parametrize("launch", [None, dict(block_n=32, block_k=16, num_stages=2),
+                                    dict(block_n=32, block_k=16, num_stages=2, splits=3),
+                                    dict(block_n=32, block_k=16, num_stages=2, block_m=32)])
+def test_product_then_norm_equals_product_with_residual_then_norm(launch):
+    """linear_and_norm (the residual added by the split-K sum, or by add_rms_norm after a product
+    without it) gives `linear`'s output with the residual and `rms_norm` of it."""
     device = triton_device()
-    gen = torch.Generator().manual_seed(rows + splits)
-    width, depth = 72, 80  # width not a power of two: the row's column mask is exercised
+    gen = torch.Generator().manual_seed(7)
+    rows, width, depth = 40, 72, 80
     x = torch.randn(rows, depth, generator=gen).to(device)
     w = torch.randn(width, depth, generator=gen).to(device)
-    norm_weight = torch.rand(width, generator=gen).to(device) + 0.5
-    r = torch.randn(rows, width, generator=gen).to(device) if has_residual else None
-    launch = dict(block_n=32, block_k=16, num_stages=2, block_m=block_m, splits=splits)
-    out, normed = linear_and_norm(x, w, norm_weight, 1e-6, residual=r, launch=launch)
-    expected = linear(x, w, residual=r, launch=launch)
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(normed, rms_norm(expected, norm_weight, 1e-6, use_triton=False))
+    r = torch.randn(rows, width, generator=gen).to(device)
+    norm_weight = (torch.rand(width, generator=gen) + 0.5).to(device)
+    hidden, normed = linear_and_norm(x, w, norm_weight, 1e-6, residual=r, launch=launch)
+    torch.testing.assert_close(hidden, x @ w.T + r, rtol=3e-3, atol=3e-2)  # tf32 products on a GPU
+    torch.testing.assert_close(normed, rms_norm(hidden, norm_weight, 1e-6, use_triton=False), rtol=1e-5, atol=1e-5)
 
 
-def test_norm_unfused_without_a_split_launch():
-    """On the CPU, without a launch, or with fuse False: the product, then the norm."""
+def test_product_then_norm_on_the_cpu_is_torch():
     gen = torch.Generator().manual_seed(0)
     x, w, r = (torch.randn(*s, generator=gen) for s in ((3, 8), (5, 8), (3, 5)))
     norm_weight = torch.rand(5, generator=gen)
-    for kwargs in ({}, {"launch": dict(block_n=32, block_k=8, splits=2), "fuse": False}):
-        out, normed = linear_and_norm(x, w, norm_weight, 1e-5, residual=r, **kwargs)
-        torch.testing.assert_close(out, x @ w.T + r)
-        torch.testing.assert_close(normed, rms_norm(x @ w.T + r, norm_weight, 1e-5, use_triton=False))
+    hidden, normed = linear_and_norm(x, w, norm_weight, 1e-5, residual=r)
+    torch.testing.assert_close(hidden, x @ w.T + r)
+    torch.testing.assert_close(normed, rms_norm(x @ w.T + r, norm_weight, 1e-5, use_triton=False))

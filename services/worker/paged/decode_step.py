@@ -25,9 +25,7 @@ import torch.nn.functional as F
 from services.worker.fast_decoder import LayerWeights, view_rows_of
 from services.worker.paged.attention import paged_decode_attention, paged_decode_attention_reference
 from services.worker.paged.fused_ops import rms_norm, rope_and_write_kv, silu_mul
-from services.worker.paged.skinny_gemm import (
-    DEFAULT_SKINNY_ROWS, NORM_FUSED_LAUNCH, default_launch, linear, linear_and_norm, runs_split,
-)
+from services.worker.paged.skinny_gemm import DEFAULT_SKINNY_ROWS, default_launch, linear, linear_and_norm
 
 
 @dataclass(frozen=True)
@@ -207,8 +205,6 @@ class PagedDecoder:
         # beyond (or use_triton False)
         self.gemm_launch: dict[tuple[int, int], dict] = {}
         self.skinny_gemm_rows = DEFAULT_SKINNY_ROWS
-        # "off" | "split" | "force": where a product's RMSNorm runs in its split-K summing kernel (`_normed_gemm`)
-        self.fuse_norms = "off"
         device, dtype = weights.embed.device, weights.embed.dtype
         self.device, self.dtype = device, dtype
         # num_blocks + 1: the last block is the padding rows' scratch. Every cache is indexed
@@ -275,7 +271,7 @@ class PagedDecoder:
         """One step for every row of `inputs`; returns logits [B, vocab] in the model's dtype.
         No host sync unless use_triton is False (the reference attention): capturable."""
         config, weights, use_triton, rows = self.config, self.weights, self.use_triton, inputs.batch
-        eps, fuse = config.rms_norm_eps, self.fuse_norms != "off"
+        eps = config.rms_norm_eps
         hidden = F.embedding(inputs.token_ids, weights.embed)
         normed = rms_norm(hidden, weights.layers[0].input_norm, eps, use_triton=use_triton)
         next_norms = [layer.input_norm for layer in weights.layers[1:]] + [weights.final_norm]
@@ -291,13 +287,12 @@ class PagedDecoder:
                 attended = paged_decode_attention(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens,
                                                   self.scale, **self.attention_launch)
             hidden, normed = linear_and_norm(attended.view(rows, -1), layer.out, layer.post_norm, eps,
-                                             residual=hidden, launch=self._normed_gemm(layer.out, rows),
-                                             fuse=fuse, use_triton=use_triton)
+                                             residual=hidden, launch=self._gemm(layer.out, rows),
+                                             use_triton=use_triton)
             gate_up = linear(normed, layer.gate_up, launch=self._gemm(layer.gate_up, rows))
             activated = silu_mul(gate_up, use_triton=use_triton)
             hidden, normed = linear_and_norm(activated, layer.down, next_norm, eps, residual=hidden,
-                                             launch=self._normed_gemm(layer.down, rows), fuse=fuse,
-                                             use_triton=use_triton)
+                                             launch=self._gemm(layer.down, rows), use_triton=use_triton)
         return linear(normed, weights.lm_head, launch=self._gemm(weights.lm_head, rows))
 
     def _gemm(self, weight: torch.Tensor, rows: int) -> dict | None:
@@ -309,17 +304,6 @@ class PagedDecoder:
         if shape in self.gemm_launch:
             return self.gemm_launch[shape]
         return default_launch(shape, rows) if rows <= self.skinny_gemm_rows else None
-
-    def _normed_gemm(self, weight: torch.Tensor, rows: int) -> dict | None:
-        """The launch of a product whose output is normalised next (out, down): `_gemm`'s, but with
-        fuse_norms "split" a split-K launch keeps the norm in its summing kernel, and with "force" such
-        a product runs split-K (NORM_FUSED_LAUNCH) at any row count up to skinny_gemm_rows; "off": the
-        product as `_gemm` says and the norm as a kernel of its own."""
-        launch = self._gemm(weight, rows)
-        if (self.fuse_norms == "force" and self.use_triton is not False and not runs_split(launch, rows)
-                and rows <= self.skinny_gemm_rows and weight.shape[1] % NORM_FUSED_LAUNCH["block_k"] == 0):
-            return NORM_FUSED_LAUNCH
-        return launch
 
 
 Outputs = TypeVar("Outputs")

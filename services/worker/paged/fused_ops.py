@@ -1,4 +1,5 @@
-"""The decode step's elementwise work as single kernels: RMSNorm, rotary + KV-slot write, SiLU-and-mul.
+"""The decode step's elementwise work as single kernels: RMSNorm (alone or after a residual add),
+rotary + KV-slot write, SiLU-and-mul.
 
 In a graph-replayed decode step at small batch every kernel costs a few microseconds whatever its
 size, and unfused, rotary alone is ~8 kernels a layer (slices, cat, mul, add, two scatters). Each
@@ -34,6 +35,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, use_triton: b
     _rms_norm_kernel[(x.shape[0],)](x, weight, out, x.stride(0), out.stride(0), x.shape[1], eps,
                                     BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
     return out
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, normed): hidden = x + residual in x's dtype (the residual stream), normed = its RMSNorm
+    as `rms_norm` computes it, in one kernel. A product followed by a norm runs without its residual
+    and this adds it: cuBLAS's addmm with a residual first copies the residual into its output (a
+    kernel of its own, ~1.6 us a layer at 64 rows on an H200, bench/gpu_step_profile.py)."""
+    if not _use_triton(x, use_triton):
+        hidden = (x.float() + residual.float()).to(x.dtype)
+        return hidden, rms_norm(hidden, weight, eps, use_triton=False)
+    hidden, normed = torch.empty_like(x), torch.empty_like(x)
+    _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, hidden, normed, x.stride(0), residual.stride(0),
+                                        hidden.stride(0), x.shape[1], eps,
+                                        BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
+    return hidden, normed
 
 
 def silu_mul(gate_up: torch.Tensor, *, use_triton: bool | None = None) -> torch.Tensor:
@@ -96,6 +113,21 @@ if triton is not None:
         inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
         w = tl.load(w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * out_stride + cols, (x * inv_rms * w).to(out_ptr.dtype.element_ty), mask=is_col)
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, hidden_ptr, normed_ptr, x_stride, res_stride, out_stride, width,
+                             eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        is_col = cols < width
+        x = tl.load(x_ptr + row * x_stride + cols, mask=is_col, other=0.0).to(tl.float32)
+        residual = tl.load(res_ptr + row * res_stride + cols, mask=is_col, other=0.0).to(tl.float32)
+        hidden = (x + residual).to(hidden_ptr.dtype.element_ty)
+        tl.store(hidden_ptr + row * out_stride + cols, hidden, mask=is_col)
+        h = hidden.to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(h * h, axis=0) / width + eps)
+        w = tl.load(w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
+        tl.store(normed_ptr + row * out_stride + cols, (h * inv_rms * w).to(normed_ptr.dtype.element_ty), mask=is_col)
 
     @triton.jit
     def _silu_mul_kernel(gate_up_ptr, out_ptr, in_stride, out_stride, width, BLOCK: tl.constexpr):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from services.worker.paged.decode_step import PagedDecoder, capture_step
 from services.worker.paged.fused_ops import rms_norm, rope_and_write_kv, silu_mul
 from services.worker.paged.kv_blocks import padded_tables
-from services.worker.paged.skinny_gemm import linear
+from services.worker.paged.skinny_gemm import linear, linear_and_norm
 from services.worker.paged.varlen_attention import varlen_paged_attention
 
 
@@ -94,20 +94,23 @@ def mixed_forward(decoder: PagedDecoder, inputs: MixedInputs) -> torch.Tensor:
     No host sync unless decoder.use_triton is False (the reference attention): capturable."""
     config, weights, use_triton = decoder.config, decoder.weights, decoder.use_triton
     hidden = F.embedding(inputs.token_ids, weights.embed)
-    num_tokens = hidden.shape[0]
-    for layer, k_cache, v_cache in zip(weights.layers, decoder.k_caches, decoder.v_caches, strict=True):
-        normed = rms_norm(hidden, layer.input_norm, config.rms_norm_eps, use_triton=use_triton)
+    num_tokens, eps = hidden.shape[0], config.rms_norm_eps
+    normed = rms_norm(hidden, weights.layers[0].input_norm, eps, use_triton=use_triton)
+    next_norms = [layer.input_norm for layer in weights.layers[1:]] + [weights.final_norm]
+    for layer, next_norm, k_cache, v_cache in zip(weights.layers, next_norms, decoder.k_caches, decoder.v_caches,
+                                                  strict=True):
         qkv = linear(normed, layer.qkv, layer.qkv_bias)
         q = rope_and_write_kv(qkv, decoder.cos, decoder.sin, inputs.positions, inputs.slot_mapping, k_cache, v_cache,
                               config.num_heads, use_triton=use_triton)
         attended = varlen_paged_attention(q, k_cache, v_cache, inputs.block_tables, inputs.context_lens,
                                           inputs.query_starts, decoder.scale, use_triton=use_triton,
                                           **decoder.varlen_launch)
-        hidden = linear(attended.reshape(num_tokens, -1), layer.out, residual=hidden)
-        normed = rms_norm(hidden, layer.post_norm, config.rms_norm_eps, use_triton=use_triton)
-        hidden = linear(silu_mul(linear(normed, layer.gate_up), use_triton=use_triton), layer.down, residual=hidden)
-    sampled = hidden[inputs.sample_indices]
-    return linear(rms_norm(sampled, weights.final_norm, config.rms_norm_eps, use_triton=use_triton), weights.lm_head)
+        hidden, normed = linear_and_norm(attended.reshape(num_tokens, -1), layer.out, layer.post_norm, eps,
+                                         residual=hidden, use_triton=use_triton)
+        activated = silu_mul(linear(normed, layer.gate_up), use_triton=use_triton)
+        hidden, normed = linear_and_norm(activated, layer.down, next_norm, eps, residual=hidden, use_triton=use_triton)
+    # every token is normalised by the last layer's norm (one kernel either way); only the sampled reach the head
+    return linear(normed[inputs.sample_indices], weights.lm_head)
 
 
 class GraphedMixed:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.paged.attention import is_available, triton
-from services.worker.paged.fused_ops import rms_norm
+from services.worker.paged.fused_ops import add_rms_norm, rms_norm
 
 if triton is not None:
     import triton.language as tl
@@ -34,11 +34,6 @@ MAX_BLOCK_M = 64  # rows a program holds without a launch's block_m (more rows: 
 # for every matrix (reports/gpu/paged_step run 4: 3.93 vs 4.38 ms a step for Llama-2-7B, 4.03 vs 4.44
 # for Qwen2-7B), at 17-64 rows only for the deep, narrow `down` projection (run 8).
 DEFAULT_SKINNY_ROWS = 64
-
-
-# the split-K launch of a product whose norm is fused at rows where `default_launch` picks another
-# (decode_step's fuse_norms "force"): run 8's launch for the `down` product at 17-64 rows
-NORM_FUSED_LAUNCH = dict(block_n=64, block_k=128, num_stages=3, num_warps=4, splits=4)
 
 
 def default_launch(weight_shape: tuple[int, int], rows: int = 1) -> dict | None:
@@ -124,26 +119,18 @@ def runs_split(launch: dict | None, rows: int) -> bool:
 
 
 def linear_and_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, eps: float, *,
-                    residual: torch.Tensor | None = None, launch: dict | None = None, fuse: bool = True,
+                    residual: torch.Tensor, launch: dict | None = None,
                     use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, rms_norm(out) * norm_weight) for out = x @ weight.T + residual: a product followed by the
-    next RMSNorm, as every decoder layer has twice. With a split-K launch (`runs_split`) the kernel that
-    sums the splits runs one program per row and normalises the row it has just written, so the norm
-    costs no kernel of its own (at 64 rows each kernel of a graph-replayed step costs a few us,
-    whatever its size); otherwise, or with fuse False, the product, then `rms_norm`."""
-    if not (fuse and runs_split(launch, x.shape[0]) and is_available(x.device)):
-        out = linear(x, weight, residual=residual, launch=launch)
-        return out, rms_norm(out, norm_weight, eps, use_triton=use_triton)
-    _check_operands(x, weight, launch)
-    partial = _split_partials(x, weight, launch)
-    rows, width = x.shape[0], weight.shape[0]
-    out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
-    normed = torch.empty_like(out)
-    _sum_splits_norm_kernel[(rows,)](
-        partial, residual if residual is not None else out, residual.stride(0) if residual is not None else 0,
-        out, norm_weight, normed, rows, width, partial.shape[0], eps, HAS_RESIDUAL=residual is not None,
-        BLOCK=triton.next_power_of_2(width), num_warps=8)
-    return out, normed
+    """(hidden, normed) for hidden = x @ weight.T + residual and normed = rms_norm(hidden) * norm_weight:
+    a product followed by the next RMSNorm, as every decoder layer has twice. A split-K launch adds the
+    residual in its summing kernel and the norm runs after; any other product runs without the
+    residual and `add_rms_norm` adds it, which spares cuBLAS's copy of the residual into its output.
+    (Normalising inside the summing kernel, one program per row, measured no faster: its 64 programs
+    cost what the norm kernel did, bench/gpu_step_profile.py run of 2026-12-04.)"""
+    if runs_split(launch, x.shape[0]):
+        hidden = linear(x, weight, residual=residual, launch=launch)
+        return hidden, rms_norm(hidden, norm_weight, eps, use_triton=use_triton)
+    return add_rms_norm(linear(x, weight, launch=launch), residual, norm_weight, eps, use_triton=use_triton)
 
 
 if triton is not None:
@@ -214,26 +201,3 @@ if triton is not None:
         if HAS_RESIDUAL:
             acc += tl.load(res_ptr + row * res_stride + col, mask=is_in, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * out_stride + col, acc.to(out_ptr.dtype.element_ty), mask=is_in)
-
-    @triton.jit
-    def _sum_splits_norm_kernel(
-        partial_ptr, res_ptr, res_stride, out_ptr, norm_w_ptr, normed_ptr, rows, width, splits, eps,
-        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        """One row: out = sum over splits of partial [splits, M, N] (in split order) + residual, then
-        normed = RMSNorm(out) * norm_w computed from out as stored (rounded), as `rms_norm` would."""
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        is_col = cols < width
-        at = row * width + cols
-        acc = tl.zeros([BLOCK], tl.float32)
-        for split in range(splits):
-            acc += tl.load(partial_ptr + split * rows * width + at, mask=is_col, other=0.0)
-        if HAS_RESIDUAL:
-            acc += tl.load(res_ptr + row * res_stride + cols, mask=is_col, other=0.0).to(tl.float32)
-        out = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + at, out, mask=is_col)
-        x = out.to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
-        w = tl.load(norm_w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
-        tl.store(normed_ptr + at, (x * inv_rms * w).to(normed_ptr.dtype.element_ty), mask=is_col)
