@@ -14,7 +14,9 @@
 # else from this tree, with those variables set, e.g. "new new_gil1ms:MAGNUS_WORKER_GIL_SWITCH_INTERVAL_S=0.001".
 # MAGNUS_AB_PYSPY=path/to/py-spy samples the GIL holder of each service in MAGNUS_AB_PYSPY_SERVICES (default
 # "worker"; e.g. "worker batcher predictor driver", driver = bench/gpu_e2e.py, the clients) for MAGNUS_AB_PYSPY_S (8) s of each burst into <name>.tgz as
-# pyspy_<service>.txt (MAGNUS_AB_PYSPY_ARGS, default --gil; --idle samples every thread's wall time instead).
+# pyspy_<service>.txt (MAGNUS_AB_PYSPY_ARGS, default --gil; --idle samples every thread's wall time instead),
+# starting once the driver's log has a line matching MAGNUS_AB_PYSPY_AFTER (default "rate   12.0/s": the first
+# burst; "rate  400.0/s:" with --stream both: the streamed burst, which follows the unstreamed one).
 set -uo pipefail
 out=$(realpath -m "$1"); base=$(realpath "$2"); shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,7 +35,7 @@ for variant in ${MAGNUS_AB_VARIANTS:-new old}; do
   started=$(date +%s)
   if [ -n "${MAGNUS_AB_PYSPY:-}" ]; then  # who holds each service's GIL during the burst (py-spy binary path)
     for service in ${MAGNUS_AB_PYSPY_SERVICES:-worker}; do
-      (for _ in $(seq 900); do grep -q "rate   12.0/s" "$out/$name.log" 2>/dev/null && break; sleep 1; done
+      (for _ in $(seq 900); do grep -q "${MAGNUS_AB_PYSPY_AFTER:-rate   12.0/s}" "$out/$name.log" 2>/dev/null && break; sleep 1; done
        sleep 0.3; pattern="services.$service"; [ "$service" = driver ] && pattern="bench/gpu_e2e.py"
        pid=$(pgrep -n -f "$pattern") && mkdir -p "$out/$name" && "$MAGNUS_AB_PYSPY" record \
          --pid "$pid" --duration "${MAGNUS_AB_PYSPY_S:-8}" --rate 200 ${MAGNUS_AB_PYSPY_ARGS:---gil} --threads --nonblocking \
