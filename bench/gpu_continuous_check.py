@@ -74,9 +74,9 @@ if BIG:
     B, L, G = 64, 512, 64
     prompts = [[rng.randrange(2, 32000) for _ in range(L)] for _ in range(B)]
     def time_steps(state, attend, n=50):
-        for _ in range(3): st._step(state, B, attend)
+        for _ in range(3): st.decode_step(state, B, attend)
         sync(); t = time.perf_counter()
-        for _ in range(n): st._step(state, B, attend)
+        for _ in range(n): st.decode_step(state, B, attend)
         sync(); return (time.perf_counter() - t) / n * 1e3
     with torch.inference_mode():
         st.generate(prompts, 0, [G] * B, set())  # captures the static graphs

@@ -57,7 +57,7 @@ def bare_steps(batcher: ContinuousBatcher) -> list[dict]:
     for rows, state in batcher._step_states.items():
         for attend_tokens in (128, 512, 1024):
             def step(state=state, rows=rows, attend_tokens=attend_tokens):
-                static._step(state, rows, attend_tokens)
+                static.decode_step(state, rows, attend_tokens)
                 state.tokens.tolist()
                 state.positions.zero_()  # stay in range however often it runs
                 state.write_index.zero_()
@@ -74,7 +74,7 @@ def prefill_shapes(batcher: ContinuousBatcher) -> list[dict]:
             with torch.inference_mode():
                 sync()
                 started_s = time.perf_counter()
-                batcher._prefill([0], [[7] * prompt_tokens], [1])
+                batcher.prefill([0], [[7] * prompt_tokens], [1])
                 sync()
             out.append(dict(prompt_tokens=prompt_tokens, attempt=attempt, ms=1e3 * (time.perf_counter() - started_s)))
     return out
@@ -166,7 +166,7 @@ def main() -> int:
             for joiners in (1, min(8, slots)):
                 prompts = [[7] * 64] * joiners
                 result[f"prefill_{joiners}_rows_ms"] = timed_ms(
-                    lambda p=prompts: batcher._prefill(list(range(len(p))), p, [1] * len(p)), 10)
+                    lambda p=prompts: batcher.prefill(list(range(len(p))), p, [1] * len(p)), 10)
         result["prefill_graph_check"] = prefill_graph_check(batcher)
         print(f"  prefill graph vs eager: {result['prefill_graph_check']}", flush=True)
         result["prefill_shapes"] = prefill_shapes(batcher)

@@ -125,7 +125,7 @@ def attention_rows(engine, batches, attend_lengths, kernels, device) -> list[dic
                             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                                 out = F.scaled_dot_product_attention(q, keys, values, scale=decoder.scale)
                         else:
-                            out = decoder._decode_attention(q, keys, values, mask, kernel)
+                            out = decoder.decode_attention(q, keys, values, mask, kernel)
                     return out
 
                 try:

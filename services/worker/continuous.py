@@ -238,7 +238,7 @@ class ContinuousBatcher(EngineThread):
         """One prefill for the group; out of memory, each member is retried alone (split and retry)."""
         started_s = time.perf_counter()
         try:
-            firsts, prefilled_tokens = self._prefill([slot for slot, _, _ in group], [prompt for _, _, prompt in group],
+            firsts, prefilled_tokens = self.prefill([slot for slot, _, _ in group], [prompt for _, _, prompt in group],
                                                      [pending.item.max_new_tokens for _, pending, _ in group])
         except BatchOutOfMemory as error:
             if len(group) > 1:
@@ -294,7 +294,7 @@ class ContinuousBatcher(EngineThread):
         self.engine.raise_if_simulated_oom(1, len(prompt), item.max_new_tokens)
         return prompt
 
-    def _prefill(self, slots: list[int], prompts: list[list[int]], max_new_tokens: list[int]) -> tuple[list[int], int]:
+    def prefill(self, slots: list[int], prompts: list[list[int]], max_new_tokens: list[int]) -> tuple[list[int], int]:
         """Prefill `prompts`, left-padded, into rows `slots` and arm those rows for decoding.
         Returns each one's first token (one host sync) and the cache positions written."""
         state, static = self._state, self.engine.static
@@ -380,7 +380,7 @@ class ContinuousBatcher(EngineThread):
         attend_tokens = max(active)
         highest = max(slot for slot, row in enumerate(self._rows) if row is not None)
         rows = next(rows for rows in self._step_states if rows > highest)  # sizes ascend; slots is last
-        self.engine.static._step(self._step_states[rows], rows, attend_tokens)
+        self.engine.static.decode_step(self._step_states[rows], rows, attend_tokens)
         tokens = state.tokens.tolist()  # the one host sync per step
         self._count_step(time.perf_counter() - started_s, len(active), attend_tokens)
         streamed: dict[str, list[int]] = {}

@@ -210,7 +210,7 @@ class LlamaFamilyDecoder:
                 k_cache.scatter_(2, kv_index, k)
                 v_cache.scatter_(2, kv_index, v)
             keys, values = k_cache[:, :, :attend_tokens], v_cache[:, :, :attend_tokens]
-            attended = self._decode_attention(q, keys, values, mask, attention).reshape(batch, 1, -1)
+            attended = self.decode_attention(q, keys, values, mask, attention).reshape(batch, 1, -1)
             hidden = self.post_attention(hidden, attended, layer.out, layer.post_norm, layer.gate_up, layer.down)
         state.tokens.copy_(self._logits(hidden[:, 0]).argmax(dim=-1))
         state.positions.add_(1)
@@ -239,7 +239,7 @@ class LlamaFamilyDecoder:
         self.post_attention = torch.compile(self._post_attention, dynamic=dynamic, mode=mode)
         self.bmm_attention = torch.compile(self._bmm_attention, dynamic=dynamic, mode=mode)
 
-    def _decode_attention(self, q, keys, values, mask, attention: str) -> torch.Tensor:
+    def decode_attention(self, q, keys, values, mask, attention: str) -> torch.Tensor:
         """q [B, H, 1, D] over keys/values [B, Hkv, L, D] with additive mask [B, 1, 1, L] -> [B, H, D]."""
         enable_gqa = self.num_kv_heads != self.num_heads
         if attention == "sdpa":
@@ -259,7 +259,7 @@ class LlamaFamilyDecoder:
             return self._flex(q, keys, values, mask, self.scale, enable_gqa)[:, :, 0]
         if attention == "auto":  # per attention length (fixed per captured graph): the measured faster kernel
             is_short = keys.shape[2] <= self.short_attention_max_tokens
-            return self._decode_attention(q, keys, values, mask, self.short_attention if is_short else "sdpa")
+            return self.decode_attention(q, keys, values, mask, self.short_attention if is_short else "sdpa")
         if attention == "triton":
             return triton_attention.decode_attention(q, keys, values, mask, self.scale)
         return self.bmm_attention(q, keys, values, mask)

@@ -178,7 +178,7 @@ class StaticCacheBackend:
                 is_cut = preemption is not None and preemption.should_cut(steps, running)
                 if running == 0 or is_cut or (cancel is not None and cancel.is_set()):
                     break
-            self._step(state, padded, prompt_tokens + steps)
+            self.decode_step(state, padded, prompt_tokens + steps)
             generated[:, steps] = state.tokens[:batch]
             steps += 1
         if on_tokens is not None and streamed_steps < steps:
@@ -206,7 +206,9 @@ class StaticCacheBackend:
             )
         return torch.cat(firsts)
 
-    def _step(self, state: DecodeState, batch: int, attend_tokens: int) -> None:
+    def decode_step(self, state: DecodeState, batch: int, attend_tokens: int) -> None:
+        """One decode step of the first `batch` rows of `state`, attending `attend_tokens` cache positions
+        (rounded up to the length bucket), replayed as a CUDA graph when graphs are on."""
         bucket = self.length_bucket_tokens
         attend_tokens = min(-(-attend_tokens // bucket) * bucket, state.mask.shape[-1])  # the state's row capacity
         if not self.use_cuda_graphs:

@@ -192,7 +192,7 @@ def test_out_of_memory_in_prefill_fails_that_request_only(batcher, static_engine
 
 
 def test_a_failed_step_fails_its_rows_and_the_loop_serves_on(batcher, static_engine, alone, monkeypatch):
-    step = static_engine.static._step
+    step = static_engine.static.decode_step
     calls = {"n": 0}
 
     def step_failing_once(*args):
@@ -201,7 +201,7 @@ def test_a_failed_step_fails_its_rows_and_the_loop_serves_on(batcher, static_eng
             raise RuntimeError("simulated kernel failure")
         step(*args)
 
-    monkeypatch.setattr(static_engine.static, "_step", step_failing_once)
+    monkeypatch.setattr(static_engine.static, "decode_step", step_failing_once)
     batcher.start()
     failing = [batcher.submit(ITEMS[0]), batcher.submit(ITEMS[3])]
     for future in failing:
