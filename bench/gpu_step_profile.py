@@ -121,7 +121,7 @@ def main() -> int:
     parser.add_argument("--min-context", type=int, default=32)
     parser.add_argument("--max-context", type=int, default=512)
     parser.add_argument("--variants", nargs="*", default=[],
-                        help="name:attr=value,... decoder attributes set for a second timing (e.g. fuse_norms=true)")
+                        help="name:attr=value,... decoder attributes set for another timing (e.g. cublas:skinny_gemm_rows=0)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
