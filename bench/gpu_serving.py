@@ -78,6 +78,9 @@ POLICIES = {  # name -> (SchedulerConfig fields, which prediction the engine get
     "ccb": (dict(order="fcfs", admission="predicted", margin=1.0), "none"),
     "greedy": (dict(order="fcfs", admission="greedy", preempt_rule="youngest"), "none"),
     "magnus_ccb": (dict(order="hrrn", admission="predicted", margin=1.0, preempt_rule="most_work_left"), "p90"),
+    # magnus_ccb with the tail guard (scheduler.WaitOrder.HRRN_TAIL): long requests start before the queue drains
+    "magnus_ccb_tail": (dict(order="hrrn_tail", admission="predicted", margin=1.0, preempt_rule="most_work_left"),
+                        "p90"),
 }
 ARRIVAL_SEED = 12
 

@@ -1,5 +1,6 @@
-"""What-if for issue 23's workload (b): the paged Scheduler's policies on the Azure conversation trace,
-stepped by a roofline cost model instead of a GPU, over KV pool sizes and loads (CPU, ~1 minute).
+"""What-if for issue 23's workloads: the paged Scheduler's policies on the Azure conversation trace,
+stepped by a roofline cost model instead of a GPU, over KV pool sizes and loads, and on the 8-task mix
+(its 1,000-request burst and 200 requests at 12 req/s, as bench/gpu_serving.py sends them; CPU, ~1 minute).
 
     python bench/paged_whatif.py --lengths var/serving/mix_lengths.jsonl \
         --trace ../shared/data/traces/azure2023_conv.csv --out reports/gpu
@@ -25,7 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_serving import BLOCK_TOKENS, POLICIES, QWEN_VOCAB, Job, error_ratios, trace_jobs  # noqa: E402
+from bench.arrivals import poisson_offsets_s  # noqa: E402
+from bench.gpu_serving import (  # noqa: E402
+    ARRIVAL_SEED, BLOCK_TOKENS, POLICIES, QWEN_VOCAB, Job, error_ratios, mix_jobs, trace_jobs,
+)
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
 from services.worker.paged.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 
@@ -35,7 +39,8 @@ FLOPS_PER_TOKEN = 14.2e9  # 2 x matrix parameters
 BANDWIDTH_B_PER_S = 4.12e12  # measured copy bandwidth, H200 (reports/gpu/paged_step run 4)
 MATMUL_FLOP_PER_S = 600e12  # the measured 753 derated: mixed steps' products are not all large
 HOST_S = 1e-3  # scheduling and launch per step
-POLICY_NAMES = ("greedy", "magnus_ccb", "ccb")
+POLICY_NAMES = ("greedy", "magnus_ccb", "magnus_ccb_tail", "ccb")
+MIX_POOL_TOKENS = 174624  # the H200's pool for the 7B shape (bench/gpu_serving.py, reports/gpu/serving.md)
 
 
 def step_s(plan) -> float:
@@ -79,6 +84,7 @@ def main() -> int:
     parser.add_argument("--loads", default="0.8,0.95", help="arrival rates as shares of greedy's burst rate")
     parser.add_argument("--rate-requests", type=int, default=150, help="bench/gpu_serving.py's --trace-requests")
     parser.add_argument("--burst-requests", type=int, default=300, help="bench/gpu_serving.py's --trace-burst")
+    parser.add_argument("--mix-rate-requests", type=int, default=200, help="bench/gpu_serving.py's --mix-rate-requests")
     args = parser.parse_args()
     rate_n, burst_n = args.rate_requests, args.burst_requests
     jobs, stamps = trace_jobs(args.trace, error_ratios(args.lengths), QWEN_VOCAB, rate_n + burst_n)  # the same draws
@@ -97,6 +103,15 @@ def main() -> int:
             for policy in POLICY_NAMES:
                 phase[policy] = simulate(policy, rate_jobs, offsets_s, pool_tokens)
                 print(f"pool {pool_tokens} load {load} {policy}: {phase[policy]}", flush=True)
+    mix = mix_jobs(args.lengths, QWEN_VOCAB)  # bench/gpu_serving.py's phases: 200 at 12 req/s, then 1,000 at once
+    rate_offsets_s = poisson_offsets_s(args.mix_rate_requests, 12.0, ARRIVAL_SEED)
+    entry = report["mix"] = dict(burst={}, rates={"12.0": dict(rate_per_s=12.0)})
+    for policy in POLICY_NAMES:
+        entry["burst"][policy] = simulate(policy, mix[args.mix_rate_requests:args.mix_rate_requests + 1000],
+                                          [0.0] * 1000, MIX_POOL_TOKENS)
+        entry["rates"]["12.0"][policy] = simulate(policy, mix[:args.mix_rate_requests], rate_offsets_s,
+                                                  MIX_POOL_TOKENS)
+        print(f"mix {policy}: burst {entry['burst'][policy]}, 12 req/s {entry['rates']['12.0'][policy]}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "paged_whatif.json").write_text(json.dumps(report, indent=1))
     (args.out / "paged_whatif.md").write_text(markdown(report))
@@ -106,10 +121,13 @@ def main() -> int:
 
 def markdown(report: dict) -> str:
     lines = [f"`{report['command']}` ({report['machine']})", "",
-             "| pool tokens | phase | policy | req/s | mean latency s | p99 s | preemptions | recomputed tokens | "
+             "| pool tokens (trace; mix last) | phase | policy | req/s | mean latency s | p99 s | preemptions | recomputed tokens | "
              "max running | vs greedy: req/s, p99 |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for pool, entry in report["pools"].items():
-        phases = [("burst", entry["burst"])] + [(f"{v['rate_per_s']} req/s ({k} load)", v)
+    sections = [(f"{pool}", entry) for pool, entry in report["pools"].items()]
+    if "mix" in report:
+        sections.append((f"mix, {MIX_POOL_TOKENS}", report["mix"]))
+    for pool, entry in sections:
+        phases = [("burst", entry["burst"])] + [(f"{v['rate_per_s']} req/s" + (f" ({k} load)" if k != "12.0" else ""), v)
                                                 for k, v in entry["rates"].items()]
         for name, results in phases:
             greedy = results["greedy"]

@@ -109,9 +109,11 @@ class WorkerSettings(ServiceSettings):
         1.2, gt=0, description="Paged backend, predicted admission: predicted output tokens are planned for at "
         "this multiple (a stand-in for a quantile of the predictor's error).",
     )
-    paged_order: Literal["fcfs", "hrrn"] = Field(
+    paged_order: Literal["fcfs", "hrrn", "hrrn_tail"] = Field(
         "fcfs", description="Paged backend: order among waiting requests: fcfs = as leased (the batcher's "
-        "policy order), hrrn = highest (waited + predicted steps) / predicted steps first.",
+        "policy order), hrrn = highest (waited + predicted steps) / predicted steps first, hrrn_tail = hrrn "
+        "after the requests predicted to outlast the queue's drain, longest first (a burst ends sooner, "
+        "its mean latency is higher).",
     )
     paged_preempt_rule: Literal["most_work_left", "youngest"] = Field(
         "most_work_left", description="Paged backend: which running request is preempted when blocks run out "

@@ -20,6 +20,7 @@ from services.worker.paged.scheduler import (
     SchedulerConfig,
     StepPlan,
     WaitOrder,
+    tail_first,
 )
 
 EOS = 0
@@ -225,7 +226,33 @@ def test_hrrn_lets_a_short_request_overtake_a_long_one_that_waited_as_long():
             started += [c.request_id for c in plan.chunks if c.start_position == 0 and c.request_id != "first"]
             scheduler.update(plan, {c.request_id: 5 for c in plan.chunks if c.is_sampled})
         results[order] = started[0]
-    assert results == {WaitOrder.FCFS: "long", WaitOrder.HRRN: "short"}
+    # one row: the long request does not outlast the queue's drain, so the tail guard keeps HRRN's order
+    assert results == {WaitOrder.FCFS: "long", WaitOrder.HRRN: "short", WaitOrder.HRRN_TAIL: "short"}
+
+
+def test_tail_first_moves_requests_that_outlast_the_drain_to_the_front_longest_first():
+    waiting = ["a", "b", "c", "d", "e"]
+    work = [2, 3, 50, 4, 60]  # 119 steps of work
+    assert tail_first(waiting, work, rows=1) == waiting  # drain 119: nothing outlasts it
+    assert tail_first(waiting, work, rows=4) == ["e", "c", "a", "b", "d"]  # drain 29.75
+    assert tail_first([], [], rows=4) == []
+
+
+def test_hrrn_tail_starts_a_burst_s_long_request_first_where_hrrn_starts_it_last():
+    started = {}
+    for order in (WaitOrder.HRRN, WaitOrder.HRRN_TAIL):
+        scheduler = Scheduler(SchedulerConfig(max_running=4, token_budget=64, order=order), BlockPool(256, 4))
+        for i in range(12):
+            scheduler.add(Request(f"short{i}", [1, 2], max_new_tokens=10, predicted_tokens=2))
+        scheduler.add(Request("long", [1, 2], max_new_tokens=100, predicted_tokens=40))
+        sequence = []
+        while scheduler.has_unfinished:
+            plan = scheduler.schedule()
+            sequence += [c.request_id for c in plan.chunks if c.start_position == 0]
+            scheduler.update(plan, {c.request_id: 5 for c in plan.chunks if c.is_sampled})
+        started[order] = sequence.index("long")
+    assert started[WaitOrder.HRRN] == 12  # every short request first: the long one ends the burst
+    assert started[WaitOrder.HRRN_TAIL] == 0
 
 
 def test_preemption_rules_pick_their_victims():

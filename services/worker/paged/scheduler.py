@@ -17,7 +17,11 @@ token generated so far), allocated whole at admission and one block at a time as
   head): nothing starves.
 - Order among waiting requests (`WaitOrder`): FCFS keeps the order they came in (the batcher's
   lease order); HRRN takes the highest (waited steps + predicted steps) / predicted steps first,
-  which ages every request. Preempted requests resume before any waiting one.
+  which ages every request. HRRN_TAIL first takes, longest first, every request whose predicted
+  work is at least the steps the waiting queue needs to drain (its predicted work over
+  max_running rows), then HRRN's order: under HRRN alone the longest requests of a burst start
+  last and end long after the rest (a burst's end, and its p99, are theirs). Preempted requests
+  resume before any waiting one.
 - Preemption (`PreemptRule`): when the running requests' next tokens need more blocks than are
   free, a running request is preempted, its blocks freed: MOST_WORK_LEFT picks the one with the
   most predicted output left (it would hold its blocks longest; the youngest among equals),
@@ -55,6 +59,7 @@ class Admission(str, Enum):
 class WaitOrder(str, Enum):
     FCFS = "fcfs"
     HRRN = "hrrn"
+    HRRN_TAIL = "hrrn_tail"
 
 
 class PreemptRule(str, Enum):
@@ -413,6 +418,8 @@ class Scheduler:
                       for r in waiting]
             order = sorted(range(len(ratios)), key=ratios.__getitem__, reverse=True)  # stable: ties stay FCFS
             waiting = [waiting[i] for i in order]
+            if self.config.order is WaitOrder.HRRN_TAIL:
+                waiting = tail_first(waiting, [work_steps[r.request_id] for r in waiting], self.config.max_running)
         return [*self.preempted, *waiting]
 
     def _predicted_work_steps(self, request: Request) -> int:
@@ -465,3 +472,13 @@ class Scheduler:
         self._ending.pop(request.request_id, None)
         request.status = status
         del self.requests[request.request_id]
+
+
+def tail_first(waiting: list[Request], work_steps: list[int], rows: int) -> list[Request]:
+    """`waiting` (in HRRN order) with the requests whose predicted work (steps) is at least the queue's
+    drain time, sum(work_steps) / rows, moved to the front, longest first: started any later they would
+    end after the rest of the queue has drained. Pure; the others keep their order."""
+    drain_steps = sum(work_steps) / rows
+    is_tail = [work >= drain_steps for work in work_steps]
+    tail = sorted((i for i in range(len(waiting)) if is_tail[i]), key=lambda i: -work_steps[i])  # stable
+    return [waiting[i] for i in tail] + [r for r, tailing in zip(waiting, is_tail, strict=True) if not tailing]
