@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_paged_step import SHAPES, SMOKE, Case, copy_bandwidth_bytes_per_s, graphed_time_s  # noqa: E402
+from bench.gpu_paged_step import Case, bench_cases, copy_bandwidth_bytes_per_s, graphed_time_s  # noqa: E402
 from services.worker.paged import attention  # noqa: E402
 from services.worker.paged.decode_step import PagedWeights  # noqa: E402
 
@@ -42,21 +42,19 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--shapes", default="qwen2-7b,llama2-7b")
     parser.add_argument("--batches", default="16,64,256")
+    parser.add_argument("--min-context", type=int, default=32)
+    parser.add_argument("--max-context", type=int, default=512)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batches = [2, 4] if args.smoke else [int(b) for b in args.batches.split(",")]
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(32, (40 if args.smoke else 512) + 1, (max(*batches, 8),), generator=gen).tolist()
+    cases = bench_cases(args)
+    device, dtype, batches, lengths = cases.device, cases.dtype, cases.batches, cases.lengths
     bw = copy_bandwidth_bytes_per_s(device)
     result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), command=" ".join(sys.argv),
                   copy_bandwidth_bytes_per_s=bw, context_lens=lengths, rows=[])
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    shapes = {"smoke": SMOKE} if args.smoke else {name: SHAPES[name] for name in args.shapes.split(",")}
     summary = []
-    for name, config in shapes.items():
+    for name, config in cases.shapes.items():
         # the attention reads only the caches: one layer's weights would do, but Case builds a whole model
         case = Case(config, PagedWeights.random(config, device, dtype), lengths, "token_major")
         decoder = case.decoder

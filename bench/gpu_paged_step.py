@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -75,6 +76,30 @@ LOG: list[str] = []
 def say(message: str) -> None:
     LOG.append(message)
     print(message, flush=True)
+
+
+@dataclass
+class BenchCases:
+    """What every paged-step bench run measures on: the device, its dtype, the row counts, the rows'
+    context lengths (uniform min..max, seed 0: the same in every bench) and the model shapes."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batches: list[int]
+    lengths: list[int]
+    shapes: dict[str, PagedModelConfig]
+
+
+def bench_cases(args: argparse.Namespace) -> BenchCases:
+    """From the benches' common arguments (--smoke, --batches, --min-context, --max-context, --shapes);
+    --smoke: the tiny shape at 2 and 4 rows of 32-40 tokens."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batches = [2, 4] if args.smoke else [int(b) for b in args.batches.split(",")]
+    max_context = 40 if args.smoke else args.max_context
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(args.min_context, max_context + 1, (max(*batches, 8),), generator=gen).tolist()
+    shapes = {"smoke": SMOKE} if args.smoke else {name: SHAPES[name] for name in args.shapes.split(",")}
+    return BenchCases(device, torch.bfloat16 if device.type == "cuda" else torch.float32, batches, lengths, shapes)
 
 
 def copy_bandwidth_bytes_per_s(device: torch.device) -> float:
@@ -426,12 +451,9 @@ def main() -> int:
                         help="time every attention launch shape and split count (run 2), else the defaults")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batches = [int(b) for b in args.batches.split(",")] if not args.smoke else [2, 4]
-    gen = torch.Generator().manual_seed(0)
-    max_context = args.max_context if not args.smoke else 40
-    lengths = torch.randint(args.min_context, max_context + 1, (max(*batches, 8),), generator=gen).tolist()
+    cases = bench_cases(args)
+    device, dtype, batches, lengths = cases.device, cases.dtype, cases.batches, cases.lengths
+    max_context = 40 if args.smoke else args.max_context
     triton_version = getattr(attention.triton, "__version__", None)
     result: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -449,8 +471,7 @@ def main() -> int:
         (args.out / "paged_step_log.txt").write_text("\n".join(LOG) + "\n")
 
     rows: list[dict] = []
-    shapes = {"smoke": SMOKE} if args.smoke else {name: SHAPES[name] for name in args.shapes.split(",")}
-    for name, config in shapes.items():
+    for name, config in cases.shapes.items():
         rows += run_shape(name, config, batches, lengths, bw, flops_rate, device, dtype, result, save, args)
         result["rows"] = rows
         save()

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_paged_step import (  # noqa: E402
-    SHAPES, SMOKE, Case, _event_time_s, copy_bandwidth_bytes_per_s, matmul_flops_per_s,
+    Case, _event_time_s, bench_cases, copy_bandwidth_bytes_per_s, matmul_flops_per_s,
 )
 from services.worker.paged.decode_step import GraphedDecode, PagedWeights  # noqa: E402
 
@@ -124,12 +124,8 @@ def main() -> int:
                         help="name:attr=value,... decoder attributes set for another timing (e.g. cublas:skinny_gemm_rows=0)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batches = [2, 4] if args.smoke else [int(b) for b in args.batches.split(",")]
-    gen = torch.Generator().manual_seed(0)
-    max_context = 40 if args.smoke else args.max_context
-    lengths = torch.randint(args.min_context, max_context + 1, (max(*batches, 8),), generator=gen).tolist()
+    cases = bench_cases(args)
+    device, dtype, batches, lengths = cases.device, cases.dtype, cases.batches, cases.lengths
     result = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   torch=torch.__version__, command=" ".join(sys.argv),
                   date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), context_lens=lengths, rows=[])
@@ -137,9 +133,8 @@ def main() -> int:
     result["matmul_flops_per_s"] = flops_rate = matmul_flops_per_s(device)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, matrix rate {flops_rate / 1e12:.0f} TFLOP/s", flush=True)
     variants = [("served", {})] + [parse_variant(v) for v in args.variants]
-    shapes = {"smoke": SMOKE} if args.smoke else {name: SHAPES[name] for name in args.shapes.split(",")}
     table = []
-    for name, config in shapes.items():
+    for name, config in cases.shapes.items():
         weights = PagedWeights.random(config, device, dtype)
         case = Case(config, weights, lengths, "token_major")
         for batch in batches:
