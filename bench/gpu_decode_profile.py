@@ -31,7 +31,7 @@ from bench.gpu_engine import (  # noqa: E402
 )
 from services.worker.engine import StaticBatchEngine, kv_bytes_per_token  # noqa: E402
 from services.worker import triton_attention  # noqa: E402
-from services.worker.fast_decoder import _rope, _rope_cat  # noqa: E402
+from services.worker.fast_decoder import rope_cat, rope_roll  # noqa: E402
 
 BLAS_LIBRARIES = ("cublas", "cublaslt")
 
@@ -198,9 +198,9 @@ def profile_rows(engine, batch, prompt_tokens, attention, device) -> dict:
 def pre_attention_rows(decoder, batches, device) -> list[dict]:
     """The 32 layers' norm + qkv GEMM + rope alone, per rope form and compile mode, and the GEMM alone."""
     rows = []
-    forms = [("compiled_dynamic_roll", _rope, True), ("compiled_static_roll", _rope, False),
-             ("compiled_dynamic_cat", _rope_cat, True), ("compiled_static_cat", _rope_cat, False),
-             ("eager_roll", _rope, None)]
+    forms = [("compiled_dynamic_roll", rope_roll, True), ("compiled_static_roll", rope_roll, False),
+             ("compiled_dynamic_cat", rope_cat, True), ("compiled_static_cat", rope_cat, False),
+             ("eager_roll", rope_roll, None)]
     hidden_size = decoder.layers[0].out.shape[0]
     for batch in batches:
         hidden = torch.randn(batch, 1, hidden_size, dtype=decoder.dtype, device=device)
@@ -225,7 +225,7 @@ def pre_attention_rows(decoder, batches, device) -> list[dict]:
             rows.append(dict(part="pre_attention", form=name, batch=batch, ms=ms, qkv_gemm_ms=gemm_ms))
             say(f"pre-attention {name:22s} B={batch:4d}: {ms:6.3f} ms (qkv GEMMs alone {gemm_ms:6.3f} ms: "
                 f"rest {ms - gemm_ms:6.3f} ms)")
-    decoder.rope = _rope
+    decoder.rope = rope_roll
     torch._dynamo.reset()
     return rows
 
@@ -244,7 +244,7 @@ def step_variant_rows(engine, variant, batches, prompts, new_tokens, weight_byte
     attention = parts[0]
     if attention.startswith("auto"):
         decoder.short_attention_max_tokens, attention = int(attention[len("auto"):]), "auto"
-    decoder.rope = _rope_cat if "cat" in parts else _rope
+    decoder.rope = rope_cat if "cat" in parts else rope_roll
     torch._dynamo.reset()
     if "compile" in parts and device.type == "cuda":
         decoder.compile_layer_pieces(dynamic=False if "static" in parts else None)

@@ -108,7 +108,7 @@ def copy_bandwidth_bytes_per_s(device: torch.device) -> float:
         return 20e9
     src = torch.randn(2**29, device=device)
     dst = torch.empty_like(src)
-    times_s = [_event_time_s(lambda: dst.copy_(src)) for _ in range(25)][5:]
+    times_s = [event_time_s(lambda: dst.copy_(src)) for _ in range(25)][5:]
     del src, dst
     torch.cuda.empty_cache()
     return 2 * 2**31 / statistics.median(times_s)
@@ -121,13 +121,13 @@ def matmul_flops_per_s(device: torch.device) -> float:
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    times_s = [_event_time_s(lambda: torch.mm(a, b)) for _ in range(13)][3:]
+    times_s = [event_time_s(lambda: torch.mm(a, b)) for _ in range(13)][3:]
     del a, b
     torch.cuda.empty_cache()
     return 2 * n**3 / statistics.median(times_s)
 
 
-def _event_time_s(fn) -> float:
+def event_time_s(fn) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -153,7 +153,7 @@ def graphed_time_s(fn, device: torch.device, *, calls: int = 1, replays: int = 2
             fn()
     for _ in range(3):
         graph.replay()
-    times_s = [_event_time_s(graph.replay) for _ in range(replays)]
+    times_s = [event_time_s(graph.replay) for _ in range(replays)]
     del graph
     return statistics.median(times_s) / calls
 
@@ -334,7 +334,7 @@ def time_step(case: Case, batch: int, launch: dict, gemm_launch: dict) -> tuple[
     case.fill(graphed.inputs, batch)
     for _ in range(3):
         graphed.replay()
-    times_s = [_event_time_s(graphed.replay) for _ in range(20)]
+    times_s = [event_time_s(graphed.replay) for _ in range(20)]
     tokens = graphed.next_tokens[:4].tolist()
     del graphed
     return statistics.median(times_s), tokens

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_paged_step import (  # noqa: E402
-    Case, _event_time_s, bench_cases, copy_bandwidth_bytes_per_s, matmul_flops_per_s,
+    Case, event_time_s, bench_cases, copy_bandwidth_bytes_per_s, matmul_flops_per_s,
 )
 from services.worker.paged.decode_step import GraphedDecode, PagedWeights  # noqa: E402
 
@@ -105,7 +105,7 @@ def step_ms(case: Case, batch: int, settings: dict) -> tuple[float, GraphedDecod
         case.fill(graphed.inputs, batch)
         for _ in range(3):
             graphed.replay()
-        times_s = [_event_time_s(graphed.replay) for _ in range(20)]
+        times_s = [event_time_s(graphed.replay) for _ in range(20)]
         return statistics.median(times_s) * 1e3, graphed, graphed.next_tokens[:4].tolist()
     finally:
         for key, value in saved.items():
