@@ -1,12 +1,13 @@
 """bench/gpu_e2e.py on the paged engine (--backend paged, issue 23): what each policy name sets in the
 batcher and in the worker, and the worker's paged counters read around each phase.
 
-The three continuous policies differ in one setting each, so a run separates their effects:
+The continuous policies differ in one setting each, so a run separates their effects:
 
 | bench policy | batcher policy | worker admission | worker wait order | preempted first |
 |---|---|---|---|---|
 | `ccb` | ccb (FCFS leases) | predicted (x margin) | fcfs | most predicted work left |
 | `magnus_ccb` | magnus_ccb (HRRN leases) | predicted (x margin) | hrrn | most predicted work left |
+| `magnus_ccb_tail` | magnus_ccb_tail (HRRN after those outlasting the queue) | predicted (x margin) | hrrn_tail | most predicted work left |
 | `greedy` | ccb (FCFS leases) | greedy (vLLM's) | fcfs | youngest (vLLM's) |
 
 `greedy` is vLLM's scheduler: admit while the free blocks hold a request's known tokens, preempt
@@ -38,6 +39,8 @@ class PagedPolicy:
 PAGED_POLICIES = {
     "ccb": PagedPolicy("ccb", Admission.PREDICTED, WaitOrder.FCFS, PreemptRule.MOST_WORK_LEFT),
     "magnus_ccb": PagedPolicy("magnus_ccb", Admission.PREDICTED, WaitOrder.HRRN, PreemptRule.MOST_WORK_LEFT),
+    "magnus_ccb_tail": PagedPolicy("magnus_ccb_tail", Admission.PREDICTED, WaitOrder.HRRN_TAIL,
+                                   PreemptRule.MOST_WORK_LEFT),
     "greedy": PagedPolicy("ccb", Admission.GREEDY, WaitOrder.FCFS, PreemptRule.YOUNGEST),
 }
 BENCH_ONLY_POLICIES = ("greedy",)  # names the batcher does not know

@@ -116,6 +116,7 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
         return MemoryBudget(
             kv_bytes_per_token=max(w.kv_bytes_per_token for w in self.workers.values()),
             free_kv_bytes=min(w.free_kv_bytes for w in self.workers.values()),
+            lanes=self._num_lanes(),
         )
 
     def admit(self, request: PendingRequest) -> None:
@@ -402,7 +403,10 @@ class Scheduler(AdmissionChecks, LeaseRecovery):
         self.on_change()
 
     def _budget_of(self, worker: WorkerInfo | None) -> MemoryBudget:
-        return self.memory_budget() if worker is None else MemoryBudget(worker.kv_bytes_per_token, worker.free_kv_bytes)
+        """The pulling worker's memory (all workers' if unknown); lanes are every worker's: they share the queue."""
+        if worker is None:
+            return self.memory_budget()
+        return MemoryBudget(worker.kv_bytes_per_token, worker.free_kv_bytes, lanes=self._num_lanes())
 
     def _fit_for_worker(self, batch: QueuedBatch, worker: WorkerInfo | None) -> QueuedBatch:
         """Split a batch assembled before this worker's limits were known until it fits, and until it

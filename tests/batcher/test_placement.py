@@ -137,3 +137,22 @@ def _report(lease: Lease):
 
     return BatchReport([ItemOutput(r.request_id, "x", 1) for r in lease.items], run_s=0.1, valid_tokens=1,
                        total_tokens=1)
+
+
+def test_magnus_ccb_tail_gets_the_workers_lanes_and_leases_the_outlasting_request_first(loop):
+    """The scheduler hands the policy every worker's rows (max_batch_size of continuous workers): with 8
+    lanes a queue of 12 short requests and one 10x longer drains before the long one would end, so the
+    long one is leased first; magnus_ccb leases it last."""
+    leased_first = {}
+    for name in ("magnus_ccb", "magnus_ccb_tail"):
+        policy = make_policy(name, phi_token_reads=1e9, fixed_batch_size=8, max_batch_size=None)
+        scheduler = Scheduler(policy, SchedulerLimits(), Clock(lambda: 10.0, lambda: datetime.now(UTC)), Sink())
+        scheduler.register(WorkerInfo("w", 1, 10**9, 8, "m", "cpu", 0.0))
+        for i in range(12):
+            scheduler.admit(make_request(i, loop, now_s=1.0, max_new=512, predicted_tokens=20, input_tokens=10))
+        scheduler.admit(make_request(12, loop, now_s=1.0, max_new=512, predicted_tokens=200, input_tokens=10))
+        assert scheduler.memory_budget().lanes == 8
+        lease = scheduler.pull("w")
+        assert isinstance(lease, Lease)
+        leased_first[name] = lease.batch.members[0].gen_tokens
+    assert leased_first == {"magnus_ccb": 20, "magnus_ccb_tail": 200}

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from services.batcher.policy.assembler import choose_batch_for
 from services.batcher.policy.batch import Member, QueuedBatch
+from services.batcher.policy.columns import BatchColumns
 from services.batcher.policy.config import make_policy
 from services.batcher.policy.hrrn import choose_next
 from services.batcher.policy.rules import MemoryBudget, memory_bytes
@@ -202,13 +203,35 @@ def test_magnus_ccb_leases_single_requests_shortest_predicted_first():
     assert not ccb.can_preempt and policy.can_preempt  # only a plan made with predictions has stragglers
 
 
+def test_magnus_ccb_tail_leases_a_request_that_outlasts_the_queue_first_and_is_hrrn_otherwise():
+    policy = make_policy("magnus_ccb_tail", phi_token_reads=1, fixed_batch_size=4, max_batch_size=None)
+
+    def queue(gen_tokens):
+        batches = []
+        for i, gen in enumerate(gen_tokens):
+            batch = QueuedBatch(f"b{i}")
+            batch.add(Member(str(i), 50, gen, arrival_s=0.0))
+            batch.estimated_s = gen / 100  # continuous: a request's run time follows its length
+            batches.append(batch)
+        return batches
+
+    def first(batches, lanes):
+        rows = policy.next_rows(BatchColumns.from_batches(batches), 1.0, MemoryBudget(lanes=lanes))
+        return batches[rows[0]].members[0].gen_tokens
+
+    burst = queue([20] * 30 + [100, 500, 30])  # 12.5 s of work
+    assert first(burst, lanes=8) == 500  # drain 1.54 s: only the 5 s request outlasts it
+    assert first(burst, lanes=1) == 20  # one lane: nothing outlasts a 12.5 s drain, so HRRN's shortest
+    assert first(burst, lanes=None) == 20  # lanes unknown: magnus_ccb
+
+
 def test_the_registry_keeps_every_setting_name_and_each_family_answers_the_protocol():
     from services.batcher.policy.base import Policy
     from services.batcher.policy.columns import BatchColumns
     from services.batcher.policy.registry import POLICIES, SERVING_POLICY_NAMES
 
     assert SERVING_POLICY_NAMES == ("vs", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle",
-                                    "oracle_pack", "ccb", "magnus_ccb")  # MAGNUS_BATCHER_POLICY values
+                                    "oracle_pack", "ccb", "magnus_ccb", "magnus_ccb_tail")  # MAGNUS_BATCHER_POLICY
     empty = BatchColumns.from_batches([])
     for name in SERVING_POLICY_NAMES:
         policy: Policy = make_policy(name, phi_token_reads=1e4, fixed_batch_size=4, max_batch_size=None)

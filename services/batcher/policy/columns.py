@@ -137,6 +137,18 @@ def highest_ratio_row(cols: BatchColumns, now_s: float, *, is_size_weighted: boo
     return _first_best(np.where(nonempty, ratio, -np.inf), cols.seq, lowest=False)
 
 
+def outlasting_row(cols: BatchColumns, lanes: int) -> int | None:
+    """The tail guard's choice: of the batches whose estimate is at least the queue's drain time (every
+    queued estimate over `lanes` batches at once), the longest; None when none outlasts it. Run any later,
+    such a batch would end after the rest of the queue (the worker's twin: paged.scheduler.tail_first)."""
+    nonempty = cols.size > 0
+    if not nonempty.any():
+        return None
+    run_s = estimates_s(cols)
+    drain_s = run_s[nonempty].sum() / max(1, lanes)
+    return _first_best(np.where(nonempty & (run_s >= drain_s), run_s, -np.inf), cols.seq, lowest=False)
+
+
 def rows_of(row: int | None) -> list[int]:
     """A single chosen row as the row list policies return; [] for none."""
     return [] if row is None else [row]

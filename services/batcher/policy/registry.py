@@ -8,7 +8,7 @@ from services.batcher.policy.families.abp import AdaptiveBatching
 from services.batcher.policy.families.ccb import ContinuousBatching
 from services.batcher.policy.families.glp import GenerationLengthPrediction
 from services.batcher.policy.families.magnus import Magnus
-from services.batcher.policy.families.magnus_ccb import MagnusContinuous
+from services.batcher.policy.families.magnus_ccb import MagnusContinuous, MagnusContinuousTail
 from services.batcher.policy.families.magnus_pack import MagnusPack
 from services.batcher.policy.families.magnus_sw import MagnusSizeWeighted
 from services.batcher.policy.families.oracle import Oracle
@@ -29,6 +29,7 @@ POLICIES: dict[str, type[BasePolicy]] = {
         OraclePack,
         ContinuousBatching,
         MagnusContinuous,
+        MagnusContinuousTail,
     )
 }
 

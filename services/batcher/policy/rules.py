@@ -91,10 +91,13 @@ def fits_memory(size, input_tokens_max, gen_tokens_max, kv_bytes_per_token, free
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """Delta (KV bytes per token) and Theta (free KV bytes) of the workers; None = unknown, no cap."""
+    """Delta (KV bytes per token) and Theta (free KV bytes) of the workers; None = unknown, no cap.
+    lanes: batches the workers run at once (a continuous worker's rows), which the tail guard of
+    magnus_ccb_tail divides the queue's work by; None = unknown."""
 
     kv_bytes_per_token: int | None = None
     free_kv_bytes: int | None = None
+    lanes: int | None = None
 
     def fits(self, size: int, input_tokens_max: int, gen_tokens_max: int, fill_fraction: float = 1.0) -> bool:
         """The KV cap (fits_memory) for a batch of `size` rows of L + G tokens each."""
