@@ -13,7 +13,9 @@ whole run, completions and pulls included) and the client's rate.
     python bench/batcher_ingest.py --state var/e2e/state --workload var/e2e/workload.jsonl \
         [--base var/old] [--repeats 2] [--out reports/batcher_ingest.json]
 
---base runs the batcher from another tree too (the A/B on one machine), alternating with this one.
+--base runs the batcher from another tree too (the A/B on one machine), alternating with this one;
+--policies runs each batcher policy in turn. --ms-per-token makes each request take its length in steps
+of that many ms (the burst's tail then shows, as on the GPU; reports/gpu/serving_tail).
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ def cpu_s(pid: int) -> float:
 
 
 class FakeWorker:
-    """A continuous worker that runs nothing: each leased batch completes `hold_s` after its lease."""
+    """A continuous worker that runs nothing: each leased batch completes `hold_s` after its lease, or,
+    with `s_per_token` > 0, after its longest item's max_new_tokens x s_per_token (an engine whose every
+    step takes the same time: a request's run time follows its length, as on the GPU)."""
 
-    def __init__(self, channel: grpc.aio.Channel, hold_s: float, slots: int) -> None:
+    def __init__(self, channel: grpc.aio.Channel, hold_s: float, slots: int, s_per_token: float = 0.0) -> None:
         self.stub = worker_queue_pb2_grpc.WorkerQueueServiceStub(channel)
-        self.hold_s, self.slots = hold_s, slots
-        self.running: list[tuple[float, wq.Batch]] = []
+        self.hold_s, self.slots, self.s_per_token = hold_s, slots, s_per_token
+        self.running: list[tuple[float, float, wq.Batch]] = []  # (done at, hold, batch)
         self.streamed_tokens: dict[str, int] = {}  # request id -> tokens reported so far
         self.stopping = False
 
@@ -67,7 +71,7 @@ class FakeWorker:
 
     async def pull_loop(self) -> None:
         while not self.stopping:
-            free = self.slots - sum(len(b.items) for _, b in self.running)
+            free = self.slots - sum(len(b.items) for _, _, b in self.running)
             if free <= 0:
                 await asyncio.sleep(0.005)
                 continue
@@ -77,29 +81,35 @@ class FakeWorker:
             if self.hold_s <= 0 and batches:  # answer at once: what is left of a call's latency is the services'
                 await self._complete(batches)
                 continue
-            self.running += [(time.monotonic() + self.hold_s, b) for b in batches]
+            now_s = time.monotonic()
+            self.running += [(now_s + hold_s, hold_s, b) for b in batches for hold_s in [self._hold_s(b)]]
+
+    def _hold_s(self, batch: wq.Batch) -> float:
+        if self.s_per_token <= 0:
+            return self.hold_s
+        return max(i.max_new_tokens for i in batch.items) * self.s_per_token
 
     async def complete_loop(self) -> None:
         while not self.stopping or self.running:
             now_s = time.monotonic()
             await self._stream(now_s)
-            due = [b for t, b in self.running if t <= now_s]
-            self.running = [(t, b) for t, b in self.running if t > now_s]
+            due = [b for t, _, b in self.running if t <= now_s]
+            self.running = [entry for entry in self.running if entry[0] > now_s]
             if due:
                 await self._complete(due)
             await asyncio.sleep(0.02)
 
     async def _complete(self, batches: list[wq.Batch]) -> None:
         await self.stub.CompleteBatches(wq.CompleteBatchesRequest(worker_id=WORKER_ID, completions=[
-            wq.CompleteBatchRequest(worker_id=WORKER_ID, batch_id=b.batch_id, run_s=max(self.hold_s, 1e-3), results=[
+            wq.CompleteBatchRequest(worker_id=WORKER_ID, batch_id=b.batch_id, run_s=max(self._hold_s(b), 1e-3), results=[
                 wq.ItemResult(request_id=i.request_id, text="ok", generated_tokens=i.max_new_tokens)
                 for i in b.items]) for b in batches]))
 
     async def _stream(self, now_s: float) -> None:
         """Each streamed request's tokens as if generated evenly over the batch's hold, one call a turn."""
         leases = []
-        for done_s, batch in self.running:
-            share = min(1.0, 1.0 - (done_s - now_s) / self.hold_s)
+        for done_s, hold_s, batch in self.running:
+            share = min(1.0, 1.0 - (done_s - now_s) / max(hold_s, 1e-3))
             deltas = []
             for item in batch.items:
                 if not item.is_streamed:
@@ -117,7 +127,7 @@ class FakeWorker:
 
 async def one_run(stack: Stack, rows: list[dict], args: argparse.Namespace, tag: str) -> dict:
     async with grpc.aio.insecure_channel(stack.target(BATCHER_INTERNAL)) as channel:
-        worker = FakeWorker(channel, args.hold_s, args.slots)
+        worker = FakeWorker(channel, args.hold_s, args.slots, args.ms_per_token / 1000)
         await worker.register()
         loops = [asyncio.create_task(worker.pull_loop()), asyncio.create_task(worker.complete_loop())]
         pid = stack.processes["batcher"].pid
@@ -139,10 +149,11 @@ async def one_run(stack: Stack, rows: list[dict], args: argparse.Namespace, tag:
                 batcher_cpu_s_per_1000=round(1000 * cpu_used_s / len(rows), 3),
                 mean_token_events=round(sum(r.get("token_events", 0) for r in ok) / max(1, len(ok)), 2),
                 latency_ms_p50=round(1000 * statistics.median(r["latency_s"] for r in ok), 2),
-                latency_ms_mean=round(1000 * statistics.fmean(r["latency_s"] for r in ok), 2))
+                latency_ms_mean=round(1000 * statistics.fmean(r["latency_s"] for r in ok), 2),
+                latency_ms_p99=round(1000 * sorted(r["latency_s"] for r in ok)[max(0, -(-99 * len(ok) // 100) - 1)], 2))
 
 
-def start_stack(workdir: Path, state: Path, batcher_dir: Path) -> Stack:
+def start_stack(workdir: Path, state: Path, batcher_dir: Path, policy: str = "magnus_ccb") -> Stack:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     shutil.copy(state / "log.db", workdir / "log.db")
@@ -151,7 +162,7 @@ def start_stack(workdir: Path, state: Path, batcher_dir: Path) -> Stack:
         connection.execute("UPDATE model_versions SET artifact_uri = kind || '/v' || version || '.joblib'")
     stack = Stack(workdir=workdir, database_url=f"sqlite+aiosqlite:///{workdir / 'log.db'}",
                   model_store_dir=workdir / "model-store", extra_env={
-                      "MAGNUS_BATCHER_POLICY": "magnus_ccb", "MAGNUS_BATCHER_LEASE_S": "600",
+                      "MAGNUS_BATCHER_POLICY": policy, "MAGNUS_BATCHER_LEASE_S": "600",
                       "MAGNUS_BATCHER_MAX_PENDING_REQUESTS": "100000", "MAGNUS_BATCHER_MAX_PENDING_PER_TENANT": "100000"})
     import_calibration(workdir / "log.db", CALIBRATION)  # the estimator's first version fits on these
     subprocess.run([sys.executable, "-m", "services.estimator.bootstrap", "--if-missing"], env=stack.env(), check=True,
@@ -177,6 +188,9 @@ def main() -> int:
     parser.add_argument("--hold-s", type=float, default=0.5,
                         help="the fake worker's run time of each batch; 0 = answer as pulled (latency of the services)")
     parser.add_argument("--slots", type=int, default=256, help="requests the fake worker runs at once")
+    parser.add_argument("--ms-per-token", type=float, default=0.0,
+                        help="> 0: each request runs its max_new_tokens x this (the engine's step), not --hold-s")
+    parser.add_argument("--policies", default="magnus_ccb", help="batcher policies to run in turn (comma list)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--stream", action="store_true",
                         help="GenerateStream callers; the fake worker streams each request's tokens every 20 ms")
@@ -187,10 +201,12 @@ def main() -> int:
     rows = [json.loads(line) for line in args.workload.read_text().splitlines() if line.strip()]
     here = Path(__file__).resolve().parents[1]
     trees = {"this": here, **({"base": args.base.resolve()} if args.base else {})}
-    results: dict[str, list[dict]] = {name: [] for name in trees}
+    policies = args.policies.split(",")
+    runs = {(f"{tree} {policy}" if len(policies) > 1 else tree): (tree, policy) for tree in trees for policy in policies}
+    results: dict[str, list[dict]] = {name: [] for name in runs}
     for repeat in range(args.repeats):
-        for name, tree in trees.items():
-            stack = start_stack(args.workdir, args.state.resolve(), tree)
+        for name, (tree, policy) in runs.items():
+            stack = start_stack(args.workdir, args.state.resolve(), trees[tree], policy)
             try:
                 rows_now = [rows[(repeat * args.requests + i) % len(rows)] for i in range(args.requests)]
                 result = asyncio.run(one_run(stack, rows_now, args, f"{name}-{repeat}"))
