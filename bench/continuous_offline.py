@@ -28,6 +28,7 @@ from services.batcher.policy.batch import Member, QueuedBatch  # noqa: E402
 from services.batcher.policy.batch_queue import BatchQueue  # noqa: E402
 from services.batcher.policy.config import make_policy  # noqa: E402
 from services.batcher.policy.pack_cost import LinearBatchCost  # noqa: E402
+from services.batcher.policy.rules import MemoryBudget  # noqa: E402
 
 SLOTS = 59  # the GPU runs' ccb slots (= vs's batch: max-context requests that fit Theta on the H200)
 ARRIVAL_SEED = 20241122
@@ -52,7 +53,7 @@ def simulate(policy_name: str, arrivals_s: np.ndarray, input_tokens: np.ndarray,
             next_arrival += 1
         prefill_s = 0.0
         while len(active) < slots and len(queue):
-            chosen = queue.choose_next(policy, now_s)
+            chosen = queue.choose_next(policy, now_s, MemoryBudget(lanes=slots))  # the rows: magnus_ccb_tail's lanes
             queue.pop(chosen.batch_id)
             i = int(chosen.batch_id)
             active.append([i, 0])
@@ -95,7 +96,8 @@ def main() -> int:
     replay = load_replay(args.predictor, args.workload, needed)
     input_tokens, true_gen = replay.input_tokens, replay.true_gen
     plans = {"ccb": ("ccb", true_gen), "magnus_ccb": ("magnus_ccb", replay.predicted()),
-             "magnus_ccb, true lengths": ("magnus_ccb", true_gen)}
+             "magnus_ccb, true lengths": ("magnus_ccb", true_gen),
+             "magnus_ccb_tail": ("magnus_ccb_tail", replay.predicted())}
     cost, results = LinearBatchCost(), {"slots": args.slots, "phases": {}}
 
     def run_phase(phase: str, arrivals_s: np.ndarray) -> None:
@@ -118,8 +120,9 @@ def main() -> int:
         "",
         f"Command: `python {' '.join(sys.argv)}`. Burst: {args.burst_requests} requests queued at once; "
         f"Poisson phases: {args.requests_per_rate} requests each, at fractions of ccb's burst throughput. `ccb` takes requests in arrival order, "
-        "`magnus_ccb` by highest response ratio at the predicted length (point prediction), the last row "
-        "by the true length (an upper bound for the ordering).",
+        "`magnus_ccb` by highest response ratio at the predicted length (point prediction), the next row "
+        "by the true length (an upper bound for the ordering); `magnus_ccb_tail` first takes any request "
+        "whose estimate outlasts the queue's drain over the rows, longest first (the tail guard).",
         "",
         "Inputs: `python bench/e2e_workload.py --num-requests 3000 --out var/e2e/workload.jsonl` (held-out "
         "8-task mix, Qwen-token lengths) and the predictor `python -m services.predictor.bootstrap --data "
