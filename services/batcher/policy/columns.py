@@ -19,6 +19,7 @@ from services.batcher.policy import rules
 from services.batcher.policy.batch import Member, QueuedBatch
 from services.batcher.policy.fallback import fallback_estimate_s
 from services.batcher.policy.rules import MemoryBudget
+from services.core.tail_guard import outlasts_drain
 
 
 @dataclass
@@ -138,15 +139,15 @@ def highest_ratio_row(cols: BatchColumns, now_s: float, *, is_size_weighted: boo
 
 
 def outlasting_row(cols: BatchColumns, lanes: int) -> int | None:
-    """The tail guard's choice: of the batches whose estimate is at least the queue's drain time (every
-    queued estimate over `lanes` batches at once), the longest; None when none outlasts it. Run any later,
-    such a batch would end after the rest of the queue (the worker's twin: paged.scheduler.tail_first)."""
+    """The tail guard's choice (services.core.tail_guard): of the batches whose estimate outlasts the
+    queue's drain over `lanes`, the longest; None when none does."""
     nonempty = cols.size > 0
     if not nonempty.any():
         return None
     run_s = estimates_s(cols)
-    drain_s = run_s[nonempty].sum() / max(1, lanes)
-    return _first_best(np.where(nonempty & (run_s >= drain_s), run_s, -np.inf), cols.seq, lowest=False)
+    outlasting = np.zeros(len(run_s), dtype=bool)
+    outlasting[nonempty] = outlasts_drain(run_s[nonempty], lanes)
+    return _first_best(np.where(outlasting, run_s, -np.inf), cols.seq, lowest=False)
 
 
 def rows_of(row: int | None) -> list[int]:

@@ -40,6 +40,7 @@ from functools import cached_property
 
 from typing import TYPE_CHECKING
 
+from services.core.tail_guard import outlasts_drain
 from services.worker.paged.projection import BlockProjection
 
 if TYPE_CHECKING:  # bookkeeping only: the scheduler itself needs no torch
@@ -475,10 +476,8 @@ class Scheduler:
 
 
 def tail_first(waiting: list[Request], work_steps: list[int], rows: int) -> list[Request]:
-    """`waiting` (in HRRN order) with the requests whose predicted work (steps) is at least the queue's
-    drain time, sum(work_steps) / rows, moved to the front, longest first: started any later they would
-    end after the rest of the queue has drained. Pure; the others keep their order."""
-    drain_steps = sum(work_steps) / rows
-    is_tail = [work >= drain_steps for work in work_steps]
+    """`waiting` (in HRRN order) with the requests whose predicted work (steps) outlasts the queue's drain
+    over `rows` (services.core.tail_guard) moved to the front, longest first; the others keep their order."""
+    is_tail = outlasts_drain(work_steps, rows).tolist()
     tail = sorted((i for i in range(len(waiting)) if is_tail[i]), key=lambda i: -work_steps[i])  # stable
     return [waiting[i] for i in tail] + [r for r, tailing in zip(waiting, is_tail, strict=True) if not tailing]
