@@ -36,9 +36,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu_e2e import import_calibration, send_all  # noqa: E402
+from bench.percentile import nearest_rank  # noqa: E402
 from magnus.v1 import worker_queue_pb2 as wq  # noqa: E402
 from magnus.v1 import worker_queue_pb2_grpc  # noqa: E402
-from bench.gpu_e2e import import_calibration, send_all  # noqa: E402
 from tools.stack import BATCHER_INTERNAL, Stack  # noqa: E402
 
 WORKER_ID = "fake-gpu"
@@ -150,7 +151,7 @@ async def one_run(stack: Stack, rows: list[dict], args: argparse.Namespace, tag:
                 mean_token_events=round(sum(r.get("token_events", 0) for r in ok) / max(1, len(ok)), 2),
                 latency_ms_p50=round(1000 * statistics.median(r["latency_s"] for r in ok), 2),
                 latency_ms_mean=round(1000 * statistics.fmean(r["latency_s"] for r in ok), 2),
-                latency_ms_p99=round(1000 * sorted(r["latency_s"] for r in ok)[max(0, -(-99 * len(ok) // 100) - 1)], 2))
+                latency_ms_p99=round(1000 * nearest_rank((r["latency_s"] for r in ok), 0.99), 2))
 
 
 def start_stack(workdir: Path, state: Path, batcher_dir: Path, policy: str = "magnus_ccb") -> Stack:

@@ -14,7 +14,12 @@ import argparse
 import collections
 import gzip
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.percentile import nearest_rank  # noqa: E402
 
 ENGINE_THREAD = "paged-engine"
 OWN_FILES = ("mixed_step.py", "runner.py", "scheduler.py", "engine.py", "serving.py", "decode_step.py",
@@ -45,7 +50,7 @@ def phase_rows(name: str, raw: dict) -> list[str]:
                           if calls else "-")
             rows.append(
                 f"| {name} | {policy} | {float(rate):g} | {len(ok) / done_s:.1f} | {sum(latencies) / len(ok):.3f} | "
-                f"{latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]:.3f} | {steps:.0f} @ "
+                f"{nearest_rank(latencies, 0.99):.3f} | {steps:.0f} @ "
                 f"{1e3 * step_s / max(1, steps):.2f} ms | {split} | {counters.get('mean_running_requests', 0):.1f} | "
                 f"{calls_text} |")
     return rows

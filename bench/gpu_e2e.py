@@ -49,11 +49,12 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from magnus.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
 from bench.arrivals import poisson_offsets_s  # noqa: E402
 from bench.e2e_paged import (  # noqa: E402
     BENCH_ONLY_POLICIES, PAGED_POLICIES, PagedKnobs, PhaseCounters, paged_worker_env, scrape, worker_rpc_calls,
 )
+from bench.percentile import nearest_rank  # noqa: E402
+from magnus.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
 from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES, SERVING_POLICY_NAMES  # noqa: E402
 from tools.stack import Stack  # noqa: E402
 
@@ -405,7 +406,7 @@ class Bench:
                 ok = [r for r in records if r["status"] == "OK"]
                 mean_s = sum(r["latency_s"] for r in ok) / max(1, len(ok))
                 ttft = sorted(r["ttft_s"] for r in ok if "ttft_s" in r)
-                ttft_line = (f", TTFT p50 {ttft[len(ttft) // 2]:.3f} s p99 {ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))]:.3f} s"
+                ttft_line = (f", TTFT p50 {ttft[len(ttft) // 2]:.3f} s p99 {nearest_rank(ttft, 0.99):.3f} s"
                              if ttft else "")
                 say(f"{self.num_workers}w {policy:9s} rate {rate:6.1f}/s{' streamed' if stream else ''}: {len(ok)}/{len(records)} ok, "
                     f"{len(ok) / max(r['done_s'] for r in ok) if ok else 0:.1f} req/s done, mean {mean_s:.2f} s, "

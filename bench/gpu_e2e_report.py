@@ -21,16 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.percentile import nearest_rank  # noqa: E402
 from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES  # noqa: E402
 
 SUSTAINED_SHARE = 0.9
 ORDER = ("vs", "ccb", "magnus_ccb", "greedy", "glp", "abp", "magnus", "magnus_sw", "magnus_pack", "oracle",
          "oracle_pack")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 def summarize_rate(rate: float, measured: dict) -> dict:
@@ -47,8 +43,8 @@ def summarize_rate(rate: float, measured: dict) -> dict:
         "errors": len(records) - len(ok),
         "requests_per_s": len(ok) / makespan_s,
         "mean_latency_s": statistics.fmean(latencies) if latencies else float("nan"),
-        "p50_latency_s": percentile(latencies, 0.5),
-        "p99_latency_s": percentile(latencies, 0.99),
+        "p50_latency_s": nearest_rank(latencies, 0.5),
+        "p99_latency_s": nearest_rank(latencies, 0.99),
         "mean_queue_wait_s": statistics.fmean(r["queue_wait_s"] for r in ok) if ok else float("nan"),
         "valid_tokens_per_s": sum(r["generated_tokens"] for r in ok) / makespan_s,
         "total_tokens_per_s": sum(b["total_tokens"] or 0 for b in done_batches) / makespan_s,

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.percentile import nearest_rank  # noqa: E402
 from services.worker.paged.decode_step import LLAMA2_7B, PagedDecoder, PagedModelConfig, PagedWeights  # noqa: E402
 from services.worker.paged.engine import PagedEngine  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
@@ -90,7 +91,7 @@ def burst(runner: ModelRunner, requests, pool_blocks: int, config: SchedulerConf
         token_budget=config.token_budget, requests=len(requests), wall_s=round(wall_s, 3),
         requests_per_s=round(len(requests) / wall_s, 1), output_tokens_per_s=round(output_tokens / wall_s, 1),
         mean_latency_s=round(sum(latencies) / len(latencies), 3),
-        p99_latency_s=round(latencies[max(0, math.ceil(0.99 * len(latencies)) - 1)], 3),
+        p99_latency_s=round(nearest_rank(latencies, 0.99), 3),
         steps=stats.steps, decode_only_steps=stats.decode_only_steps,
         decode_only_step_ms=round(1e3 * stats.decode_only_step_s / max(1, stats.decode_only_steps), 2),
         mixed_step_ms=round(1e3 * (stats.step_s - stats.decode_only_step_s) / max(1, mixed_steps), 2),

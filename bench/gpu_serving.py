@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import random
 import sys
 import time
@@ -57,14 +56,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.arrivals import poisson_offsets_s  # noqa: E402
+from bench.percentile import nearest_rank  # noqa: E402
 from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, PagedWeights  # noqa: E402
 from services.worker.paged.engine import PagedEngine  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
 from services.worker.paged.runner import (  # noqa: E402
     DEFAULT_MIXED_GRAPH_TOKENS, DEFAULT_ROWS_ATTENDED_LIMIT, ModelRunner,
 )
-from services.worker.paged.skinny_gemm import DEFAULT_SKINNY_ROWS  # noqa: E402
 from services.worker.paged.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from services.worker.paged.skinny_gemm import DEFAULT_SKINNY_ROWS  # noqa: E402
 
 BLOCK_TOKENS = 16
 MAX_MODEL_TOKENS = 4096
@@ -186,7 +186,7 @@ def summarize(jobs: list[Job], offsets_s: list[float], done_s: dict, first_s: di
     output_tokens = sum(jobs[i].output_tokens for i in done_s)
 
     def pct(values: list[float], q: float) -> float:
-        return round(values[max(0, math.ceil(q * len(values)) - 1)], 4) if values else float("nan")
+        return round(nearest_rank(values, q), 4)
 
     return dict(requests=len(jobs), finished=len(done_s), span_s=round(span_s, 3),
                 requests_per_s=round(len(done_s) / span_s, 2), output_tokens_per_s=round(output_tokens / span_s, 1),

@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_serving import plot  # noqa: E402
+from bench.percentile import nearest_rank  # noqa: E402
 
 
 def load(path: Path) -> dict:
@@ -38,22 +38,17 @@ def load(path: Path) -> dict:
         return json.load(file)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
 def phase_figures(phase: dict) -> dict:
     ok = [r for r in phase["requests"] if r["status"] == "OK"]
     latencies = [r["latency_s"] for r in ok]
     figures = dict(requests=len(phase["requests"]), ok=len(ok),
                    requests_per_s=round(len(ok) / max(r["done_s"] for r in ok), 2),
                    mean_latency_s=round(sum(latencies) / len(latencies), 4),
-                   p99_latency_s=round(percentile(latencies, 0.99), 4),
+                   p99_latency_s=round(nearest_rank(latencies, 0.99), 4),
                    mean_queue_wait_s=round(sum(r["queue_wait_s"] for r in ok) / len(ok), 4))
     ttft = [r["ttft_s"] for r in ok if "ttft_s" in r]
     if ttft:
-        figures.update(ttft_p50_s=round(percentile(ttft, 0.5), 4), ttft_p99_s=round(percentile(ttft, 0.99), 4))
+        figures.update(ttft_p50_s=round(nearest_rank(ttft, 0.5), 4), ttft_p99_s=round(nearest_rank(ttft, 0.99), 4))
     for worker in phase.get("worker_counters", {}).values():
         figures.update(mean_running_requests=round(worker["mean_running_requests"], 1),
                        preemptions=int(worker["preemptions"]), recomputed_tokens=int(worker["recomputed_tokens"]))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from bench.arrivals import poisson_offsets_s  # noqa: E402
 from bench.gpu_serving import (  # noqa: E402
     ARRIVAL_SEED, BLOCK_TOKENS, POLICIES, QWEN_VOCAB, Job, error_ratios, mix_jobs, trace_jobs,
 )
+from bench.percentile import nearest_rank  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
 from services.worker.paged.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 
@@ -70,7 +70,7 @@ def simulate(policy: str, jobs: list[Job], offsets_s: list[float], pool_tokens: 
     latencies = sorted(done_s[i] - offsets_s[i] for i in done_s)
     return dict(requests_per_s=round(len(done_s) / max(done_s.values()), 2),
                 mean_latency_s=round(sum(latencies) / len(latencies), 2),
-                p99_latency_s=round(latencies[math.ceil(0.99 * len(latencies)) - 1], 2),
+                p99_latency_s=round(nearest_rank(latencies, 0.99), 2),
                 preemptions=scheduler.num_preemptions, recomputed_tokens=scheduler.num_recomputed_tokens,
                 max_running_requests=scheduler.max_running_seen)
 
