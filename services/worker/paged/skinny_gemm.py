@@ -66,10 +66,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             out = torch.addmm(residual, x, weight.t())
             return out if bias is None else out + bias
         return F.linear(x, weight, bias)
-    _check_operands(x, weight, launch)
     rows, depth = x.shape
     width = weight.shape[0]
     block_k, block_n = launch["block_k"], launch["block_n"]
+    if depth % block_k or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"Triton linear needs K % block_k == 0 and contiguous rows, got x {tuple(x.shape)}, "
+                         f"block_k {block_k}")
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     stages = dict(num_stages=launch.get("num_stages", 4), num_warps=launch.get("num_warps", 4))
     epilogue = (bias if bias is not None else out, residual if residual is not None else out,
@@ -80,24 +82,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             x, weight, *epilogue, out, rows, width, depth, x.stride(0), weight.stride(0), out.stride(0), **flags,
             BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_K=block_k, **stages)
         return out
-    partial = _split_partials(x, weight, launch)
-    block = 1024
-    _sum_splits_kernel[(triton.cdiv(rows * width, block),)](
-        partial, *epilogue, out, rows * width, width, out.stride(0), partial.shape[0], **flags, BLOCK=block)
-    return out
-
-
-def _check_operands(x: torch.Tensor, weight: torch.Tensor, launch: dict) -> None:
-    if x.shape[1] % launch["block_k"] or x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError(f"Triton linear needs K % block_k == 0 and contiguous rows, got x {tuple(x.shape)}, "
-                         f"block_k {launch['block_k']}")
-
-
-def _split_partials(x: torch.Tensor, weight: torch.Tensor, launch: dict) -> torch.Tensor:
-    """The split-K kernel's fp32 partials [splits, M, N] of x @ weight.T (`linear` checked the shapes)."""
-    rows, depth = x.shape
-    width = weight.shape[0]
-    block_k, block_n = launch["block_k"], launch["block_n"]
     block_m = launch.get("block_m") or min(MAX_BLOCK_M, max(16, triton.next_power_of_2(rows)))
     k_tiles = depth // block_k
     splits = min(launch.get("splits", 1), k_tiles)
@@ -106,9 +90,11 @@ def _split_partials(x: torch.Tensor, weight: torch.Tensor, launch: dict) -> torc
     partial = torch.empty(splits, rows, width, dtype=torch.float32, device=x.device)
     _split_gemm_kernel[(triton.cdiv(rows, block_m), triton.cdiv(width, block_n), splits)](
         x, weight, partial, rows, width, depth, k_per_split, x.stride(0), weight.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_stages=launch.get("num_stages", 4), num_warps=launch.get("num_warps", 4))
-    return partial
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **stages)
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(rows * width, block),)](
+        partial, *epilogue, out, rows * width, width, out.stride(0), splits, **flags, BLOCK=block)
+    return out
 
 
 def runs_split(launch: dict | None, rows: int) -> bool:
