@@ -32,8 +32,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, use_triton: b
         normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
         return (normed * weight.float()).to(x.dtype)
     out = torch.empty_like(x)
-    _rms_norm_kernel[(x.shape[0],)](x, weight, out, x.stride(0), out.stride(0), x.shape[1], eps,
-                                    BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
+    _rms_norm_kernel[(x.shape[0],)](x, x, weight, out, out, x.stride(0), 0, 0, out.stride(0), x.shape[1], eps,
+                                    HAS_RESIDUAL=False, BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
     return out
 
 
@@ -47,9 +47,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         hidden = (x.float() + residual.float()).to(x.dtype)
         return hidden, rms_norm(hidden, weight, eps, use_triton=False)
     hidden, normed = torch.empty_like(x), torch.empty_like(x)
-    _add_rms_norm_kernel[(x.shape[0],)](x, residual, weight, hidden, normed, x.stride(0), residual.stride(0),
-                                        hidden.stride(0), x.shape[1], eps,
-                                        BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
+    _rms_norm_kernel[(x.shape[0],)](x, residual, weight, hidden, normed, x.stride(0), residual.stride(0),
+                                    hidden.stride(0), normed.stride(0), x.shape[1], eps,
+                                    HAS_RESIDUAL=True, BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
     return hidden, normed
 
 
@@ -105,29 +105,22 @@ def rope_and_write_kv(
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, out_stride, width, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, hidden_ptr, out_ptr, x_stride, res_stride, hidden_stride, out_stride,
+                         width, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        """One row: out = RMSNorm(x) * w; with HAS_RESIDUAL first x += residual, stored (in x's dtype) as
+        hidden, and that sum is what is normalised."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         is_col = cols < width
-        x = tl.load(x_ptr + row * x_stride + cols, mask=is_col, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * x_stride + cols, mask=is_col, other=0.0)
+        if HAS_RESIDUAL:
+            residual = tl.load(res_ptr + row * res_stride + cols, mask=is_col, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) + residual).to(hidden_ptr.dtype.element_ty)
+            tl.store(hidden_ptr + row * hidden_stride + cols, x, mask=is_col)
+        x = x.to(tl.float32)
         inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
         w = tl.load(w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * out_stride + cols, (x * inv_rms * w).to(out_ptr.dtype.element_ty), mask=is_col)
-
-    @triton.jit
-    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, hidden_ptr, normed_ptr, x_stride, res_stride, out_stride, width,
-                             eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        is_col = cols < width
-        x = tl.load(x_ptr + row * x_stride + cols, mask=is_col, other=0.0).to(tl.float32)
-        residual = tl.load(res_ptr + row * res_stride + cols, mask=is_col, other=0.0).to(tl.float32)
-        hidden = (x + residual).to(hidden_ptr.dtype.element_ty)
-        tl.store(hidden_ptr + row * out_stride + cols, hidden, mask=is_col)
-        h = hidden.to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(h * h, axis=0) / width + eps)
-        w = tl.load(w_ptr + cols, mask=is_col, other=0.0).to(tl.float32)
-        tl.store(normed_ptr + row * out_stride + cols, (h * inv_rms * w).to(normed_ptr.dtype.element_ty), mask=is_col)
 
     @triton.jit
     def _silu_mul_kernel(gate_up_ptr, out_ptr, in_stride, out_stride, width, BLOCK: tl.constexpr):
