@@ -145,6 +145,8 @@ def _merge_queued_tokens(first: TokenEvent, events: asyncio.Queue) -> tuple[Toke
         texts.append(event.text_delta)
         num_tokens += event.num_tokens
     return (first if len(texts) == 1 else TokenEvent("".join(texts), num_tokens)), None
+
+
 _PHASES = {Phase.QUEUED: generation_pb2.REQUEST_PHASE_QUEUED, Phase.STARTED: generation_pb2.REQUEST_PHASE_STARTED}
 
 
