@@ -67,7 +67,7 @@ def main() -> int:
                                                          inputs.block_tables, inputs.context_lens, decoder.scale)
             rows = []
             for launch in launches(args.smoke):
-                def run(launch=launch):
+                def run(launch=launch, decoder=decoder, inputs=inputs, q=q):
                     return attention.paged_decode_attention(q, decoder.k_caches[0], decoder.v_caches[0],
                                                             inputs.block_tables, inputs.context_lens, decoder.scale,
                                                             **launch)

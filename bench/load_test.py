@@ -40,7 +40,7 @@ from magnus.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
 from services.batcher.policy.config import CONTINUOUS_POLICY_NAMES  # noqa: E402
 from services.shared.settings import VAR_DIR  # noqa: E402
 from tools import demo  # noqa: E402
-from tools.stack import SERVICES, Stack  # noqa: E402
+from tools.stack import Stack  # noqa: E402
 
 
 @dataclass

@@ -256,9 +256,9 @@ def test_hrrn_tail_starts_a_burst_s_long_request_first_where_hrrn_starts_it_last
 
 
 def test_preemption_rules_pick_their_victims():
-    for rule, victim in ((PreemptRule.MOST_WORK_LEFT, "a"), (PreemptRule.YOUNGEST, "c")):
+    for preempt_rule, victim in ((PreemptRule.MOST_WORK_LEFT, "a"), (PreemptRule.YOUNGEST, "c")):
         # 3 blocks of 2 tokens; three 1-token prompts admitted at once (greedy), then they grow
-        scheduler = Scheduler(SchedulerConfig(max_running=3, token_budget=3, admission="greedy", preempt_rule=rule),
+        scheduler = Scheduler(SchedulerConfig(max_running=3, token_budget=3, admission="greedy", preempt_rule=preempt_rule),
                               BlockPool(3, 2))
         for request_id, predicted in (("a", 5), ("b", 2), ("c", 3)):
             scheduler.add(Request(request_id, [1], max_new_tokens=5, predicted_tokens=predicted))
