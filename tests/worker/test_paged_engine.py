@@ -164,7 +164,7 @@ def test_stop_tokens_end_requests_and_only_their_tokens_stream(model, workload, 
     assert sum(len(e) < len(t) for e, t in zip(expected, alone_tokens)) >= 2  # the case is exercised
     engine = engine_for(model, num_blocks=64, max_running=4, token_budget=64, stop_ids=[stop], overlap=overlap)
     streamed: dict[int, list[int]] = {}
-    engine.on_tokens = lambda sampled: [streamed.setdefault(key, []).append(token) for key, token in sampled.items()]
+    engine.on_tokens = lambda kept: [streamed.setdefault(key, []).extend(tokens) for key, tokens in kept.items()]
     results = run_all(engine, workload)
     assert [results[i].output_ids for i in range(len(workload))] == expected
     assert [streamed[i] for i in range(len(workload))] == expected

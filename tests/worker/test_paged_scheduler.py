@@ -27,12 +27,15 @@ EOS = 0
 
 
 def fake_tokens(plan: StepPlan, scheduler: Scheduler, true_lengths: dict) -> dict:
-    """The token a model would sample: EOS once a request reached its true length, else 1."""
+    """The token a model would sample: EOS once a request reached its true length, else 1 (a tuple, one per
+    sampled position, for a chunk with drafts)."""
     sampled = {}
     for chunk in plan.chunks:
         if chunk.is_sampled:
             request = scheduler.requests[chunk.request_id]
-            sampled[chunk.request_id] = EOS if len(request.output_ids) + 1 >= true_lengths[chunk.request_id] else 1
+            tokens = tuple(EOS if len(request.output_ids) + j + 1 >= true_lengths[chunk.request_id] else 1
+                           for j in range(chunk.num_drafts + 1))
+            sampled[chunk.request_id] = tokens if chunk.num_drafts else tokens[0]
     return sampled
 
 
@@ -98,9 +101,9 @@ def test_block_projection_peak_is_peak_blocks_at_larger_sizes(holding, block_tok
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random add / step / abort on a small pool under every admission, order and preemption rule:
-    no block leaks or is owned twice, only running requests hold blocks, and each holds a slot for
-    every token it knows (less the one it just sampled)."""
+    """Random add / step / abort on a small pool under every admission, order and preemption rule, with
+    drafts or without: no block leaks or is owned twice, only running requests hold blocks, and each
+    holds a slot for every token it knows (less the one it just sampled; more by the drafts it did not keep)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -110,11 +113,12 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(admission=st.sampled_from(list(Admission)), order=st.sampled_from(list(WaitOrder)),
           preempt_rule=st.sampled_from(list(PreemptRule)), margin=st.sampled_from([0.5, 1.0, 1.5]),
-          max_running=st.integers(1, 5), extra_budget=st.integers(0, 12))
+          max_running=st.integers(1, 5), extra_budget=st.integers(0, 12), draft_tokens=st.sampled_from([0, 0, 3]))
     @precondition(lambda self: self.scheduler is None)
-    def configure(self, admission, order, preempt_rule, margin, max_running, extra_budget):
+    def configure(self, admission, order, preempt_rule, margin, max_running, extra_budget, draft_tokens):
         config = SchedulerConfig(max_running=max_running, token_budget=max_running + extra_budget, admission=admission,
-                                 margin=margin, order=order, preempt_rule=preempt_rule)
+                                 margin=margin, order=order, preempt_rule=preempt_rule, draft_tokens=draft_tokens,
+                                 draft_max_rows=3)
         self.scheduler = Scheduler(config, BlockPool(num_blocks=10, block_tokens=4), stop_ids=[EOS])
 
     @precondition(lambda self: self.scheduler is not None)
@@ -157,8 +161,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert pool.num_free_blocks + pool.num_used_blocks == pool.num_blocks
         assert set(owned).isdisjoint(pool._free)
         for request in scheduler.running:
-            assert request.num_computed_tokens <= pool.num_tokens(request.request_id) <= request.num_tokens
-            assert request.num_tokens - pool.num_tokens(request.request_id) <= 1
+            held = pool.num_tokens(request.request_id)
+            assert request.num_computed_tokens <= held <= request.num_tokens + scheduler.config.draft_tokens
+            assert request.num_tokens - held <= 1
         for request in [*scheduler.waiting, *scheduler.preempted]:
             assert request.num_computed_tokens == 0
 
@@ -376,3 +381,21 @@ def test_overlapped_steps_end_every_request_as_serial_steps(requests, admission,
     for (_, true_output, max_new, _), (tokens, reason) in zip(requests, (serial[i] for i in range(len(requests)))):
         assert len(tokens) == min(true_output, max_new)
         assert reason is (FinishReason.STOP if true_output <= max_new else FinishReason.LENGTH)
+
+
+@pytest.mark.parametrize("num_blocks", [200, 48], ids=["roomy", "preempting"])
+def test_drafts_end_every_request_at_its_length_in_fewer_steps(num_blocks):
+    """A model that repeats itself (every token 1, then EOS): drafts are kept up to the EOS, which ends
+    each request at its true length (run_to_end checks), in fewer steps than without; with a pool that
+    preempts, the drafts' extra slots are given back like any others."""
+    steps = {}
+    for draft_tokens in (0, 4):
+        scheduler = Scheduler(SchedulerConfig(max_running=8, token_budget=64, draft_tokens=draft_tokens,
+                                              draft_max_rows=8, admission="greedy"),
+                              BlockPool(num_blocks, 4), stop_ids=[EOS])
+        steps[draft_tokens] = run_to_end(scheduler, accurate_workload(20))
+        if draft_tokens:
+            assert scheduler.num_accepted_tokens > 0
+        if num_blocks == 48:
+            assert scheduler.num_preemptions > 0
+    assert steps[4] < steps[0]

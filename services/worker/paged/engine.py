@@ -26,6 +26,8 @@ class RequestResult:
     finish_reason: FinishReason
     num_preemptions: int
     num_recomputed_tokens: int  # cached tokens its preemptions threw away (prefilled again)
+    num_draft_tokens: int  # drafted by prompt lookup and verified (speculation.py)
+    num_accepted_tokens: int  # drafts kept: steps saved
     queued_s: float  # added -> first scheduled, seconds (0 if never scheduled)
     first_token_s: float  # added -> first output token, seconds (0 if none)
     total_s: float  # added -> finished, seconds
@@ -54,7 +56,10 @@ class PagedEngine:
     overlap: plan and prepare step N+1 while step N runs on the device (vLLM v1's async scheduling):
     each `step` launches the next step before reading the previous one's tokens, and a decode row
     takes its token from the previous step's output on the device. A request that samples a stop
-    token at N has computed one more token at N+1 by the time that is known; it is dropped."""
+    token at N has computed one more token at N+1 by the time that is known; it is dropped. A step
+    with drafts (`SchedulerConfig.draft_tokens`), or one after which the scheduler may draft, is read
+    before the next is planned: drafts need every token known, and a verified chunk's length is known
+    only once read. So speculation trades the overlap for fewer steps, and only at few running rows."""
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, clock: Callable[[], float] = time.monotonic,
                  *, overlap: bool = False) -> None:
@@ -64,7 +69,8 @@ class PagedEngine:
         self.overlap = overlap
         self._running: tuple[StepPlan, LaunchedStep] | None = None  # overlap: the step launched, not yet read
         self.stats = EngineStats()
-        self.on_tokens: Callable[[dict[Hashable, int]], None] | None = None  # each step's sampled tokens
+        # each step's new tokens per request (several where drafts were kept)
+        self.on_tokens: Callable[[dict[Hashable, list[int]]], None] | None = None
         self._timings: dict[Hashable, _Timing] = {}
 
     @classmethod
@@ -79,12 +85,12 @@ class PagedEngine:
         return self.scheduler.has_unfinished or self._running is not None
 
     def add_request(self, request_id: Hashable, prompt_ids: list[int], max_new_tokens: int,
-                    predicted_tokens: int = 0, replay_tokens: int = 0) -> None:
+                    predicted_tokens: int = 0, replay_tokens: int = 0, reference_ids: tuple[int, ...] = ()) -> None:
         """Queue a request (greedy, stops at a stop token or max_new_tokens; after `replay_tokens`
-        too when > 0, see `Request`). ValueError when it can never run here (longer than the KV
-        pool) or is malformed."""
+        too when > 0; `reference_ids`: benchmarks only, see `Request`). ValueError when it can never
+        run here (longer than the KV pool) or is malformed."""
         self.scheduler.add(Request(request_id, list(prompt_ids), max_new_tokens, predicted_tokens,
-                                   replay_tokens=replay_tokens))
+                                   replay_tokens=replay_tokens, reference_ids=tuple(reference_ids)))
         self._timings[request_id] = _Timing(self.clock())
 
     def abort(self, request_id: Hashable) -> RequestResult | None:
@@ -98,34 +104,35 @@ class PagedEngine:
         started_s = self.clock()
         plan = self.scheduler.schedule()
         sampled = self.runner.step(self.runner.prepare(plan)) if not plan.is_empty else {}
-        taken = self._taken(sampled)
         finished = self.scheduler.update(plan, sampled)
         self._account(plan, started_s)
-        self._note_tokens(taken)
+        self._note_tokens(self.scheduler.resolved)
         return [self._result(request) for request in finished]
 
     def _step_overlapped(self) -> list[RequestResult]:
-        """Plan, prepare and launch step N+1 while step N runs, then read N's tokens and apply them."""
+        """Plan, prepare and launch step N+1 while step N runs, then read N's tokens and apply them
+        (N first, when N has drafts or N+1 may: see the class docstring)."""
         started_s = self.clock()
-        plan = self.scheduler.schedule()
         running, self._running = self._running, None
+        has_read = running is not None
+        finished, kept = [], {}
+        if has_read and (running[0].num_draft_tokens or self.scheduler.drafts_next_step):
+            finished, kept = self._read(*running), self.scheduler.resolved
+            running = None
+        plan = self.scheduler.schedule()
         if not plan.is_empty:
             launched = self.runner.launch(self.runner.prepare(plan, previous=running and running[1]))
             self.scheduler.commit(plan)
             self._running = (plan, launched)
-        finished, taken = [], {}
         if running is not None:
-            sampled = self.runner.collect(running[1])
-            taken = self._taken(sampled)
-            finished = self.scheduler.resolve(running[0], sampled)
-        self._account(plan, started_s, draining=running is not None)
-        self._note_tokens(taken)
+            finished, kept = self._read(*running), self.scheduler.resolved
+        self._account(plan, started_s, draining=has_read)
+        self._note_tokens(kept)
         return [self._result(request) for request in finished]
 
-    def _taken(self, sampled: dict[Hashable, int]) -> dict[Hashable, int]:
-        """The sampled tokens the scheduler will keep: not those of requests aborted, or (overlap)
-        already ended by a stop token one step before."""
-        return {request_id: token for request_id, token in sampled.items() if self.scheduler.awaits_token(request_id)}
+    def _read(self, plan: StepPlan, launched: LaunchedStep) -> list:
+        """Wait for a launched step and apply its tokens; the requests it finished."""
+        return self.scheduler.resolve(plan, self.runner.collect(launched))
 
     def run(self) -> dict[Hashable, RequestResult]:
         """Step until every added request finished; their results by id."""
@@ -154,15 +161,15 @@ class PagedEngine:
             if timing is not None and timing.scheduled_s is None:
                 timing.scheduled_s = started_s
 
-    def _note_tokens(self, sampled: dict[Hashable, int]) -> None:
-        """First-token times, and the step's tokens to `on_tokens`."""
+    def _note_tokens(self, kept: dict[Hashable, list[int]]) -> None:
+        """First-token times, and the step's kept tokens to `on_tokens`."""
         now_s = self.clock()
-        for request_id in sampled:
+        for request_id in kept:
             timing = self._timings.get(request_id)
             if timing is not None and timing.first_token_s is None:
                 timing.first_token_s = now_s
-        if self.on_tokens is not None and sampled:
-            self.on_tokens(sampled)
+        if self.on_tokens is not None and kept:
+            self.on_tokens(kept)
 
     def _result(self, request: Request) -> RequestResult:
         timing = self._timings.pop(request.request_id)
@@ -174,6 +181,7 @@ class PagedEngine:
         return RequestResult(
             request_id=request.request_id, prompt_tokens=len(request.prompt_ids), output_ids=list(request.output_ids),
             finish_reason=request.finish_reason, num_preemptions=request.num_preemptions,
-            num_recomputed_tokens=request.num_recomputed_tokens, queued_s=since_added(timing.scheduled_s),
+            num_recomputed_tokens=request.num_recomputed_tokens, num_draft_tokens=request.num_draft_tokens,
+            num_accepted_tokens=request.num_accepted_tokens, queued_s=since_added(timing.scheduled_s),
             first_token_s=since_added(timing.first_token_s), total_s=now_s - timing.added_s,
         )

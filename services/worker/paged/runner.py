@@ -1,4 +1,4 @@
-"""The paged engine's ModelRunner: a step plan in, one greedy token per sampled chunk out (issue 23).
+"""The paged engine's ModelRunner: a step plan in, greedy tokens of each sampled chunk out (issue 23).
 
 Public verbs, as nano-vllm's ModelRunner: `prepare(plan)` turns a scheduler's plan into device
 inputs, `step(prepared)` runs the model and samples, `free()` releases the device memory. It sees
@@ -9,6 +9,8 @@ once per row bucket (block tables padded to a fixed width, so one graph serves e
 plan with prefill chunks runs `mixed_step.mixed_forward`, on a GPU replayed as a CUDA graph captured
 once per token bucket (`mixed_step.GraphedMixed`). Host-side, a step's integer inputs are packed into
 one buffer and sent in one copy (`decode_step.upload`); the only sync is reading the sampled tokens.
+A chunk with drafts (speculation.py) is sampled after each of its last num_drafts + 1 tokens: its
+request gets a tuple of that many tokens, the others one int.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ class PreparedStep:
     """A plan's device inputs; `sampled_ids` name the rows of the logits the step returns."""
 
     sampled_ids: list[Hashable]
+    sample_counts: list[int] | None = None  # tokens sampled per sampled_ids entry, where drafts make any > 1
     decode: StepInputs | None = None  # decode rows only, eager
     graphed: GraphedDecode | None = None  # decode rows only, inputs filled into this graph's buffers
     mixed: MixedInputs | None = None  # prefill chunks, eager
     mixed_graph: GraphedMixed | None = None  # prefill chunks, inputs copied into this graph's buffer
     num_rows: int = 0
     sample_rows: torch.Tensor | None = None  # decode paths: rows whose next token is sampled (None: all)
+    num_samples: int = 0  # captured mixed step: the sampled tokens among its graph's outputs
 
 
 @dataclass
@@ -58,13 +62,35 @@ class LaunchedStep:
     `sampled_ids` order, and on their way to the host."""
 
     sampled_ids: list[Hashable]
+    sample_counts: list[int] | None  # as PreparedStep's
     tokens: torch.Tensor  # [R] int64 on the device, a copy no later replay overwrites
     host_tokens: torch.Tensor  # [R] int64 on the host, filled once `ready` has passed
     ready: torch.cuda.Event | None  # recorded after the copy to the host (None on the CPU)
 
     @property
     def row_of(self) -> dict[Hashable, int]:
-        return {request_id: row for row, request_id in enumerate(self.sampled_ids)}
+        """Row of `tokens` holding each request's last sampled token."""
+        if self.sample_counts is None:
+            return {request_id: row for row, request_id in enumerate(self.sampled_ids)}
+        ends = np.cumsum(self.sample_counts) - 1
+        return dict(zip(self.sampled_ids, ends.tolist(), strict=True))
+
+    def by_request(self, tokens: list[int]) -> dict[Hashable, int | tuple[int, ...]]:
+        return by_request(self.sampled_ids, self.sample_counts, tokens)
+
+
+def by_request(sampled_ids: list[Hashable], sample_counts: list[int] | None,
+               tokens: list[int]) -> dict[Hashable, int | tuple[int, ...]]:
+    """A step's sampled tokens by request: one int each, a tuple for a chunk sampled several times."""
+    if sample_counts is None:
+        return dict(zip(sampled_ids, tokens, strict=True))
+    result, at = {}, 0
+    for request_id, count in zip(sampled_ids, sample_counts, strict=True):
+        result[request_id] = tokens[at] if count == 1 else tuple(tokens[at:at + count])
+        at += count
+    if at != len(tokens):
+        raise RuntimeError(f"a step sampled {len(tokens)} tokens for {at} sample positions")
+    return result
 
 
 class ModelRunner:
@@ -143,7 +169,15 @@ class ModelRunner:
         table_rows = padded_tables(tables, max(map(len, tables)), -1)
         slots = table_rows[token_chunks, positions // block_tokens] * block_tokens + positions % block_tokens
         self._check_slots(slots)
-        sample_indices = query_starts[1:][is_sampled] - 1
+        sample_counts = None
+        if plan.num_draft_tokens:  # a chunk with drafts is sampled at its last num_drafts + 1 tokens
+            counts = 1 + np.fromiter((c.num_drafts for c in chunks), np.int64, num_chunks)[is_sampled]
+            firsts = query_starts[1:][is_sampled] - counts
+            offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            sample_indices = np.repeat(firsts, counts) + offsets
+            sample_counts = counts.tolist()
+        else:
+            sample_indices = query_starts[1:][is_sampled] - 1
         if plan.is_decode_only or self._fits_rows(chunk_tokens, start_positions, num_tokens):
             # Every token a row of the decode step: a prefill token at position p attends positions
             # 0..p through the same paged kernel, after the step wrote the K/V of all its rows, which
@@ -152,12 +186,13 @@ class ModelRunner:
             # mixed step ran eagerly: reports/gpu/serving). Logits of unsampled rows are computed and dropped.
             row_tables = table_rows.clip(min=0)[token_chunks].astype(np.int32)  # padded with block 0
             prepared = self._prepare_decode(sampled_ids, token_ids, positions, slots, row_tables, sample_indices, pin)
+            prepared.sample_counts = sample_counts
             inputs = prepared.graphed.inputs if prepared.graphed is not None else prepared.decode
             self._take_pending(inputs.token_ids, taking, previous, pin)
             return prepared
         context_lens = start_positions + chunk_tokens
         width = table_rows.shape[1]
-        graphed = self._mixed_graph_for(num_tokens, num_chunks, width)
+        graphed = self._mixed_graph_for(num_tokens, max(num_chunks, len(sample_indices)), width)
         layout = graphed.layout if graphed is not None else MixedLayout(num_tokens, num_chunks, len(sample_indices),
                                                                        width)
         flat = torch.from_numpy(layout.pack(token_ids, positions, slots, query_starts, context_lens, tables,
@@ -166,10 +201,11 @@ class ModelRunner:
         if graphed is not None:
             graphed.buffer.copy_(upload(flat, self.device, pin))  # into the graph's input buffer
             self._take_pending(graphed.inputs.token_ids, taking, previous, pin)
-            return PreparedStep(sampled_ids, mixed_graph=graphed, num_rows=num_chunks)
+            return PreparedStep(sampled_ids, sample_counts, mixed_graph=graphed, num_rows=num_chunks,
+                                num_samples=len(sample_indices))
         inputs = layout.views(upload(flat, self.device, pin))
         self._take_pending(inputs.token_ids, taking, previous, pin)
-        return PreparedStep(sampled_ids, mixed=inputs, num_rows=num_chunks)
+        return PreparedStep(sampled_ids, sample_counts, mixed=inputs, num_rows=num_chunks)
 
     def _take_pending(self, token_ids: torch.Tensor, taking, previous: LaunchedStep | None, pin: bool) -> None:
         """token_ids[rows] = previous.tokens[sources] on the device, for taking = (rows, sources)."""
@@ -180,7 +216,8 @@ class ModelRunner:
         token_ids.index_copy_(0, both[:len(rows)], previous.tokens.index_select(0, both[len(rows):]))
 
     def _mixed_graph_for(self, num_tokens: int, num_chunks: int, table_width: int) -> GraphedMixed | None:
-        """The captured mixed step of the smallest token bucket that holds this step (None: run it eagerly)."""
+        """The captured mixed step of the smallest token bucket that holds this step (None: run it eagerly);
+        num_chunks: its chunks or its sampled tokens, whichever are more (a graph holds as many of each)."""
         if not self.use_cuda_graphs or table_width > self.graph_table_width:
             return None
         bucket = next((size for size in self.mixed_graph_tokens if size >= num_tokens), None)
@@ -222,32 +259,32 @@ class ModelRunner:
     # ---- step ----------------------------------------------------------------------------------
     def step(self, prepared: PreparedStep) -> dict[Hashable, int]:
         """Run the step; returns the greedy next token of every sampled chunk's request (one sync)."""
-        return dict(zip(prepared.sampled_ids, self._run(prepared).tolist(), strict=True))
+        return by_request(prepared.sampled_ids, prepared.sample_counts, self._run(prepared).tolist())
 
     def launch(self, prepared: PreparedStep) -> LaunchedStep:
         """Run the step without waiting for it: its tokens come back from `collect`, and the next
         step can be prepared meanwhile (`prepare(plan, previous=...)`)."""
         tokens = self._run(prepared).clone()  # outside inference mode: a plain tensor later steps may read
         if self.device.type != "cuda":
-            return LaunchedStep(prepared.sampled_ids, tokens, tokens, None)
+            return LaunchedStep(prepared.sampled_ids, prepared.sample_counts, tokens, tokens, None)
         host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host_tokens.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return LaunchedStep(prepared.sampled_ids, tokens, host_tokens, ready)
+        return LaunchedStep(prepared.sampled_ids, prepared.sample_counts, tokens, host_tokens, ready)
 
     def collect(self, launched: LaunchedStep) -> dict[Hashable, int]:
         """The launched step's tokens by request id (waits for that step only, not for later ones)."""
         if launched.ready is not None:
             launched.ready.synchronize()
-        return dict(zip(launched.sampled_ids, launched.host_tokens.tolist(), strict=True))
+        return launched.by_request(launched.host_tokens.tolist())
 
     @torch.inference_mode()
     def _run(self, prepared: PreparedStep) -> torch.Tensor:
         """Launch the step's work; its greedy tokens [R] on the device, in sampled_ids order."""
         if prepared.mixed_graph is not None:
             prepared.mixed_graph.replay()
-            return prepared.mixed_graph.next_tokens[:len(prepared.sampled_ids)]
+            return prepared.mixed_graph.next_tokens[:prepared.num_samples]
         if prepared.mixed is not None:
             return mixed_forward(self.decoder, prepared.mixed).argmax(dim=-1)
         if prepared.graphed is not None:

@@ -27,6 +27,12 @@ token generated so far), allocated whole at admission and one block at a time as
   most predicted output left (it would hold its blocks longest; the youngest among equals),
   YOUNGEST the one admitted last (vLLM's). It resumes by recompute: its prompt and the tokens it
   generated are prefilled again. Preemptions and recomputed tokens are counted.
+- Drafts (`draft_tokens`, off by default; speculation.py): while at most `draft_max_rows` requests run,
+  a decoding request whose tokens are all known drafts up to that many tokens by prompt lookup; its
+  chunk is its last token and the drafts, every position sampled, and `resolve` keeps the drafts the
+  model agrees with plus its next token. Drafts take slots only from free blocks (never preempting),
+  never run past the request's length, and a chunk with drafts must be resolved before the next step
+  is planned (its request's position is known only then: the engine reads such a step first).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import TYPE_CHECKING
 
 from services.core.tail_guard import outlasts_drain
 from services.worker.paged.projection import BlockProjection
+from services.worker.paged.speculation import NgramIndex, accepted_tokens
 
 if TYPE_CHECKING:  # bookkeeping only: the scheduler itself needs no torch
     from services.worker.paged.kv_blocks import BlockPool
@@ -108,6 +115,11 @@ class SchedulerConfig:
     # max_running at once (prefilled over as many steps as the token budget needs); the batch runs
     # until its last member ends
     static_batches: bool = False
+    # speculative decoding by prompt lookup (speculation.py): a decoding request drafts up to
+    # draft_tokens tokens a step while at most draft_max_rows requests run (a step of few rows is bound
+    # by reading the weights, so verifying the drafts costs little there); 0 = off
+    draft_tokens: int = 0
+    draft_max_rows: int = 16
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -116,6 +128,9 @@ class SchedulerConfig:
             raise ValueError(f"token_budget ({self.token_budget}) must be >= max_running ({self.max_running})")
         if not self.margin > 0:
             raise ValueError(f"margin must be > 0, got {self.margin}")
+        if self.draft_tokens < 0 or self.draft_max_rows < 1:
+            raise ValueError(f"need draft_tokens >= 0 and draft_max_rows >= 1, got {self.draft_tokens}, "
+                             f"{self.draft_max_rows}")
         for name, kind in (("admission", Admission), ("order", WaitOrder), ("preempt_rule", PreemptRule)):
             object.__setattr__(self, name, kind(getattr(self, name)))  # a string names its member
 
@@ -131,6 +146,10 @@ class Request:
     # trace replay (benchmarks on random weights): ends after this many output tokens as if on a
     # stop token, while admission still sees only max_new_tokens and the prediction; 0 = off
     replay_tokens: int = 0
+    # benchmarks on random weights, with drafts: the reference output stands in for the model's, each
+    # sampled token replaced by the reference's at its position, so drafts are verified against real
+    # text (the step's compute is the same); () = off
+    reference_ids: tuple[int, ...] = ()
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
@@ -139,6 +158,9 @@ class Request:
     num_pending_tokens: int = 0  # the last output_ids, PENDING_TOKEN: sampled by steps not yet resolved
     arrival_step: int = 0
     admitted_order: int = 0  # larger = admitted (or resumed) later
+    num_draft_tokens: int = 0  # drafted and verified
+    num_accepted_tokens: int = 0  # drafts the model agreed with (each saved a step)
+    ngram_index: NgramIndex | None = None  # its known tokens, for drafting; made at its first draft
 
     @property
     def num_tokens(self) -> int:
@@ -148,6 +170,11 @@ class Request:
         """Known tokens start..end-1 (prompt, then output)."""
         prompt = len(self.prompt_ids)
         return tuple(self.prompt_ids[start:end]) + tuple(self.output_ids[max(0, start - prompt):max(0, end - prompt)])
+
+    @property
+    def output_limit(self) -> int:
+        """Output tokens at which it ends unless a stop token comes first (max_new_tokens, or replay_tokens)."""
+        return min(self.max_new_tokens, self.replay_tokens) if self.replay_tokens else self.max_new_tokens
 
     @property
     def predicted_output_tokens(self) -> int:
@@ -178,6 +205,9 @@ class ScheduledChunk:
     start_position: int  # tokens already cached; the chunk attends them and itself (causally)
     block_table: tuple[int, ...]  # the request's blocks, covering every position of the chunk
     is_sampled: bool  # the chunk ends the request's known tokens: the step samples its next token
+    # the last num_drafts token_ids are drafts (speculation.py): the step samples after each of the
+    # chunk's last num_drafts + 1 tokens
+    num_drafts: int = 0
 
     @property
     def context_tokens(self) -> int:
@@ -189,6 +219,7 @@ class StepPlan:
     chunks: tuple[ScheduledChunk, ...]  # decode rows (one token) first, then prefill chunks
     preempted: tuple[RequestId, ...]  # preempted while planning this step
     num_batched_tokens: int
+    num_draft_tokens: int = 0  # drafts among its tokens: resolve this step before planning the next
 
     @property
     def is_empty(self) -> bool:
@@ -214,6 +245,10 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0
         self.max_running_seen = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        # the tokens the last `resolve` kept, by request id (the engine streams them)
+        self.resolved: dict[RequestId, list[int]] = {}
         self._num_admitted = 0
         self._work_steps: dict[RequestId, int] = {}  # HRRN's denominator, of each waiting request (fixed)
         # requests that reached their length at commit (no longer running), with the status they end in
@@ -252,12 +287,6 @@ class Scheduler:
         request.status = RequestStatus.FINISHED_ABORTED
         return request
 
-    def awaits_token(self, request_id: RequestId) -> bool:
-        """A launched step's token for this request will be kept by `resolve` (it is unfinished and
-        holds a PENDING_TOKEN; in `update`, committed just before)."""
-        request = self.requests.get(request_id)
-        return request is not None and (request.num_pending_tokens > 0 or request.status == RequestStatus.RUNNING)
-
     @property
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -265,6 +294,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting) + len(self.preempted)
+
+    @property
+    def drafts_next_step(self) -> bool:
+        """The next plan may hold drafts: the step before it must be resolved first."""
+        return self.config.draft_tokens > 0 and len(self.running) <= self.config.draft_max_rows
 
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -280,6 +314,10 @@ class Scheduler:
             elif uncomputed > 1:
                 prefilling.append(request)
         budget -= len(chunks)
+        num_drafts = 0
+        if self.drafts_next_step and chunks and budget:
+            num_drafts = self._add_drafts(chunks, budget)
+            budget -= num_drafts
         for request in prefilling:
             if budget == 0:
                 break
@@ -309,7 +347,7 @@ class Scheduler:
                 chunks.append(self._chunk(request, budget))
                 budget -= len(chunks[-1].token_ids)
         self.max_running_seen = max(self.max_running_seen, len(self.running))
-        return StepPlan(tuple(chunks), tuple(preempted), self.config.token_budget - budget)
+        return StepPlan(tuple(chunks), tuple(preempted), self.config.token_budget - budget, num_drafts)
 
     def update(self, plan: StepPlan, sampled: Mapping[RequestId, int]) -> list[Request]:
         """Apply a step's results: its chunks are cached, each sampled chunk's request gets its token
@@ -327,7 +365,7 @@ class Scheduler:
             request = requests.get(chunk.request_id)
             if request is None or request.status != running:
                 continue  # aborted
-            request.num_computed_tokens += len(chunk.token_ids)
+            request.num_computed_tokens += len(chunk.token_ids) - chunk.num_drafts  # drafts count at resolve
             if not chunk.is_sampled:
                 continue
             output_ids = request.output_ids
@@ -348,14 +386,23 @@ class Scheduler:
         meanwhile may have run such a request one token further, which is dropped."""
         finished = []
         requests, stop_ids = self.requests, self.stop_ids
+        self.resolved = resolved = {}
         for chunk in plan.chunks:
             request = requests.get(chunk.request_id)
             if request is None or not chunk.is_sampled or request.num_pending_tokens == 0:
                 continue  # aborted, or finished by an earlier token
-            token = sampled[chunk.request_id]
             output_ids = request.output_ids
             at = len(output_ids) - request.num_pending_tokens
+            if chunk.num_drafts:
+                if not self._resolve_drafts(request, chunk, sampled[chunk.request_id], at):
+                    continue
+                finished.append(request)
+                continue
+            token = sampled[chunk.request_id]
+            if request.reference_ids:
+                token = _reference_or(request, at, token)
             output_ids[at] = token
+            resolved[chunk.request_id] = [token]
             request.num_pending_tokens -= 1
             if token in stop_ids:
                 del output_ids[at + 1:]
@@ -368,6 +415,61 @@ class Scheduler:
             finished.append(request)
         return finished
 
+    def _resolve_drafts(self, request: Request, chunk: ScheduledChunk, sampled: tuple[int, ...], at: int) -> bool:
+        """Keep the drafts the model agreed with and its next token (its only pending one, at `at`);
+        True if that ended the request (a stop token, or its length)."""
+        drafts = chunk.token_ids[-chunk.num_drafts:]
+        if request.reference_ids:
+            sampled = [_reference_or(request, at + i, token) for i, token in enumerate(sampled)]
+        kept = accepted_tokens(drafts, sampled)
+        stop = next((i for i, token in enumerate(kept) if token in self.stop_ids), None)
+        if stop is not None:
+            kept = kept[:stop + 1]
+        request.num_computed_tokens += len(kept) - 1  # the drafts kept: their K/V is the model's own
+        request.num_accepted_tokens += len(kept) - 1
+        self.num_accepted_tokens += len(kept) - 1
+        output_ids = request.output_ids
+        output_ids[at:] = kept
+        request.num_pending_tokens = 0
+        self.resolved[request.request_id] = kept
+        if stop is not None:
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+        elif len(output_ids) >= request.output_limit:
+            is_replay_end = len(output_ids) == request.replay_tokens
+            self._finish(request, RequestStatus.FINISHED_STOPPED if is_replay_end else RequestStatus.FINISHED_LENGTH)
+        else:
+            return False
+        return True
+
+    def _add_drafts(self, chunks: list[ScheduledChunk], budget: int) -> int:
+        """Give the decode chunks (all of `chunks` now) drafts within `budget` tokens and the free blocks;
+        returns the drafts added. A request drafts only when all its tokens are known and at least two
+        more fit its length (the chunk's own token and one draft)."""
+        pool, max_drafts, added = self.pool, self.config.draft_tokens, 0
+        for i, chunk in enumerate(chunks):
+            request = self.requests[chunk.request_id]
+            room = min(max_drafts, budget - added, request.output_limit - len(request.output_ids) - 1)
+            if request.num_pending_tokens or room < 1:
+                continue
+            index = request.ngram_index
+            if index is None:
+                index = request.ngram_index = NgramIndex()
+            index.extend(request.tokens(len(index), request.num_tokens))
+            drafts = index.propose(room)
+            if not drafts:
+                continue
+            needed = request.num_tokens + len(drafts) - pool.num_tokens(request.request_id)  # > 0 unless held
+            if needed > 0:
+                if not pool.can_extend(request.request_id, needed):
+                    continue
+                pool.extend(request.request_id, needed)
+            chunks[i] = ScheduledChunk(request.request_id, chunk.token_ids + drafts, chunk.start_position,
+                                       pool.block_table(request.request_id), is_sampled=True, num_drafts=len(drafts))
+            request.num_draft_tokens += len(drafts)
+            added += len(drafts)
+        self.num_draft_tokens += added
+        return added
+
     # ---- internals -----------------------------------------------------------------------------
     def _make_room_for_running(self) -> list[RequestId]:
         """Give every running request slots for its known tokens (a decoder's new one), preempting
@@ -378,7 +480,7 @@ class Scheduler:
         growing = {}
         for request in self.running:
             uncached = request.num_tokens - held(request.request_id)
-            if uncached:
+            if uncached > 0:  # < 0: slots of drafts it did not keep, written over as it grows
                 growing[request.request_id] = uncached
         needed = pool.blocks_to_extend(growing)
         preempted = []
@@ -481,3 +583,8 @@ def tail_first(waiting: list[Request], work_steps: list[int], rows: int) -> list
     is_tail = outlasts_drain(work_steps, rows).tolist()
     tail = sorted((i for i in range(len(waiting)) if is_tail[i]), key=lambda i: -work_steps[i])  # stable
     return [waiting[i] for i in tail] + [r for r, tailing in zip(waiting, is_tail, strict=True) if not tailing]
+
+
+def _reference_or(request: Request, position: int, token: int) -> int:
+    """The reference output's token at output `position` (benchmarks, `Request.reference_ids`), else `token`."""
+    return request.reference_ids[position] if position < len(request.reference_ids) else token

@@ -198,11 +198,11 @@ class PagedBatcher(EngineThread):
         metrics.PAGED_BATCHED_TOKENS.inc(stats.batched_tokens - exported.batched_tokens)
         self._exported_stats = replace(stats)
 
-    def _stream(self, sampled: dict[int, int]) -> None:
+    def _stream(self, kept: dict[int, list[int]]) -> None:
         sink = self.hf_engine.token_sink
         if sink is None:
             return
-        new_tokens = {p.item.request_id: [token] for key, token in sampled.items()
+        new_tokens = {p.item.request_id: tokens for key, tokens in kept.items()
                       if (p := self._in_engine.get(key)) is not None and p.item.is_streamed}
         if new_tokens:
             sink.add_tokens(new_tokens)
