@@ -119,6 +119,16 @@ class WorkerSettings(ServiceSettings):
         "most_work_left", description="Paged backend: which running request is preempted when blocks run out "
         "(it resumes later by recompute): the most predicted output left, or the last admitted.",
     )
+    paged_draft_tokens: int = Field(
+        0, ge=0, description="Paged backend: speculative decoding by prompt lookup, up to this many drafted tokens "
+        "a step per decoding request, verified in the step (the output is the same greedy text, in fewer steps where "
+        "the answer copies its prompt: bug fixes, corrections, code translation); 0 = off. Steps that may draft "
+        "are not overlapped.",
+    )
+    paged_draft_max_rows: int = Field(
+        16, ge=1, description="Paged backend with paged_draft_tokens: draft only while at most this many requests "
+        "run (a step of few rows is bound by reading the weights, so verifying drafts costs little there).",
+    )
     use_cuda_graphs: bool = Field(True, description="Capture and replay decode steps (static backend, CUDA only).")
     paged_overlap: bool = Field(
         True, description="Paged backend: plan and launch step N+1 while step N runs on the device, so the host's "

@@ -73,6 +73,14 @@ PAGED_DECODE_ONLY_STEP_SECONDS = Counter(
 PAGED_BATCHED_TOKENS = Counter(
     "magnus_worker_paged_batched_tokens_total", "Tokens the paged steps computed (decode rows + prefill chunks)."
 )
+PAGED_DRAFT_TOKENS = Counter(
+    "magnus_worker_paged_draft_tokens_total",
+    "Tokens drafted by prompt lookup and verified (MAGNUS_WORKER_PAGED_DRAFT_TOKENS).",
+)
+PAGED_ACCEPTED_DRAFT_TOKENS = Counter(
+    "magnus_worker_paged_accepted_draft_tokens_total",
+    "Drafted tokens the model agreed with: each saved its request a step.",
+)
 PAGED_RUNNING_REQUESTS = Gauge("magnus_worker_paged_running_requests", "Requests running in the paged engine now.")
 PAGED_WAITING_REQUESTS = Gauge(
     "magnus_worker_paged_waiting_requests", "Requests in the paged engine waiting to be admitted (preempted ones too)."

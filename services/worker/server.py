@@ -52,7 +52,8 @@ def paged_batcher(settings: WorkerSettings, engine: StaticBatchEngine) -> PagedB
     config = SchedulerConfig(
         max_running=settings.paged_max_running, token_budget=settings.paged_token_budget,
         admission=settings.admission, margin=settings.admission_margin, order=settings.paged_order,
-        preempt_rule=settings.paged_preempt_rule,
+        preempt_rule=settings.paged_preempt_rule, draft_tokens=settings.paged_draft_tokens,
+        draft_max_rows=settings.paged_draft_max_rows,
     )
     paged = build_paged_engine(engine, config, block_tokens=settings.paged_block_tokens,
                                cpu_kv_budget_bytes=settings.kv_budget_bytes,

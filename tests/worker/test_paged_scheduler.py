@@ -113,7 +113,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(admission=st.sampled_from(list(Admission)), order=st.sampled_from(list(WaitOrder)),
           preempt_rule=st.sampled_from(list(PreemptRule)), margin=st.sampled_from([0.5, 1.0, 1.5]),
-          max_running=st.integers(1, 5), extra_budget=st.integers(0, 12), draft_tokens=st.sampled_from([0, 0, 3]))
+          max_running=st.integers(1, 5), extra_budget=st.integers(0, 12),
+          draft_tokens=st.sampled_from([0, 0, 3]))
     @precondition(lambda self: self.scheduler is None)
     def configure(self, admission, order, preempt_rule, margin, max_running, extra_budget, draft_tokens):
         config = SchedulerConfig(max_running=max_running, token_budget=max_running + extra_budget, admission=admission,

@@ -62,15 +62,18 @@ def test_paged_batcher_answers_as_generate_alone_with_a_pool_that_preempts(hf_en
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
-async def test_paged_worker_answers_through_the_batcher(hf_engine, overlap):
+@pytest.mark.parametrize(("overlap", "draft_tokens"), [(False, 0), (True, 0), (True, 4)],
+                         ids=["serial", "overlapped", "overlapped-drafting"])
+async def test_paged_worker_answers_through_the_batcher(hf_engine, overlap, draft_tokens):
+    """Drafting (MAGNUS_WORKER_PAGED_DRAFT_TOKENS) changes the steps, never the answers."""
     batcher_settings = BatcherSettings(port=0, metrics_port=-1, policy="magnus_ccb")
     steps_before = counter("magnus_worker_continuous_steps_total")
+    drafts_before = counter("magnus_worker_paged_draft_tokens_total")
     async with inprocess_batcher(batcher_settings, with_worker=False) as batcher:
         settings = WorkerSettings(
             port=0, batcher_target=f"127.0.0.1:{batcher.internal_port}", worker_id="paged-worker", pull_wait_s=0.2,
             mode="continuous", backend="paged", paged_block_tokens=4, paged_max_running=4, paged_token_budget=32,
-            kv_budget_bytes=128 * 512, paged_overlap=overlap,
+            kv_budget_bytes=128 * 512, paged_overlap=overlap, paged_draft_tokens=draft_tokens,
         )
         worker = ServiceRunner("worker", settings)
         task = asyncio.create_task(serve(settings, engine=hf_engine, runner=worker))
@@ -87,6 +90,8 @@ async def test_paged_worker_answers_through_the_batcher(hf_engine, overlap):
         expected = alone(hf_engine, text, 12)
         assert (response.text, response.generated_tokens) == (expected.text, expected.generated_tokens)
     assert counter("magnus_worker_continuous_steps_total") > steps_before
+    # the tiny model repeats itself: drafting finds runs to draft, and only when asked to
+    assert (counter("magnus_worker_paged_draft_tokens_total") > drafts_before) == (draft_tokens > 0)
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])

@@ -90,7 +90,8 @@ class PagedBatcher(EngineThread):
         self._num_in_hand = 0  # guarded by _cond: submitted and not yet resolved
         self._in_engine: dict[int, _Pending] = {}  # engine thread only
         self._keys = itertools.count()
-        self._num_preemptions = self._num_recomputed_tokens = 0  # engine thread: last values exported
+        # engine thread: the scheduler's counts last exported
+        self._num_preemptions = self._num_recomputed_tokens = self._num_draft_tokens = self._num_accepted_tokens = 0
         self._exported_stats = EngineStats()  # engine thread: the engine's stats as last exported
 
     # ---- any thread ----------------------------------------------------------------------------
@@ -192,6 +193,9 @@ class PagedBatcher(EngineThread):
         metrics.PAGED_PREEMPTIONS.inc(scheduler.num_preemptions - self._num_preemptions)
         metrics.PAGED_RECOMPUTED_TOKENS.inc(scheduler.num_recomputed_tokens - self._num_recomputed_tokens)
         self._num_preemptions, self._num_recomputed_tokens = scheduler.num_preemptions, scheduler.num_recomputed_tokens
+        metrics.PAGED_DRAFT_TOKENS.inc(scheduler.num_draft_tokens - self._num_draft_tokens)
+        metrics.PAGED_ACCEPTED_DRAFT_TOKENS.inc(scheduler.num_accepted_tokens - self._num_accepted_tokens)
+        self._num_draft_tokens, self._num_accepted_tokens = scheduler.num_draft_tokens, scheduler.num_accepted_tokens
         stats, exported = self.engine.stats, self._exported_stats
         metrics.PAGED_DECODE_ONLY_STEPS.inc(stats.decode_only_steps - exported.decode_only_steps)
         metrics.PAGED_DECODE_ONLY_STEP_SECONDS.inc(stats.decode_only_step_s - exported.decode_only_step_s)
