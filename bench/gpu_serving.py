@@ -33,6 +33,11 @@ Policies (one engine, a fresh block pool each):
   run out (what vLLM does);
 - magnus_ccb: HRRN on predicted length, admitted while the pool is predicted to hold every running
   request at its p90 length (`Admission.PREDICTED`), preempting the most predicted work left;
+- magnus_ccb_spec: magnus_ccb with prompt-lookup drafts (`SchedulerConfig.draft_tokens`) while at most
+  16 requests run. Random weights agree with no draft, so each request's reference output (the mix's
+  real text, `output_ids` of bench/serving_lengths.py --data) stands in for the model's greedy output
+  (`Request.reference_ids`): drafts are verified against real text and the steps compute them all;
+  what it measures is a model whose answers are the references. The trace has no text: no drafts;
 - hf_continuous: transformers' `init_continuous_batching` (paged cache, CUDA graphs as its config
   decides), the same prompts and output lengths, same arrivals.
 max_new_tokens, what ccb reserves and caps every prediction: 1,024 (mix), min(2,048, 4,096 - prompt)
@@ -81,6 +86,9 @@ POLICIES = {  # name -> (SchedulerConfig fields, which prediction the engine get
     # magnus_ccb with the tail guard (scheduler.WaitOrder.HRRN_TAIL): long requests start before the queue drains
     "magnus_ccb_tail": (dict(order="hrrn_tail", admission="predicted", margin=1.0, preempt_rule="most_work_left"),
                         "p90"),
+    # magnus_ccb with prompt-lookup drafts at low load (speculation.py)
+    "magnus_ccb_spec": (dict(order="hrrn", admission="predicted", margin=1.0, preempt_rule="most_work_left",
+                             draft_tokens=8, draft_max_rows=16), "p90"),
 }
 ARRIVAL_SEED = 12
 
@@ -92,6 +100,7 @@ class Job:
     max_new_tokens: int
     predicted_tokens: int  # the point prediction
     p90_tokens: int
+    reference_ids: tuple[int, ...] = ()  # the reference output's tokens, where the workload has text
 
     def prediction(self, kind: str) -> int:
         """What a policy's admission is told: "none" (0, unknown), "point" or "p90"."""
@@ -104,14 +113,20 @@ def say(message: str) -> None:
 
 # ---- workloads -----------------------------------------------------------------------------------
 def mix_jobs(path: Path, vocab: int, seed: int = 0) -> list[Job]:
+    """The mix's requests: their real prompt and reference tokens where the file has them (folded into
+    `vocab`, a no-op for Qwen's), else random prompt tokens of the recorded lengths."""
     rng = random.Random(seed)
     jobs = []
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        prompt = [rng.randrange(vocab) for _ in range(max(1, row["input_tokens"]))]
         cap = 1024
+        if row.get("prompt_ids"):
+            prompt = [token % vocab for token in row["prompt_ids"]]
+            reference = tuple(token % vocab for token in row["output_ids"][:cap])
+        else:
+            prompt, reference = [rng.randrange(vocab) for _ in range(max(1, row["input_tokens"]))], ()
         jobs.append(Job(prompt, min(cap, max(1, row["gen_tokens"])), cap, min(cap, row["predicted_tokens"]),
-                        min(cap, row["p90_tokens"])))
+                        min(cap, row["p90_tokens"]), reference))
     return jobs
 
 
@@ -159,7 +174,7 @@ def run_paged(runner: ModelRunner, pool_blocks: int, policy: str, jobs: list[Job
         while next_job < len(jobs) and offsets_s[next_job] <= now_s:
             job = jobs[next_job]
             engine.add_request(next_job, job.prompt_ids, job.max_new_tokens, job.prediction(prediction),
-                               replay_tokens=job.output_tokens)
+                               replay_tokens=job.output_tokens, reference_ids=job.reference_ids)
             next_job += 1
         if engine.has_unfinished:
             for result in engine.step():
@@ -171,6 +186,7 @@ def run_paged(runner: ModelRunner, pool_blocks: int, policy: str, jobs: list[Job
     return summarize(jobs, offsets_s, done_s, first_s) | dict(
         max_running=config.max_running, max_running_requests=scheduler.max_running_seen,
         preemptions=scheduler.num_preemptions, recomputed_tokens=scheduler.num_recomputed_tokens,
+        draft_tokens=scheduler.num_draft_tokens, accepted_draft_tokens=scheduler.num_accepted_tokens,
         steps=stats.steps, decode_only_steps=stats.decode_only_steps,
         mean_step_ms=round(1e3 * stats.step_s / max(1, stats.steps), 2),
         decode_only_step_ms=round(1e3 * stats.decode_only_step_s / max(1, stats.decode_only_steps), 2),
@@ -286,6 +302,8 @@ def main() -> int:
                         help="azure_conv: KV pool capped at this many tokens, as on a card with less memory left "
                         "after the weights (e.g. 40,000 ~ a 7B multi-head model on a 40 GB card); 0 = all of it")
     parser.add_argument("--max-running", type=int, default=256)
+    parser.add_argument("--draft-tokens", type=int, default=8,
+                        help="magnus_ccb_spec: drafted tokens a step per request (SchedulerConfig.draft_tokens)")
     parser.add_argument("--overlap", choices=("on", "off"), default="on",
                         help="plan and launch step N+1 while step N runs (PagedEngine's overlap)")
     parser.add_argument("--mixed-graphs", choices=("on", "off"), default="on",
@@ -303,6 +321,7 @@ def main() -> int:
     started_s = time.monotonic()
     device = torch.device("cpu" if args.smoke else "cuda")
     policies = [p for p in args.policies.split(",") if p]
+    POLICIES["magnus_ccb_spec"][0]["draft_tokens"] = args.draft_tokens
     model = build_model(args.smoke, device)
     vocab = model.config.vocab_size
     weights = PagedWeights.from_hf(model, share=True)
@@ -413,14 +432,15 @@ def markdown(report: dict) -> str:
         lines += [f"### {name} (latency at {workload['rate_per_s']} req/s; throughput: burst; "
                   f"pool {workload.get('pool_tokens', report['pool_tokens'])} tokens)", "",
                   "| policy | saturated req/s | output tok/s | mean latency s | p99 latency s | TTFT p50 s | "
-                  "preemptions (burst) | recomputed tokens (burst) | max running |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "preemptions (burst) | recomputed tokens (burst) | max running | drafts kept / drafted (rate) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for policy, phases in workload["policies"].items():
             rate, burst = phases.get("rate", {}), phases.get("burst", {})
             lines.append(f"| {policy} | {burst.get('requests_per_s', '-')} | {burst.get('output_tokens_per_s', '-')} | "
                          f"{rate.get('mean_latency_s', '-')} | {rate.get('p99_latency_s', '-')} | "
                          f"{rate.get('ttft_p50_s', '-')} | {burst.get('preemptions', '-')} | "
-                         f"{burst.get('recomputed_tokens', '-')} | {phases.get('max_running_requests', '-')} |")
+                         f"{burst.get('recomputed_tokens', '-')} | {phases.get('max_running_requests', '-')} | "
+                         f"{rate.get('accepted_draft_tokens', '-')} / {rate.get('draft_tokens', '-')} |")
         lines.append("")
     return "\n".join(lines)
 

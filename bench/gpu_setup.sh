@@ -18,7 +18,7 @@ rm -rf var/e2e var/serving  # the bootstrap appends to an existing log DB: start
 $python bench/e2e_workload.py --data $data --num-requests 3100 --out var/e2e/workload.jsonl
 $python -m services.predictor.bootstrap --data $data --model magnus_static --max-per-task 2500 \
   --database-url sqlite+aiosqlite:///$PWD/var/e2e/state/log.db --model-store-dir var/e2e/state/model-store
-$python bench/serving_lengths.py --workload var/e2e/workload.jsonl \
+$python bench/serving_lengths.py --workload var/e2e/workload.jsonl --data $data \
   --model var/e2e/state/model-store/predictor/v1.joblib --out var/serving/mix_lengths.jsonl
 mkdir -p .gpu_data && cp $data/traces/azure2023_conv.csv .gpu_data/
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

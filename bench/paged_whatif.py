@@ -13,7 +13,10 @@ ceilings (reports/gpu/paged_step: 4.12 TB/s, 753 TFLOP/s, here derated to 600 fo
 products). It answers what admission can buy where the pool binds, not how fast the engine is: the
 requests, predictions (the noisy oracle) and arrivals are those of bench/gpu_serving.py with the same
 --trace-requests / --trace-burst, so its preemption counts can be checked against the H200's
-(reports/gpu/serving.md says how well they agree). Writes paged_whatif.json and paged_whatif.md.
+(reports/gpu/serving.md says how well they agree). On the mix, `magnus_ccb_spec` also drafts by prompt
+lookup (speculation.py) against the reference texts, as bench/gpu_serving.py does; a chunk with drafts is
+costed as decode rows (each of its tokens reads its own prefix: what the runner does at low load).
+Writes paged_whatif.json and paged_whatif.md.
 """
 
 from __future__ import annotations
@@ -40,11 +43,21 @@ BANDWIDTH_B_PER_S = 4.12e12  # measured copy bandwidth, H200 (reports/gpu/paged_
 MATMUL_FLOP_PER_S = 600e12  # the measured 753 derated: mixed steps' products are not all large
 HOST_S = 1e-3  # scheduling and launch per step
 POLICY_NAMES = ("greedy", "magnus_ccb", "magnus_ccb_tail", "ccb")
+MIX_POLICY_NAMES = (*POLICY_NAMES, "magnus_ccb_spec")
 MIX_POOL_TOKENS = 174624  # the H200's pool for the 7B shape (bench/gpu_serving.py, reports/gpu/serving.md)
 
 
+def attended_tokens(chunk) -> int:
+    """Cached tokens a chunk's step reads: its context once, or, for a chunk with drafts (run as decode
+    rows), each token its own prefix."""
+    if not chunk.num_drafts:
+        return chunk.context_tokens
+    n = len(chunk.token_ids)
+    return n * chunk.start_position + n * (n + 1) // 2
+
+
 def step_s(plan) -> float:
-    attended_bytes = sum(chunk.context_tokens for chunk in plan.chunks) * KV_BYTES_PER_TOKEN
+    attended_bytes = sum(map(attended_tokens, plan.chunks)) * KV_BYTES_PER_TOKEN
     return max((WEIGHT_BYTES + attended_bytes) / BANDWIDTH_B_PER_S,
                plan.num_batched_tokens * FLOPS_PER_TOKEN / MATMUL_FLOP_PER_S) + HOST_S
 
@@ -58,17 +71,19 @@ def simulate(policy: str, jobs: list[Job], offsets_s: list[float], pool_tokens: 
         while next_job < len(jobs) and offsets_s[next_job] <= now_s:
             job = jobs[next_job]
             scheduler.add(Request(next_job, job.prompt_ids, job.max_new_tokens, job.prediction(prediction),
-                                  replay_tokens=job.output_tokens))
+                                  replay_tokens=job.output_tokens, reference_ids=job.reference_ids))
             next_job += 1
         if not scheduler.has_unfinished:
             now_s = offsets_s[next_job]
             continue
         plan = scheduler.schedule()
         now_s += step_s(plan)
-        for request in scheduler.update(plan, {c.request_id: 1 for c in plan.chunks if c.is_sampled}):
+        sampled = {c.request_id: (1,) * (c.num_drafts + 1) if c.num_drafts else 1 for c in plan.chunks if c.is_sampled}
+        for request in scheduler.update(plan, sampled):
             done_s[request.request_id] = now_s
     latencies = sorted(done_s[i] - offsets_s[i] for i in done_s)
-    return dict(requests_per_s=round(len(done_s) / max(done_s.values()), 2),
+    return dict(requests_per_s=round(len(done_s) / max(done_s.values()), 2), steps=scheduler.num_steps,
+                accepted_draft_tokens=scheduler.num_accepted_tokens,
                 mean_latency_s=round(sum(latencies) / len(latencies), 2),
                 p99_latency_s=round(nearest_rank(latencies, 0.99), 2),
                 preemptions=scheduler.num_preemptions, recomputed_tokens=scheduler.num_recomputed_tokens,
@@ -106,7 +121,7 @@ def main() -> int:
     mix = mix_jobs(args.lengths, QWEN_VOCAB)  # bench/gpu_serving.py's phases: 200 at 12 req/s, then 1,000 at once
     rate_offsets_s = poisson_offsets_s(args.mix_rate_requests, 12.0, ARRIVAL_SEED)
     entry = report["mix"] = dict(burst={}, rates={"12.0": dict(rate_per_s=12.0)})
-    for policy in POLICY_NAMES:
+    for policy in MIX_POLICY_NAMES:
         entry["burst"][policy] = simulate(policy, mix[args.mix_rate_requests:args.mix_rate_requests + 1000],
                                           [0.0] * 1000, MIX_POOL_TOKENS)
         entry["rates"]["12.0"][policy] = simulate(policy, mix[:args.mix_rate_requests], rate_offsets_s,
@@ -131,7 +146,7 @@ def markdown(report: dict) -> str:
                                                 for k, v in entry["rates"].items()]
         for name, results in phases:
             greedy = results["greedy"]
-            for policy in POLICY_NAMES:
+            for policy in (p for p in MIX_POLICY_NAMES if p in results):
                 r = results[policy]
                 ratio = (f"{r['requests_per_s'] / greedy['requests_per_s']:.2f}x, "
                          f"{r['p99_latency_s'] / greedy['p99_latency_s']:.2f}x")

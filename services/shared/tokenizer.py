@@ -21,6 +21,8 @@ class TokenCounter(Protocol):
 
     def count_many(self, texts: list[str]) -> list[int]: ...
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]: ...
+
 
 def join_prompt(instruction: str, user_input: str) -> str:
     """The prompt the model sees. One definition, used for counting and for generation."""
@@ -41,7 +43,10 @@ class QwenTiktokenCounter:
         return len(self._encoding.encode_ordinary(text))
 
     def count_many(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self._encoding.encode_ordinary_batch(texts)]
+        return [len(ids) for ids in self.encode_many(texts)]
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        return self._encoding.encode_ordinary_batch(texts)
 
 
 def load_tokenizer(model_dir: Path | str):
@@ -71,7 +76,10 @@ class HfCounter:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def count_many(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self._tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return [len(ids) for ids in self.encode_many(texts)]
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        return self._tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 @functools.cache
