@@ -33,8 +33,8 @@ Policies (one engine, a fresh block pool each):
   run out (what vLLM does);
 - magnus_ccb: HRRN on predicted length, admitted while the pool is predicted to hold every running
   request at its p90 length (`Admission.PREDICTED`), preempting the most predicted work left;
-- magnus_ccb_spec: magnus_ccb with prompt-lookup drafts (`SchedulerConfig.draft_tokens`) while at most
-  16 requests run. Random weights agree with no draft, so each request's reference output (the mix's
+- magnus_ccb_spec: magnus_ccb with 8 prompt-lookup drafts (`SchedulerConfig.draft_tokens`; `magnus_ccb_spec:K`
+  for K) while at most 16 requests run. Random weights agree with no draft, so each request's reference output (the mix's
   real text, `output_ids` of bench/serving_lengths.py --data) stands in for the model's greedy output
   (`Request.reference_ids`): drafts are verified against real text and the steps compute them all;
   what it measures is a model whose answers are the references. The trace has no text: no drafts;
@@ -107,6 +107,17 @@ class Job:
         return {"none": 0, "point": self.predicted_tokens, "p90": self.p90_tokens}[kind]
 
 
+def policy_config(policy: str) -> tuple[dict, str]:
+    """POLICIES[policy]; "magnus_ccb_spec:K" is magnus_ccb_spec with K drafted tokens (variants in one run)."""
+    name, _, drafts = policy.partition(":")
+    fields, prediction = POLICIES[name]
+    if drafts:
+        if "draft_tokens" not in fields:
+            raise ValueError(f"policy {name} does not draft: {policy!r}")
+        fields = fields | dict(draft_tokens=int(drafts))
+    return fields, prediction
+
+
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -159,7 +170,7 @@ def trace_jobs(path: Path, ratios: list[tuple[float, float]], vocab: int, num: i
 # ---- one phase on the paged engine ---------------------------------------------------------------
 def run_paged(runner: ModelRunner, pool_blocks: int, policy: str, jobs: list[Job], offsets_s: list[float],
               max_running: int, overlap: bool = False) -> dict:
-    fields, prediction = POLICIES[policy]
+    fields, prediction = policy_config(policy)
     if policy == "vs":  # the paper's fixed batch: as many requests as the pool holds at 2,048 tokens each
         max_running = max(1, min(max_running, pool_blocks * BLOCK_TOKENS // 2048))
     config = SchedulerConfig(max_running=max_running, token_budget=2048, **fields)
@@ -302,8 +313,6 @@ def main() -> int:
                         help="azure_conv: KV pool capped at this many tokens, as on a card with less memory left "
                         "after the weights (e.g. 40,000 ~ a 7B multi-head model on a 40 GB card); 0 = all of it")
     parser.add_argument("--max-running", type=int, default=256)
-    parser.add_argument("--draft-tokens", type=int, default=8,
-                        help="magnus_ccb_spec: drafted tokens a step per request (SchedulerConfig.draft_tokens)")
     parser.add_argument("--overlap", choices=("on", "off"), default="on",
                         help="plan and launch step N+1 while step N runs (PagedEngine's overlap)")
     parser.add_argument("--mixed-graphs", choices=("on", "off"), default="on",
@@ -321,7 +330,6 @@ def main() -> int:
     started_s = time.monotonic()
     device = torch.device("cpu" if args.smoke else "cuda")
     policies = [p for p in args.policies.split(",") if p]
-    POLICIES["magnus_ccb_spec"][0]["draft_tokens"] = args.draft_tokens
     model = build_model(args.smoke, device)
     vocab = model.config.vocab_size
     weights = PagedWeights.from_hf(model, share=True)

@@ -16,7 +16,9 @@ requests, predictions (the noisy oracle) and arrivals are those of bench/gpu_ser
 (reports/gpu/serving.md says how well they agree). On the mix, `magnus_ccb_spec` also drafts by prompt
 lookup (speculation.py) against the reference texts, as bench/gpu_serving.py does; a chunk with drafts is
 costed as decode rows (each of its tokens reads its own prefix: what the runner does at low load).
-Writes paged_whatif.json and paged_whatif.md.
+--host-ms is the host's time a step; --serial-host-ms that of a step the engine runs unoverlapped (one
+after which drafts may come: it reads the step before planning the next), default the same.
+Writes paged_whatif.json and paged_whatif.md (--pools "" skips the trace: the mix alone, seconds).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ WEIGHT_BYTES = 14.2e9  # its matrices with Qwen's 151,936-token vocabulary, bf16
 FLOPS_PER_TOKEN = 14.2e9  # 2 x matrix parameters
 BANDWIDTH_B_PER_S = 4.12e12  # measured copy bandwidth, H200 (reports/gpu/paged_step run 4)
 MATMUL_FLOP_PER_S = 600e12  # the measured 753 derated: mixed steps' products are not all large
-HOST_S = 1e-3  # scheduling and launch per step
+HOST_S = 1e-3  # scheduling and launch per step (the default of --host-ms)
 POLICY_NAMES = ("greedy", "magnus_ccb", "magnus_ccb_tail", "ccb")
 MIX_POLICY_NAMES = (*POLICY_NAMES, "magnus_ccb_spec")
 MIX_POOL_TOKENS = 174624  # the H200's pool for the 7B shape (bench/gpu_serving.py, reports/gpu/serving.md)
@@ -56,13 +58,14 @@ def attended_tokens(chunk) -> int:
     return n * chunk.start_position + n * (n + 1) // 2
 
 
-def step_s(plan) -> float:
+def step_s(plan, host_s: float = HOST_S) -> float:
     attended_bytes = sum(map(attended_tokens, plan.chunks)) * KV_BYTES_PER_TOKEN
     return max((WEIGHT_BYTES + attended_bytes) / BANDWIDTH_B_PER_S,
-               plan.num_batched_tokens * FLOPS_PER_TOKEN / MATMUL_FLOP_PER_S) + HOST_S
+               plan.num_batched_tokens * FLOPS_PER_TOKEN / MATMUL_FLOP_PER_S) + host_s
 
 
-def simulate(policy: str, jobs: list[Job], offsets_s: list[float], pool_tokens: int, max_running: int = 256) -> dict:
+def simulate(policy: str, jobs: list[Job], offsets_s: list[float], pool_tokens: int, max_running: int = 256,
+             host_s: float = HOST_S, serial_host_s: float = HOST_S) -> dict:
     fields, prediction = POLICIES[policy]
     scheduler = Scheduler(SchedulerConfig(max_running=max_running, token_budget=2048, **fields),
                           BlockPool(pool_tokens // BLOCK_TOKENS, BLOCK_TOKENS))
@@ -76,8 +79,9 @@ def simulate(policy: str, jobs: list[Job], offsets_s: list[float], pool_tokens: 
         if not scheduler.has_unfinished:
             now_s = offsets_s[next_job]
             continue
+        is_serial = scheduler.drafts_next_step  # PagedEngine reads the step before planning this one
         plan = scheduler.schedule()
-        now_s += step_s(plan)
+        now_s += step_s(plan, serial_host_s if is_serial else host_s)
         sampled = {c.request_id: (1,) * (c.num_drafts + 1) if c.num_drafts else 1 for c in plan.chunks if c.is_sampled}
         for request in scheduler.update(plan, sampled):
             done_s[request.request_id] = now_s
@@ -100,15 +104,19 @@ def main() -> int:
     parser.add_argument("--rate-requests", type=int, default=150, help="bench/gpu_serving.py's --trace-requests")
     parser.add_argument("--burst-requests", type=int, default=300, help="bench/gpu_serving.py's --trace-burst")
     parser.add_argument("--mix-rate-requests", type=int, default=200, help="bench/gpu_serving.py's --mix-rate-requests")
+    parser.add_argument("--host-ms", type=float, default=HOST_S * 1e3, help="host time a step, ms")
+    parser.add_argument("--serial-host-ms", type=float, default=HOST_S * 1e3,
+                        help="host time of a step run unoverlapped (drafting), ms")
     args = parser.parse_args()
+    host = dict(host_s=args.host_ms / 1e3, serial_host_s=args.serial_host_ms / 1e3)
     rate_n, burst_n = args.rate_requests, args.burst_requests
     jobs, stamps = trace_jobs(args.trace, error_ratios(args.lengths), QWEN_VOCAB, rate_n + burst_n)  # the same draws
     rate_jobs, burst = jobs[:rate_n], jobs[rate_n:]
     report = dict(command="python " + " ".join(sys.argv), machine="CPU (a cost model: no GPU ran)", pools={})
-    for pool_tokens in (int(p) for p in args.pools.split(",")):
+    for pool_tokens in (int(p) for p in args.pools.split(",") if p):
         entry = report["pools"][str(pool_tokens)] = dict(burst={}, rates={})
         for policy in POLICY_NAMES:
-            entry["burst"][policy] = simulate(policy, burst, [0.0] * burst_n, pool_tokens)
+            entry["burst"][policy] = simulate(policy, burst, [0.0] * burst_n, pool_tokens, **host)
             print(f"pool {pool_tokens} burst {policy}: {entry['burst'][policy]}", flush=True)
         for load in (float(x) for x in args.loads.split(",")):
             rate_per_s = load * entry["burst"]["greedy"]["requests_per_s"]
@@ -116,16 +124,16 @@ def main() -> int:
             offsets_s = [s / speed for s in stamps[:rate_n]]
             phase = entry["rates"][str(load)] = dict(rate_per_s=round(rate_per_s, 2))
             for policy in POLICY_NAMES:
-                phase[policy] = simulate(policy, rate_jobs, offsets_s, pool_tokens)
+                phase[policy] = simulate(policy, rate_jobs, offsets_s, pool_tokens, **host)
                 print(f"pool {pool_tokens} load {load} {policy}: {phase[policy]}", flush=True)
     mix = mix_jobs(args.lengths, QWEN_VOCAB)  # bench/gpu_serving.py's phases: 200 at 12 req/s, then 1,000 at once
     rate_offsets_s = poisson_offsets_s(args.mix_rate_requests, 12.0, ARRIVAL_SEED)
     entry = report["mix"] = dict(burst={}, rates={"12.0": dict(rate_per_s=12.0)})
     for policy in MIX_POLICY_NAMES:
         entry["burst"][policy] = simulate(policy, mix[args.mix_rate_requests:args.mix_rate_requests + 1000],
-                                          [0.0] * 1000, MIX_POOL_TOKENS)
+                                          [0.0] * 1000, MIX_POOL_TOKENS, **host)
         entry["rates"]["12.0"][policy] = simulate(policy, mix[:args.mix_rate_requests], rate_offsets_s,
-                                                  MIX_POOL_TOKENS)
+                                                  MIX_POOL_TOKENS, **host)
         print(f"mix {policy}: burst {entry['burst'][policy]}, 12 req/s {entry['rates']['12.0'][policy]}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "paged_whatif.json").write_text(json.dumps(report, indent=1))
