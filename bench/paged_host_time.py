@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_serving import POLICIES, mix_jobs  # noqa: E402
+from bench.gpu_serving import POLICIES, mix_jobs, policy_config  # noqa: E402
 from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, PagedWeights  # noqa: E402
 from services.worker.paged.engine import PagedEngine  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
@@ -48,22 +48,22 @@ def burst_engine(lengths: Path, policy: str, device: str = "cpu", requests: int 
     runner = ModelRunner(decoder, max_model_tokens=4096, use_cuda_graphs=device != "cpu")
     # no model: each step "samples" token 7 for its sampled rows, on the runner's device, so what is
     # timed is the host work (and, on cuda, the copies and the one sync a served step makes)
-    runner._run = lambda prepared: torch.full((len(prepared.sampled_ids),), 7, dtype=torch.int64,
-                                              device=runner.device)
-    fields, prediction = POLICIES[policy]
+    runner._run = lambda prepared: torch.full((sum(prepared.sample_counts or [1] * len(prepared.sampled_ids)),), 7,
+                                              dtype=torch.int64, device=runner.device)
+    fields, prediction = policy_config(policy)
     config = SchedulerConfig(max_running=256, token_budget=2048, **fields)
     engine = PagedEngine(runner, Scheduler(config, BlockPool(POOL_BLOCKS, 16)), overlap=overlap)
     for i, job in enumerate(mix_jobs(lengths, TINY.vocab_size)[200:200 + requests]):  # gpu_serving's burst rows
         outputs = output_tokens or job.output_tokens
         engine.add_request(i, job.prompt_ids, output_tokens or job.max_new_tokens, job.prediction(prediction),
-                           replay_tokens=outputs)
+                           replay_tokens=outputs, reference_ids=job.reference_ids)  # drafts: verified against it
     return engine
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=Path, default=Path("var/serving/mix_lengths.jsonl"))
-    parser.add_argument("--policy", default="magnus_ccb", choices=sorted(POLICIES))
+    parser.add_argument("--policy", default="magnus_ccb", help=f"one of {sorted(POLICIES)} (magnus_ccb_spec:K too)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--device", default="cpu", help="cuda: graphs filled and inputs uploaded as served")
