@@ -61,7 +61,7 @@ def test_padded_tables_pads_each_row_and_refuses_a_longer_table():
 
 
 class PoolMachine(RuleBasedStateMachine):
-    """Random admit/grow/finish/preempt; after every step no block leaks or is owned twice, and
+    """Random admit/grow/extend/truncate/finish/preempt; after every step no block leaks or is owned twice, and
     every table covers exactly its sequence's tokens."""
 
     def __init__(self) -> None:
@@ -108,6 +108,22 @@ class PoolMachine(RuleBasedStateMachine):
             with pytest.raises(PoolExhaustedError):
                 self.pool.extend_all(growth)
             assert self.pool.num_free_blocks == free_before  # all or none
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def truncate(self, data):
+        """Give back the tail of a sequence (drafted tokens the model did not keep)."""
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        num_tokens = data.draw(st.integers(0, self.tokens[seq] + 1))
+        if not 1 <= num_tokens <= self.tokens[seq]:
+            with pytest.raises(ValueError):
+                self.pool.truncate(seq, num_tokens)
+            return
+        free_before, blocks_before = self.pool.num_free_blocks, self.pool.blocks_for(self.tokens[seq])
+        freed = self.pool.truncate(seq, num_tokens)
+        self.tokens[seq] = num_tokens
+        assert len(freed) == blocks_before - self.pool.blocks_for(num_tokens)
+        assert self.pool.num_free_blocks == free_before + len(freed)
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), is_preempt=st.booleans())

@@ -162,6 +162,22 @@ class BlockPool:
         block = self._tables[seq][position // self.block_tokens]
         return block * self.block_tokens + position % self.block_tokens
 
+    def truncate(self, seq: SeqId, num_tokens: int) -> tuple[int, ...]:
+        """Keep only `seq`'s first `num_tokens` tokens (>= 1; no more than it holds): the blocks past
+        them go back to the pool (slots taken for drafted tokens the model did not keep). Returns them."""
+        held = self._num_tokens[seq]
+        if not 1 <= num_tokens <= held:
+            raise ValueError(f"sequence {seq!r} holds {held} tokens: cannot truncate it to {num_tokens}")
+        table = self._tables[seq]
+        kept = self.blocks_for(num_tokens)
+        freed = tuple(table[kept:])
+        if freed:
+            del table[kept:]
+            self._table_tuples.pop(seq, None)
+            self._free.extend(freed)
+        self._num_tokens[seq] = num_tokens
+        return freed
+
     # ---- end --------------------------------------------------------------------------------
     def free(self, seq: SeqId) -> tuple[int, ...]:
         """Return a finished sequence's blocks to the pool; returns the blocks freed."""

@@ -30,7 +30,8 @@ token generated so far), allocated whole at admission and one block at a time as
 - Drafts (`draft_tokens`, off by default; speculation.py): while at most `draft_max_rows` requests run,
   a decoding request whose tokens are all known drafts up to that many tokens by prompt lookup; its
   chunk is its last token and the drafts, every position sampled, and `resolve` keeps the drafts the
-  model agrees with plus its next token. Drafts take slots only from free blocks (never preempting),
+  model agrees with plus its next token, giving back the slots of the others. Drafts take slots only
+  from free blocks (never preempting),
   never run past the request's length, and a chunk with drafts must be resolved before the next step
   is planned (its request's position is known only then: the engine reads such a step first).
 """
@@ -432,6 +433,8 @@ class Scheduler:
         output_ids[at:] = kept
         request.num_pending_tokens = 0
         self.resolved[request.request_id] = kept
+        # the slots of drafts it did not keep go back (its newest token keeps the slot it will be written to)
+        self.pool.truncate(request.request_id, min(request.num_tokens, self.pool.num_tokens(request.request_id)))
         if stop is not None:
             self._finish(request, RequestStatus.FINISHED_STOPPED)
         elif len(output_ids) >= request.output_limit:
@@ -480,7 +483,7 @@ class Scheduler:
         growing = {}
         for request in self.running:
             uncached = request.num_tokens - held(request.request_id)
-            if uncached > 0:  # < 0: slots of drafts it did not keep, written over as it grows
+            if uncached:
                 growing[request.request_id] = uncached
         needed = pool.blocks_to_extend(growing)
         preempted = []
