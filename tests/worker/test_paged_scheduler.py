@@ -323,11 +323,17 @@ def test_replay_tokens_end_a_request_as_stopped_while_admission_sees_max_new_tok
         (0, 2, FinishReason.STOP), (1, 2, FinishReason.STOP)]
 
 
-def position_token(chunk, prompt_tokens: int, true_output: int) -> int:
+def position_token(chunk, prompt_tokens: int, true_output: int):
     """A model whose token depends only on the request and the position it samples at (not on the
-    token fed, which an overlapped step does not know yet): EOS once the request has its true length."""
-    output_index = chunk.context_tokens - prompt_tokens  # outputs before the one sampled now
-    return EOS if output_index + 1 >= true_output else 1 + (chunk.request_id + chunk.context_tokens) % 5
+    token fed, which an overlapped step does not know yet): EOS once the request has its true length.
+    A tuple for a chunk with drafts, one token per sampled position; its 5-periodic tokens get drafted."""
+    def at(context_tokens: int) -> int:
+        output_index = context_tokens - prompt_tokens  # outputs before the one sampled now
+        return EOS if output_index + 1 >= true_output else 1 + (chunk.request_id + context_tokens) % 5
+
+    first = chunk.context_tokens - chunk.num_drafts
+    tokens = tuple(at(first + j) for j in range(chunk.num_drafts + 1))
+    return tokens if chunk.num_drafts else tokens[0]
 
 
 def drive(scheduler: Scheduler, requests: list[tuple[int, int, int, int]], overlap: bool) -> dict:
@@ -352,6 +358,9 @@ def drive(scheduler: Scheduler, requests: list[tuple[int, int, int, int]], overl
                 scheduler.commit(plan)
             done = scheduler.resolve(*in_flight) if in_flight else []
             in_flight = launched
+            if in_flight and (plan.num_draft_tokens or scheduler.drafts_next_step):  # as PagedEngine reads first
+                done += scheduler.resolve(*in_flight)
+                in_flight = None
         finished.update((r.request_id, (list(r.output_ids), r.finish_reason)) for r in done)
         pool = scheduler.pool
         assert pool.num_free_blocks + pool.num_used_blocks == pool.num_blocks
@@ -365,20 +374,24 @@ def drive(scheduler: Scheduler, requests: list[tuple[int, int, int, int]], overl
 @given(requests=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 14), st.integers(1, 14), st.integers(0, 16)),
                          min_size=1, max_size=10),
        admission=st.sampled_from(list(Admission)), preempt_rule=st.sampled_from(list(PreemptRule)),
-       num_blocks=st.integers(7, 16), max_running=st.integers(1, 4))
+       num_blocks=st.integers(7, 16), max_running=st.integers(1, 4), draft_tokens=st.sampled_from([0, 3]))
 def test_overlapped_steps_end_every_request_as_serial_steps(requests, admission, preempt_rule, num_blocks,
-                                                           max_running):
+                                                           max_running, draft_tokens):
     """Committing step N+1 before resolving step N (overlap) gives every request the tokens and the
     finish reason serial steps give, on pools small enough to preempt, with stop tokens and length
-    limits; no block leaks, and a request that stopped at N drops the token it computed at N+1."""
-    def scheduler():
+    limits; no block leaks, and a request that stopped at N drops the token it computed at N+1. With
+    drafts, serial or overlapped, every request gets the tokens it gets without them."""
+    def scheduler(drafts: int = 0):
         config = SchedulerConfig(max_running=max_running, token_budget=max_running + 6, admission=admission,
-                                 preempt_rule=preempt_rule, margin=0.5)
+                                 preempt_rule=preempt_rule, margin=0.5, draft_tokens=drafts,
+                                 draft_max_rows=max(1, max_running - 1))
         return Scheduler(config, BlockPool(num_blocks=num_blocks, block_tokens=4), stop_ids=[EOS])
 
     requests = [r for r in requests if r[0] + r[2] <= num_blocks * 4]
-    serial, overlapped = drive(scheduler(), requests, False), drive(scheduler(), requests, True)
+    serial, overlapped = drive(scheduler(), requests, False), drive(scheduler(draft_tokens), requests, True)
     assert overlapped == serial and len(serial) == len(requests)
+    if draft_tokens:
+        assert drive(scheduler(draft_tokens), requests, False) == serial
     for (_, true_output, max_new, _), (tokens, reason) in zip(requests, (serial[i] for i in range(len(requests)))):
         assert len(tokens) == min(true_output, max_new)
         assert reason is (FinishReason.STOP if true_output <= max_new else FinishReason.LENGTH)
