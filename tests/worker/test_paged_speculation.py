@@ -4,9 +4,15 @@ off, beside stop tokens, lengths and preemption; and every block comes back."""
 
 from __future__ import annotations
 
-import pytest
+import copy
 
-from services.worker.paged.scheduler import FinishReason, PreemptRule
+import pytest
+import torch
+
+from services.worker.paged import attention
+from services.worker.paged.engine import PagedEngine
+from services.worker.paged.runner import ModelRunner
+from services.worker.paged.scheduler import FinishReason, PreemptRule, SchedulerConfig
 from services.worker.paged.speculation import NgramIndex, accepted_tokens
 from tests.worker.test_paged_engine import alone, engine_for, prompts, run_all, tiny_model  # noqa: F401
 
@@ -155,8 +161,34 @@ def test_no_drafts_above_draft_max_rows(model):
 
 
 def test_bad_draft_settings_are_refused():
-    from services.worker.paged.scheduler import SchedulerConfig
     with pytest.raises(ValueError, match="draft"):
         SchedulerConfig(draft_tokens=-1)
     with pytest.raises(ValueError, match="draft"):
         SchedulerConfig(draft_tokens=2, draft_max_rows=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or attention.triton is None, reason="needs a GPU with Triton")
+@pytest.mark.parametrize("rows_attended_limit", [None, 0])  # 0: verified chunks through the mixed step
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_gpu_drafts_with_triton_kernels_and_graphs(model, rows_attended_limit, overlap):
+    """On the GPU, captured steps sample several positions of a chunk: every request replays its reference
+    with drafts kept, in fewer steps; and the model's own tokens come out as without drafts (but for near
+    ties: TF32 products, as the engine's own GPU test allows)."""
+    gpu_model = copy.deepcopy(model).cuda()
+    limit = {} if rows_attended_limit is None else {"rows_attended_limit": rows_attended_limit}
+    work = copy_workload()
+    steps, own = {}, {}
+    for draft_tokens in (0, 4):
+        runner = ModelRunner.from_hf(gpu_model, num_blocks=128, block_tokens=4, use_cuda_graphs=True,
+                                     max_model_tokens=128, **limit)
+        config = SchedulerConfig(max_running=8, token_budget=64, draft_tokens=draft_tokens, draft_max_rows=8)
+        engine = PagedEngine.build(runner, config, overlap=overlap)
+        results = run_replayed(engine, work)
+        assert [results[i].output_ids for i in range(len(work))] == [reference for _, reference in work]
+        steps[draft_tokens] = engine.stats.steps
+        engine = PagedEngine.build(runner, config, overlap=overlap)
+        own_work = [(prompt, 16, 16) for prompt, _ in work]
+        results = run_all(engine, own_work)
+        own[draft_tokens] = [results[i].output_ids for i in range(len(work))]
+    assert steps[4] < steps[0]
+    assert sum(a == b for a, b in zip(own[0], own[4])) >= len(work) - 2
