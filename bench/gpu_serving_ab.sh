@@ -16,9 +16,11 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if [ "${MAGNUS_AB_TESTS:-1}" = 1 ]; then
   started=$(date +%s)
-  (cd "$root" && timeout 240 python3 -m pytest -q -p no:cacheprovider --noconftest tests/worker/test_paged_mixed_step.py \
+  (cd "$root" && timeout 300 python3 -m pytest -q -p no:cacheprovider --noconftest tests/worker/test_paged_mixed_step.py \
      tests/worker/test_paged_decode_step.py tests/worker/test_paged_attention.py tests/worker/test_paged_skinny_gemm.py \
-     "tests/worker/test_paged_engine.py::test_gpu_engine_with_triton_kernels_and_graphs_gives_the_cpu_tokens" -rs -s \
+     tests/worker/test_paged_fused_ops.py \
+     "tests/worker/test_paged_engine.py::test_gpu_engine_with_triton_kernels_and_graphs_gives_the_cpu_tokens" \
+     "tests/worker/test_paged_speculation.py::test_gpu_drafts_with_triton_kernels_and_graphs" -rs -s \
      > "$out/pytest.log" 2>&1)
   echo "tests: rc $? in $(( $(date +%s) - started )) s: $(tail -1 "$out/pytest.log")"
   grep -E "GPU paged engine|FAILED" "$out/pytest.log"
@@ -47,6 +49,7 @@ for workload, entry in report["workloads"].items():
         print(f"{sys.argv[2]:>14} {workload} {policy}: burst {burst.get('requests_per_s')} req/s, mixed step "
               f"{burst.get('mixed_step_ms')} ms, decode-only {burst.get('decode_only_step_ms')} ms, steps "
               f"{burst.get('steps')}; at rate mean {rate.get('mean_latency_s')} s p99 {rate.get('p99_latency_s')} s, "
-              f"decode-only {rate.get('decode_only_step_ms')} ms")
+              f"decode-only {rate.get('decode_only_step_ms')} ms, steps {rate.get('steps')}, drafts kept "
+              f"{rate.get('accepted_draft_tokens')} of {rate.get('draft_tokens')}")
 PY
 done
