@@ -34,9 +34,9 @@ Policies (one engine, a fresh block pool each):
 - magnus_ccb: HRRN on predicted length, admitted while the pool is predicted to hold every running
   request at its p90 length (`Admission.PREDICTED`), preempting the most predicted work left;
 - magnus_ccb_spec: magnus_ccb with 8 prompt-lookup drafts (`SchedulerConfig.draft_tokens`; `magnus_ccb_spec:K`
-  for K) while at most 16 requests run. Random weights agree with no draft, so each request's reference output (the mix's
-  real text, `output_ids` of bench/serving_lengths.py --data) stands in for the model's greedy output
-  (`Request.reference_ids`): drafts are verified against real text and the steps compute them all;
+  for K) while at most 16 requests run. Random weights agree with no draft, so each request's reference output
+  (the mix's real text, `output_ids` of bench/serving_lengths.py --data) stands in for the model's greedy output
+  (`reference_runner.ReferenceRunner`): drafts are verified against real text and the steps compute them all;
   what it measures is a model whose answers are the references. The trace has no text: no drafts;
 - hf_continuous: transformers' `init_continuous_batching` (paged cache, CUDA graphs as its config
   decides), the same prompts and output lengths, same arrivals.
@@ -65,6 +65,7 @@ from bench.percentile import nearest_rank  # noqa: E402
 from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, PagedWeights  # noqa: E402
 from services.worker.paged.engine import PagedEngine  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
+from services.worker.paged.reference_runner import Reference, ReferenceRunner  # noqa: E402
 from services.worker.paged.runner import (  # noqa: E402
     DEFAULT_MIXED_GRAPH_TOKENS, DEFAULT_ROWS_ATTENDED_LIMIT, ModelRunner,
 )
@@ -175,7 +176,10 @@ def run_paged(runner: ModelRunner, pool_blocks: int, policy: str, jobs: list[Job
         max_running = max(1, min(max_running, pool_blocks * BLOCK_TOKENS // 2048))
     config = SchedulerConfig(max_running=max_running, token_budget=2048, **fields)
     scheduler = Scheduler(config, BlockPool(pool_blocks, runner.block_tokens), stop_ids=())
-    engine = PagedEngine(runner, scheduler, overlap=overlap)
+    # every request with a text gets its reference as the model's answer (drafts are verified against it)
+    references = {i: Reference(len(job.prompt_ids), job.reference_ids)
+                  for i, job in enumerate(jobs) if job.reference_ids}
+    engine = PagedEngine(ReferenceRunner(runner, references) if references else runner, scheduler, overlap=overlap)
     if runner.device.type == "cuda":
         torch.cuda.synchronize()
     started_s, next_job, done_s, first_s = time.monotonic(), 0, {}, {}
@@ -185,7 +189,7 @@ def run_paged(runner: ModelRunner, pool_blocks: int, policy: str, jobs: list[Job
         while next_job < len(jobs) and offsets_s[next_job] <= now_s:
             job = jobs[next_job]
             engine.add_request(next_job, job.prompt_ids, job.max_new_tokens, job.prediction(prediction),
-                               replay_tokens=job.output_tokens, reference_ids=job.reference_ids)
+                               replay_tokens=job.output_tokens)
             next_job += 1
         if engine.has_unfinished:
             for result in engine.step():

@@ -29,6 +29,7 @@ from bench.gpu_serving import POLICIES, mix_jobs, policy_config  # noqa: E402
 from services.worker.paged.decode_step import PagedDecoder, PagedModelConfig, PagedWeights  # noqa: E402
 from services.worker.paged.engine import PagedEngine  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
+from services.worker.paged.reference_runner import Reference, ReferenceRunner  # noqa: E402
 from services.worker.paged.runner import ModelRunner  # noqa: E402
 from services.worker.paged.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
@@ -52,11 +53,14 @@ def burst_engine(lengths: Path, policy: str, device: str = "cpu", requests: int 
                                               dtype=torch.int64, device=runner.device)
     fields, prediction = policy_config(policy)
     config = SchedulerConfig(max_running=256, token_budget=2048, **fields)
-    engine = PagedEngine(runner, Scheduler(config, BlockPool(POOL_BLOCKS, 16)), overlap=overlap)
-    for i, job in enumerate(mix_jobs(lengths, TINY.vocab_size)[200:200 + requests]):  # gpu_serving's burst rows
+    jobs = mix_jobs(lengths, TINY.vocab_size)[200:200 + requests]  # gpu_serving's burst rows
+    references = {i: Reference(len(job.prompt_ids), job.reference_ids) for i, job in enumerate(jobs)}  # for drafts
+    engine = PagedEngine(ReferenceRunner(runner, references), Scheduler(config, BlockPool(POOL_BLOCKS, 16)),
+                         overlap=overlap)
+    for i, job in enumerate(jobs):
         outputs = output_tokens or job.output_tokens
         engine.add_request(i, job.prompt_ids, output_tokens or job.max_new_tokens, job.prediction(prediction),
-                           replay_tokens=outputs, reference_ids=job.reference_ids)  # drafts: verified against it
+                           replay_tokens=outputs)
     return engine
 
 

@@ -36,6 +36,7 @@ from bench.gpu_serving import (  # noqa: E402
 )
 from bench.percentile import nearest_rank  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
+from services.worker.paged.reference_runner import Reference, first_output_positions, forced  # noqa: E402
 from services.worker.paged.scheduler import Request, Scheduler, SchedulerConfig  # noqa: E402
 
 KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2  # Llama-2-7B: K and V, 32 layers, 4,096 wide, bf16
@@ -70,11 +71,13 @@ def simulate(policy: str, jobs: list[Job], offsets_s: list[float], pool_tokens: 
     scheduler = Scheduler(SchedulerConfig(max_running=max_running, token_budget=2048, **fields),
                           BlockPool(pool_tokens // BLOCK_TOKENS, BLOCK_TOKENS))
     now_s, next_job, done_s = 0.0, 0, {}
+    references = {i: Reference(len(job.prompt_ids), job.reference_ids)
+                  for i, job in enumerate(jobs) if job.reference_ids}
     while next_job < len(jobs) or scheduler.has_unfinished:
         while next_job < len(jobs) and offsets_s[next_job] <= now_s:
             job = jobs[next_job]
             scheduler.add(Request(next_job, job.prompt_ids, job.max_new_tokens, job.prediction(prediction),
-                                  replay_tokens=job.output_tokens, reference_ids=job.reference_ids))
+                                  replay_tokens=job.output_tokens))
             next_job += 1
         if not scheduler.has_unfinished:
             now_s = offsets_s[next_job]
@@ -83,6 +86,7 @@ def simulate(policy: str, jobs: list[Job], offsets_s: list[float], pool_tokens: 
         plan = scheduler.schedule()
         now_s += step_s(plan, serial_host_s if is_serial else host_s)
         sampled = {c.request_id: (1,) * (c.num_drafts + 1) if c.num_drafts else 1 for c in plan.chunks if c.is_sampled}
+        sampled = forced(sampled, first_output_positions(plan, references), references)  # the references' tokens
         for request in scheduler.update(plan, sampled):
             done_s[request.request_id] = now_s
     latencies = sorted(done_s[i] - offsets_s[i] for i in done_s)

@@ -8,7 +8,7 @@ predictor runs here, once, on the same held-out rows `bench/gpu_e2e.py` replays 
 version, as the services serve it), and the bench reads one line per request: prompt and true
 output tokens (Qwen's tokenizer), the point prediction and the calibrated p90; and, with --data, the
 prompt's and the reference output's Qwen token ids (`prompt_ids`, `output_ids`: the engine bench
-drafts from the prompt and verifies against the reference, see scheduler.Request.reference_ids).
+drafts from the prompt and verifies against the reference, see paged/reference_runner.py).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch
 
 from services.worker.paged import attention
 from services.worker.paged.engine import PagedEngine
+from services.worker.paged.reference_runner import Reference, ReferenceRunner
 from services.worker.paged.runner import ModelRunner
 from services.worker.paged.scheduler import FinishReason, PreemptRule, SchedulerConfig
 from services.worker.paged.speculation import NgramIndex, accepted_tokens
@@ -67,11 +68,16 @@ def copy_workload(num: int = 8, seed: int = 3):
     return work
 
 
-def run_replayed(engine, work, max_new_tokens: int = 32):
-    """Each request replays its reference (`Request.reference_ids`) to its length."""
+def add_replayed(engine, work, max_new_tokens=lambda request_id: 32) -> None:
+    """Each request's reference stands in for the model's answer (ReferenceRunner), replayed to its length."""
+    engine.runner = ReferenceRunner(engine.runner, {i: Reference(len(p), r) for i, (p, r) in enumerate(work)})
     for request_id, (prompt, reference) in enumerate(work):
-        engine.add_request(request_id, prompt, max_new_tokens, len(reference), replay_tokens=len(reference),
-                           reference_ids=tuple(reference))
+        engine.add_request(request_id, prompt, max_new_tokens(request_id), len(reference),
+                           replay_tokens=len(reference))
+
+
+def run_replayed(engine, work, max_new_tokens: int = 32):
+    add_replayed(engine, work, lambda _: max_new_tokens)
     results = engine.run()
     pool = engine.scheduler.pool
     assert pool.num_free_blocks == pool.num_blocks and len(pool) == 0
@@ -116,10 +122,7 @@ def test_drafts_stop_at_a_stop_token_and_at_the_length(model):
     engine = engine_for(model, num_blocks=128, max_running=4, token_budget=64, stop_ids=[stop], draft_tokens=6)
     streamed = {}
     engine.on_tokens = lambda kept: [streamed.setdefault(key, []).extend(tokens) for key, tokens in kept.items()]
-    for request_id, (prompt, reference) in enumerate(work):
-        max_new = 5 if request_id == 1 else 32  # request 1 ends on its length, inside a drafted run
-        engine.add_request(request_id, prompt, max_new, len(reference), replay_tokens=len(reference),
-                           reference_ids=tuple(reference))
+    add_replayed(engine, work, lambda request_id: 5 if request_id == 1 else 32)  # 1 ends on its length, mid-draft
     results = engine.run()
     for request_id, (_, reference) in enumerate(work):
         expected = reference[:5] if request_id == 1 else reference
@@ -147,9 +150,7 @@ def test_drafts_beside_preemption_give_the_same_tokens(model):
 def test_no_drafts_above_draft_max_rows(model):
     work = copy_workload(num=6)
     engine = engine_for(model, num_blocks=128, max_running=8, token_budget=64, draft_tokens=4, draft_max_rows=2)
-    for request_id, (prompt, reference) in enumerate(work):
-        engine.add_request(request_id, prompt, 32, len(reference), replay_tokens=len(reference),
-                           reference_ids=tuple(reference))
+    add_replayed(engine, work)
     drafted_with_rows = []
     while engine.has_unfinished:
         running = len(engine.scheduler.running)

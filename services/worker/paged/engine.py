@@ -85,12 +85,12 @@ class PagedEngine:
         return self.scheduler.has_unfinished or self._running is not None
 
     def add_request(self, request_id: Hashable, prompt_ids: list[int], max_new_tokens: int,
-                    predicted_tokens: int = 0, replay_tokens: int = 0, reference_ids: tuple[int, ...] = ()) -> None:
+                    predicted_tokens: int = 0, replay_tokens: int = 0) -> None:
         """Queue a request (greedy, stops at a stop token or max_new_tokens; after `replay_tokens`
-        too when > 0; `reference_ids`: benchmarks only, see `Request`). ValueError when it can never
-        run here (longer than the KV pool) or is malformed."""
+        too when > 0, see `Request`). ValueError when it can never run here (longer than the KV
+        pool) or is malformed."""
         self.scheduler.add(Request(request_id, list(prompt_ids), max_new_tokens, predicted_tokens,
-                                   replay_tokens=replay_tokens, reference_ids=tuple(reference_ids)))
+                                   replay_tokens=replay_tokens))
         self._timings[request_id] = _Timing(self.clock())
 
     def abort(self, request_id: Hashable) -> RequestResult | None:

@@ -147,10 +147,6 @@ class Request:
     # trace replay (benchmarks on random weights): ends after this many output tokens as if on a
     # stop token, while admission still sees only max_new_tokens and the prediction; 0 = off
     replay_tokens: int = 0
-    # benchmarks on random weights, with drafts: the reference output stands in for the model's, each
-    # sampled token replaced by the reference's at its position, so drafts are verified against real
-    # text (the step's compute is the same); () = off
-    reference_ids: tuple[int, ...] = ()
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
@@ -400,8 +396,6 @@ class Scheduler:
                 finished.append(request)
                 continue
             token = sampled[chunk.request_id]
-            if request.reference_ids:
-                token = _reference_or(request, at, token)
             output_ids[at] = token
             resolved[chunk.request_id] = [token]
             request.num_pending_tokens -= 1
@@ -419,10 +413,7 @@ class Scheduler:
     def _resolve_drafts(self, request: Request, chunk: ScheduledChunk, sampled: tuple[int, ...], at: int) -> bool:
         """Keep the drafts the model agreed with and its next token (its only pending one, at `at`);
         True if that ended the request (a stop token, or its length)."""
-        drafts = chunk.token_ids[-chunk.num_drafts:]
-        if request.reference_ids:
-            sampled = [_reference_or(request, at + i, token) for i, token in enumerate(sampled)]
-        kept = accepted_tokens(drafts, sampled)
+        kept = accepted_tokens(chunk.token_ids[-chunk.num_drafts:], sampled)
         stop = next((i for i, token in enumerate(kept) if token in self.stop_ids), None)
         if stop is not None:
             kept = kept[:stop + 1]
@@ -586,8 +577,3 @@ def tail_first(waiting: list[Request], work_steps: list[int], rows: int) -> list
     is_tail = outlasts_drain(work_steps, rows).tolist()
     tail = sorted((i for i in range(len(waiting)) if is_tail[i]), key=lambda i: -work_steps[i])  # stable
     return [waiting[i] for i in tail] + [r for r, tailing in zip(waiting, is_tail, strict=True) if not tailing]
-
-
-def _reference_or(request: Request, position: int, token: int) -> int:
-    """The reference output's token at output `position` (benchmarks, `Request.reference_ids`), else `token`."""
-    return request.reference_ids[position] if position < len(request.reference_ids) else token
