@@ -413,3 +413,24 @@ def test_drafts_end_every_request_at_its_length_in_fewer_steps(num_blocks):
         if num_blocks == 48:
             assert scheduler.num_preemptions > 0
     assert steps[4] < steps[0]
+
+
+def test_a_request_with_nothing_to_draft_rests_and_lets_steps_overlap():
+    """Distinct tokens everywhere: prompt lookup never proposes, so after MISSES_BEFORE_REST attempts the
+    request rests (no step before its next needs reading first) for REST_TOKENS tokens, then tries again."""
+    from services.worker.paged.speculation import MISSES_BEFORE_REST, REST_TOKENS
+
+    scheduler = Scheduler(SchedulerConfig(max_running=2, token_budget=16, draft_tokens=4), BlockPool(64, 4))
+    scheduler.add(Request("a", list(range(1000, 1008)), max_new_tokens=120))
+    may_draft, next_token = [], 2000
+    while scheduler.has_unfinished:
+        may_draft.append(scheduler.drafts_next_step)
+        plan = scheduler.schedule()
+        assert plan.num_draft_tokens == 0
+        scheduler.update(plan, {c.request_id: next_token for c in plan.chunks if c.is_sampled})
+        next_token += 1
+    # step 0 admits and prefills; steps 1..MISSES_BEFORE_REST try; the last miss's step makes the first of
+    # the REST_TOKENS tokens it rests for, the others need no reading first; then it tries again
+    rest_from, rest_to = 1 + MISSES_BEFORE_REST, MISSES_BEFORE_REST + REST_TOKENS
+    assert all(may_draft[1:rest_from]) and not any(may_draft[rest_from:rest_to])
+    assert all(may_draft[rest_to:rest_to + MISSES_BEFORE_REST])

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 
 from services.core.tail_guard import outlasts_drain
 from services.worker.paged.projection import BlockProjection
-from services.worker.paged.speculation import NgramIndex, accepted_tokens
+from services.worker.paged.speculation import MISSES_BEFORE_REST, REST_TOKENS, NgramIndex, accepted_tokens
 
 if TYPE_CHECKING:  # bookkeeping only: the scheduler itself needs no torch
     from services.worker.paged.kv_blocks import BlockPool
@@ -158,6 +158,8 @@ class Request:
     num_draft_tokens: int = 0  # drafted and verified
     num_accepted_tokens: int = 0  # drafts the model agreed with (each saved a step)
     ngram_index: NgramIndex | None = None  # its known tokens, for drafting; made at its first draft
+    num_draft_misses: int = 0  # drafting attempts in a row that kept no draft
+    draft_rest_until: int = 0  # output tokens before which it does not draft (speculation.REST_TOKENS)
 
     @property
     def num_tokens(self) -> int:
@@ -294,8 +296,10 @@ class Scheduler:
 
     @property
     def drafts_next_step(self) -> bool:
-        """The next plan may hold drafts: the step before it must be resolved first."""
-        return self.config.draft_tokens > 0 and len(self.running) <= self.config.draft_max_rows
+        """The next plan may hold drafts: the step before it must be resolved first. Not while more
+        than draft_max_rows run, nor while every running request rests (speculation.py)."""
+        return (self.config.draft_tokens > 0 and len(self.running) <= self.config.draft_max_rows
+                and any(len(r.output_ids) >= r.draft_rest_until for r in self.running))
 
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -420,6 +424,7 @@ class Scheduler:
         request.num_computed_tokens += len(kept) - 1  # the drafts kept: their K/V is the model's own
         request.num_accepted_tokens += len(kept) - 1
         self.num_accepted_tokens += len(kept) - 1
+        _note_attempt(request, len(kept) - 1)
         output_ids = request.output_ids
         output_ids[at:] = kept
         request.num_pending_tokens = 0
@@ -443,7 +448,7 @@ class Scheduler:
         for i, chunk in enumerate(chunks):
             request = self.requests[chunk.request_id]
             room = min(max_drafts, budget - added, request.output_limit - len(request.output_ids) - 1)
-            if request.num_pending_tokens or room < 1:
+            if request.num_pending_tokens or room < 1 or len(request.output_ids) < request.draft_rest_until:
                 continue
             index = request.ngram_index
             if index is None:
@@ -451,6 +456,7 @@ class Scheduler:
             index.extend(request.tokens(len(index), request.num_tokens))
             drafts = index.propose(room)
             if not drafts:
+                _note_attempt(request, 0)
                 continue
             needed = request.num_tokens + len(drafts) - pool.num_tokens(request.request_id)  # > 0 unless held
             if needed > 0:
@@ -577,3 +583,12 @@ def tail_first(waiting: list[Request], work_steps: list[int], rows: int) -> list
     is_tail = outlasts_drain(work_steps, rows).tolist()
     tail = sorted((i for i in range(len(waiting)) if is_tail[i]), key=lambda i: -work_steps[i])  # stable
     return [waiting[i] for i in tail] + [r for r, tailing in zip(waiting, is_tail, strict=True) if not tailing]
+
+
+def _note_attempt(request: Request, kept_drafts: int) -> None:
+    """Count a drafting attempt: one that kept nothing is a miss, and MISSES_BEFORE_REST in a row make the
+    request rest for REST_TOKENS output tokens (speculation.py)."""
+    request.num_draft_misses = 0 if kept_drafts else request.num_draft_misses + 1
+    if request.num_draft_misses >= MISSES_BEFORE_REST:
+        request.num_draft_misses = 0
+        request.draft_rest_until = len(request.output_ids) + REST_TOKENS
