@@ -38,6 +38,8 @@ Policies (one engine, a fresh block pool each):
   (the mix's real text, `output_ids` of bench/serving_lengths.py --data) stands in for the model's greedy output
   (`reference_runner.ReferenceRunner`): drafts are verified against real text and the steps compute them all;
   what it measures is a model whose answers are the references. The trace has no text: no drafts;
+- magnus_ccb_tail (`WaitOrder.HRRN_TAIL`: requests predicted to outlast the queue's drain start first,
+  longest first), and magnus_ccb_tail_spec, the same with magnus_ccb_spec's drafts;
 - hf_continuous: transformers' `init_continuous_batching` (paged cache, CUDA graphs as its config
   decides), the same prompts and output lengths, same arrivals.
 max_new_tokens, what ccb reserves and caps every prediction: 1,024 (mix), min(2,048, 4,096 - prompt)
@@ -90,6 +92,9 @@ POLICIES = {  # name -> (SchedulerConfig fields, which prediction the engine get
     # magnus_ccb with prompt-lookup drafts at low load (speculation.py)
     "magnus_ccb_spec": (dict(order="hrrn", admission="predicted", margin=1.0, preempt_rule="most_work_left",
                              draft_tokens=8, draft_max_rows=16), "p90"),
+    # both: the tail guard starts a burst's longest requests first, drafts shorten the burst's last steps
+    "magnus_ccb_tail_spec": (dict(order="hrrn_tail", admission="predicted", margin=1.0,
+                                  preempt_rule="most_work_left", draft_tokens=8, draft_max_rows=16), "p90"),
 }
 ARRIVAL_SEED = 12
 

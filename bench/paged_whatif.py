@@ -46,7 +46,7 @@ BANDWIDTH_B_PER_S = 4.12e12  # measured copy bandwidth, H200 (reports/gpu/paged_
 MATMUL_FLOP_PER_S = 600e12  # the measured 753 derated: mixed steps' products are not all large
 HOST_S = 1e-3  # scheduling and launch per step (the default of --host-ms)
 POLICY_NAMES = ("greedy", "magnus_ccb", "magnus_ccb_tail", "ccb")
-MIX_POLICY_NAMES = (*POLICY_NAMES, "magnus_ccb_spec")
+MIX_POLICY_NAMES = (*POLICY_NAMES, "magnus_ccb_spec", "magnus_ccb_tail_spec")
 MIX_POOL_TOKENS = 174624  # the H200's pool for the 7B shape (bench/gpu_serving.py, reports/gpu/serving.md)
 
 
