@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from services.worker.paged.scheduler import StepPlan
+from services.worker.paged.request import StepPlan
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from services.worker.paged.decode_step import (
 )
 from services.worker.paged.kv_blocks import padded_tables
 from services.worker.paged.mixed_step import GraphedMixed, MixedInputs, MixedLayout, mixed_forward
-from services.worker.paged.scheduler import PENDING_TOKEN, StepPlan
+from services.worker.paged.request import PENDING_TOKEN, StepPlan
 
 # up to 256 rows: decode steps; above: steps whose short prefills run as rows (`prepare`)
 DEFAULT_GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
