@@ -135,6 +135,15 @@ class Request:
         return min(self.max_new_tokens, self.replay_tokens) if self.replay_tokens else self.max_new_tokens
 
     @property
+    def length_end(self) -> RequestStatus | None:
+        """How its output tokens so far end it by length alone: STOPPED at replay_tokens (a replay ends as on
+        a stop token), LENGTH at max_new_tokens; None before either."""
+        generated = len(self.output_ids)
+        if generated == self.replay_tokens:
+            return RequestStatus.FINISHED_STOPPED
+        return RequestStatus.FINISHED_LENGTH if generated >= self.max_new_tokens else None
+
+    @property
     def predicted_output_tokens(self) -> int:
         return min(self.predicted_tokens, self.max_new_tokens) if self.predicted_tokens > 0 else self.max_new_tokens
 

@@ -205,16 +205,12 @@ class Scheduler:
             request.num_computed_tokens += len(chunk.token_ids) - chunk.num_drafts  # drafts count at resolve
             if not chunk.is_sampled:
                 continue
-            output_ids = request.output_ids
-            output_ids.append(PENDING_TOKEN)
+            request.output_ids.append(PENDING_TOKEN)
             request.num_pending_tokens += 1
-            if len(output_ids) == request.replay_tokens:
-                self._ending[request.request_id] = RequestStatus.FINISHED_STOPPED
-            elif len(output_ids) >= request.max_new_tokens:
-                self._ending[request.request_id] = RequestStatus.FINISHED_LENGTH
-            else:
-                continue
-            self.running.remove(request)  # planned no further; its blocks stay until resolve
+            ending = request.length_end
+            if ending is not None:
+                self._ending[request.request_id] = ending
+                self.running.remove(request)  # planned no further; its blocks stay until resolve
 
     def resolve(self, plan: StepPlan, sampled: Mapping[RequestId, int]) -> list[Request]:
         """The tokens of `plan`'s step (committed, and resolved in step order): each replaces its
@@ -261,19 +257,15 @@ class Scheduler:
         request.num_accepted_tokens += len(kept) - 1
         self.num_accepted_tokens += len(kept) - 1
         _note_attempt(request, len(kept) - 1)
-        output_ids = request.output_ids
-        output_ids[at:] = kept
+        request.output_ids[at:] = kept
         request.num_pending_tokens = 0
         self.resolved[request.request_id] = kept
         # the slots of drafts it did not keep go back (its newest token keeps the slot it will be written to)
         self.pool.truncate(request.request_id, min(request.num_tokens, self.pool.num_tokens(request.request_id)))
-        if stop is not None:
-            self._finish(request, RequestStatus.FINISHED_STOPPED)
-        elif len(output_ids) >= request.output_limit:
-            is_replay_end = len(output_ids) == request.replay_tokens
-            self._finish(request, RequestStatus.FINISHED_STOPPED if is_replay_end else RequestStatus.FINISHED_LENGTH)
-        else:
+        ending = RequestStatus.FINISHED_STOPPED if stop is not None else request.length_end
+        if ending is None:
             return False
+        self._finish(request, ending)
         return True
 
     def _add_drafts(self, chunks: list[ScheduledChunk], budget: int) -> int:
