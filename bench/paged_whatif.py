@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.arrivals import poisson_offsets_s  # noqa: E402
 from bench.gpu_serving import (  # noqa: E402
-    ARRIVAL_SEED, BLOCK_TOKENS, POLICIES, QWEN_VOCAB, Job, error_ratios, mix_jobs, trace_jobs,
+    ARRIVAL_SEED, BLOCK_TOKENS, QWEN_VOCAB, Job, error_ratios, mix_jobs, policy_config, trace_jobs,
 )
 from bench.percentile import nearest_rank  # noqa: E402
 from services.worker.paged.kv_blocks import BlockPool  # noqa: E402
@@ -67,7 +67,7 @@ def step_s(plan, host_s: float = HOST_S) -> float:
 
 def simulate(policy: str, jobs: list[Job], offsets_s: list[float], pool_tokens: int, max_running: int = 256,
              host_s: float = HOST_S, serial_host_s: float = HOST_S) -> dict:
-    fields, prediction = POLICIES[policy]
+    fields, prediction = policy_config(policy)
     scheduler = Scheduler(SchedulerConfig(max_running=max_running, token_budget=2048, **fields),
                           BlockPool(pool_tokens // BLOCK_TOKENS, BLOCK_TOKENS))
     now_s, next_job, done_s = 0.0, 0, {}

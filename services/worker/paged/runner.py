@@ -75,9 +75,6 @@ class LaunchedStep:
         ends = np.cumsum(self.sample_counts) - 1
         return dict(zip(self.sampled_ids, ends.tolist(), strict=True))
 
-    def by_request(self, tokens: list[int]) -> dict[Hashable, int | tuple[int, ...]]:
-        return by_request(self.sampled_ids, self.sample_counts, tokens)
-
 
 def by_request(sampled_ids: list[Hashable], sample_counts: list[int] | None,
                tokens: list[int]) -> dict[Hashable, int | tuple[int, ...]]:
@@ -277,7 +274,7 @@ class ModelRunner:
         """The launched step's tokens by request id (waits for that step only, not for later ones)."""
         if launched.ready is not None:
             launched.ready.synchronize()
-        return launched.by_request(launched.host_tokens.tolist())
+        return by_request(launched.sampled_ids, launched.sample_counts, launched.host_tokens.tolist())
 
     @torch.inference_mode()
     def _run(self, prepared: PreparedStep) -> torch.Tensor:
