@@ -24,7 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_paged_step import Case, bench_cases, copy_bandwidth_bytes_per_s, graphed_time_s  # noqa: E402
+from bench.gpu_paged_step import (  # noqa: E402
+    Case, add_case_arguments, bench_cases, copy_bandwidth_bytes_per_s, graphed_time_s,
+)
 from services.worker.paged import attention  # noqa: E402
 from services.worker.paged.decode_step import PagedWeights  # noqa: E402
 
@@ -38,12 +40,7 @@ def launches(smoke: bool) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--shapes", default="qwen2-7b,llama2-7b")
-    parser.add_argument("--batches", default="16,64,256")
-    parser.add_argument("--min-context", type=int, default=32)
-    parser.add_argument("--max-context", type=int, default=512)
+    add_case_arguments(parser, shapes="qwen2-7b,llama2-7b", batches="16,64,256")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cases = bench_cases(args)

@@ -91,6 +91,16 @@ class BenchCases:
     shapes: dict[str, PagedModelConfig]
 
 
+def add_case_arguments(parser: argparse.ArgumentParser, *, shapes: str, batches: str) -> None:
+    """The arguments `bench_cases` reads, and --out: the paged GPU benches' common ones (defaults theirs)."""
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, eager, any device: checks the script")
+    parser.add_argument("--shapes", default=shapes)
+    parser.add_argument("--batches", default=batches)
+    parser.add_argument("--min-context", type=int, default=32)
+    parser.add_argument("--max-context", type=int, default=512)
+
+
 def bench_cases(args: argparse.Namespace) -> BenchCases:
     """From the benches' common arguments (--smoke, --batches, --min-context, --max-context, --shapes);
     --smoke: the tiny shape at 2 and 4 rows of 32-40 tokens."""
@@ -441,12 +451,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, eager, any device: checks the script")
-    parser.add_argument("--shapes", default="llama2-7b,qwen2-7b")
-    parser.add_argument("--batches", default="1,16,64,256")
-    parser.add_argument("--min-context", type=int, default=32)
-    parser.add_argument("--max-context", type=int, default=512)
+    add_case_arguments(parser, shapes="llama2-7b,qwen2-7b", batches="1,16,64,256")
     parser.add_argument("--kv-layouts", default="token_major", help="comma list: token_major,head_major")
     parser.add_argument("--sweep-attention", action="store_true",
                         help="time every attention launch shape and split count (run 2), else the defaults")

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_paged_step import (  # noqa: E402
-    Case, event_time_s, bench_cases, copy_bandwidth_bytes_per_s, matmul_flops_per_s,
+    Case, add_case_arguments, bench_cases, copy_bandwidth_bytes_per_s, event_time_s, matmul_flops_per_s,
 )
 from services.worker.paged.decode_step import GraphedDecode, PagedWeights  # noqa: E402
 
@@ -114,12 +114,7 @@ def step_ms(case: Case, batch: int, settings: dict) -> tuple[float, GraphedDecod
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--shapes", default="qwen2-7b,llama2-7b")
-    parser.add_argument("--batches", default="16,64,256")
-    parser.add_argument("--min-context", type=int, default=32)
-    parser.add_argument("--max-context", type=int, default=512)
+    add_case_arguments(parser, shapes="qwen2-7b,llama2-7b", batches="16,64,256")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="name:attr=value,... decoder attributes set for another timing (e.g. cublas:skinny_gemm_rows=0)")
     args = parser.parse_args()
